@@ -1,0 +1,213 @@
+"""Per-token policy-gradient objectives of GRPO, DAPO, LUFFY and the paper's Mix-1 / Mix-2.
+
+All functions are pure and jittable; nothing branches in Python on array values. Shapes:
+`logp_BxT`, `old_logp_BxT`, `guide_logp_BxT`, `mask_BxT` are float [B, T] (mask 1 on response
+tokens that enter the loss), `adv_B` float [B], `kind_B` int32 [B] with ON=0, ZERO=1, OFF=2.
+
+Conventions (see DESIGN.md, "The objective, precisely"):
+  ratio_on  r  = exp(logp - old_logp)           (on-policy importance ratio, PPO's r)
+  ratio_gd  r̂  = exp(logp - guide_logp)         (the paper's r̂ and r^(2), guide ϕ is frozen)
+  CLIP(r,A)    = min(r·A, clip(r, 1-eps_low, 1+eps_high)·A)  (DAPO clip-higher, optional dual clip)
+  f(r̂)         = r̂ / (r̂ + γ) = sigmoid(logp - guide_logp - log γ)   (computed in log space)
+Every "mean" is a masked token mean over the named set; an empty set contributes 0, never NaN.
+
+Log-ratio bound: every log-ratio is clipped to [-max_log_ratio, max_log_ratio] *before* exp, so
+that a stale θ_old or a guide that assigns a token ~0 probability cannot overflow to inf and poison
+the gradient with inf·0 = NaN. Inside the bound gradients are exact; outside it the ratio is
+treated as a constant (zero gradient through the ratio), which for the default bound of 20
+(r up to e^20 ≈ 5e8) only affects tokens that PPO clipping would already have silenced or that
+are numerically meaningless. f(r̂) needs no exp and is not affected by the bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+
+ON, ZERO, OFF = 0, 1, 2
+ALGOS = ("grpo", "dapo", "luffy", "mix1", "mix2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """Static (hashable) configuration of the objective; safe as a `jax.jit` static argument."""
+
+  algo: str = "mix2"  # one of ALGOS.
+  eps_low: float = 0.2  # lower clip range: r >= 1 - eps_low.
+  eps_high: float = 0.28  # upper clip range (DAPO clip-higher): r <= 1 + eps_high.
+  gamma: float = 0.1  # γ of the shaping f(r̂) = r̂ / (r̂ + γ).
+  on_weight: float = 0.5  # w in J = w·J_on + (1 - w)·J_other for mix1 / mix2.
+  dual_clip: float | None = None  # c > 1: for A < 0 bound the objective below by c·A (off: None).
+  max_log_ratio: float = 20.0  # |log-ratio| bound applied before any exp (see module docstring).
+
+  def __post_init__(self):
+    if self.algo not in ALGOS:
+      raise ValueError(f"ObjectiveConfig.algo={self.algo!r}: expected one of {ALGOS}.")
+    if not 0.0 <= self.eps_low < 1.0:
+      raise ValueError(f"ObjectiveConfig.eps_low={self.eps_low}: must lie in [0, 1).")
+    if self.eps_high < 0.0:
+      raise ValueError(f"ObjectiveConfig.eps_high={self.eps_high}: must be >= 0.")
+    if not self.gamma > 0.0:
+      raise ValueError(f"ObjectiveConfig.gamma={self.gamma}: the shaping f(r)=r/(r+γ) needs γ > 0.")
+    if not 0.0 <= self.on_weight <= 1.0:
+      raise ValueError(f"ObjectiveConfig.on_weight={self.on_weight}: must lie in [0, 1].")
+    if self.dual_clip is not None and not self.dual_clip > 1.0:
+      raise ValueError(f"ObjectiveConfig.dual_clip={self.dual_clip}: must be > 1 or None.")
+    if not self.max_log_ratio > 0.0:
+      raise ValueError(f"ObjectiveConfig.max_log_ratio={self.max_log_ratio}: must be > 0.")
+
+
+def _bounded_log_ratio(logp_BxT, ref_logp_BxT, mask_BxT, bound):
+  # Masked positions may hold anything (padding, -inf); zero them before any arithmetic that
+  # could turn into NaN in the backward pass.
+  lr = jnp.where(mask_BxT > 0, logp_BxT - ref_logp_BxT, 0.0)
+  return jnp.clip(lr, -bound, bound)
+
+
+def masked_mean(x_BxT, mask_BxT):
+  """Σ m·x / Σ m, and 0 (not NaN) when Σ m = 0."""
+  count = jnp.sum(mask_BxT)
+  return jnp.sum(x_BxT * mask_BxT) / jnp.maximum(count, 1.0), count
+
+
+def clip_objective(log_ratio_BxT, adv_B, eps_low, eps_high, dual_clip=None):
+  """Per-token CLIP(r, A, ε) with r = exp(log_ratio); returns (objective_BxT, clipped_BxT).
+
+  `clipped_BxT` is 1 where the clipped branch is strictly active (its gradient is zero).
+  With `dual_clip` = c, tokens with A < 0 get max(CLIP, c·A) (Ye et al., 2020).
+  `log_ratio_BxT` should already be bounded (see `_bounded_log_ratio`).
+  """
+  chex.assert_rank(log_ratio_BxT, 2)
+  chex.assert_rank(adv_B, 1)
+  ratio = jnp.exp(log_ratio_BxT)
+  adv = adv_B[:, None]
+  unclipped = ratio * adv
+  clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+  obj = jnp.minimum(unclipped, clipped)
+  is_clipped = clipped < unclipped
+  if dual_clip is not None:
+    lower = dual_clip * adv
+    dual_active = (adv < 0) & (obj < lower)
+    obj = jnp.where(dual_active, lower, obj)
+    is_clipped = is_clipped | dual_active
+  return obj, is_clipped.astype(jnp.float32)
+
+
+def shaped_offpolicy(log_ratio_BxT, adv_B, gamma):
+  """Per-token f(r̂)·A with f(r̂) = r̂/(r̂+γ) = sigmoid(log r̂ − log γ); returns (obj_BxT, f_BxT).
+
+  d f / d log r̂ = γ r̂ / (r̂ + γ)², so the gradient w.r.t. logp carries the factor r̂ that the
+  paper's "adaptive step" argument omits: it vanishes (not 1/γ) as r̂ → 0.
+  """
+  chex.assert_rank(log_ratio_BxT, 2)
+  f = jax.nn.sigmoid(log_ratio_BxT - math.log(gamma))
+  return f * adv_B[:, None], f
+
+
+def _set_mask(kind_B, mask_BxT, k):
+  return mask_BxT * (kind_B == k).astype(mask_BxT.dtype)[:, None]
+
+
+def j_on(logp_BxT, old_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig):
+  """J_on: token mean over ON of CLIP(exp(logp − old_logp), A). Returns (J, metrics)."""
+  m = _set_mask(kind_B, mask_BxT, ON)
+  lr = _bounded_log_ratio(logp_BxT, old_logp_BxT, m, cfg.max_log_ratio)
+  obj, clipped = clip_objective(lr, adv_B, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+  j, count = masked_mean(obj, m)
+  metrics = {
+      "tokens_on": count,
+      "clipfrac_on": masked_mean(clipped, m)[0],
+      "ratio_on": masked_mean(jnp.exp(lr), m)[0],
+  }
+  return j, metrics
+
+
+def _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m_BxT, cfg):
+  lr = _bounded_log_ratio(logp_BxT, guide_logp_BxT, m_BxT, cfg.max_log_ratio)
+  obj, f = shaped_offpolicy(lr, adv_B, cfg.gamma)
+  metrics = {
+      "ratio_guide_off": masked_mean(jnp.exp(lr), m_BxT)[0],
+      "f_ratio_off": masked_mean(f, m_BxT)[0],
+  }
+  return jnp.sum(obj * m_BxT), jnp.sum(m_BxT), metrics
+
+
+def j_off(logp_BxT, guide_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig):
+  """J_off: token mean over OFF of f(r̂)·A, r̂ = exp(logp − guide_logp); no clipping."""
+  m = _set_mask(kind_B, mask_BxT, OFF)
+  total, count, metrics = _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m, cfg)
+  metrics["tokens_off"] = count
+  return total / jnp.maximum(count, 1.0), metrics
+
+
+def j_mix(logp_BxT, guide_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig):
+  """J_mix (paper eq. 8): (Σ_OFF f(r̂)·A + Σ_ZERO CLIP(r2, A)) / (tokens OFF + tokens ZERO).
+
+  r2 = exp(logp − guide_logp): the zero-reward samples come from θ_old but are importance-weighted
+  against the guide ϕ, literally as the paper writes r^(2).
+  """
+  m_off = _set_mask(kind_B, mask_BxT, OFF)
+  m_zero = _set_mask(kind_B, mask_BxT, ZERO)
+  off_total, off_count, metrics = _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m_off, cfg)
+  lr = _bounded_log_ratio(logp_BxT, guide_logp_BxT, m_zero, cfg.max_log_ratio)
+  obj, clipped = clip_objective(lr, adv_B, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+  zero_count = jnp.sum(m_zero)
+  j = (off_total + jnp.sum(obj * m_zero)) / jnp.maximum(off_count + zero_count, 1.0)
+  metrics.update({
+      "tokens_off": off_count,
+      "tokens_zero": zero_count,
+      "clipfrac_zero": masked_mean(clipped, m_zero)[0],
+      "ratio_guide_zero": masked_mean(jnp.exp(lr), m_zero)[0],
+  })
+  return j, metrics
+
+
+def _grpo(logp_BxT, old_logp_BxT, adv_B, kind_B, mask_BxT, cfg):
+  m = _set_mask(kind_B, mask_BxT, ON)
+  lr = _bounded_log_ratio(logp_BxT, old_logp_BxT, m, cfg.max_log_ratio)
+  obj, clipped = clip_objective(lr, adv_B, cfg.eps_low, cfg.eps_low, cfg.dual_clip)
+  seq_tokens_B = jnp.sum(m, axis=1)
+  seq_mean_B = jnp.sum(obj * m, axis=1) / jnp.maximum(seq_tokens_B, 1.0)
+  has_tokens_B = (seq_tokens_B > 0).astype(seq_mean_B.dtype)
+  j = jnp.sum(seq_mean_B * has_tokens_B) / jnp.maximum(jnp.sum(has_tokens_B), 1.0)
+  metrics = {
+      "tokens_on": jnp.sum(m),
+      "clipfrac_on": masked_mean(clipped, m)[0],
+      "ratio_on": masked_mean(jnp.exp(lr), m)[0],
+  }
+  return j, metrics
+
+
+def objective(logp, old_logp, guide_logp, adv, kind, mask, cfg: ObjectiveConfig):
+  """Loss (= −J, to minimise) and scalar metrics for `cfg.algo`. Shapes in the module docstring."""
+  chex.assert_rank([logp, old_logp, guide_logp, mask], 2)
+  chex.assert_equal_shape([logp, old_logp, guide_logp, mask])
+  chex.assert_shape([adv, kind], (logp.shape[0],))
+  w = cfg.on_weight
+  if cfg.algo == "grpo":
+    j, metrics = _grpo(logp, old_logp, adv, kind, mask, cfg)
+  elif cfg.algo == "dapo":
+    j, metrics = j_on(logp, old_logp, adv, kind, mask, cfg)
+  elif cfg.algo == "mix1":
+    jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg)
+    joff, m_off = j_off(logp, guide_logp, adv, kind, mask, cfg)
+    metrics.update(m_off, j_on=jon, j_off=joff)
+    j = w * jon + (1.0 - w) * joff
+  elif cfg.algo == "mix2":
+    jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg)
+    jmix, m_mix = j_mix(logp, guide_logp, adv, kind, mask, cfg)
+    metrics.update(m_mix, j_on=jon, j_mix=jmix)
+    j = w * jon + (1.0 - w) * jmix
+  else:  # luffy: one joint token mean over on- and off-policy tokens.
+    jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg)
+    joff, m_off = j_off(logp, guide_logp, adv, kind, mask, cfg)
+    metrics.update(m_off)
+    n_on, n_off = metrics["tokens_on"], metrics["tokens_off"]
+    j = (jon * n_on + joff * n_off) / jnp.maximum(n_on + n_off, 1.0)
+  loss = -j
+  metrics["loss"] = loss
+  return loss, metrics
