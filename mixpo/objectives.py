@@ -68,10 +68,26 @@ def _bounded_log_ratio(logp_BxT, ref_logp_BxT, mask_BxT, bound):
   return jnp.clip(lr, -bound, bound)
 
 
-def masked_mean(x_BxT, mask_BxT):
-  """Σ m·x / Σ m, and 0 (not NaN) when Σ m = 0."""
-  count = jnp.sum(mask_BxT)
+def masked_mean(x_BxT, mask_BxT, count=None):
+  """Σ m·x / count with count = Σ m by default, and 0 (not NaN) when count = 0.
+
+  Passing `count` (the token count of the *whole* minibatch) makes the sum over micro-batches of
+  micro-batch means equal the minibatch mean: gradient accumulation weighted by token counts.
+  """
+  count = jnp.sum(mask_BxT) if count is None else count
   return jnp.sum(x_BxT * mask_BxT) / jnp.maximum(count, 1.0), count
+
+
+def denominators(kind_B, mask_BxT):
+  """Normalisers of every set, float32 [4]: tokens in ON, ZERO, OFF, and ON rows with a token.
+
+  `objective(..., denoms=denominators(kind, mask))` is the default; a trainer that splits a
+  minibatch into micro-batches passes the minibatch's denominators to every micro-batch.
+  """
+  tokens_B = jnp.sum(mask_BxT, axis=1)
+  counts = [jnp.sum(tokens_B * (kind_B == k)) for k in (ON, ZERO, OFF)]
+  seqs_on = jnp.sum(((tokens_B > 0) & (kind_B == ON)).astype(jnp.float32))
+  return jnp.stack(counts + [seqs_on]).astype(jnp.float32)
 
 
 def clip_objective(log_ratio_BxT, adv_B, eps_low, eps_high, dual_clip=None):
@@ -112,14 +128,22 @@ def _set_mask(kind_B, mask_BxT, k):
   return mask_BxT * (kind_B == k).astype(mask_BxT.dtype)[:, None]
 
 
-def j_on(logp_BxT, old_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig):
-  """J_on: token mean over ON of CLIP(exp(logp − old_logp), A). Returns (J, metrics)."""
+def _denoms(kind_B, mask_BxT, denoms):
+  return denominators(kind_B, mask_BxT) if denoms is None else denoms
+
+
+def j_on(logp_BxT, old_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig, denoms=None):
+  """J_on: token mean over ON of CLIP(exp(logp − old_logp), A). Returns (J, metrics).
+
+  `denoms` ([4], see `denominators`) overrides the normalisers for gradient accumulation.
+  """
+  d = _denoms(kind_B, mask_BxT, denoms)
   m = _set_mask(kind_B, mask_BxT, ON)
   lr = _bounded_log_ratio(logp_BxT, old_logp_BxT, m, cfg.max_log_ratio)
   obj, clipped = clip_objective(lr, adv_B, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
-  j, count = masked_mean(obj, m)
+  j, _ = masked_mean(obj, m, d[ON])
   metrics = {
-      "tokens_on": count,
+      "tokens_on": jnp.sum(m),
       "clipfrac_on": masked_mean(clipped, m)[0],
       "ratio_on": masked_mean(jnp.exp(lr), m)[0],
   }
@@ -130,50 +154,49 @@ def _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m_BxT, cfg):
   lr = _bounded_log_ratio(logp_BxT, guide_logp_BxT, m_BxT, cfg.max_log_ratio)
   obj, f = shaped_offpolicy(lr, adv_B, cfg.gamma)
   metrics = {
+      "tokens_off": jnp.sum(m_BxT),
       "ratio_guide_off": masked_mean(jnp.exp(lr), m_BxT)[0],
       "f_ratio_off": masked_mean(f, m_BxT)[0],
   }
-  return jnp.sum(obj * m_BxT), jnp.sum(m_BxT), metrics
+  return jnp.sum(obj * m_BxT), metrics
 
 
-def j_off(logp_BxT, guide_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig):
+def j_off(logp_BxT, guide_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig, denoms=None):
   """J_off: token mean over OFF of f(r̂)·A, r̂ = exp(logp − guide_logp); no clipping."""
+  d = _denoms(kind_B, mask_BxT, denoms)
   m = _set_mask(kind_B, mask_BxT, OFF)
-  total, count, metrics = _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m, cfg)
-  metrics["tokens_off"] = count
-  return total / jnp.maximum(count, 1.0), metrics
+  total, metrics = _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m, cfg)
+  return total / jnp.maximum(d[OFF], 1.0), metrics
 
 
-def j_mix(logp_BxT, guide_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig):
+def j_mix(logp_BxT, guide_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig, denoms=None):
   """J_mix (paper eq. 8): (Σ_OFF f(r̂)·A + Σ_ZERO CLIP(r2, A)) / (tokens OFF + tokens ZERO).
 
   r2 = exp(logp − guide_logp): the zero-reward samples come from θ_old but are importance-weighted
   against the guide ϕ, literally as the paper writes r^(2).
   """
+  d = _denoms(kind_B, mask_BxT, denoms)
   m_off = _set_mask(kind_B, mask_BxT, OFF)
   m_zero = _set_mask(kind_B, mask_BxT, ZERO)
-  off_total, off_count, metrics = _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m_off, cfg)
+  off_total, metrics = _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m_off, cfg)
   lr = _bounded_log_ratio(logp_BxT, guide_logp_BxT, m_zero, cfg.max_log_ratio)
   obj, clipped = clip_objective(lr, adv_B, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
-  zero_count = jnp.sum(m_zero)
-  j = (off_total + jnp.sum(obj * m_zero)) / jnp.maximum(off_count + zero_count, 1.0)
+  j = (off_total + jnp.sum(obj * m_zero)) / jnp.maximum(d[OFF] + d[ZERO], 1.0)
   metrics.update({
-      "tokens_off": off_count,
-      "tokens_zero": zero_count,
+      "tokens_zero": jnp.sum(m_zero),
       "clipfrac_zero": masked_mean(clipped, m_zero)[0],
       "ratio_guide_zero": masked_mean(jnp.exp(lr), m_zero)[0],
   })
   return j, metrics
 
 
-def _grpo(logp_BxT, old_logp_BxT, adv_B, kind_B, mask_BxT, cfg):
+def _grpo(logp_BxT, old_logp_BxT, adv_B, kind_B, mask_BxT, cfg, denoms):
   m = _set_mask(kind_B, mask_BxT, ON)
   lr = _bounded_log_ratio(logp_BxT, old_logp_BxT, m, cfg.max_log_ratio)
   obj, clipped = clip_objective(lr, adv_B, cfg.eps_low, cfg.eps_low, cfg.dual_clip)
   seq_tokens_B = jnp.sum(m, axis=1)
   seq_mean_B = jnp.sum(obj * m, axis=1) / jnp.maximum(seq_tokens_B, 1.0)
-  has_tokens_B = (seq_tokens_B > 0).astype(seq_mean_B.dtype)
-  j = jnp.sum(seq_mean_B * has_tokens_B) / jnp.maximum(jnp.sum(has_tokens_B), 1.0)
+  j = jnp.sum(seq_mean_B) / jnp.maximum(denoms[3], 1.0)  # rows without tokens add 0.
   metrics = {
       "tokens_on": jnp.sum(m),
       "clipfrac_on": masked_mean(clipped, m)[0],
@@ -182,32 +205,39 @@ def _grpo(logp_BxT, old_logp_BxT, adv_B, kind_B, mask_BxT, cfg):
   return j, metrics
 
 
-def objective(logp, old_logp, guide_logp, adv, kind, mask, cfg: ObjectiveConfig):
-  """Loss (= −J, to minimise) and scalar metrics for `cfg.algo`. Shapes in the module docstring."""
+def objective(logp, old_logp, guide_logp, adv, kind, mask, cfg: ObjectiveConfig, denoms=None):
+  """Loss (= −J, to minimise) and scalar metrics for `cfg.algo`. Shapes in the module docstring.
+
+  `denoms` (float [4], `denominators(kind, mask)` by default) are the set normalisers; pass the
+  whole minibatch's to each micro-batch so that accumulated gradients equal the minibatch's.
+  """
   chex.assert_rank([logp, old_logp, guide_logp, mask], 2)
   chex.assert_equal_shape([logp, old_logp, guide_logp, mask])
   chex.assert_shape([adv, kind], (logp.shape[0],))
+  d = _denoms(kind, mask, denoms)
   w = cfg.on_weight
   if cfg.algo == "grpo":
-    j, metrics = _grpo(logp, old_logp, adv, kind, mask, cfg)
+    j, metrics = _grpo(logp, old_logp, adv, kind, mask, cfg, d)
   elif cfg.algo == "dapo":
-    j, metrics = j_on(logp, old_logp, adv, kind, mask, cfg)
+    j, metrics = j_on(logp, old_logp, adv, kind, mask, cfg, d)
   elif cfg.algo == "mix1":
-    jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg)
-    joff, m_off = j_off(logp, guide_logp, adv, kind, mask, cfg)
+    jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg, d)
+    joff, m_off = j_off(logp, guide_logp, adv, kind, mask, cfg, d)
     metrics.update(m_off, j_on=jon, j_off=joff)
     j = w * jon + (1.0 - w) * joff
   elif cfg.algo == "mix2":
-    jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg)
-    jmix, m_mix = j_mix(logp, guide_logp, adv, kind, mask, cfg)
+    jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg, d)
+    jmix, m_mix = j_mix(logp, guide_logp, adv, kind, mask, cfg, d)
     metrics.update(m_mix, j_on=jon, j_mix=jmix)
     j = w * jon + (1.0 - w) * jmix
   else:  # luffy: one joint token mean over on- and off-policy tokens.
-    jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg)
-    joff, m_off = j_off(logp, guide_logp, adv, kind, mask, cfg)
+    n_on, n_off = d[ON], d[OFF]
+    joint = jnp.stack([n_on, jnp.zeros_like(n_on), n_on + n_off, d[3]])
+    # Both parts divided by the joint count: j_on's normaliser is d[ON], j_off's is d[OFF].
+    jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg, joint.at[ON].set(n_on + n_off))
+    joff, m_off = j_off(logp, guide_logp, adv, kind, mask, cfg, joint.at[OFF].set(n_on + n_off))
     metrics.update(m_off)
-    n_on, n_off = metrics["tokens_on"], metrics["tokens_off"]
-    j = (jon * n_on + joff * n_off) / jnp.maximum(n_on + n_off, 1.0)
+    j = jon + joff
   loss = -j
   metrics["loss"] = loss
   return loss, metrics

@@ -1,0 +1,426 @@
+"""Orbax checkpoints with exact resume, a run fingerprint and per-step checksum manifests.
+
+Layout of `directory`:
+```
+fingerprint.json           the run config that wrote these checkpoints (a different run is refused)
+<step>/                    one orbax step directory; orbax only renames it into place once complete
+  state/                   the TrainState pytree (ocp.args.StandardSave)
+  extra/                   a JSON dict: data position, run config, metric counters (ocp.args.JsonSave)
+  mixpo_manifest.json      size + sha256 of every other file, written after orbax has finalised
+```
+Orbax's atomic rename guards against a crash mid-save; the manifest guards against what happens
+to the files afterwards (truncation, bit flips, a half-copied directory). `restore_latest` walks
+steps newest first, skips (with a warning naming the step and reason) any that fail verification,
+and raises rather than start from scratch when step directories exist but none is valid.
+
+Only process 0 writes the fingerprint and manifests; every process verifies before restoring.
+Paths are local or mounted (FUSE) filesystems: the checks use `os`, not `epath`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+FINGERPRINT_FILE = "fingerprint.json"
+MANIFEST_FILE = "mixpo_manifest.json"
+DEFAULT_MIN_FREE_BYTES = 256 * 2**20  # Refuse to start below this much free disk.
+
+_STEP_DIR = re.compile(r"^\d+$")
+_TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
+
+
+class CheckpointDirectoryError(OSError):
+  """The checkpoint directory cannot be created, written or has too little free space."""
+
+
+class FingerprintMismatchError(ValueError):
+  """The directory holds checkpoints of a run with a different config."""
+
+
+class NoValidCheckpointError(RuntimeError):
+  """Step directories exist but none passes verification."""
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _canonical(obj: Any, what: str) -> Any:
+  """`obj` as it reads back from JSON (tuples become lists, keys strings)."""
+  try:
+    return json.loads(json.dumps(obj, sort_keys=True))
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{what} must be JSON-serialisable (dicts, lists, str, numbers, bools): {e}. "
+                    "Convert arrays and numpy scalars with .tolist() / int() / float().") from e
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix or "<root>": d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def fingerprint_diff(old: Any, new: Any) -> list[str]:
+  """Dotted keys whose values differ between two JSON-able dicts, e.g. ['optim.lr: 1e-06 -> 2e-06']."""
+  fo, fn = _flatten(old), _flatten(new)
+  out = []
+  for k in sorted(set(fo) | set(fn)):
+    a, b = fo.get(k, "<missing>"), fn.get(k, "<missing>")
+    if a != b:
+      out.append(f"{k}: {a!r} -> {b!r}")
+  return out
+
+
+def check_directory(directory: str, min_free_bytes: int = DEFAULT_MIN_FREE_BYTES) -> None:
+  """Creates `directory`, proves it writable with a probe file and checks free space.
+
+  Raises:
+    CheckpointDirectoryError: naming the directory, the failing operation and what to change.
+  """
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".write_probe.{jax.process_index()}.{os.getpid()}")
+    with open(probe, "wb") as f:
+      f.write(b"mixpo")
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointDirectoryError(
+        f"checkpoint directory {directory!r} is not writable ({type(e).__name__}: {e}). "
+        "Pass a directory you can write to (check permissions, that no parent is a file, "
+        "and that the filesystem is mounted read-write).") from e
+  free = shutil.disk_usage(directory).free
+  if free < min_free_bytes:
+    raise CheckpointDirectoryError(
+        f"checkpoint directory {directory!r} has {free / 2**20:.1f} MiB free, below the minimum "
+        f"{min_free_bytes / 2**20:.1f} MiB. Free space, pick another directory, or lower "
+        "min_free_bytes.")
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if rel != MANIFEST_FILE:
+        out.append(rel)
+  return sorted(out)
+
+
+def write_manifest(step_dir: str, step: int) -> None:
+  """Writes MANIFEST_FILE (size and sha256 of every file) into a finalised step directory."""
+  files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
+                 "sha256": _sha256(os.path.join(step_dir, rel))} for rel in _files(step_dir)}
+  tmp = os.path.join(step_dir, MANIFEST_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"version": 1, "step": step, "files": files}, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, MANIFEST_FILE))  # Atomic: no half-written manifest.
+
+
+def verify_manifest(step_dir: str, step: int) -> str | None:
+  """Checks a step directory against its manifest; returns None if intact, else the reason."""
+  path = os.path.join(step_dir, MANIFEST_FILE)
+  if not os.path.exists(path):
+    return (f"no checksum manifest {MANIFEST_FILE} (the run likely stopped between orbax "
+            "finalising the step and the manifest write)")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+    files = manifest["files"]
+    if manifest["step"] != step:
+      return f"manifest is for step {manifest['step']}, not {step}"
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"unreadable manifest {MANIFEST_FILE} ({type(e).__name__}: {e})"
+  for rel, want in sorted(files.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.isfile(full):
+      return f"file {rel} is missing"
+    size = os.path.getsize(full)
+    if size != want["size"]:
+      return f"file {rel} has {size} bytes, manifest says {want['size']} (truncated or replaced)"
+    if _sha256(full) != want["sha256"]:
+      return f"file {rel} fails its sha256 check (corrupted: bit flip or partial overwrite)"
+  return None
+
+
+def _abstract(leaf):
+  """Restore target for one leaf: keep shape/dtype/sharding of arrays; other leaves as they are."""
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  return leaf
+
+
+def _nbytes(tree) -> int:
+  return sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree))
+
+
+class Checkpointer:
+  """Saves `TrainState` pytree + JSON `extra` every `save_every` steps, keeps the newest `keep`.
+
+  Usage:
+  ```
+  with Checkpointer(workdir + "/ckpt", save_every=100, keep=3, fingerprint=cfg) as ckpt:
+    if (got := ckpt.restore_latest(state)) is not None:
+      step, state, extra = got
+    for step in range(step + 1, total + 1):
+      state, metrics = train_step(state, batch)
+      ckpt.save(step, state, {"data_pos": pos})   # no-op unless should_save(step)
+  ```
+  Saves are asynchronous when `async_save`: `save` returns once arrays are copied to host, so the
+  caller may donate `state` to the next jitted step straight away.
+  """
+
+  def __init__(self, directory, *, save_every: int, keep: int, async_save: bool = True,
+               fingerprint: dict | None = None, overwrite: bool = False,
+               min_free_bytes: int = DEFAULT_MIN_FREE_BYTES):
+    """Opens (or creates) a checkpoint directory.
+
+    Args:
+      directory: path of the checkpoint directory (created if missing).
+      save_every: `should_save(step)` is true for positive multiples of this (steps).
+      keep: number of newest checkpoints kept on disk; older ones are deleted after each save.
+      async_save: write in a background thread (orbax AsyncCheckpointer).
+      fingerprint: the run config as a JSON-able dict, stored in `fingerprint.json`. Opening a
+        directory whose checkpoints were written under a different (or no) fingerprint raises
+        FingerprintMismatchError. None: no check, nothing stored.
+      overwrite: on a fingerprint mismatch delete the old checkpoints instead of raising.
+        Checkpoints of the *same* run are always kept and resumed, so a preempted job relaunched
+        with the same command line (overwrite included) resumes rather than restarts.
+      min_free_bytes: refuse to open when the filesystem has less free space than this.
+    """
+    if save_every < 1 or keep < 1:
+      raise ValueError(f"Checkpointer({directory!r}): save_every={save_every} and keep={keep} "
+                       "must both be >= 1.")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.save_every = int(save_every)
+    self.keep = int(keep)
+    self.async_save = bool(async_save)
+    self.min_free_bytes = int(min_free_bytes)
+    check_directory(self.directory, self.min_free_bytes)
+    self._check_fingerprint(fingerprint, overwrite)
+    tmp = [n for n in os.listdir(self.directory) if _TMP_DIR.match(n)]
+    if tmp and _is_primary():
+      logging.warning("Checkpoint directory %s: removing incomplete (never finalised) saves %s.",
+                      self.directory, sorted(tmp))
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=self.keep),
+            enable_async_checkpointing=self.async_save,
+            cleanup_tmp_directories=True,
+            create=True),
+        item_names=("state", "extra"))
+    self._pending: threading.Thread | None = None  # Waits for a save, then writes its manifest.
+    self._pending_error: BaseException | None = None
+    self._closed = False
+
+  # -- fingerprint ---------------------------------------------------------------------------
+
+  def _step_entries(self) -> list[str]:
+    """Names of step directories (finalised or not) and orbax temporary save directories."""
+    return sorted((n for n in os.listdir(self.directory)
+                   if (_STEP_DIR.match(n) or _TMP_DIR.match(n))
+                   and os.path.isdir(os.path.join(self.directory, n))),
+                  key=lambda n: (int(re.match(r"\d+", n).group()), n))
+
+  def _check_fingerprint(self, fingerprint, overwrite: bool) -> None:
+    if fingerprint is None:
+      return
+    new = _canonical(fingerprint, f"Checkpointer({self.directory!r}) fingerprint")
+    path = os.path.join(self.directory, FINGERPRINT_FILE)
+    entries = self._step_entries()
+    old = None
+    if os.path.exists(path):
+      try:
+        with open(path) as f:
+          old = json.load(f)
+      except (OSError, ValueError) as e:
+        old = f"<unreadable {FINGERPRINT_FILE}: {e}>"
+    if old == new:
+      return
+    if old is not None or entries:
+      if old is None:
+        why = f"checkpoints {entries} but no {FINGERPRINT_FILE} (written by an unknown run)"
+      else:
+        why = "checkpoints of a run with a different config; differing keys: " + "; ".join(
+            fingerprint_diff(old, new))
+      if not overwrite:
+        raise FingerprintMismatchError(
+            f"checkpoint directory {self.directory!r} holds {why}. Resume with the original "
+            "config, use another directory, or pass overwrite=True to delete them.")
+      if _is_primary():
+        logging.warning("Checkpoint directory %s: overwrite=True, deleting %s (it held %s).",
+                        self.directory, entries, why)
+        for name in entries:
+          shutil.rmtree(os.path.join(self.directory, name))
+    if _is_primary():
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(new, f, indent=1, sort_keys=True)
+      os.replace(tmp, path)
+
+  # -- saving --------------------------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    """Finalised steps on disk, ascending (verified or not)."""
+    self._mngr.reload()
+    return sorted(self._mngr.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """True for positive multiples of `save_every` not yet saved (e.g. the step resumed from)."""
+    step = int(step)
+    latest = self._mngr.latest_step()
+    return step > 0 and step % self.save_every == 0 and (latest is None or step > latest)
+
+  def save(self, step: int, state, extra: dict | None = None, force: bool = False) -> bool:
+    """Saves `state` (any pytree of arrays) and `extra` (JSON-able dict) as `step`.
+
+    Returns:
+      True if a save was started; False when skipped (`should_save` false and not `force`, or
+      `step` already on disk).
+    Raises:
+      CheckpointDirectoryError: free space is below the state's size (bytes, all hosts' arrays).
+    """
+    step = int(step)
+    if not force and not self.should_save(step):
+      return False
+    self._check_open()
+    extra = _canonical({} if extra is None else extra, f"Checkpointer.save(step={step}) extra")
+    self._finish_pending()
+    if step in self._mngr.all_steps():
+      logging.info("Checkpoint step %d already in %s; not saving it again.", step, self.directory)
+      return False
+    need, free = _nbytes(state), shutil.disk_usage(self.directory).free
+    if free < need:
+      raise CheckpointDirectoryError(
+          f"checkpoint directory {self.directory!r}: step {step} needs about {need / 2**20:.1f} "
+          f"MiB but only {free / 2**20:.1f} MiB is free. Free space or lower keep={self.keep}.")
+    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                  extra=ocp.args.JsonSave(extra)), force=True)
+    if self.async_save:
+      self._pending = threading.Thread(target=self._finalise, args=(step,),
+                                       name=f"mixpo-manifest-{step}", daemon=True)
+      self._pending.start()
+    else:
+      self._finalise(step, raise_errors=True)
+    return True
+
+  def _finalise(self, step: int, raise_errors: bool = False) -> None:
+    """Waits for orbax to finish `step`, then writes its manifest (process 0)."""
+    try:
+      self._mngr.wait_until_finished()
+      if _is_primary():
+        write_manifest(os.path.join(self.directory, str(step)), step)
+    except BaseException as e:  # Re-raised on the caller's thread by _finish_pending.
+      e.add_note(f"while finishing checkpoint step {step} in {self.directory}")
+      if raise_errors:
+        raise
+      self._pending_error = e
+
+  def _finish_pending(self) -> None:
+    if self._pending is not None:
+      self._pending.join()
+      self._pending = None
+    else:
+      self._mngr.wait_until_finished()
+    if self._pending_error is not None:
+      e, self._pending_error = self._pending_error, None
+      raise e
+
+  def wait(self) -> None:
+    """Blocks until the last save is on disk with its manifest; raises its error, if any."""
+    if not self._closed:
+      self._finish_pending()
+
+  def close(self) -> None:
+    """`wait()`, then releases orbax's threads. Idempotent."""
+    if self._closed:
+      return
+    try:
+      self._finish_pending()
+    finally:
+      self._mngr.close()
+      self._closed = True
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise RuntimeError(f"Checkpointer({self.directory!r}) is closed.")
+
+  # -- restoring -----------------------------------------------------------------------------
+
+  def restore_latest(self, target_state) -> tuple[int, Any, dict] | None:
+    """Restores the newest checkpoint that passes verification.
+
+    Args:
+      target_state: a pytree with the structure of the saved state; its array leaves (concrete
+        or `jax.ShapeDtypeStruct`, e.g. from `jax.eval_shape`/`nnx.eval_shape` with shardings)
+        give the dtype and sharding each array is restored into, bit-exactly.
+    Returns:
+      (step, state, extra), or None when the directory holds no step directories at all.
+    Raises:
+      NoValidCheckpointError: step directories exist but every one is corrupt or incomplete.
+      RuntimeError: a verified checkpoint does not fit `target_state` (changed model/optimizer).
+    """
+    self._check_open()
+    self._finish_pending()
+    self._mngr.reload()
+    finalised = set(self._mngr.all_steps())
+    names = [n for n in self._step_entries() if _STEP_DIR.match(n)]
+    steps = sorted(finalised | {int(n) for n in names}, reverse=True)
+    if not steps:
+      return None
+    skipped = []
+    for step in steps:
+      step_dir = os.path.join(self.directory, str(step))
+      reason = (verify_manifest(step_dir, step) if step in finalised
+                else "not finalised by orbax (no commit marker)")
+      if reason is not None:
+        logging.warning("Checkpoint %s: skipping step %d: %s; falling back to an earlier step.",
+                        self.directory, step, reason)
+        skipped.append(f"step {step}: {reason}")
+        continue
+      abstract = jax.tree.map(_abstract, target_state)
+      try:
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+      except Exception as e:
+        raise RuntimeError(
+            f"restoring checkpoint step {step} from {step_dir} into target_state failed: "
+            f"{type(e).__name__}: {e}. Its checksums verify, so the files are intact; the target's "
+            "tree structure, shapes or dtypes likely differ from the run that saved it.") from e
+      if skipped:
+        logging.warning("Checkpoint %s: restored step %d after skipping %d newer step(s).",
+                        self.directory, step, len(skipped))
+      return step, out.state, out.extra
+    raise NoValidCheckpointError(
+        f"checkpoint directory {self.directory!r} has step directories but none is valid:\n  "
+        + "\n  ".join(skipped)
+        + "\nRefusing to start from scratch over them: restore the files from a copy, or move or "
+        "delete the step directories to start the run over.")

@@ -1,0 +1,169 @@
+"""`ModelConfig`: the decoder's hyper-parameters, parsed from a Hugging Face config.json.
+
+One config covers the Llama family as implemented in transformers:
+  llama  (Llama 2 / 3 / 3.1; rope "llama3" scaling, optional attention_bias on q/k/v/o)
+  qwen2  (Qwen2 / Qwen2.5; bias on q/k/v only, tied or untied embeddings)
+  qwen3  (Qwen3; RMSNorm on q and k per head, explicit head_dim, optional attention_bias)
+Anything else fails in `from_hf_config` with an error naming the config.json field and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+ATTENTION_IMPLS = ("xla", "dot_product_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of `CausalLM`; hashable, so it can live on the module as static data."""
+  model_type: str  # "llama" | "qwen2" | "qwen3" (config.json `model_type`).
+  vocab_size: int  # V: rows of the embedding / columns of the logits.
+  hidden_size: int  # D: residual stream width.
+  intermediate_size: int  # F: SwiGLU MLP width.
+  num_layers: int  # L: decoder blocks (`num_hidden_layers`).
+  num_heads: int  # N: query heads (`num_attention_heads`).
+  num_kv_heads: int  # K: key/value heads (GQA; N % K == 0).
+  head_dim: int  # H: per-head width (explicit in Qwen3, else D // N).
+  max_position_embeddings: int  # longest context the checkpoint was built for.
+  rms_norm_eps: float = 1e-6  # epsilon inside every RMSNorm.
+  rope_theta: float = 10000.0  # RoPE base wavelength.
+  rope_type: str = "default"  # "default" | "llama3" | "linear".
+  rope_factor: float = 1.0  # llama3 / linear scaling factor.
+  rope_low_freq_factor: float = 1.0  # llama3 only.
+  rope_high_freq_factor: float = 4.0  # llama3 only.
+  rope_original_max_position_embeddings: int = 8192  # llama3 only: pre-scaling context.
+  qkv_bias: bool = False  # bias on q/k/v projections (always on in Qwen2).
+  o_bias: bool = False  # bias on the output projection (Llama/Qwen3 `attention_bias`).
+  qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3).
+  tie_word_embeddings: bool = False  # logits use embed/embedding^T instead of lm_head/kernel.
+  dtype: Any = jnp.float32  # compute dtype of activations and matmuls (float32 or bfloat16).
+  param_dtype: Any = jnp.float32  # storage dtype of the parameters.
+  remat: bool = False  # rematerialise each decoder block in the backward pass (nnx.remat).
+  attention_impl: str = "xla"  # "xla" (plain einsum) | "dot_product_attention" (jax.nn).
+  # The source config.json, re-emitted by save_pretrained (keeps token ids etc.); not compared.
+  hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+
+  def __post_init__(self):
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r} is not one of "
+                       f"{ATTENTION_IMPLS}; pick one of those.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                       f"num_key_value_heads={self.num_kv_heads}; fix config.json.")
+    if self.rope_type not in SUPPORTED_ROPE_TYPES:
+      raise ValueError(f"rope type {self.rope_type!r} is not supported (supported: "
+                       f"{SUPPORTED_ROPE_TYPES}).")
+
+  @property
+  def hf_config(self) -> dict:
+    return json.loads(self.hf_config_json)
+
+
+OPTION_NAMES = ("dtype", "param_dtype", "remat", "attention_impl")
+
+
+def _rope_fields(hf: dict) -> dict:
+  """Reads rope settings in both config.json styles: transformers>=5 `rope_parameters`
+  and the older `rope_theta` + `rope_scaling`."""
+  params = hf.get("rope_parameters")
+  if params is None:
+    params = dict(hf.get("rope_scaling") or {})
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+  if "rope_type" not in params and "type" in params:  # pre-4.45 spelling.
+    params = {**params, "rope_type": params["type"]}
+  rope_type = params.get("rope_type", "default")
+  field = "rope_parameters.rope_type" if "rope_parameters" in hf else "rope_scaling.rope_type"
+  if rope_type not in SUPPORTED_ROPE_TYPES:
+    raise ValueError(f"config.json field {field}={rope_type!r} is not supported; supported rope "
+                     f"types: {SUPPORTED_ROPE_TYPES}.")
+  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    raise ValueError(f"config.json field partial_rotary_factor={partial} is not supported "
+                     "(only full rotary embeddings, 1.0).")
+  out = dict(rope_theta=float(params.get("rope_theta", 10000.0)), rope_type=rope_type)
+  if rope_type in ("llama3", "linear"):
+    out["rope_factor"] = float(params["factor"])
+  if rope_type == "llama3":
+    out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+               rope_high_freq_factor=float(params["high_freq_factor"]),
+               rope_original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+  return out
+
+
+def from_hf_config(hf_config, **options) -> ModelConfig:
+  """`ModelConfig` from a config.json dict or a transformers `PretrainedConfig`.
+
+  options: any of dtype, param_dtype, remat, attention_impl (see ModelConfig).
+  """
+  hf = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+  hf = {k: v for k, v in hf.items() if k != "_name_or_path"}
+  unknown = set(options) - set(OPTION_NAMES)
+  if unknown:
+    raise TypeError(f"unknown model options {sorted(unknown)}; allowed: {OPTION_NAMES}.")
+  model_type = hf.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"config.json field model_type={model_type!r} is not supported; supported: "
+                     f"{SUPPORTED_MODEL_TYPES}.")
+  for arch in hf.get("architectures") or ():
+    if not arch.endswith("ForCausalLM"):
+      raise ValueError(f"config.json field architectures={hf['architectures']!r} is not a causal "
+                       "LM; only *ForCausalLM checkpoints are supported.")
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise ValueError(f"config.json field hidden_act={act!r} is not supported (only 'silu').")
+  if hf.get("use_sliding_window", False):
+    raise ValueError("config.json field use_sliding_window=true is not supported; set it false "
+                     "(full causal attention only).")
+  if hf.get("mlp_bias", False):
+    raise ValueError("config.json field mlp_bias=true is not supported.")
+  num_heads = hf["num_attention_heads"]
+  attention_bias = bool(hf.get("attention_bias", False))
+  return ModelConfig(
+      model_type=model_type,
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=num_heads,
+      num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      qkv_bias=True if model_type == "qwen2" else attention_bias,
+      o_bias=False if model_type == "qwen2" else attention_bias,
+      qk_norm=model_type == "qwen3",
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      hf_config_json=json.dumps(hf, sort_keys=True),
+      **_rope_fields(hf),
+      **options,
+  )
+
+
+@functools.lru_cache(maxsize=64)
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] float32, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+  dim = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+  inv = inv.astype(np.float32)
+  if config.rope_type == "linear":
+    inv = inv / np.float32(config.rope_factor)
+  elif config.rope_type == "llama3":
+    factor, old_len = config.rope_factor, config.rope_original_max_position_embeddings
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)

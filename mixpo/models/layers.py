@@ -1,0 +1,167 @@
+"""Building blocks of the decoder: Linear, Embed, RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+
+Parameters are `nnx.Param`s stored in `config.param_dtype` and cast to `config.dtype` at use.
+Parameter names (kernel / bias / scale / embedding) are the leaves of the sharding-friendly paths
+documented in `mixpo/models/hf_io.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixpo.models.config import ModelConfig, rope_inv_freq
+
+# Finite "minus infinity": a fully masked row (a left-padding query) stays finite (uniform
+# weights) instead of NaN, so it cannot poison gradients; its output is ignored downstream.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias); kernel [in, out] (the transpose of torch's Linear.weight)."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig,
+               rngs: nnx.Rngs, init_std: float = 0.02):
+    self.dtype = config.dtype
+    init = jax.nn.initializers.normal(init_std)
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), config.param_dtype))
+    self.bias = (nnx.Param(jnp.zeros((out_features,), config.param_dtype)) if use_bias else None)
+
+  def __call__(self, x_xI: jax.Array) -> jax.Array:
+    y = jnp.einsum("...i,io->...o", x_xI.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+class Embed(nnx.Module):
+  """Token embedding table embedding [V, D]."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = config.dtype
+    init = jax.nn.initializers.normal(0.02)
+    self.embedding = nnx.Param(
+        init(rngs.params(), (config.vocab_size, config.hidden_size), config.param_dtype))
+
+  def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, statistics in float32 (as transformers' LlamaRMSNorm)."""
+
+  def __init__(self, dim: int, *, config: ModelConfig):
+    self.eps = config.rms_norm_eps
+    self.dtype = config.dtype
+    self.scale = nnx.Param(jnp.ones((dim,), config.param_dtype))
+
+  def __call__(self, x_xD: jax.Array) -> jax.Array:
+    x32 = x_xD.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    scale = self.scale[...].astype(self.dtype).reshape((1,) * (x_xD.ndim - 1) + (-1,))
+    return scale * x32.astype(self.dtype)
+
+
+def rope_cos_sin(positions_BxT: jax.Array, config: ModelConfig):
+  """cos, sin [B, T, 1, H] float32 for the rotate-half RoPE convention of transformers."""
+  inv_freq = jnp.asarray(rope_inv_freq(config))
+  freqs_BxTxh = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  emb_BxTxH = jnp.concatenate([freqs_BxTxh, freqs_BxTxh], axis=-1)[:, :, None, :]
+  return jnp.cos(emb_BxTxH), jnp.sin(emb_BxTxH)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTx1xH: jax.Array, sin_BxTx1xH: jax.Array):
+  half = x_BxTxNxH.shape[-1] // 2
+  x32 = x_BxTxNxH.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos_BxTx1xH + rotated * sin_BxTx1xH).astype(x_BxTxNxH.dtype)
+
+
+def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, impl: str):
+  """Softmax attention of T queries over S keys (GQA: N query heads share K kv heads).
+
+  allowed_BxTxS: bool, True where query t may see key s (causality and padding folded in).
+  Returns [B, T, N*H] in the dtype of v.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  kv = k_BxSxKxH.shape[2]
+  scale = h ** -0.5
+  if impl == "dot_product_attention":
+    out = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
+                                       mask=allowed_BxTxS[:, None], scale=scale)
+    return out.reshape(b, t, n * h)
+  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                      preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(allowed_BxTxS[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  return out.reshape(b, t, n * h)
+
+
+class Attention(nnx.Module):
+  """GQA self-attention with RoPE, optional q/k RMSNorm (Qwen3) and an optional KV cache."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    d, n, kv, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    self.q_proj = Linear(d, n * h, use_bias=c.qkv_bias, config=c, rngs=rngs)
+    self.k_proj = Linear(d, kv * h, use_bias=c.qkv_bias, config=c, rngs=rngs)
+    self.v_proj = Linear(d, kv * h, use_bias=c.qkv_bias, config=c, rngs=rngs)
+    self.o_proj = Linear(n * h, d, use_bias=c.o_bias, config=c, rngs=rngs)
+    self.q_norm = RMSNorm(h, config=c) if c.qk_norm else None
+    self.k_norm = RMSNorm(h, config=c) if c.qk_norm else None
+
+  def __call__(self, x_BxTxD, cos, sin, allowed_BxTxS, cache=None):
+    """cache: None, or (k_LxBxSxKxH, v_LxBxSxKxH, layer, index) to write the new keys/values
+    at slots index.. and attend over the whole cache. Returns (out_BxTxD, k_L.., v_L..)."""
+    c = self.config
+    b, t, _ = x_BxTxD.shape
+    q = self.q_proj(x_BxTxD).reshape(b, t, c.num_heads, c.head_dim)
+    k = self.k_proj(x_BxTxD).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = self.v_proj(x_BxTxD).reshape(b, t, c.num_kv_heads, c.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is None:
+      out = attend(q, k, v, allowed_BxTxS, c.attention_impl)
+      return self.o_proj(out), None, None
+    k_cache, v_cache, layer, index = cache
+    zero = jnp.zeros((), jnp.int32)
+    start = (jnp.asarray(layer, jnp.int32), zero, index, zero, zero)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+    out = attend(q, k_cache[layer].astype(q.dtype), v_cache[layer].astype(q.dtype),
+                 allowed_BxTxS, c.attention_impl)
+    return self.o_proj(out), k_cache, v_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    self.gate_proj = Linear(d, f, use_bias=False, config=config, rngs=rngs)
+    self.up_proj = Linear(d, f, use_bias=False, config=config, rngs=rngs)
+    self.down_proj = Linear(f, d, use_bias=False, config=config, rngs=rngs)
+
+  def __call__(self, x_BxTxD):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(attn_norm(x)); x + mlp(mlp_norm(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config.hidden_size, config=config)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.hidden_size, config=config)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x_BxTxD, cos, sin, allowed_BxTxS, cache=None):
+    h, k_cache, v_cache = self.attn(self.attn_norm(x_BxTxD), cos, sin, allowed_BxTxS, cache)
+    x_BxTxD = x_BxTxD + h
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    return x_BxTxD, k_cache, v_cache

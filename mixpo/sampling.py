@@ -1,0 +1,364 @@
+"""Jitted generation (prefill + KV-cache decode loop) and teacher-forced scoring.
+
+One code path serves the policy, θ_old and the guide: every entry point takes `model` as either
+an NNX `CausalLM` or its `(graphdef, state)` pair from `nnx.split` (the form to keep when several
+parameter sets share one architecture: the compiled programs are keyed on the graphdef and the
+static arguments only, so swapping `state` never recompiles).
+
+Conventions (shared with `mixpo.batch`):
+  * prompts are left-padded, `prompt_mask_BxP` is 1 on real tokens; position ids come from the
+    mask (cumsum − 1, clamped at 0) and continue through the generated tokens;
+  * per-token log-probs are aligned with the tokens they score: entry t is
+    log p(token_t | tokens_<t); entries without a scored token are 0.
+
+Sampling distribution: logits / temperature, then top-k (k largest), then top-p (smallest prefix
+of the sorted distribution whose mass reaches top_p), renormalised — the order `transformers` uses.
+The log-prob `generate` reports is under that restricted distribution. Temperature 0 means greedy
+(argmax); its log-probs are then under the unscaled, unrestricted distribution (log_softmax of the
+logits), which is what `score(..., temperature=0.0)` also returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixpo.batch import positions_from_mask
+
+# Float32 elements of one logits chunk in `score` when chunk_size is left to us (512 MiB).
+_LOGITS_CHUNK_ELEMENTS = 1 << 27
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """What `generate` returns; every field is a device array."""
+  tokens_BxN: jax.Array  # int32 sampled tokens; pad_id after a row's EOS.
+  mask_BxN: jax.Array  # int32 1 up to and including EOS, 0 after.
+  lengths_B: jax.Array  # int32 number of generated tokens (EOS included) = mask_BxN.sum(1).
+  logp_BxN: jax.Array  # float32 log-prob of each token under the sampling distribution; 0 off-mask.
+  truncated_B: jax.Array  # bool True where no EOS was produced within N tokens.
+
+
+def split_model(model):
+  """Returns `(graphdef, state)` for an NNX model or passes such a pair through."""
+  if isinstance(model, nnx.Module):
+    return nnx.split(model)
+  if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nnx.GraphDef):
+    return model
+  raise TypeError(f"model: expected an nnx.Module or a (graphdef, state) pair from nnx.split, "
+                  f"got {type(model).__name__}")
+
+
+def bucket_length(p: int, min_length: int = 16) -> int:
+  """Prompt width a batch is left-padded to: the next power of two (at least `min_length`) up to
+  128, then the next multiple of 128. Prompts of varied lengths compile a handful of programs."""
+  p = max(int(p), min_length)
+  if p <= 128:
+    return 1 << (p - 1).bit_length()
+  return -(-p // 128) * 128
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling one token.
+
+
+def _sample_token(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top_p):
+  """Samples one token per row and its log-prob under the (restricted) sampling distribution.
+
+  Gumbel-max on the scaled logits: argmax(z + g) with g ~ Gumbel(0, 1) is a draw from softmax(z),
+  with no normalisation or cumulative sum over the vocabulary on the sampling path.
+  Returns (tokens_B int32, logp_B float32).
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if greedy:
+    tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+    return tok_B, jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
+  z_BxV = logits_BxV / temperature
+  if top_k == 0 and not use_top_p:
+    tok_B = jnp.argmax(z_BxV + jax.random.gumbel(key, z_BxV.shape), axis=-1).astype(jnp.int32)
+    z_tok_B = jnp.take_along_axis(z_BxV, tok_B[:, None], axis=-1)[:, 0]
+    return tok_B, z_tok_B - jax.nn.logsumexp(z_BxV, axis=-1)
+  # Work in the sorted top-k space: lax.top_k returns the k largest logits in descending order,
+  # which is also the order top-p needs (k = V when only top-p is asked for).
+  k = top_k if top_k > 0 else z_BxV.shape[-1]
+  z_BxK, idx_BxK = jax.lax.top_k(z_BxV, k)
+  if use_top_p:
+    p_BxK = jax.nn.softmax(z_BxK, axis=-1)
+    mass_before_BxK = jnp.cumsum(p_BxK, axis=-1) - p_BxK
+    # Keep the smallest prefix reaching top_p; the first token always survives.
+    z_BxK = jnp.where(mass_before_BxK < top_p, z_BxK, -jnp.inf)
+  j_B = jnp.argmax(z_BxK + jax.random.gumbel(key, z_BxK.shape), axis=-1)
+  tok_B = jnp.take_along_axis(idx_BxK, j_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  z_tok_B = jnp.take_along_axis(z_BxK, j_B[:, None], axis=-1)[:, 0]
+  return tok_B, z_tok_B - jax.nn.logsumexp(z_BxK, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p"))
+def _generate_program(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, temperature, top_p,
+                      eos_id, pad_id, *, max_new_tokens, greedy, top_k, use_top_p):
+  """Prefill + `lax.while_loop` decode; one XLA program per (graphdef, B, P, N, switches).
+
+  The KV cache is allocated inside the program and lives only in the loop carry, which XLA
+  updates in place — there is no host-side buffer to donate and no per-token host round-trip.
+  """
+  model = nnx.merge(graphdef, state)
+  b, p = prompt_BxP.shape
+  n = max_new_tokens
+  sample = functools.partial(_sample_token, temperature=temperature, top_p=top_p, greedy=greedy,
+                             top_k=top_k, use_top_p=use_top_p)
+
+  positions_BxP = positions_from_mask(prompt_mask_BxP)
+  next_pos_B = jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32)  # position of new token 0
+  # The last sampled token is never fed back, so P + N − 1 slots suffice.
+  cache = model.init_cache(b, p + n - 1)
+  h_BxPxD, cache = model.decode(prompt_BxP, positions_BxP, prompt_mask_BxP, cache)
+  logits_Bx1xV = model.logits_from_hidden(h_BxPxD[:, -1:])
+  tok_B, logp_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(rng, 0))
+  done_B = tok_B == eos_id
+  tokens_BxN = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok_B)
+  logp_BxN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)
+  ones_Bx1 = jnp.ones((b, 1), jnp.int32)
+
+  def cond(carry):
+    i, _, _, done_B, _, _ = carry
+    return (i < n) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, cache, prev_B, done_B, tokens_BxN, logp_BxN = carry
+    pos_Bx1 = (next_pos_B + i - 1)[:, None]
+    h_Bx1xD, cache = model.decode(prev_B[:, None], pos_Bx1, ones_Bx1, cache)
+    logits_Bx1xV = model.logits_from_hidden(h_Bx1xD)
+    tok_B, logp_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(rng, i))
+    tok_B = jnp.where(done_B, pad_id, tok_B)
+    logp_B = jnp.where(done_B, 0.0, logp_B)
+    tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, tok_B[:, None], (0, i))
+    logp_BxN = jax.lax.dynamic_update_slice(logp_BxN, logp_B[:, None], (0, i))
+    return i + 1, cache, tok_B, done_B | (tok_B == eos_id), tokens_BxN, logp_BxN
+
+  carry = (jnp.int32(1), cache, tok_B, done_B, tokens_BxN, logp_BxN)
+  _, _, _, _, tokens_BxN, logp_BxN = jax.lax.while_loop(cond, body, carry)
+
+  # A token is in the response iff no EOS came strictly before it.
+  is_eos_BxN = tokens_BxN == eos_id
+  eos_before_BxN = jnp.cumsum(is_eos_BxN, axis=1) - is_eos_BxN
+  mask_BxN = (eos_before_BxN == 0).astype(jnp.int32)
+  return Rollout(
+      tokens_BxN=jnp.where(mask_BxN == 1, tokens_BxN, pad_id),
+      mask_BxN=mask_BxN,
+      lengths_B=jnp.sum(mask_BxN, axis=1, dtype=jnp.int32),
+      logp_BxN=jnp.where(mask_BxN == 1, logp_BxN, 0.0),
+      truncated_B=~jnp.any(is_eos_BxN, axis=1),
+  )
+
+
+def _model_config(graphdef, state):
+  return nnx.merge(graphdef, state).config
+
+
+def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, pad_id: int = 0,
+             prompt_length: int | None = None) -> Rollout:
+  """Samples `max_new_tokens` (N) continuations of a batch of left-padded prompts.
+
+  Args:
+    model: a `CausalLM` or its `(graphdef, state)` from `nnx.split`.
+    prompt_tokens: int [B, P] left-padded prompts (numpy or jax).
+    prompt_mask: int/bool [B, P], 1 on real tokens; every row needs at least one.
+    rng: a jax PRNG key; the same key gives the same samples.
+    max_new_tokens: N, the static length of the response arrays.
+    temperature: softmax temperature; 0 = greedy (see module docstring for its log-probs).
+    top_p: nucleus mass in (0, 1]; 1 disables it.
+    top_k: keep the k most likely tokens; 0 disables it.
+    eos_id: token that ends a row (kept, mask 1); None = rows always run N tokens.
+    pad_id: token written after a row's end.
+    prompt_length: width to left-pad prompts to before compiling; default `bucket_length` of the
+      longest prompt, so that varied prompt lengths share a handful of programs.
+
+  Returns:
+    `Rollout` with [B, N] tokens, mask and log-probs, [B] lengths and truncated flags.
+  """
+  graphdef, state = split_model(model)
+  config = _model_config(graphdef, state)
+  prompt_BxP = np.asarray(prompt_tokens)
+  mask_BxP = np.asarray(prompt_mask)
+  if prompt_BxP.ndim != 2 or prompt_BxP.shape[0] == 0 or prompt_BxP.shape[1] == 0:
+    raise ValueError(f"prompt_tokens: expected a non-empty [B, P] array, got shape "
+                     f"{prompt_BxP.shape}; pass at least one prompt of at least one token")
+  if mask_BxP.shape != prompt_BxP.shape:
+    raise ValueError(f"prompt_mask: shape {mask_BxP.shape} differs from prompt_tokens "
+                     f"{prompt_BxP.shape}")
+  mask_BxP = (mask_BxP != 0).astype(np.int32)
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+  lengths_B = mask_BxP.sum(axis=1)
+  empty = np.flatnonzero(lengths_B == 0)
+  if empty.size:
+    raise ValueError(f"prompt_mask: row(s) {empty[:8].tolist()} have no real token; drop them or "
+                     f"give each prompt at least one token (e.g. BOS)")
+  not_left = np.flatnonzero(np.any(np.diff(mask_BxP, axis=1) < 0, axis=1))
+  if not_left.size:
+    raise ValueError(f"prompt_mask: row(s) {not_left[:8].tolist()} are not left-padded (a 1 is "
+                     f"followed by a 0); put the padding before the prompt")
+  max_pos = config.max_position_embeddings
+  if lengths_B.max() + max_new_tokens > max_pos:
+    row = int(np.argmax(lengths_B))
+    raise ValueError(f"prompt_tokens: row {row} has {lengths_B[row]} tokens, more than the model's "
+                     f"max_position_embeddings ({max_pos}) minus max_new_tokens "
+                     f"({max_new_tokens}); truncate the prompt or lower max_new_tokens")
+  if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+    raise ValueError(f"eos_id: {eos_id} is outside the vocabulary [0, {config.vocab_size}); "
+                     f"pass the tokenizer's eos_token_id or None")
+  if not 0 <= pad_id < config.vocab_size:
+    raise ValueError(f"pad_id: {pad_id} is outside the vocabulary [0, {config.vocab_size})")
+  if not temperature >= 0:
+    raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p: expected a value in (0, 1] (1 disables it), got {top_p}")
+  if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"top_k: expected an int >= 0 (0 disables it), got {top_k!r}")
+  top_k = min(int(top_k), config.vocab_size)
+
+  # Re-pad to the bucket width: drop all-padding columns, then pad on the left.
+  longest = int(lengths_B.max())
+  width = bucket_length(longest) if prompt_length is None else int(prompt_length)
+  if width < longest:
+    raise ValueError(f"prompt_length: {width} is shorter than the longest prompt ({longest})")
+  prompt_BxP = prompt_BxP[:, prompt_BxP.shape[1] - longest:]
+  mask_BxP = mask_BxP[:, mask_BxP.shape[1] - longest:]
+  pad = ((0, 0), (width - longest, 0))
+  prompt_BxP = np.pad(prompt_BxP.astype(np.int32), pad, constant_values=pad_id)
+  mask_BxP = np.pad(mask_BxP, pad)
+
+  greedy = temperature == 0
+  return _generate_program(
+      graphdef, state, prompt_BxP, mask_BxP, rng,
+      np.float32(1.0 if greedy else temperature), np.float32(top_p),
+      np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
+      max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=0 if greedy else top_k,
+      use_top_p=(not greedy) and top_p < 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# score
+
+
+def auto_chunk_size(batch_size: int, length: int, vocab_size: int) -> int:
+  """Largest power-of-two chunk (over T) whose float32 [B, chunk, V] logits fit the budget."""
+  c = max(1, _LOGITS_CHUNK_ELEMENTS // max(1, batch_size * vocab_size))
+  c = 1 << (c.bit_length() - 1)
+  return min(c, max(1, length))
+
+
+def token_logp(model, tokens_BxT, mask_BxT, positions_BxT=None, *, temperature=1.0,
+               chunk_size: int | None = None, return_entropy: bool = False):
+  """Per-token log-probs (and entropies) of a teacher-forced batch; pure and differentiable.
+
+  The body of `score`, for use inside a jitted loss (takes an NNX model, not a pair). The
+  [B, T, V] logits are never materialised: hidden states are cut into chunks of `chunk_size`
+  positions and each chunk's logits are reduced (logsumexp, gather, entropy) under a `lax.map`
+  whose body is rematerialised in the backward pass, so peak memory is one [B, chunk, V] block.
+
+  Entry t of the outputs scores token t given tokens < t, under softmax(logits / temperature)
+  (temperature 0 = unscaled); it is 0 where token t or token t−1 is padding and at t = 0.
+  Returns logp_BxT float32, or (logp_BxT, entropy_BxT) with `return_entropy`.
+  """
+  b, t = tokens_BxT.shape
+  mask_BxT = mask_BxT.astype(jnp.int32)
+  if positions_BxT is None:
+    positions_BxT = positions_from_mask(mask_BxT)
+  h_BxTxD = model.hidden_states(tokens_BxT, positions_BxT, mask_BxT)
+  # Position t−1 predicts token t: pair h[:, :-1] with tokens[:, 1:].
+  h_BxSxD, target_BxS = h_BxTxD[:, :-1], tokens_BxT[:, 1:]
+  s = t - 1
+  inv_temp = jnp.where(temperature > 0, 1.0 / jnp.where(temperature > 0, temperature, 1.0), 1.0)
+
+  def reduce_chunk(h_BxCxD, target_BxC):
+    z_BxCxV = model.logits_from_hidden(h_BxCxD).astype(jnp.float32) * inv_temp
+    lse_BxC = jax.nn.logsumexp(z_BxCxV, axis=-1)
+    logp_BxC = jnp.take_along_axis(z_BxCxV, target_BxC[..., None], axis=-1)[..., 0] - lse_BxC
+    if not return_entropy:
+      return logp_BxC, jnp.zeros_like(logp_BxC)
+    p_BxCxV = jnp.exp(z_BxCxV - lse_BxC[..., None])
+    return logp_BxC, lse_BxC - jnp.sum(p_BxCxV * z_BxCxV, axis=-1)
+
+  if chunk_size is None:
+    chunk_size = auto_chunk_size(b, s, model.config.vocab_size)
+  if s <= chunk_size:
+    logp_BxS, ent_BxS = reduce_chunk(h_BxSxD, target_BxS)
+  else:
+    n_chunks = -(-s // chunk_size)
+    pad = n_chunks * chunk_size - s
+    h_CxBxKxD = jnp.pad(h_BxSxD, ((0, 0), (0, pad), (0, 0)))
+    h_CxBxKxD = h_CxBxKxD.reshape(b, n_chunks, chunk_size, -1).swapaxes(0, 1)
+    target_CxBxK = jnp.pad(target_BxS, ((0, 0), (0, pad)))
+    target_CxBxK = target_CxBxK.reshape(b, n_chunks, chunk_size).swapaxes(0, 1)
+    logp_CxBxK, ent_CxBxK = jax.lax.map(
+        lambda xs: jax.checkpoint(reduce_chunk)(*xs), (h_CxBxKxD, target_CxBxK))
+    logp_BxS = logp_CxBxK.swapaxes(0, 1).reshape(b, -1)[:, :s]
+    ent_BxS = ent_CxBxK.swapaxes(0, 1).reshape(b, -1)[:, :s]
+
+  valid_BxS = (mask_BxT[:, 1:] == 1) & (mask_BxT[:, :-1] == 1)
+  zeros_Bx1 = jnp.zeros((b, 1), jnp.float32)
+  logp_BxT = jnp.concatenate([zeros_Bx1, jnp.where(valid_BxS, logp_BxS, 0.0)], axis=1)
+  if not return_entropy:
+    return logp_BxT
+  return logp_BxT, jnp.concatenate([zeros_Bx1, jnp.where(valid_BxS, ent_BxS, 0.0)], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "return_entropy"))
+def _score_program(graphdef, state, tokens_BxT, mask_BxT, positions_BxT, temperature, *,
+                   chunk_size, return_entropy):
+  return token_logp(nnx.merge(graphdef, state), tokens_BxT, mask_BxT, positions_BxT,
+                    temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy)
+
+
+def score(model, tokens, mask, positions=None, *, temperature: float = 1.0,
+          chunk_size: int | None = None, return_entropy: bool = False):
+  """Teacher-forced per-token log-probs of a padded batch, jitted (see `token_logp`).
+
+  Args:
+    model: a `CausalLM` or its `(graphdef, state)` from `nnx.split`.
+    tokens: int [B, T] (e.g. `Batch.tokens_BxT`: left-padded prompt + response).
+    mask: int/bool [B, T], 1 on real tokens.
+    positions: int [B, T] position ids; default from the mask (cumsum − 1, clamped at 0).
+    temperature: score under softmax(logits / temperature) so that log-probs match the
+      sampling distribution of `generate` (top-k/top-p are not applied); 0 = unscaled.
+    chunk_size: positions per logits chunk; default keeps one chunk's float32 logits ≤ 512 MiB.
+    return_entropy: also return the per-token entropy of the scaled distribution.
+
+  Returns:
+    logp_BxT float32 (entry 0 and padding entries 0), or (logp_BxT, entropy_BxT).
+  """
+  graphdef, state = split_model(model)
+  tokens_BxT = jnp.asarray(tokens, jnp.int32)
+  if tokens_BxT.ndim != 2 or tokens_BxT.shape[0] == 0 or tokens_BxT.shape[1] == 0:
+    raise ValueError(f"tokens: expected a non-empty [B, T] array, got shape {tokens_BxT.shape}")
+  mask_BxT = jnp.asarray(mask).astype(jnp.int32)
+  if mask_BxT.shape != tokens_BxT.shape:
+    raise ValueError(f"mask: shape {mask_BxT.shape} differs from tokens {tokens_BxT.shape}")
+  if positions is not None:
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape != tokens_BxT.shape:
+      raise ValueError(f"positions: shape {positions.shape} differs from tokens "
+                       f"{tokens_BxT.shape}; pass None to derive them from the mask")
+  if not temperature >= 0:
+    raise ValueError(f"temperature: expected >= 0 (0 = unscaled), got {temperature}")
+  if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+    raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+  if chunk_size is None:
+    config = _model_config(graphdef, state)
+    chunk_size = auto_chunk_size(tokens_BxT.shape[0], tokens_BxT.shape[1] - 1, config.vocab_size)
+  return _score_program(graphdef, state, tokens_BxT, mask_BxT, positions, np.float32(temperature),
+                        chunk_size=int(chunk_size), return_entropy=bool(return_entropy))
