@@ -1,0 +1,179 @@
+"""`CausalLM`: the NNX decoder (Llama / Qwen2 / Qwen3), its `KVCache` and random init.
+
+Using it inside jit (e.g. in a `lax.while_loop` rollout) goes through nnx.split / nnx.merge:
+
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, tokens_Bx1, positions_Bx1, mask_Bx1, cache):
+    model = nnx.merge(graphdef, state)
+    h_Bx1xD, cache = model.decode(tokens_Bx1, positions_Bx1, mask_Bx1, cache)
+    return model.logits_from_hidden(h_Bx1xD[:, -1]), cache
+
+`nnx.jit(lambda model, *a: model.decode(*a))` works as well. Token ids are range-checked on the
+host only when they are concrete (eager calls); inside jit they are NOT checked, so validate them
+at the host border (`check_tokens`) before entering a jitted loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixpo.models.config import ModelConfig, from_hf_config
+from mixpo.models.layers import DecoderLayer, Embed, RMSNorm, Linear, rope_cos_sin
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Preallocated keys/values of every layer; static shapes, written with dynamic_update_slice.
+
+  Slot s of row b holds the key/value of the token written at decode index s (post-RoPE keys).
+  """
+  k_LxBxSxKxH: jax.Array  # keys, [layers, batch, max_len, kv heads, head_dim].
+  v_LxBxSxKxH: jax.Array  # values, same layout.
+  valid_BxS: jax.Array  # int32 1 where slot s holds a real (non-padding) token.
+  index: jax.Array  # int32 scalar: next slot to write.
+
+  # Short aliases.
+  k = property(lambda self: self.k_LxBxSxKxH)
+  v = property(lambda self: self.v_LxBxSxKxH)
+  mask = property(lambda self: self.valid_BxS)
+  valid = property(lambda self: self.valid_BxS)
+  max_len = property(lambda self: self.valid_BxS.shape[1])
+  batch_size = property(lambda self: self.valid_BxS.shape[0])
+
+
+def check_tokens(tokens_BxT, vocab_size: int, where: str = "tokens_BxT") -> None:
+  """Raises on ids outside [0, vocab_size) when `tokens_BxT` is concrete; no-op under tracing."""
+  if isinstance(tokens_BxT, jax.core.Tracer):
+    return  # Inside jit: not checkable without checkify; callers validate at the host border.
+  arr = np.asarray(tokens_BxT)
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise TypeError(f"{where} must be an integer array of token ids, got dtype {arr.dtype}.")
+  if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+    bad = arr.min() if arr.min() < 0 else arr.max()
+    raise ValueError(f"{where} holds token id {int(bad)} outside [0, vocab_size={vocab_size}); "
+                     "ids are never clamped: fix the tokenizer / checkpoint vocab mismatch.")
+
+
+def _layer_call(layer, x, cos, sin, allowed):
+  return layer(x, cos, sin, allowed)[0]
+
+
+_remat_layer_call = nnx.remat(_layer_call)
+
+
+class CausalLM(nnx.Module):
+  """Decoder-only LM. Parameter paths: embed/embedding, layers/{i}/..., final_norm/scale,
+  lm_head/kernel (absent when config.tie_word_embeddings); see hf_io.HF_NAME_TABLE."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = Embed(config, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config=config)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Linear(config.hidden_size, config.vocab_size, use_bias=False, config=config,
+                           rngs=rngs))
+
+  def _inputs(self, tokens_BxT, positions_BxT, mask_BxT, where):
+    check_tokens(tokens_BxT, self.config.vocab_size, f"CausalLM.{where}: tokens_BxT")
+    tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
+    b, t = tokens_BxT.shape
+    if mask_BxT is None:
+      mask_BxT = jnp.ones((b, t), jnp.int32)
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    for name, arr in (("positions_BxT", positions_BxT), ("mask_BxT", mask_BxT)):
+      if arr.shape != (b, t):
+        raise ValueError(f"CausalLM.{where}: {name} has shape {arr.shape}, expected tokens_BxT's "
+                         f"{(b, t)}.")
+    return tokens_BxT, jnp.asarray(positions_BxT, jnp.int32), jnp.asarray(mask_BxT)
+
+  def hidden_states(self, tokens_BxT, positions_BxT=None, mask_BxT=None) -> jax.Array:
+    """Final-normed hidden states h [B, T, D] (config.dtype) of a causal forward pass.
+
+    tokens_BxT int32 ids; positions_BxT int32 (default 0..T-1; with left padding pass
+    cumsum(mask)-1 clamped at 0); mask_BxT 1 = real token, 0 = padding (never attended).
+    """
+    tokens_BxT, positions_BxT, mask_BxT = self._inputs(tokens_BxT, positions_BxT, mask_BxT,
+                                                       "hidden_states")
+    t = tokens_BxT.shape[1]
+    causal_1xTxT = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
+    allowed_BxTxT = causal_1xTxT & (mask_BxT != 0)[:, None, :]
+    cos, sin = rope_cos_sin(positions_BxT, self.config)
+    x = self.embed(tokens_BxT)
+    call = _remat_layer_call if self.config.remat else _layer_call
+    for layer in self.layers:
+      x = call(layer, x, cos, sin, allowed_BxTxT)
+    return self.final_norm(x)
+
+  def logits_from_hidden(self, h_xD: jax.Array) -> jax.Array:
+    """Logits [..., V] float32 from hidden states [..., D] (chunk over T to bound memory)."""
+    dtype = self.config.dtype
+    if self.lm_head is None:
+      w_VxD = self.embed.embedding[...].astype(dtype)
+      return jnp.einsum("...d,vd->...v", h_xD.astype(dtype), w_VxD,
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h_xD.astype(dtype), self.lm_head.kernel[...].astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BxT, positions_BxT=None, mask_BxT=None) -> jax.Array:
+    """Logits [B, T, V] float32; arguments as in `hidden_states`."""
+    return self.logits_from_hidden(self.hidden_states(tokens_BxT, positions_BxT, mask_BxT))
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (dtype: config.dtype)."""
+    c = self.config
+    shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
+    dtype = dtype or c.dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch_size, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens_BxT, positions_BxT, mask_BxT, cache: KVCache):
+    """Appends T tokens to the cache and returns (h [B, T, D] final-normed, new cache).
+
+    Writes keys/values at slots cache.index .. cache.index+T-1, marks them valid where
+    mask_BxT == 1, and lets the query at slot s = cache.index+i attend to every valid slot <= s.
+    Prefill: T = P, cache.index = 0, left-padded prompt. Step: T = 1. The caller keeps
+    cache.index + T <= max_len (writes past the end are clamped by dynamic_update_slice).
+    """
+    tokens_BxT, positions_BxT, mask_BxT = self._inputs(tokens_BxT, positions_BxT, mask_BxT,
+                                                       "decode")
+    b, t = tokens_BxT.shape
+    if cache.valid_BxS.shape[0] != b:
+      raise ValueError(f"CausalLM.decode: cache batch {cache.valid_BxS.shape[0]} != tokens_BxT "
+                       f"batch {b}; build it with init_cache({b}, max_len).")
+    index = jnp.asarray(cache.index, jnp.int32)
+    s = cache.valid_BxS.shape[1]
+    valid_BxS = jax.lax.dynamic_update_slice(
+        cache.valid_BxS, (mask_BxT != 0).astype(jnp.int32), (jnp.zeros((), jnp.int32), index))
+    q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
+    causal_1xTxS = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_T[:, None])[None]
+    allowed_BxTxS = causal_1xTxS & (valid_BxS != 0)[:, None, :]
+    cos, sin = rope_cos_sin(positions_BxT, self.config)
+    k_cache, v_cache = cache.k_LxBxSxKxH, cache.v_LxBxSxKxH
+    x = self.embed(tokens_BxT)
+    for i, layer in enumerate(self.layers):
+      x, k_cache, v_cache = layer(x, cos, sin, allowed_BxTxS, (k_cache, v_cache, i, index))
+    new_cache = KVCache(k_cache, v_cache, valid_BxS, index + t)
+    return self.final_norm(x), new_cache
+
+
+def init_from_config(hf_config_or_dict, rng=0, **options) -> CausalLM:
+  """Randomly initialised `CausalLM` from a config.json dict or a transformers PretrainedConfig.
+
+  rng: int seed, jax PRNG key or nnx.Rngs. options: dtype, param_dtype, remat, attention_impl.
+  """
+  config = (hf_config_or_dict if isinstance(hf_config_or_dict, ModelConfig)
+            else from_hf_config(hf_config_or_dict, **options))
+  if isinstance(hf_config_or_dict, ModelConfig) and options:
+    config = dataclasses.replace(config, **options)
+  rngs = rng if isinstance(rng, nnx.Rngs) else nnx.Rngs(params=rng)
+  return CausalLM(config, rngs=rngs)
