@@ -1,0 +1,330 @@
+"""Run logging: metrics to jsonl + TensorBoard, sample dumps, a progress bar, phase timers, plots.
+
+Files under `workdir`:
+```
+metrics.jsonl   one JSON object per `MetricLogger.write`: {"step": int, "<key>": number, ...}
+samples.jsonl   one JSON object per sample row: {"step": int, "prompt": str, "response": str, ...}
+tb/             TensorBoard event files (tensorboardX), one scalar per metric key
+plots/          PNGs written by `plot_run` at the end of a run
+```
+JSON has no NaN/Infinity, so non-finite floats are written as the strings "nan", "inf" and
+"-inf"; `read_metrics` turns them back into floats. Each line is flushed as written, so a crash
+loses at most the line being written (which `read_metrics` then skips with a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Iterable
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _scalar(value: Any, where: str) -> int | float | str:
+  """A Python int/float from a Python, numpy or jax scalar; non-finite floats as strings."""
+  if isinstance(value, bool):
+    return int(value)
+  if isinstance(value, int):
+    return value
+  try:
+    arr = np.asarray(value)  # Also pulls a jax array to host.
+  except Exception as e:  # pylint: disable=broad-except
+    raise TypeError(f"{where}: cannot convert {type(value).__name__} to a number: {e}") from e
+  if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    raise TypeError(f"{where} must be a scalar number, got {type(value).__name__} with dtype "
+                    f"{arr.dtype} and shape {arr.shape}; log a reduction (mean, sum) instead.")
+  item = arr.reshape(()).item()
+  if isinstance(item, float) and not math.isfinite(item):
+    return "nan" if math.isnan(item) else ("inf" if item > 0 else "-inf")
+  return int(item) if isinstance(item, bool) else item
+
+
+def _jsonable(value: Any, where: str) -> Any:
+  """Sample-row values: strings/None kept, scalars via `_scalar`, arrays and lists as lists."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+  arr = np.asarray(value)
+  if arr.ndim > 0:
+    return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(arr.tolist())]
+  return _scalar(value, where)
+
+
+def _decode(row: dict) -> dict:
+  return {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
+
+
+def read_jsonl(path: str, decode_nonfinite: bool = True) -> list[dict]:
+  """Rows of a jsonl file; a truncated final line (a crash mid-write) is skipped with a warning."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist (was the run's workdir given, and did the "
+                            "main process write any rows?)")
+  with open(path) as f:
+    lines = f.read().split("\n")
+  rows = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:  # No trailing newline: the write was cut short.
+        logging.warning("%s:%d: skipping truncated last line (%s).", path, i + 1, e)
+        continue
+      raise ValueError(f"{path}:{i + 1}: not valid JSON ({e}); fix or delete that line.") from e
+    rows.append(_decode(row) if decode_nonfinite else row)
+  return rows
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All rows of `workdir/metrics.jsonl` in order written, "nan"/"inf"/"-inf" back as floats."""
+  return read_jsonl(os.path.join(workdir, METRICS_FILE))
+
+
+def _drop_after(path: str, step: int) -> int:
+  """Rewrites a jsonl file without rows whose step > `step`; returns how many were dropped."""
+  if not os.path.exists(path):
+    return 0
+  rows = read_jsonl(path, decode_nonfinite=False)
+  keep = [r for r in rows if r.get("step", -1) <= step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in keep)
+  os.replace(tmp, path)
+  return len(rows) - len(keep)
+
+
+class MetricLogger:
+  """Appends metrics to `workdir/metrics.jsonl` and TensorBoard, samples to `samples.jsonl`.
+
+  Non-main processes (`is_main=False`, i.e. `jax.process_index() != 0`) write nothing, so every
+  host can call the same code. `resume_step`: when resuming from a checkpoint at that step, rows
+  with a larger step (logged after the checkpoint by the run that crashed) are dropped from both
+  jsonl files and purged from TensorBoard, so the resumed run's rows don't duplicate them.
+  """
+
+  def __init__(self, workdir: str, *, is_main: bool = True, tensorboard: bool = True,
+               resume_step: int | None = None):
+    self.workdir = os.fspath(workdir)
+    self.is_main = is_main
+    self._metrics = self._samples = self._tb = None
+    if not is_main:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    if resume_step is not None:
+      for name in (METRICS_FILE, SAMPLES_FILE):
+        dropped = _drop_after(os.path.join(self.workdir, name), resume_step)
+        if dropped:
+          logging.info("%s: dropped %d rows after resume step %d.", name, dropped, resume_step)
+    self._metrics = open(os.path.join(self.workdir, METRICS_FILE), "a")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # Lazy: pulls in protobuf.
+      self._tb = SummaryWriter(os.path.join(self.workdir, "tb"), flush_secs=30,
+                               purge_step=None if resume_step is None else resume_step + 1)
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    """Logs one row {"step": step, **metrics}; values are Python/numpy/jax scalars."""
+    if not self.is_main:
+      return
+    step = int(step)
+    row = {"step": step}
+    for k, v in metrics.items():
+      if k == "step":
+        raise ValueError(f"MetricLogger.write(step={step}): 'step' is reserved; rename the metric.")
+      row[k] = _scalar(v, f"MetricLogger.write(step={step}) metric {k!r}")
+    self._metrics.write(json.dumps(row) + "\n")
+    self._metrics.flush()
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step":
+          self._tb.add_scalar(k, _NONFINITE.get(v, v) if isinstance(v, str) else v, step)
+      self._tb.flush()
+
+  def write_samples(self, step: int, rows: Iterable[dict]) -> None:
+    """Appends sample rows (prompt, response, reward, set, ...) to samples.jsonl with `step`."""
+    if not self.is_main:
+      return
+    if self._samples is None:
+      self._samples = open(os.path.join(self.workdir, SAMPLES_FILE), "a")
+    step = int(step)
+    for i, r in enumerate(rows):
+      row = {"step": step, **_jsonable(dict(r), f"write_samples(step={step}) row {i}")}
+      self._samples.write(json.dumps(row, ensure_ascii=False) + "\n")
+    self._samples.flush()
+
+  def close(self) -> None:
+    for f in (self._metrics, self._samples, self._tb):
+      if f is not None:
+        f.close()
+    self._metrics = self._samples = self._tb = None
+
+  def __enter__(self) -> "MetricLogger":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class Progress:
+  """tqdm bar over steps showing the latest reward, eval accuracy and seconds per step."""
+
+  KEYS = (("train/reward", "reward"), ("eval/accuracy", "acc"), ("time/step", "s/step"))
+
+  def __init__(self, total: int, initial: int = 0, disable: bool = False):
+    from tqdm.auto import tqdm  # Lazy: tqdm.auto probes for notebooks.
+    self._bar = tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True,
+                     unit="step")
+    self.step = int(initial)  # Tracked here: a disabled tqdm does not count.
+    self._last: dict[str, float] = {}  # Eval runs only every N steps: keep showing the last.
+
+  def update(self, step: int, metrics: dict[str, Any] | None = None) -> None:
+    """Moves the bar to `step` (steps done) and refreshes the shown metrics."""
+    for key, short in self.KEYS:
+      if metrics and key in metrics:
+        v = _scalar(metrics[key], f"Progress.update metric {key!r}")
+        self._last[short] = _NONFINITE.get(v, v) if isinstance(v, str) else v
+    if self._last:
+      self._bar.set_postfix({k: f"{v:.3g}" for k, v in self._last.items()}, refresh=False)
+    self._bar.update(int(step) - self.step)
+    self.step = int(step)
+
+  def close(self) -> None:
+    self._bar.close()
+
+  def __enter__(self) -> "Progress":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class PhaseTimer:
+  """Wall-clock seconds per named phase of a step.
+
+  ```
+  timer = PhaseTimer()
+  with timer("generate_policy"): ...
+  with timer("update"): ...
+  logger.write(step, {**metrics, **timer.metrics()})   # also starts the next step's clock
+  ```
+  Repeated phases accumulate. JAX dispatches asynchronously: block on the phase's outputs
+  (`jax.block_until_ready`) inside the `with`, or their compute is billed to a later phase.
+  """
+
+  def __init__(self):
+    self._phases: dict[str, float] = {}
+    self._active: str | None = None
+    self._start = time.perf_counter()
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    if self._active is not None:
+      raise RuntimeError(f"PhaseTimer: phase {name!r} started inside phase {self._active!r}; "
+                         "phases must not nest (time/other would double-count).")
+    self._active = name
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
+      self._active = None
+
+  def reset(self) -> None:
+    """Drops the phases so far and restarts the step clock."""
+    self._phases = {}
+    self._start = time.perf_counter()
+
+  def metrics(self) -> dict[str, float]:
+    """{"time/<phase>": s, ..., "time/step": s since last reset, "time/other": step − phases}."""
+    total = time.perf_counter() - self._start
+    out = {f"time/{k}": v for k, v in self._phases.items()}
+    out["time/step"] = total
+    out["time/other"] = max(total - sum(self._phases.values()), 0.0)
+    self.reset()
+    return out
+
+
+# (file name, title, y label, y keys, x key); x key "step" or "policy_tokens".
+PANELS = (
+    ("reward_vs_step.png", "Train reward", "mean reward", ("train/reward",), "step"),
+    ("accuracy_vs_step.png", "Eval accuracy", "accuracy", ("eval/accuracy",), "step"),
+    ("reward_vs_tokens.png", "Train reward", "mean reward", ("train/reward",), "policy_tokens"),
+    ("accuracy_vs_tokens.png", "Eval accuracy", "accuracy", ("eval/accuracy",), "policy_tokens"),
+    ("response_length.png", "Response length", "tokens", ("train/response_length",), "step"),
+    ("entropy.png", "Policy entropy", "nats / token", ("train/entropy",), "step"),
+    ("clipfrac.png", "Clip fraction", "fraction of tokens",
+     ("loss/clipfrac_on", "loss/clipfrac_zero"), "step"),
+    ("guide_ratio.png", "Guide ratio on OFF", "mean", ("loss/ratio_guide_off", "loss/f_ratio_off"),
+     "step"),
+)
+
+
+def _series(rows: list[dict], key: str, x_key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(x, y) for rows holding a finite `key`; x from the row or, failing that, its step's rows."""
+  by_step = {}
+  if x_key != "step":  # e.g. eval rows written apart from the train row carrying policy_tokens.
+    for r in rows:
+      if isinstance(r.get(x_key), (int, float)):
+        by_step[r.get("step")] = r[x_key]
+  xs, ys = [], []
+  for r in rows:
+    y = r.get(key)
+    x = r.get(x_key, by_step.get(r.get("step")))
+    if isinstance(y, (int, float)) and isinstance(x, (int, float)) and math.isfinite(y):
+      xs.append(x)
+      ys.append(y)
+  return np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+
+
+def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
+  """Writes one PNG per panel in PANELS that has data; returns their paths.
+
+  Panels whose keys are absent from metrics.jsonl are skipped (logged at info), never an error.
+  Uses matplotlib's object API with the Agg canvas, so no global backend is changed.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # Lazy: slow import.
+  from matplotlib.figure import Figure
+
+  rows = read_metrics(workdir)
+  out_dir = os.path.join(workdir, "plots") if out_dir is None else out_dir
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for fname, title, ylabel, keys, x_key in PANELS:
+    series = [(k, *_series(rows, k, x_key)) for k in keys]
+    series = [s for s in series if len(s[1])]
+    if not series:
+      logging.info("plot_run: skipping %s (no rows with %s and %s).", fname, keys, x_key)
+      continue
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, x, y in series:
+      order = np.argsort(x, kind="stable")
+      x, y = x[order], y[order]
+      line, = ax.plot(x, y, alpha=0.35 if len(y) > 20 else 1.0, label=key)
+      if len(y) > 20:  # Noisy per-step values: overlay a moving average.
+        w = max(len(y) // 20, 2)
+        ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color=line.get_color(),
+                label=f"{key} (mean of {w})")
+    ax.set_title(title)
+    ax.set_xlabel("generated policy tokens" if x_key == "policy_tokens" else "step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = os.path.join(out_dir, fname)
+    fig.savefig(path)
+    written.append(path)
+  return written
