@@ -5,7 +5,7 @@ Layout of `directory`:
 fingerprint.json           the run config that wrote these checkpoints (a different run is refused)
 <step>/                    one orbax step directory; orbax only renames it into place once complete
   state/                   the TrainState pytree (ocp.args.StandardSave)
-  extra/                   a JSON dict: data position, run config, metric counters (ocp.args.JsonSave)
+  extra/                   JSON dict: data position, run config, counters (ocp.args.JsonSave)
   mixpo_manifest.json      size + sha256 of every other file, written after orbax has finalised
 ```
 Orbax's atomic rename guards against a crash mid-save; the manifest guards against what happens
@@ -74,7 +74,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def fingerprint_diff(old: Any, new: Any) -> list[str]:
-  """Dotted keys whose values differ between two JSON-able dicts, e.g. ['optim.lr: 1e-06 -> 2e-06']."""
+  """Dotted keys whose values differ between two JSON dicts, e.g. ['optim.lr: 1e-06 -> 2e-06']."""
   fo, fn = _flatten(old), _flatten(new)
   out = []
   for k in sorted(set(fo) | set(fn)):

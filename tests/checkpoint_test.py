@@ -223,3 +223,17 @@ def test_resume_into_mismatched_target_raises(tmp_path):
   with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=5) as ck:
     with pytest.raises(RuntimeError, match="step 1"):
       ck.restore_latest(bad)
+
+
+def test_resume_bit_identical_other_dtypes(tmp_path):
+  x = jax.random.normal(jax.random.key(0), (5, 3))
+  state = {"bf16": x.astype(jnp.bfloat16), "f16": x.astype(jnp.float16),
+           "i8": jnp.arange(6, dtype=jnp.int8),
+           "nan_payload": jnp.array([np.nan, -0.0, np.inf], jnp.float32),
+           "typed_key": jax.random.key(3), "nested": {"a": {"b": jnp.ones((2,), jnp.uint32)}}}
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=1, async_save=False) as ck:
+    ck.save(1, state, {})
+    _, restored, _ = ck.restore_latest(jax.tree.map(jnp.zeros_like, state))
+  restored["typed_key"] = jax.random.key_data(restored["typed_key"])
+  state["typed_key"] = jax.random.key_data(state["typed_key"])
+  _assert_bit_identical(restored, state)
