@@ -259,7 +259,7 @@ class Checkpointer:
         old = f"<unreadable {FINGERPRINT_FILE}: {e}>"
     if old == new:
       return
-    if old is not None or entries:
+    if entries:  # A fingerprint without checkpoints protects nothing: just replace it.
       if old is None:
         why = f"checkpoints {entries} but no {FINGERPRINT_FILE} (written by an unknown run)"
       else:

@@ -1,4 +1,4 @@
-"""Tests for mixpo.checkpoint: exact resume, keep-N, async saves, corruption fallback, fingerprints."""
+"""Tests for mixpo.checkpoint: exact resume, keep-N, async saves, corrupt fallback, fingerprints."""
 
 import dataclasses
 import logging
@@ -180,6 +180,16 @@ def test_resume_fingerprint_mismatch_refuses_then_overwrite(tmp_path):
     ck.save(1, _state(), {})
   with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=5, fingerprint=new) as ck:
     assert ck.all_steps() == [1]  # Same fingerprint with no overwrite: kept and resumable.
+
+
+def test_resume_fingerprint_without_checkpoints_is_replaced(tmp_path):
+  ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=5, fingerprint={"a": 1}).close()
+  # The first run stopped before its first save: nothing to protect, the new config wins.
+  ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=5, fingerprint={"a": 2}).close()
+  with pytest.raises(ckpt_lib.FingerprintMismatchError, match="a: 2 -> 3"):
+    with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=5, fingerprint={"a": 2}) as ck:
+      ck.save(1, _state(), {})
+    ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=5, fingerprint={"a": 3})
 
 
 def test_resume_refuses_checkpoints_without_fingerprint(tmp_path):
