@@ -78,7 +78,8 @@ def _rope_fields(hf: dict) -> dict:
   params = hf.get("rope_parameters")
   if params is None:
     params = dict(hf.get("rope_scaling") or {})
-    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    if "rope_theta" in hf:
+      params["rope_theta"] = hf["rope_theta"]
   if "rope_type" not in params and "type" in params:  # pre-4.45 spelling.
     params = {**params, "rope_type": params["type"]}
   rope_type = params.get("rope_type", "default")
