@@ -1,0 +1,122 @@
+"""Rollout benchmark: mixpo `generate` / `score` against transformers (PyTorch CPU), one process.
+
+Both sides run the same tiny float32 checkpoint (written by transformers, read back with
+`mixpo.models.from_pretrained`) on the same random prompts, after a warm-up call each; figures
+are medians over --repeats. Generation counts exactly B × N new tokens on both sides
+(transformers: do_sample, min_new_tokens = max_new_tokens; mixpo: eos_id=None); scoring
+counts B × (P + N) tokens (transformers: forward + log_softmax + gather).
+
+  /work/venv/bin/python experiments/bench_rollout.py
+  /work/venv/bin/python experiments/bench_rollout.py --arch=qwen2 --batch=64 --repeats=5
+"""
+
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+import torch
+import transformers
+
+from mixpo import models
+from mixpo import sampling
+
+_ARCH = flags.DEFINE_enum("arch", "llama", ["llama", "qwen2"], "transformers architecture.")
+_BATCH = flags.DEFINE_integer("batch", 64, "B, sequences per call.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 32, "P, prompt tokens per row (no padding).")
+_NEW = flags.DEFINE_integer("new_tokens", 96, "N, generated tokens per row.")
+_TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (both sides).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
+
+# The tiny config used across the model and rollout benchmarks.
+TINY = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, intermediate_size=688, max_position_embeddings=1024,
+            tie_word_embeddings=True, torch_dtype="float32")
+
+
+def hf_model(arch: str, seed: int):
+  torch.manual_seed(seed)
+  if arch == "llama":
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+  return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
+
+
+def median_seconds(fn, repeats: int) -> float:
+  fn()  # warm-up (compilation on the JAX side, allocator / kernel selection on the torch side)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main(argv):
+  del argv
+  b, p, n = _BATCH.value, _PROMPT.value, _NEW.value
+  hf = hf_model(_ARCH.value, _SEED.value)
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp)
+    model = models.from_pretrained(tmp)
+  rng = np.random.default_rng(_SEED.value)
+  prompt_BxP = rng.integers(1, TINY["vocab_size"], (b, p)).astype(np.int32)
+  mask_BxP = np.ones((b, p), np.int32)
+  prompt_t, mask_t = torch.from_numpy(prompt_BxP).long(), torch.from_numpy(mask_BxP).long()
+
+  # --- generate ---
+  def hf_generate():
+    with torch.no_grad():
+      out = hf.generate(prompt_t, attention_mask=mask_t, do_sample=True, max_new_tokens=n,
+                        min_new_tokens=n, temperature=_TEMP.value, top_k=0, top_p=1.0,
+                        pad_token_id=0)
+    assert out.shape == (b, p + n), out.shape
+
+  graphdef, state = sampling.split_model(model)
+  calls = iter(range(1 << 30))
+
+  def mixpo_generate():
+    rollout = sampling.generate((graphdef, state), prompt_BxP, mask_BxP,
+                                jax.random.key(next(calls)), n, temperature=_TEMP.value)
+    jax.block_until_ready(rollout)
+    assert rollout.tokens_BxN.shape == (b, n)
+
+  t_hf_gen = median_seconds(hf_generate, _REPEATS.value)
+  t_mx_gen = median_seconds(mixpo_generate, _REPEATS.value)
+
+  # --- score: the same full rows (prompt + a sampled response) ---
+  rollout = sampling.generate((graphdef, state), prompt_BxP, mask_BxP, jax.random.key(0), n)
+  tokens_BxT = np.concatenate([prompt_BxP, np.asarray(rollout.tokens_BxN)], axis=1)
+  mask_BxT = np.concatenate([mask_BxP, np.asarray(rollout.mask_BxN)], axis=1)
+  tokens_t, mask_tt = torch.from_numpy(tokens_BxT).long(), torch.from_numpy(mask_BxT).long()
+
+  def hf_score():
+    with torch.no_grad():
+      logits = hf(tokens_t, attention_mask=mask_tt).logits[:, :-1]
+      logp = torch.log_softmax(logits.float(), dim=-1)
+      return torch.gather(logp, -1, tokens_t[:, 1:, None])[..., 0]
+
+  def mixpo_score():
+    return jax.block_until_ready(sampling.score((graphdef, state), tokens_BxT, mask_BxT))
+
+  t_hf_score = median_seconds(hf_score, _REPEATS.value)
+  t_mx_score = median_seconds(mixpo_score, _REPEATS.value)
+  agree = np.abs(np.asarray(mixpo_score())[:, 1:] - hf_score().numpy()).max()
+
+  gen_tokens, score_tokens = b * n, b * (p + n)
+  print(f"config: {_ARCH.value} tiny (hidden 256, 4 layers, 8/2 heads, vocab 512), B={b} P={p} "
+        f"N={n} T={_TEMP.value}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads); median of {_REPEATS.value}")
+  print(f"generate  transformers {gen_tokens / t_hf_gen:9.0f} tok/s  ({t_hf_gen:.3f} s)")
+  print(f"generate  mixpo        {gen_tokens / t_mx_gen:9.0f} tok/s  ({t_mx_gen:.3f} s)  "
+        f"ratio {t_hf_gen / t_mx_gen:.2f}x")
+  print(f"score     transformers {score_tokens / t_hf_score:9.0f} tok/s  ({t_hf_score:.3f} s)")
+  print(f"score     mixpo        {score_tokens / t_mx_score:9.0f} tok/s  ({t_mx_score:.3f} s)  "
+        f"ratio {t_hf_score / t_mx_score:.2f}x  (max |Δ logp| vs transformers {agree:.1e})")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,290 @@
+"""Tests of mixpo.sampling against transformers on tiny float32 checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from mixpo import models
+from mixpo import sampling
+
+VOCAB = 96
+# Wide init (0.2, not 0.02) spreads the logits so greedy argmaxes are not near-ties that float
+# rounding could flip between two correct implementations.
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            initializer_range=0.2, tie_word_embeddings=True, bos_token_id=None,
+            eos_token_id=None, pad_token_id=0)
+
+
+def _checkpoint(tmp_path_factory, arch):
+  torch.manual_seed(0)
+  if arch == "llama":
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+  else:
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY))
+  hf = hf.eval()
+  path = str(tmp_path_factory.mktemp(arch))
+  hf.save_pretrained(path)
+  return hf, models.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  return _checkpoint(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+  return _checkpoint(tmp_path_factory, "qwen2")
+
+
+def _prompts(lengths, width=None, seed=0):
+  """Left-padded random prompts (ids >= 1) of the given lengths."""
+  rng = np.random.default_rng(seed)
+  width = width or max(lengths)
+  tokens = np.zeros((len(lengths), width), np.int32)
+  mask = np.zeros((len(lengths), width), np.int32)
+  for i, n in enumerate(lengths):
+    tokens[i, width - n:] = rng.integers(1, VOCAB, n)
+    mask[i, width - n:] = 1
+  return tokens, mask
+
+
+def _full_rows(prompt, mask, rollout):
+  tokens = np.concatenate([prompt, np.asarray(rollout.tokens_BxN)], axis=1)
+  full_mask = np.concatenate([mask, np.asarray(rollout.mask_BxN)], axis=1)
+  return tokens, full_mask
+
+
+def _reference_logp(model, tokens, mask, temperature=1.0):
+  """Unchunked per-token log-probs and entropies from the full [B, T, V] logits."""
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  z = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)))
+  z = z[:, :-1] / temperature
+  logp_all = np.asarray(jax.nn.log_softmax(jnp.asarray(z), axis=-1))
+  logp = np.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
+  ent = -(np.exp(logp_all) * logp_all).sum(-1)
+  valid = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
+  pad = np.zeros((tokens.shape[0], 1), np.float32)
+  return (np.concatenate([pad, np.where(valid, logp, 0)], 1),
+          np.concatenate([pad, np.where(valid, ent, 0)], 1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_matches_transformers(arch, request):
+  hf, model = request.getfixturevalue(arch)
+  prompt, mask = _prompts([5, 12, 1, 9])
+  n = 20
+  rollout = sampling.generate(model, prompt, mask, jax.random.key(0), n, temperature=0.0)
+  with torch.no_grad():
+    out = hf.generate(torch.from_numpy(prompt).long(), attention_mask=torch.from_numpy(mask).long(),
+                      do_sample=False, max_new_tokens=n, pad_token_id=0)
+  np.testing.assert_array_equal(np.asarray(rollout.tokens_BxN), out[:, prompt.shape[1]:].numpy())
+  np.testing.assert_array_equal(np.asarray(rollout.mask_BxN), 1)
+  np.testing.assert_array_equal(np.asarray(rollout.lengths_B), n)
+  assert np.asarray(rollout.truncated_B).all()
+  # Greedy log-probs are under the unscaled distribution, i.e. score at temperature 0.
+  tokens, full_mask = _full_rows(prompt, mask, rollout)
+  logp = np.asarray(sampling.score(model, tokens, full_mask, temperature=0.0))
+  np.testing.assert_allclose(np.asarray(rollout.logp_BxN), logp[:, prompt.shape[1]:], atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_logp_matches_score(llama, temperature):
+  _, model = llama
+  prompt, mask = _prompts([3, 16, 8, 11, 1, 7], seed=1)
+  rollout = sampling.generate(model, prompt, mask, jax.random.key(1), 24,
+                              temperature=temperature)
+  tokens, full_mask = _full_rows(prompt, mask, rollout)
+  logp = np.asarray(sampling.score(model, tokens, full_mask, temperature=temperature))
+  np.testing.assert_allclose(np.asarray(rollout.logp_BxN), logp[:, prompt.shape[1]:], atol=1e-4)
+  assert (np.asarray(rollout.logp_BxN) < 0).all()
+
+
+def test_eos_stops_row_and_masks_rest(llama):
+  _, model = llama
+  prompt, mask = _prompts([4, 10, 6, 2], seed=2)
+  n, pad_id = 16, 0
+  free = np.asarray(sampling.generate(model, prompt, mask, jax.random.key(0), n,
+                                      temperature=0.0).tokens_BxN)
+  eos = int(free[0, 3])  # a token row 0 produces at step 3 (or earlier)
+  rollout = sampling.generate(model, prompt, mask, jax.random.key(0), n, temperature=0.0,
+                              eos_id=eos, pad_id=pad_id)
+  tokens, out_mask = np.asarray(rollout.tokens_BxN), np.asarray(rollout.mask_BxN)
+  for row in range(len(prompt)):
+    hits = np.flatnonzero(free[row] == eos)
+    length = hits[0] + 1 if hits.size else n
+    assert rollout.lengths_B[row] == length
+    assert bool(rollout.truncated_B[row]) == (hits.size == 0)
+    np.testing.assert_array_equal(tokens[row, :length], free[row, :length])
+    np.testing.assert_array_equal(tokens[row, length:], pad_id)
+    np.testing.assert_array_equal(out_mask[row], np.arange(n) < length)
+    np.testing.assert_array_equal(np.asarray(rollout.logp_BxN)[row, length:], 0.0)
+  assert rollout.lengths_B[0] <= 4
+
+
+def test_rollout_is_a_pytree_with_documented_shapes(llama):
+  _, model = llama
+  prompt, mask = _prompts([3, 5], seed=3)
+  rollout = sampling.generate(model, prompt, mask, jax.random.key(0), 7)
+  assert isinstance(rollout, sampling.Rollout)
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype.name), rollout)
+  assert shapes == sampling.Rollout(((2, 7), "int32"), ((2, 7), "int32"), ((2,), "int32"),
+                                    ((2, 7), "float32"), ((2,), "bool"))
+
+
+def _first_token_logits(model, prompt, mask):
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  return np.asarray(model(jnp.asarray(prompt), jnp.asarray(positions), jnp.asarray(mask)))[:, -1]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (8, 0.7)])
+def test_top_k_top_p_restrict_support_and_match_distribution(llama, top_k, top_p):
+  _, model = llama
+  prompt, mask = _prompts([6], seed=4)
+  rows = 4000
+  z = _first_token_logits(model, prompt, mask)[0].astype(np.float64)
+  order = np.argsort(-z, kind="stable")
+  keep = np.zeros(VOCAB, bool)
+  keep[order[:top_k or VOCAB]] = True
+  p = np.exp(z - z.max()) * keep
+  p /= p.sum()
+  sorted_p = p[order]
+  mass_before = np.cumsum(sorted_p) - sorted_p
+  keep[order[mass_before >= top_p]] = False
+  p = np.where(keep, p, 0)
+  p /= p.sum()
+  rollout = sampling.generate(model, np.repeat(prompt, rows, 0), np.repeat(mask, rows, 0),
+                              jax.random.key(7), 1, top_k=top_k, top_p=top_p)
+  first = np.asarray(rollout.tokens_BxN)[:, 0]
+  assert keep[first].all(), "sampled a token outside the top-k / top-p support"
+  freq = np.bincount(first, minlength=VOCAB) / rows
+  assert np.abs(freq - p).max() < 0.03  # ~4 sigma for p = 0.5 at 4000 draws
+  np.testing.assert_allclose(np.asarray(rollout.logp_BxN)[:, 0], np.log(p[first]), atol=1e-4)
+  assert 1 < keep.sum() < VOCAB  # the restriction was active and non-trivial
+
+
+def test_same_rng_same_samples(llama):
+  _, model = llama
+  prompt, mask = _prompts([5, 9, 2], seed=5)
+  graphdef, state = nnx.split(model)
+  a = sampling.generate(model, prompt, mask, jax.random.key(3), 12)
+  b = sampling.generate((graphdef, state), prompt, mask, jax.random.key(3), 12)
+  c = sampling.generate(model, prompt, mask, jax.random.key(4), 12)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.array_equal(a.tokens_BxN, c.tokens_BxN)
+
+
+def test_no_recompiles_within_a_bucket(llama):
+  _, model = llama
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(6)
+  sampling.generate((graphdef, state), *_prompts([17, 3, 9, 30]), jax.random.key(0), 8)
+  before = sampling._generate_program._cache_size()
+  for call in range(10):
+    # Longest prompt varies in 17..32 (bucket 32); the array width varies too.
+    lengths = rng.integers(1, 33, 4)
+    lengths[0] = 17 + call
+    width = int(lengths.max()) + call % 3
+    rollout = sampling.generate((graphdef, state), *_prompts(lengths, width, seed=call),
+                                jax.random.key(call), 8)
+    jax.block_until_ready(rollout)
+  assert sampling._generate_program._cache_size() == before
+  assert sampling.bucket_length(17) == sampling.bucket_length(32) == 32
+  assert [sampling.bucket_length(p) for p in (1, 16, 33, 128, 129, 300)] == [16, 16, 64, 128,
+                                                                             256, 384]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_chunked_score_equals_unchunked(llama, temperature):
+  _, model = llama
+  prompt, mask = _prompts([9, 30, 1, 22, 14], width=32, seed=8)
+  rollout = sampling.generate(model, prompt, mask, jax.random.key(2), 8, eos_id=5)
+  tokens, full_mask = _full_rows(prompt, mask, rollout)  # T = 40: 39 scored positions
+  want_logp, want_ent = _reference_logp(model, tokens, full_mask, temperature)
+  for chunk_size in (5, 16, 39, 64, None):
+    logp, ent = sampling.score(model, tokens, full_mask, temperature=temperature,
+                               chunk_size=chunk_size, return_entropy=True)
+    np.testing.assert_allclose(np.asarray(logp), want_logp, atol=1e-5, err_msg=f"{chunk_size}")
+    np.testing.assert_allclose(np.asarray(ent), want_ent, atol=1e-5, err_msg=f"{chunk_size}")
+  assert np.asarray(logp)[:, 0].tolist() == [0.0] * 5
+  assert (np.asarray(logp)[full_mask == 0] == 0).all()
+
+
+def test_chunked_token_logp_gradient_equals_unchunked(llama):
+  _, model = llama
+  tokens, mask = _prompts([20, 13, 7], seed=9)
+  graphdef, state = nnx.split(model)
+
+  def loss(state, chunk_size):
+    logp, ent = sampling.token_logp(nnx.merge(graphdef, state), tokens, mask,
+                                    chunk_size=chunk_size, return_entropy=True)
+    return jnp.sum(logp) + 0.1 * jnp.sum(ent)
+
+  g_chunked = jax.jit(jax.grad(loss), static_argnums=1)(state, 6)
+  g_whole = jax.jit(jax.grad(loss), static_argnums=1)(state, 64)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_chunked, g_whole)
+
+
+def test_score_of_large_vocab_stays_chunked():
+  """A 152k vocabulary at B x T = 64 x 2048 compiles to a program whose temporaries are far
+  below the 80 GB of float32 [B, T, V] logits (compiled only, not run)."""
+  config = models.ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=32,
+                              intermediate_size=32, num_layers=1, num_heads=1, num_kv_heads=1,
+                              head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True)
+  model = models.init_from_config(config, 0)
+  graphdef, state = nnx.split(model)
+  chunk = sampling.auto_chunk_size(64, 2047, config.vocab_size)
+  tokens = jax.ShapeDtypeStruct((64, 2048), jnp.int32)
+  compiled = sampling._score_program.lower(
+      graphdef, state, tokens, tokens, None, np.float32(1.0), chunk_size=chunk,
+      return_entropy=True).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  attention = 64 * 2048 * 2048 * 4  # the model's own [B, 1, T, T] float32 scores
+  logits_chunk = 64 * chunk * config.vocab_size * 4
+  assert logits_chunk <= 4 * sampling._LOGITS_CHUNK_ELEMENTS
+  assert temp < 2 * attention + 4 * logits_chunk, temp
+  assert temp < 80e9 / 8
+
+
+def test_bad_inputs_raise(llama):
+  _, model = llama
+  prompt, mask = _prompts([4, 6])
+  key = jax.random.key(0)
+  gen = lambda **kw: sampling.generate(
+      model, kw.pop("prompt", prompt), kw.pop("mask", mask), key, kw.pop("n", 4), **kw)
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    gen(n=125)
+  with pytest.raises(ValueError, match="prompt_mask: row"):
+    gen(mask=np.concatenate([np.zeros((1, 6), np.int32), mask[1:]]))
+  with pytest.raises(ValueError, match="left-padded"):
+    gen(mask=mask[:, ::-1])
+  with pytest.raises(ValueError, match="prompt_tokens"):
+    gen(prompt=prompt[:0], mask=mask[:0])
+  with pytest.raises(ValueError, match="eos_id"):
+    gen(eos_id=VOCAB)
+  with pytest.raises(ValueError, match="eos_id"):
+    gen(eos_id=-1)
+  with pytest.raises(ValueError, match="temperature"):
+    gen(temperature=-0.1)
+  for top_p in (0.0, 1.5, -0.2):
+    with pytest.raises(ValueError, match="top_p"):
+      gen(top_p=top_p)
+  with pytest.raises(ValueError, match="top_k"):
+    gen(top_k=-1)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    gen(n=0)
+  with pytest.raises(ValueError, match="prompt_mask: shape"):
+    gen(mask=mask[:, 1:])
+  with pytest.raises(TypeError, match="model"):
+    sampling.generate(object(), prompt, mask, key, 4)
+  with pytest.raises(ValueError, match="tokens"):
+    sampling.score(model, np.zeros((0, 4), np.int32), np.zeros((0, 4), np.int32))
+  with pytest.raises(ValueError, match="temperature"):
+    sampling.score(model, prompt, mask, temperature=-1.0)
+  with pytest.raises(ValueError, match="chunk_size"):
+    sampling.score(model, prompt, mask, chunk_size=0)
