@@ -1,0 +1,128 @@
+"""Training throughput of mixpo's CausalLM vs transformers + torch on the same tiny Llama config.
+
+One step = forward + backward + AdamW update on a [batch, seq] next-token loss, float32, CPU.
+Both sides are warmed up, then timed in alternating rounds (the median round is reported) so a
+machine shared with other jobs disturbs both alike.
+
+  python experiments/bench_model.py
+  python experiments/bench_model.py --batch=64 --seq=128 --steps=5 --rounds=3
+"""
+
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mixpo import models
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 64, "Sequences per step.")
+flags.DEFINE_integer("seq", 128, "Tokens per sequence.")
+flags.DEFINE_integer("steps", 5, "Timed steps per round.")
+flags.DEFINE_integer("rounds", 3, "Alternating timed rounds per framework (median reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps per framework before timing.")
+flags.DEFINE_integer("hidden", 256, "hidden_size.")
+flags.DEFINE_integer("layers", 4, "num_hidden_layers.")
+flags.DEFINE_integer("heads", 8, "num_attention_heads.")
+flags.DEFINE_integer("kv_heads", 2, "num_key_value_heads.")
+flags.DEFINE_integer("intermediate", 688, "intermediate_size.")
+flags.DEFINE_integer("vocab", 512, "vocab_size.")
+flags.DEFINE_enum("attention_impl", "xla", ["xla", "dot_product_attention"], "mixpo attention.")
+flags.DEFINE_bool("remat", False, "mixpo: rematerialise each layer.")
+flags.DEFINE_bool("torch", True, "Also time transformers + torch.")
+
+
+def hf_config_dict():
+  return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=FLAGS.vocab,
+              hidden_size=FLAGS.hidden, intermediate_size=FLAGS.intermediate,
+              num_hidden_layers=FLAGS.layers, num_attention_heads=FLAGS.heads,
+              num_key_value_heads=FLAGS.kv_heads, max_position_embeddings=2 * FLAGS.seq,
+              rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def mixpo_stepper(tokens_BxT):
+  """Returns step() running one jitted, state-donating train step."""
+  model = models.init_from_config(hf_config_dict(), 0, remat=FLAGS.remat,
+                                  attention_impl=FLAGS.attention_impl)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  opt = optax.adamw(1e-4, weight_decay=0.01)
+  state = {"params": params, "opt": opt.init(params)}
+  tokens_BxT = jnp.asarray(tokens_BxT)
+
+  @jax.jit
+  def train_step(state, tokens_BxT):
+    def loss_fn(params):
+      logits_BxTxV = nnx.merge(graphdef, params, rest)(tokens_BxT[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits_BxTxV, tokens_BxT[:, 1:]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = opt.update(grads, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, loss
+
+  train_step = jax.jit(train_step, donate_argnums=0)
+  holder = [state]
+
+  def step():
+    holder[0], loss = train_step(holder[0], tokens_BxT)
+    return loss.block_until_ready()
+
+  return step
+
+
+def torch_stepper(tokens_BxT):
+  import torch
+  import transformers
+  config = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict().items()
+                                       if k not in ("model_type", "architectures")})
+  model = transformers.LlamaForCausalLM(config).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+  tokens = torch.tensor(np.asarray(tokens_BxT), dtype=torch.long)
+
+  def step():
+    loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss  # HF shifts labels itself.
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+  return step
+
+
+def timed(step, n):
+  start = time.perf_counter()
+  for _ in range(n):
+    step()
+  return time.perf_counter() - start
+
+
+def main(_):
+  tokens_BxT = np.random.RandomState(0).randint(
+      0, FLAGS.vocab, (FLAGS.batch, FLAGS.seq + 1)).astype(np.int32)
+  tokens_per_step = FLAGS.batch * FLAGS.seq
+  steppers = {"mixpo": mixpo_stepper(tokens_BxT)}
+  if FLAGS.torch:
+    import torch
+    steppers["transformers"] = torch_stepper(tokens_BxT)
+    print(f"torch {torch.__version__} threads={torch.get_num_threads()}")
+  print(f"jax {jax.__version__} devices={jax.devices()}")
+  for name, step in steppers.items():
+    timed(step, FLAGS.warmup)
+  rates = {name: [] for name in steppers}
+  for _ in range(FLAGS.rounds):
+    for name, step in steppers.items():
+      rates[name].append(FLAGS.steps * tokens_per_step / timed(step, FLAGS.steps))
+  for name, r in rates.items():
+    print(f"{name:>12}: {statistics.median(r):10.0f} train tokens/s "
+          f"(rounds: {', '.join(f'{x:.0f}' for x in r)})")
+  if FLAGS.torch:
+    ratio = statistics.median(rates["mixpo"]) / statistics.median(rates["transformers"])
+    print(f"ratio mixpo / transformers: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)

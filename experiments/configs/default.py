@@ -1,0 +1,86 @@
+r"""The default experiment: Mix-2 from a weak tiny policy with a tiny guide on 2-digit addition.
+
+Launch (the README's main command; ~10 minutes on 2 CPU cores, no download):
+  python experiments/train.py --config=default --workdir=workdir/default
+Any field can be overridden, e.g. --config.algo=dapo --config.seed=1 (or the short --algo=dapo).
+"""
+
+import ml_collections
+
+
+def builtin_models() -> ml_collections.ConfigDict:
+  """Recipe of the built-in char-level guide and weak starting policy (mixpo/builtin.py)."""
+  b = ml_collections.ConfigDict()
+  b.task = "addition"  # the task both are supervised on (its train split only).
+  b.task_kwargs = {"digits": 2, "terms": 2}
+  b.hidden = 128  # Qwen2 architecture, tied embeddings, char vocabulary.
+  b.layers = 2
+  b.heads = 4
+  b.kv_heads = 2
+  b.intermediate = 384
+  b.max_positions = 64
+  b.batch_size = 128  # SFT batch (prompts).
+  b.learning_rate = 3e-3  # SFT peak learning rate (AdamW, 50 warmup steps).
+  b.guide_steps = 1500  # SFT steps of the guide: solves most problems.
+  b.policy_steps = 150  # SFT steps of the weak start: rarely solves a problem.
+  b.seed = 0
+  return b
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # --- algorithm
+  c.algo = "mix2"  # grpo | dapo | luffy | mix1 | mix2.
+  c.scheme = "dapo"  # ON/ZERO/OFF partition: "paper" (literal, R > 0) or "dapo" (group variance).
+  c.eps_low = 0.2  # clip range below 1.
+  c.eps_high = 0.28  # clip range above 1 (DAPO clip-higher).
+  c.gamma = 0.1  # γ of f(r̂) = r̂ / (r̂ + γ).
+  c.on_weight = 0.5  # w in J = w·J_on + (1 − w)·J_off / J_mix.
+  c.dual_clip = 0.0  # dual-clip constant c > 1 for A < 0; 0 = off.
+  c.max_log_ratio = 20.0  # |log-ratio| bound before exp.
+  # --- models
+  c.policy = "builtin"  # HF checkpoint directory of the starting policy, or "builtin".
+  c.guide = "builtin"  # HF checkpoint directory of the frozen guide, or "builtin"; "" = none.
+  c.guide_logp = "model"  # "model": score guide samples with the guide; "one": πϕ ≡ 1.
+  c.builtin = builtin_models()
+  # --- task and rewards
+  c.task = "addition"  # registered task name (mixpo.data.get_task).
+  c.task_kwargs = {"digits": 2, "terms": 2}  # difficulty knobs of the task.
+  c.reward_timeout_s = 5.0  # per-item reward deadline; a timeout scores 0 and is counted.
+  c.reward_on_error = "raise"  # "raise" or "zero" for a reward function that raises.
+  c.overlong_shaping = False  # DAPO soft overlong penalty (tokens); off: answers are short.
+  c.overlong_cache = 4  # L_cache of the overlong penalty (L_max = max_new_tokens).
+  c.mask_truncated = False  # drop samples without EOS from the loss.
+  # --- rollout
+  c.groups = 16  # prompt groups per train batch.
+  c.n = 8  # policy samples per prompt.
+  c.m = 2  # guide samples per prompt (luffy, mix1, mix2).
+  c.zero_groups = 16  # Mix-2: zero-variance groups kept as the ZERO set.
+  c.dynamic_sampling = True  # DAPO: redraw until `groups` groups have reward variance.
+  c.max_num_gen_batches = 3  # cap of generation batches per step.
+  c.max_new_tokens = 6  # response budget in tokens.
+  c.temperature = 1.0
+  c.top_p = 1.0
+  c.top_k = 0
+  # --- optimisation
+  c.learning_rate = 1e-3
+  c.warmup_steps = 5
+  c.weight_decay = 0.0
+  c.grad_clip = 1.0
+  c.epochs = 1  # passes over each batch.
+  c.num_minibatches = 2  # optimizer updates per epoch.
+  c.num_micro_batches = 1  # gradient accumulation chunks per minibatch.
+  # --- run
+  c.seed = 0
+  c.num_steps = 60
+  c.eval_every = 10
+  c.eval_size = 300
+  c.eval_batch_size = 300
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 2
+  c.max_consecutive_skips = 5  # stop after this many steps with non-finite updates.
+  c.log_samples_every = 10
+  c.export_hf = True  # write the final policy in Hugging Face format to workdir/export.
+  c.overwrite = False  # allow a workdir holding a different run's checkpoints (deletes them).
+  c.progress = True
+  return c

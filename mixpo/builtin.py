@@ -1,0 +1,100 @@
+"""Supervised fine-tuning and the built-in tiny guide / weak-start models of the default experiment.
+
+`sft` trains any `CausalLM` on (prompt, answer) pairs with the token-mean NLL of the answer and
+EOS. `ensure_builtin_models` makes (or reuses from the workdir) a char-level tokenizer, a tiny
+guide that solves the built-in task well, and a weak starting policy, all as self-contained
+Hugging Face directories (config.json + safetensors + tokenizer files), so the RL code path is
+exactly the one a user takes with a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from mixpo import models, train
+from mixpo.batch import make_batch
+from mixpo.data import char_tokenizer, get_task
+from mixpo.rollout import encode_prompts
+
+
+def tiny_hf_config(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4,
+                   kv_heads: int = 2, intermediate: int = 384, max_positions: int = 64) -> dict:
+  """A Qwen2-architecture config.json dict for a tiny model over `tokenizer`'s vocabulary."""
+  return {
+      "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+      "vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": intermediate,
+      "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+      "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+      "tie_word_embeddings": True, "hidden_act": "silu", "torch_dtype": "float32",
+      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+      "pad_token_id": tokenizer.pad_token_id,
+  }
+
+
+def sft_batch(tokenizer, examples, max_answer_tokens: int):
+  """`Batch` of prompt (left-padded) + answer + EOS (right-padded), loss on answer and EOS."""
+  prompt_BxP, prompt_mask_BxP = encode_prompts(tokenizer, [e.prompt for e in examples], 1)
+  resp = np.full((len(examples), max_answer_tokens), tokenizer.pad_token_id or 0, np.int32)
+  resp_mask = np.zeros(resp.shape, np.float32)
+  for i, e in enumerate(examples):
+    ids = tokenizer(e.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(ids) > max_answer_tokens:
+      raise ValueError(f"sft: answer {e.answer!r} needs {len(ids)} tokens with EOS, more than "
+                       f"max_answer_tokens={max_answer_tokens}")
+    resp[i, :len(ids)] = ids
+    resp_mask[i, :len(ids)] = 1.0
+  return make_batch(prompt_BxP, prompt_mask_BxP, resp, resp_mask)
+
+
+def sft(model, tokenizer, task, *, steps: int, batch_size: int, learning_rate: float, seed: int,
+        max_answer_tokens: int = 8, warmup_steps: int = 50, log_every: int = 0):
+  """Trains `model` for `steps` AdamW updates on the task's train split; returns the new model."""
+  policy = train.Policy(model)
+  optimizer = train.make_optimizer(train.OptimConfig(
+      learning_rate=learning_rate, warmup_steps=min(warmup_steps, steps), weight_decay=0.0))
+  state = train.init_state(policy, optimizer, seed)
+  step_fn = train.make_sft_step(policy, optimizer)
+  for step in range(steps):
+    exs = task.examples("train", batch_size, seed=seed, start=step * batch_size)
+    state, metrics = step_fn(state, sft_batch(tokenizer, exs, max_answer_tokens))
+    if log_every and (step + 1) % log_every == 0:
+      logging.info("sft step %d/%d: loss %.4f", step + 1, steps, float(metrics["loss"]))
+  return policy.merge(state.params)
+
+
+def ensure_builtin_models(directory: str, cfg) -> tuple[str, str]:
+  """Makes (or reuses) `directory`/{guide,policy_init}; returns their paths.
+
+  `cfg` is the config's `builtin` ConfigDict (model size, SFT steps of guide and policy). Both
+  models share one char tokenizer and one architecture; the weak policy is the same recipe with
+  far fewer steps, so it rarely solves the task. A directory is reused only if its recipe file
+  matches `cfg` exactly; otherwise it is rebuilt.
+  """
+  recipe = json.dumps(cfg.to_dict(), sort_keys=True)
+  task = get_task(cfg.task, **cfg.task_kwargs)
+  tokenizer = char_tokenizer()
+  paths = {}
+  for name, steps, seed in (("guide", cfg.guide_steps, cfg.seed + 1),
+                            ("policy_init", cfg.policy_steps, cfg.seed + 2)):
+    path = os.path.join(directory, name)
+    paths[name] = path
+    recipe_file = os.path.join(path, "mixpo_recipe.json")
+    if os.path.exists(recipe_file) and open(recipe_file).read() == recipe:
+      continue
+    logging.info("building the built-in %s model in %s (%d SFT steps)", name, path, steps)
+    hf = tiny_hf_config(tokenizer, cfg.hidden, cfg.layers, cfg.heads, cfg.kv_heads,
+                        cfg.intermediate, cfg.max_positions)
+    model = models.init_from_config(hf, rng=cfg.seed)  # same init for both: they differ by SFT.
+    model = sft(model, tokenizer, task, steps=steps, batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate, seed=seed, log_every=max(steps // 5, 1))
+    models.save_pretrained(model, path)
+    tokenizer.save_pretrained(path)
+    with open(recipe_file, "w") as f:  # written last: a crash before it means "rebuild".
+      f.write(recipe)
+    jax.clear_caches()
+  return paths["guide"], paths["policy_init"]

@@ -1,0 +1,190 @@
+"""`run(config, workdir)`: the whole RL experiment the binaries and notebooks share.
+
+Set-up checks everything that can be wrong before any compute (config, workdir writable,
+vocabularies, a foreign checkpoint in the workdir), then: restore the latest valid checkpoint,
+step, evaluate, log, checkpoint; SIGTERM → a final checkpoint and a clean return; too many
+consecutive non-finite updates → an error naming the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+from absl import logging
+
+from mixpo import builtin, checkpoint, models, rl, train
+from mixpo import logging as mlog
+from mixpo.data import get_task
+from mixpo.rewards import RewardRunner
+from mixpo.rewards.overlong import OverlongConfig
+from mixpo.rollout import SampleSpec
+
+# Config fields that may change between a run and its resumption (they do not change results
+# of the steps already taken).
+RESUMABLE_FIELDS = ("num_steps", "overwrite", "progress", "export_every", "log_samples_every")
+
+
+def fingerprint(config) -> dict:
+  d = config.to_dict()
+  for k in RESUMABLE_FIELDS:
+    d.pop(k, None)
+  return d
+
+
+def resolve_models(config, workdir: str) -> tuple[str, str | None]:
+  """Paths of the starting policy and the guide; 'builtin' builds them under workdir/models."""
+  policy, guide = config.policy, config.guide
+  if "builtin" in (policy, guide):
+    b_guide, b_policy = builtin.ensure_builtin_models(os.path.join(workdir, "models"),
+                                                      config.builtin)
+    policy = b_policy if policy == "builtin" else policy
+    guide = b_guide if guide == "builtin" else guide
+  return policy, guide or None
+
+
+def setup(config, workdir: str):
+  """Returns (experiment, initial TrainState, Checkpointer, eval examples)."""
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_directory(workdir)
+  rl.validate(config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                                 fingerprint=fingerprint(config), overwrite=config.overwrite)
+  policy_path, guide_path = resolve_models(config, workdir)
+  tokenizer = models.load_tokenizer(policy_path)
+  model = models.from_pretrained(policy_path)
+  guide = None
+  if rl.num_guide(config):
+    guide_model = models.from_pretrained(guide_path)
+    rl.validate(config, model.config.vocab_size, guide_model.config.vocab_size)
+    guide = _frozen(guide_model)
+  task = get_task(config.task, **config.task_kwargs)
+  runner = RewardRunner([(task.reward_fn, 1.0)], timeout_s=config.reward_timeout_s,
+                        on_error=config.reward_on_error)
+  overlong = None
+  if config.overlong_shaping or config.mask_truncated:
+    overlong = OverlongConfig(shaping=config.overlong_shaping, max_len=config.max_new_tokens,
+                              cache_len=config.overlong_cache, mask_truncated=config.mask_truncated)
+  spec = SampleSpec(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                    top_p=config.top_p, top_k=config.top_k, overlong=overlong)
+  policy = train.Policy(model)
+  optimizer = train.make_optimizer(train.OptimConfig(
+      learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+      weight_decay=config.weight_decay, grad_clip=config.grad_clip))
+  step_cfg = train.StepConfig(objective=rl.objective_config(config), epochs=config.epochs,
+                              num_minibatches=config.num_minibatches,
+                              num_micro_batches=config.num_micro_batches,
+                              temperature=config.temperature)
+  exp = rl.Experiment(config=config, policy=policy, guide=guide, tokenizer=tokenizer, task=task,
+                      reward_runner=runner,
+                      train_step=train.make_train_step(policy, optimizer, step_cfg), spec=spec)
+  state = train.init_state(policy, optimizer, config.seed)
+  return exp, state, ckpt, task.eval_examples(config.eval_size)
+
+
+def _frozen(model) -> tuple:
+  """(graphdef, state) of the guide; held as device arrays that no optimizer ever sees."""
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+  return graphdef, jax.tree.map(jax.lax.stop_gradient, state)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps (schedulers send it before eviction)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: finishing the step, then a final checkpoint and exit.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _evaluate(exp, params, examples) -> dict:
+  out = rl.evaluate(exp.policy.pair(params), exp.tokenizer, examples, exp.reward_runner,
+                    exp.config.max_new_tokens, batch_size=exp.config.eval_batch_size)
+  return {"eval/accuracy": out["accuracy"]}
+
+
+def run(config, workdir: str) -> dict:
+  """Runs (or resumes) the experiment in `workdir`; returns the final summary dict."""
+  exp, state, ckpt, eval_examples = setup(config, workdir)
+  extra = {"data_pos": 0, "policy_tokens": 0, "guide_tokens": 0, "consecutive_skips": 0}
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    step0, state, extra = restored
+    logging.info("resumed from step %d of %s", step0, ckpt.directory)
+  start = int(state.step)
+  is_main = jax.process_index() == 0
+  logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else None)
+  summary = {"start_step": start, "preempted": False}
+  t_start = time.time()
+  with ckpt, logger, _Preemption() as preempt, mlog.Progress(
+      config.num_steps, initial=start, disable=not (config.progress and is_main)) as bar:
+    if start == 0:
+      first = _evaluate(exp, state.params, eval_examples)
+      logger.write(0, {**first, "policy_tokens": 0, "guide_tokens": 0})
+      summary["initial_eval_accuracy"] = first["eval/accuracy"]
+    timer = mlog.PhaseTimer()
+    for step in range(start + 1, config.num_steps + 1):
+      timer.reset()
+      state, extra["data_pos"], metrics, samples = rl.rl_step(exp, state, extra["data_pos"], timer)
+      extra["policy_tokens"] += metrics["step_policy_tokens"]
+      extra["guide_tokens"] += metrics["step_guide_tokens"]
+      skipped = metrics["loss/skipped_updates"] > 0
+      extra["consecutive_skips"] = extra["consecutive_skips"] + 1 if skipped else 0
+      if extra["consecutive_skips"] >= config.max_consecutive_skips:
+        raise train.NonFiniteUpdateError(
+            f"step {step}: {extra['consecutive_skips']} consecutive steps had non-finite loss or "
+            "gradients (updates skipped, parameters unchanged). Likely causes: a learning rate "
+            "too high, -inf log-probs from θ_old or the guide (tokens outside the model's "
+            "support), or config.max_log_ratio too large. Last loss: "
+            f"{metrics.get('loss/loss')}.")
+      metrics.update(policy_tokens=extra["policy_tokens"], guide_tokens=extra["guide_tokens"],
+                     data_pos=extra["data_pos"], wall_s=time.time() - t_start)
+      if step % config.eval_every == 0 or step == config.num_steps:
+        with timer("eval"):
+          metrics.update(_evaluate(exp, state.params, eval_examples))
+      with timer("checkpoint"):
+        ckpt.save(step, state, extra, force=preempt.requested or step == config.num_steps)
+      metrics.update(timer.metrics())
+      logger.write(step, metrics)
+      if config.log_samples_every and step % config.log_samples_every == 0:
+        logger.write_samples(step, samples)
+      bar.update(step, metrics)
+      if preempt.requested:
+        summary["preempted"] = True
+        break
+  final_step = int(state.step)
+  summary.update(final_step=final_step, policy_tokens=extra["policy_tokens"],
+                 guide_tokens=extra["guide_tokens"])
+  rows = [r for r in mlog.read_metrics(workdir) if "eval/accuracy" in r]
+  if rows:
+    summary["final_eval_accuracy"] = rows[-1]["eval/accuracy"]
+    summary.setdefault("initial_eval_accuracy", rows[0]["eval/accuracy"])
+  if is_main and not summary["preempted"]:
+    if config.export_hf:
+      models.save_pretrained(exp.policy.merge(state.params), os.path.join(workdir, "export"))
+      exp.tokenizer.save_pretrained(os.path.join(workdir, "export"))
+    summary["plots"] = mlog.plot_run(workdir)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  exp.reward_runner.close()
+  return summary

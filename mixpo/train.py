@@ -1,0 +1,222 @@
+"""TrainState, optimizer and the pure, jitted `train_step(state, batch) -> (state, metrics)`.
+
+The policy is an NNX module split once into a static `graphdef` and its parameters; the jitted
+steps close over the graphdef and see only arrays (`TrainState`, `Batch`). The guide never enters
+this module: its parameters cannot be updated by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mixpo import objectives
+from mixpo import sampling
+from mixpo.batch import Batch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  params: Any  # nnx.State of the policy's nnx.Param variables.
+  opt_state: Any  # optax state.
+  step: jax.Array  # int32 scalar: number of RL (or SFT) steps taken.
+  rng: jax.Array  # uint32 raw PRNG key data (jax.random.key_data), advanced every step.
+  skipped: jax.Array  # int32 scalar: updates skipped for non-finite loss / gradients.
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-5  # peak AdamW learning rate.
+  warmup_steps: int = 0  # linear warmup from 0 over this many optimizer updates.
+  weight_decay: float = 0.0  # decoupled AdamW weight decay.
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_clip: float = 1.0  # global-norm clip; <= 0 disables.
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  if cfg.warmup_steps > 0:
+    lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+  else:
+    lr = cfg.learning_rate
+  adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  if cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+  return adamw
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static shape of one RL update; hashable."""
+
+  objective: objectives.ObjectiveConfig = objectives.ObjectiveConfig()
+  epochs: int = 1  # passes over the batch (PPO epochs).
+  num_minibatches: int = 1  # optimizer updates per epoch.
+  num_micro_batches: int = 1  # gradient-accumulation chunks per minibatch.
+  score_chunk: int | None = None  # time-chunk of the logp computation (None: automatic).
+  temperature: float = 1.0  # sampling temperature; log-probs are taken under logits / T.
+
+  def check(self, batch_rows: int):
+    per_update = self.num_minibatches * self.num_micro_batches
+    if batch_rows % per_update:
+      raise ValueError(
+          f"train batch of {batch_rows} rows is not divisible by num_minibatches × "
+          f"num_micro_batches = {self.num_minibatches} × {self.num_micro_batches}; change "
+          "config.num_minibatches / config.num_micro_batches or the group sizes.")
+
+
+class Policy:
+  """The policy's static graphdef and its initial parameters (`nnx.split`).
+
+  Every variable of the model must be an `nnx.Param`: the whole state is what gets trained, and
+  `(policy.graphdef, state.params)` is the pair `sampling.generate` / `sampling.score` accept.
+  """
+
+  def __init__(self, model: nnx.Module):
+    self.graphdef, self.params = nnx.split(model)
+    others = [p for p, v in nnx.to_flat_state(self.params) if not isinstance(v, nnx.Param)]
+    if others:
+      raise ValueError(f"Policy: non-parameter variables {others[:3]} in the model; the trainer "
+                       "treats the whole model state as trainable parameters.")
+
+  def merge(self, params) -> nnx.Module:
+    return nnx.merge(self.graphdef, params)
+
+  def pair(self, params) -> tuple:
+    return (self.graphdef, params)
+
+
+def init_state(policy: Policy, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(
+      params=policy.params,
+      opt_state=optimizer.init(policy.params),
+      step=jnp.zeros((), jnp.int32),
+      rng=jax.random.key_data(jax.random.key(seed)),
+      skipped=jnp.zeros((), jnp.int32),
+  )
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _guarded_update(optimizer, params, opt_state, grads, loss):
+  """Applies the update only if loss, gradients and the new parameters are all finite.
+
+  A skipped update leaves params and optimizer state bit-identical (no partial moment update).
+  """
+  updates, new_opt = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params) & _all_finite(new_opt)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  return keep(new_params, params), keep(new_opt, opt_state), ok
+
+
+def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg: StepConfig,
+                    donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """Returns `train_step(state, batch) -> (state, metrics)`, jitted once with donated state.
+
+  One call: `cfg.epochs` passes, each a shuffle of the rows into `cfg.num_minibatches` optimizer
+  updates; each minibatch's gradient is accumulated over `cfg.num_micro_batches` chunks with the
+  minibatch's token counts as the normaliser (`objectives.denominators`), so accumulation is exact.
+  Metrics are means over the updates (token-count weighting is not applied to diagnostics).
+  """
+  ocfg = cfg.objective
+
+  def micro_loss(params, mb: Batch, denoms):
+    model = policy.merge(params)
+    logp, ent = sampling.token_logp(model, mb.tokens_BxT, mb.mask_BxT, mb.positions_BxT,
+                                    temperature=cfg.temperature, chunk_size=cfg.score_chunk,
+                                    return_entropy=True)
+    loss, metrics = objectives.objective(logp, mb.old_logp_BxT, mb.guide_logp_BxT, mb.adv_B,
+                                         mb.kind_B, mb.loss_mask_BxT, ocfg, denoms=denoms)
+    metrics["entropy"] = objectives.masked_mean(ent, mb.loss_mask_BxT)[0]
+    return loss, metrics
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def minibatch_update(carry, mb: Batch):
+    params, opt_state, skipped = carry
+    denoms = objectives.denominators(mb.kind_B, mb.loss_mask_BxT)
+    micro = jax.tree.map(
+        lambda x: x.reshape((cfg.num_micro_batches, -1) + x.shape[1:]), mb)
+
+    def accumulate(acc, m):
+      (loss, metrics), grads = grad_fn(params, m, denoms)
+      acc_loss, acc_grads, acc_metrics = acc
+      return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads),
+              jax.tree.map(jnp.add, acc_metrics, metrics)), None
+
+    zero_metrics = jax.eval_shape(lambda: micro_loss(params, jax.tree.map(lambda x: x[0], micro),
+                                                     denoms)[1])
+    init = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
+    (loss, grads, metrics), _ = jax.lax.scan(accumulate, init, micro)
+    metrics = jax.tree.map(lambda x: x / cfg.num_micro_batches, metrics)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.global_norm(grads)
+    params, opt_state, ok = _guarded_update(optimizer, params, opt_state, grads, loss)
+    metrics["update_ok"] = ok.astype(jnp.float32)
+    return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
+
+  def train_step(state: TrainState, batch: Batch):
+    b = batch.tokens_BxT.shape[0]
+    cfg.check(b)
+    key = jax.random.wrap_key_data(state.rng)
+    key, *epoch_keys = jax.random.split(key, cfg.epochs + 1)
+    carry = (state.params, state.opt_state, state.skipped)
+    all_metrics = []
+    for ek in epoch_keys:  # epochs is a small static number
+      perm = jax.random.permutation(ek, b)
+      mbs = jax.tree.map(
+          lambda x: x[perm].reshape((cfg.num_minibatches, -1) + x.shape[1:]), batch)
+      carry, metrics = jax.lax.scan(minibatch_update, carry, mbs)
+      all_metrics.append(metrics)
+    params, opt_state, skipped = carry
+    metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.concatenate(xs)), *all_metrics)
+    metrics["skipped_updates"] = jnp.sum(jnp.stack(
+        [1.0 - m["update_ok"] for m in all_metrics]))
+    new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
+                           rng=jax.random.key_data(key), skipped=skipped)
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_sft_step(policy: Policy, optimizer: optax.GradientTransformation, score_chunk=None,
+                  donate: bool = True):
+  """`sft_step(state, batch) -> (state, metrics)`: token-mean NLL of `batch.loss_mask_BxT` tokens.
+
+  Used to make the built-in guide and the weak starting policy from reference solutions.
+  """
+
+  def loss_fn(params, batch: Batch):
+    model = policy.merge(params)
+    logp = sampling.token_logp(model, batch.tokens_BxT, batch.mask_BxT, batch.positions_BxT,
+                               chunk_size=score_chunk)
+    nll, _ = objectives.masked_mean(-logp, batch.loss_mask_BxT)
+    return nll
+
+  def sft_step(state: TrainState, batch: Batch):
+    chex.assert_rank(batch.tokens_BxT, 2)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    params, opt_state, ok = _guarded_update(optimizer, state.params, state.opt_state, grads, loss)
+    new_state = dataclasses.replace(state, params=params, opt_state=opt_state,
+                                    step=state.step + 1,
+                                    skipped=state.skipped + (~ok).astype(jnp.int32))
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+  return jax.jit(sft_step, donate_argnums=(0,) if donate else ())
+
+
+class NonFiniteUpdateError(RuntimeError):
+  """Too many consecutive updates were skipped for non-finite loss, gradients or parameters."""

@@ -1,0 +1,175 @@
+"""Tests for mixpo.rewards: extraction, math-verify equivalence, runner timeouts/errors, overlong."""
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from mixpo.rewards import (FormatReward, MathAnswerReward, OverlongConfig, RewardError,
+                           RewardRunner, combine, extract_answer, format_reward,
+                           math_answer_reward, overlong_penalty, shape_rewards,
+                           truncation_loss_mask, verify_answer)
+
+
+# Module-level so they pickle into the runner's worker processes.
+def sleep_forever_reward(prompts, completions, **_):
+  time.sleep(10_000)
+  return [1.0] * len(completions)
+
+
+def sleep_if_x_reward(prompts, completions, **_):
+  return [time.sleep(10_000) if c == "x" else 1.0 for c in completions]
+
+
+def raising_reward(prompts, completions, **_):
+  raise ZeroDivisionError("boom")
+
+
+def nan_reward(prompts, completions, **_):
+  return [float("nan")] * len(completions)
+
+
+def length_reward(prompts, completions, **_):
+  return [float(len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def runner():
+  with RewardRunner([(math_answer_reward, 1.0)], timeout_s=2.0, on_error="zero") as r:
+    yield r
+
+
+@pytest.mark.parametrize("text,want", [
+    ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+    ("\\boxed{\\frac{a}{\\sqrt{b}}}", "\\frac{a}{\\sqrt{b}}"),
+    ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("The answer is 42.", "42"),
+    ("Answer: $x+1$", "x+1"),
+    ("we get 3 apples and 1,000 pears", "1,000"),
+    ("no digits here", None),
+    ("\\boxed{1 + {2", None),  # unbalanced last box: malformed, not the last number
+    ("", None),
+])
+def test_extract_answer_reward(text, want):
+  assert extract_answer(text) == want
+
+
+@pytest.mark.parametrize("completion,answer", [
+    ("0.5", "1/2"), ("\\boxed{\\frac{1}{2}}", "0.5"), ("The answer is 1/2", "$\\frac{1}{2}$"),
+    ("\\boxed{1,000}", "1000"), ("so 1000", "1,000"), ("\\boxed{1+x^2}", "x^2+1"),
+    ("The answer is 82", "82"), ("\\boxed{\\dfrac{3}{4}}", "0.75"),
+])
+def test_verify_equivalent_answers(completion, answer):
+  assert verify_answer(completion, answer) == 1.0
+
+
+@pytest.mark.parametrize("completion,answer", [
+    ("0.51", "1/2"), ("\\boxed{\\frac{1}{3}}", "0.5"), ("\\boxed{100}", "1000"),
+    ("83", "82"), ("\\boxed{x^2-1}", "x^2+1"), ("", "3"), ("no answer", "3"),
+])
+def test_verify_non_equivalent_answers(completion, answer):
+  assert verify_answer(completion, answer) == 0.0
+
+
+def test_verify_numeric_tolerance_reward():
+  assert verify_answer("3.14", "3.14159") == 0.0
+  assert verify_answer("3.14", "3.14159", rel_tol=1e-3) == 1.0
+  assert MathAnswerReward(rel_tol=1e-3)(["p"], ["\\boxed{3.1416}"], answer=["3.14159"]) == [1.0]
+
+
+def test_verify_unparsable_reference_raises_not_zero():
+  with pytest.raises(ValueError, match="does not parse"):
+    verify_answer("3", "")
+
+
+def test_format_reward():
+  assert format_reward(["p"] * 3, ["\\boxed{2}", "\\boxed{}", "2"]) == [1.0, 0.0, 0.0]
+  assert FormatReward(r"-?\d+")(["p"] * 3, ["82", " 82\n", "8 2"]) == [1.0, 1.0, 0.0]
+
+
+def test_combine_reward_weights():
+  fn = combine([(math_answer_reward, 1.0), (format_reward, 0.5)])
+  assert fn(["p", "p"], ["\\boxed{3}", "3"], answer=["3", "3"]) == [1.5, 1.0]
+
+
+def test_runner_reward_values_and_counts(runner):
+  res = runner(["p"] * 4, ["\\boxed{3}", "3", "4", "junk"], answer=["3", "3", "3", "3"])
+  np.testing.assert_array_equal(res.rewards, [1, 1, 0, 0])
+  assert res.rewards.dtype == np.float32 and res.timeouts == 0 and res.errors == 0
+  assert set(res.metrics()) >= {"reward/mean", "reward/timeouts", "reward/errors"}
+
+
+def test_runner_reward_timeout_sleep_forever_cut_off_and_counted():
+  with RewardRunner([(sleep_if_x_reward, 1.0), (length_reward, 0.0)], timeout_s=0.5) as r:
+    t = time.monotonic()
+    res = r(["p"] * 4, ["a", "x", "bb", "x"])
+    elapsed = time.monotonic() - t
+    assert res.timeouts == 2 and res.errors == 0
+    np.testing.assert_array_equal(res.timed_out, [False, True, False, True])
+    np.testing.assert_array_equal(res.per_fn["sleep_if_x_reward"], [1, 0, 1, 0])
+    np.testing.assert_array_equal(res.per_fn["length_reward"], [1, 1, 2, 1])
+    assert elapsed < 2 * 0.5 + 1.5, elapsed  # two timeouts on two workers, plus respawn slack
+    # The replaced workers keep serving the next step.
+    assert r(["p"], ["ok"]).rewards.tolist() == [1.0]
+
+
+def test_runner_reward_signal_backend_timeout_for_unpicklable_fn():
+  fn = lambda prompts, completions, **_: sleep_forever_reward(prompts, completions)  # noqa: E731
+  with RewardRunner([(fn, 1.0)], timeout_s=0.3) as r:
+    assert r.backend == "signal"
+    t = time.monotonic()
+    res = r(["p", "p"], ["a", "b"])
+    assert res.timeouts == 2 and time.monotonic() - t < 1.5
+
+
+def test_runner_reward_error_names_function_or_counts_zero():
+  with RewardRunner([(raising_reward, 1.0)], timeout_s=2.0) as r:
+    with pytest.raises(RewardError, match="raising_reward.*ZeroDivisionError.*on_error='zero'"):
+      r(["p"], ["a"])
+  with RewardRunner([(raising_reward, 1.0), (nan_reward, 1.0), (length_reward, 1.0)],
+                    timeout_s=2.0, on_error="zero") as r:
+    res = r(["p", "p"], ["a", "bcd"])
+    assert res.errors == 4 and res.rewards.tolist() == [1.0, 3.0]
+
+
+def test_runner_reward_column_length_mismatch(runner):
+  with pytest.raises(ValueError, match="column 'answer' has 1 entries, expected 2"):
+    runner(["p", "p"], ["1", "2"], answer=["1"])
+
+
+def test_fuzz_reward_adversarial_completions_never_crash_or_hang(runner):
+  rng = random.Random(0)
+  bad_utf8 = bytes(rng.randrange(256) for _ in range(300)).decode("utf-8", errors="replace")
+  comps = [
+      "", " ", "\\boxed{", "}" * 50, "\\boxed{" * 300 + "1" + "}" * 300,
+      "\\frac{" * 200 + "1" + "}{2}" * 200, "9" * 5000, "\\boxed{" + "9" * 100_000 + "}",
+      "1e99999", "10^{10^{10^{10}}}", "\\boxed{10^{10^{10^{10^{10}}}}}", bad_utf8,
+      "x" * 1_000_000, "The answer is " + "(" * 10_000, "\\boxed{\\sqrt{\\sqrt{\\sqrt{-1}}}}",
+      "\x00\x01\ud800", "\\boxed{1/0}", "\\boxed{\\infty}", "nan", "\\begin{pmatrix}1&2\\end{pmatrix}",
+  ]
+  comps += ["".join(rng.choice("\\{}^_012345689abc+-*/=$() boxedfrac") for _ in range(200))
+            for _ in range(20)]
+  t = time.monotonic()
+  res = runner(["p"] * len(comps), comps, answer=["7"] * len(comps))
+  assert time.monotonic() - t < 20
+  assert res.errors == 0 and np.all(res.rewards == 0.0)  # malformed → 0 (no 7 anywhere)
+
+
+@pytest.mark.parametrize("length,want", [
+    (0, 0.0), (12, 0.0), (13, -0.25), (14, -0.5), (16, -1.0), (17, -1.0), (1000, -1.0)])
+def test_overlong_penalty_boundaries(length, want):
+  # max_len 16, cache 4: 0 up to 12, linear to −1 at 16, −1 beyond.
+  assert overlong_penalty([length], max_len=16, cache_len=4)[0] == pytest.approx(want)
+
+
+def test_overlong_dapo_defaults_and_mask():
+  cfg = OverlongConfig()
+  assert (cfg.shaping, cfg.max_len, cfg.cache_len, cfg.mask_truncated) == (True, 20480, 4096, False)
+  np.testing.assert_allclose(overlong_penalty([16384, 18432, 20480], 20480, 4096), [0, -0.5, -1])
+  r, m = shape_rewards([1.0, 1.0], [5, 16], [True, False], OverlongConfig(max_len=16, cache_len=4))
+  np.testing.assert_allclose(r, [1.0, 0.0])
+  np.testing.assert_array_equal(m, [1, 1])
+  np.testing.assert_array_equal(truncation_loss_mask([True, False], mask_truncated=True), [1, 0])
+  with pytest.raises(ValueError, match="cache_len"):
+    OverlongConfig(max_len=4, cache_len=8)
