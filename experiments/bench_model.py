@@ -54,7 +54,6 @@ def mixpo_stepper(tokens_BxT):
   state = {"params": params, "opt": opt.init(params)}
   tokens_BxT = jnp.asarray(tokens_BxT)
 
-  @jax.jit
   def train_step(state, tokens_BxT):
     def loss_fn(params):
       logits_BxTxV = nnx.merge(graphdef, params, rest)(tokens_BxT[:, :-1])

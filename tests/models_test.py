@@ -335,3 +335,22 @@ def test_old_style_rope_scaling_config():
       "llama3", 500000.0, 16)
   with pytest.raises(ValueError, match="rope_scaling.rope_type='dynamic'"):
     models.from_hf_config({**config, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+
+
+def test_decode_under_nnx_jit_and_load_tokenizer(tmp_path):
+  import tokenizers
+  model = models.init_from_config(dict(
+      model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
+      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16), 0)
+  step = nnx.jit(lambda model, *args: model.decode(*args))
+  ones = jnp.ones((2, 3), jnp.int32)
+  h, cache = step(model, ones, jnp.cumsum(ones, 1) - 1, ones, model.init_cache(2, 8))
+  assert h.shape == (2, 3, 32) and int(cache.index) == 3
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1, "b": 2},
+                                                         unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(
+      str(tmp_path))
+  assert models.load_tokenizer(str(tmp_path))("a b c").input_ids == [1, 2, 0]
+  with pytest.raises(FileNotFoundError, match="tokenizer directory"):
+    models.load_tokenizer(str(tmp_path / "nope"))

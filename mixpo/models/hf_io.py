@@ -32,9 +32,7 @@ import json
 import os
 import re
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
