@@ -20,6 +20,7 @@ logits), which is what `score(..., temperature=0.0)` also returns.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 
@@ -107,7 +108,7 @@ def _sample_token(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p"))
 def _generate_program(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, temperature, top_p,
-                      eos_id, pad_id, *, max_new_tokens, greedy, top_k, use_top_p):
+                      eos_E, pad_id, *, max_new_tokens, greedy, top_k, use_top_p):
   """Prefill + `lax.while_loop` decode; one XLA program per (graphdef, B, P, N, switches).
 
   The KV cache is allocated inside the program and lives only in the loop carry, which XLA
@@ -125,8 +126,9 @@ def _generate_program(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, tempera
   cache = model.init_cache(b, p + n - 1)
   h_BxPxD, cache = model.decode(prompt_BxP, positions_BxP, prompt_mask_BxP, cache)
   logits_Bx1xV = model.logits_from_hidden(h_BxPxD[:, -1:])
+  is_eos = lambda tok: jnp.any(tok[..., None] == eos_E.reshape((1,) * tok.ndim + (-1,)), axis=-1)
   tok_B, logp_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(rng, 0))
-  done_B = tok_B == eos_id
+  done_B = is_eos(tok_B)
   tokens_BxN = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok_B)
   logp_BxN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)
   ones_Bx1 = jnp.ones((b, 1), jnp.int32)
@@ -145,13 +147,13 @@ def _generate_program(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, tempera
     logp_B = jnp.where(done_B, 0.0, logp_B)
     tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, tok_B[:, None], (0, i))
     logp_BxN = jax.lax.dynamic_update_slice(logp_BxN, logp_B[:, None], (0, i))
-    return i + 1, cache, tok_B, done_B | (tok_B == eos_id), tokens_BxN, logp_BxN
+    return i + 1, cache, tok_B, done_B | is_eos(tok_B), tokens_BxN, logp_BxN
 
   carry = (jnp.int32(1), cache, tok_B, done_B, tokens_BxN, logp_BxN)
   _, _, _, _, tokens_BxN, logp_BxN = jax.lax.while_loop(cond, body, carry)
 
   # A token is in the response iff no EOS came strictly before it.
-  is_eos_BxN = tokens_BxN == eos_id
+  is_eos_BxN = is_eos(tokens_BxN)
   eos_before_BxN = jnp.cumsum(is_eos_BxN, axis=1) - is_eos_BxN
   mask_BxN = (eos_before_BxN == 0).astype(jnp.int32)
   return Rollout(
@@ -168,8 +170,8 @@ def _model_config(graphdef, state):
 
 
 def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, pad_id: int = 0,
-             prompt_length: int | None = None) -> Rollout:
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] | None = None,
+             pad_id: int = 0, prompt_length: int | None = None) -> Rollout:
   """Samples `max_new_tokens` (N) continuations of a batch of left-padded prompts.
 
   Args:
@@ -181,7 +183,8 @@ def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temper
     temperature: softmax temperature; 0 = greedy (see module docstring for its log-probs).
     top_p: nucleus mass in (0, 1]; 1 disables it.
     top_k: keep the k most likely tokens; 0 disables it.
-    eos_id: token that ends a row (kept, mask 1); None = rows always run N tokens.
+    eos_id: token (or tokens, e.g. Llama 3's [128001, 128009]) that ends a row (kept, mask 1);
+      None = rows always run N tokens.
     pad_id: token written after a row's end.
     prompt_length: width to left-pad prompts to before compiling; default `bucket_length` of the
       longest prompt, so that varied prompt lengths share a handful of programs.
@@ -217,9 +220,12 @@ def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temper
     raise ValueError(f"prompt_tokens: row {row} has {lengths_B[row]} tokens, more than the model's "
                      f"max_position_embeddings ({max_pos}) minus max_new_tokens "
                      f"({max_new_tokens}); truncate the prompt or lower max_new_tokens")
-  if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+  eos_E = np.asarray([] if eos_id is None else eos_id, np.int64).reshape(-1)
+  if np.any((eos_E < 0) | (eos_E >= config.vocab_size)):
     raise ValueError(f"eos_id: {eos_id} is outside the vocabulary [0, {config.vocab_size}); "
-                     f"pass the tokenizer's eos_token_id or None")
+                     f"pass the tokenizer's eos_token_id (an int or a list of ints) or None")
+  # A never-sampled id stands for "no EOS" so that the program keeps one shape.
+  eos_E = np.full((1,), -1, np.int32) if eos_E.size == 0 else eos_E.astype(np.int32)
   if not 0 <= pad_id < config.vocab_size:
     raise ValueError(f"pad_id: {pad_id} is outside the vocabulary [0, {config.vocab_size})")
   if not temperature >= 0:
@@ -245,7 +251,7 @@ def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temper
   return _generate_program(
       graphdef, state, prompt_BxP, mask_BxP, rng,
       np.float32(1.0 if greedy else temperature), np.float32(top_p),
-      np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
+      eos_E, np.int32(pad_id),
       max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=0 if greedy else top_k,
       use_top_p=(not greedy) and top_p < 1)
 

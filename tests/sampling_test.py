@@ -125,6 +125,13 @@ def test_eos_stops_row_and_masks_rest(llama):
     np.testing.assert_array_equal(out_mask[row], np.arange(n) < length)
     np.testing.assert_array_equal(np.asarray(rollout.logp_BxN)[row, length:], 0.0)
   assert rollout.lengths_B[0] <= 4
+  # Several EOS ids: a row ends at the first of any of them.
+  other = int(free[1, 2])
+  both = sampling.generate(model, prompt, mask, jax.random.key(0), n, temperature=0.0,
+                           eos_id=[eos, other], pad_id=pad_id)
+  for row in range(len(prompt)):
+    hits = np.flatnonzero((free[row] == eos) | (free[row] == other))
+    assert both.lengths_B[row] == (hits[0] + 1 if hits.size else n)
 
 
 def test_rollout_is_a_pytree_with_documented_shapes(llama):
@@ -146,7 +153,7 @@ def _first_token_logits(model, prompt, mask):
 def test_top_k_top_p_restrict_support_and_match_distribution(llama, top_k, top_p):
   _, model = llama
   prompt, mask = _prompts([6], seed=4)
-  rows = 4000
+  rows = 2000
   z = _first_token_logits(model, prompt, mask)[0].astype(np.float64)
   order = np.argsort(-z, kind="stable")
   keep = np.zeros(VOCAB, bool)
@@ -163,7 +170,7 @@ def test_top_k_top_p_restrict_support_and_match_distribution(llama, top_k, top_p
   first = np.asarray(rollout.tokens_BxN)[:, 0]
   assert keep[first].all(), "sampled a token outside the top-k / top-p support"
   freq = np.bincount(first, minlength=VOCAB) / rows
-  assert np.abs(freq - p).max() < 0.03  # ~4 sigma for p = 0.5 at 4000 draws
+  assert np.abs(freq - p).max() < 0.04  # > 3.5 sigma for any p at 2000 draws
   np.testing.assert_allclose(np.asarray(rollout.logp_BxN)[:, 0], np.log(p[first]), atol=1e-4)
   assert 1 < keep.sum() < VOCAB  # the restriction was active and non-trivial
 
@@ -206,7 +213,7 @@ def test_chunked_score_equals_unchunked(llama, temperature):
   rollout = sampling.generate(model, prompt, mask, jax.random.key(2), 8, eos_id=5)
   tokens, full_mask = _full_rows(prompt, mask, rollout)  # T = 40: 39 scored positions
   want_logp, want_ent = _reference_logp(model, tokens, full_mask, temperature)
-  for chunk_size in (5, 16, 39, 64, None):
+  for chunk_size in (5, 39, None):
     logp, ent = sampling.score(model, tokens, full_mask, temperature=temperature,
                                chunk_size=chunk_size, return_entropy=True)
     np.testing.assert_allclose(np.asarray(logp), want_logp, atol=1e-5, err_msg=f"{chunk_size}")
