@@ -153,6 +153,8 @@ def test_fuzz_reward_adversarial_completions_never_crash_or_hang(runner):
   t = time.monotonic()
   res = runner(["p"] * len(comps), comps, answer=["7"] * len(comps))
   assert time.monotonic() - t < 20
+  # 10^{10^{10^{10^{10}}}} hangs sympy: it is cut off (counted) and the rest still score.
+  assert res.timeouts >= 1 and res.timed_out[10]
   assert res.errors == 0 and np.all(res.rewards == 0.0)  # malformed → 0 (no 7 anywhere)
 
 

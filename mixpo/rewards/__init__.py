@@ -5,7 +5,8 @@ from mixpo.rewards.math_answer import (FormatReward, MathAnswerReward, extract_a
                                        verify_answer)
 from mixpo.rewards.overlong import (OverlongConfig, overlong_penalty, shape_rewards,
                                     truncation_loss_mask)
-from mixpo.rewards.runner import Combined, RewardError, RewardResult, RewardRunner, combine
+from mixpo.rewards.combine import Combined, combine
+from mixpo.rewards.runner import RewardError, RewardResult, RewardRunner
 
 __all__ = [
     "Combined", "FormatReward", "MathAnswerReward", "OverlongConfig", "RewardError",
