@@ -90,11 +90,12 @@ class CausalLM(nnx.Module):
       mask_BxT = jnp.ones((b, t), jnp.int32)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    positions_BxT, mask_BxT = jnp.asarray(positions_BxT, jnp.int32), jnp.asarray(mask_BxT)
     for name, arr in (("positions_BxT", positions_BxT), ("mask_BxT", mask_BxT)):
       if arr.shape != (b, t):
         raise ValueError(f"CausalLM.{where}: {name} has shape {arr.shape}, expected tokens_BxT's "
                          f"{(b, t)}.")
-    return tokens_BxT, jnp.asarray(positions_BxT, jnp.int32), jnp.asarray(mask_BxT)
+    return tokens_BxT, positions_BxT, mask_BxT
 
   def hidden_states(self, tokens_BxT, positions_BxT=None, mask_BxT=None) -> jax.Array:
     """Final-normed hidden states h [B, T, D] (config.dtype) of a causal forward pass.
