@@ -69,12 +69,25 @@ def bucket_length(p: int, min_length: int = 16) -> int:
 # Sampling one token.
 
 
-def _sample_token(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top_p):
+def _gumbel(seed_4, shape):
+  """Standard Gumbel noise from XLA's Philox bit generator.
+
+  One counter-based `rng_bit_generator` call per decode step: jax.random's threefry lowers to a
+  nested loop of small ops on CPU, which costs more than the sampling it feeds.
+  """
+  _, bits = jax.lax.rng_bit_generator(seed_4, shape, dtype=jnp.uint32,
+                                      algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)
+  # 23 random bits -> bin centres of (0, 1): never 0 or 1, so both logs are finite.
+  u = ((bits >> 9).astype(jnp.float32) + 0.5) * (2.0 ** -23)
+  return -jnp.log(-jnp.log(u))
+
+
+def _sample_token(logits_BxV, seed_4, temperature, top_p, *, greedy, top_k, use_top_p):
   """Samples one token per row and its log-prob under the (restricted) sampling distribution.
 
   Gumbel-max on the scaled logits: argmax(z + g) with g ~ Gumbel(0, 1) is a draw from softmax(z),
   with no normalisation or cumulative sum over the vocabulary on the sampling path.
-  Returns (tokens_B int32, logp_B float32).
+  seed_4: uint32 [4] Philox key of this step. Returns (tokens_B int32, logp_B float32).
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
   if greedy:
@@ -83,7 +96,7 @@ def _sample_token(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top
     return tok_B, jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
   z_BxV = logits_BxV / temperature
   if top_k == 0 and not use_top_p:
-    tok_B = jnp.argmax(z_BxV + jax.random.gumbel(key, z_BxV.shape), axis=-1).astype(jnp.int32)
+    tok_B = jnp.argmax(z_BxV + _gumbel(seed_4, z_BxV.shape), axis=-1).astype(jnp.int32)
     z_tok_B = jnp.take_along_axis(z_BxV, tok_B[:, None], axis=-1)[:, 0]
     return tok_B, z_tok_B - jax.nn.logsumexp(z_BxV, axis=-1)
   # Work in the sorted top-k space: lax.top_k returns the k largest logits in descending order,
@@ -95,7 +108,7 @@ def _sample_token(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top
     mass_before_BxK = jnp.cumsum(p_BxK, axis=-1) - p_BxK
     # Keep the smallest prefix reaching top_p; the first token always survives.
     z_BxK = jnp.where(mass_before_BxK < top_p, z_BxK, -jnp.inf)
-  j_B = jnp.argmax(z_BxK + jax.random.gumbel(key, z_BxK.shape), axis=-1)
+  j_B = jnp.argmax(z_BxK + _gumbel(seed_4, z_BxK.shape), axis=-1)
   tok_B = jnp.take_along_axis(idx_BxK, j_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   z_tok_B = jnp.take_along_axis(z_BxK, j_B[:, None], axis=-1)[:, 0]
   return tok_B, z_tok_B - jax.nn.logsumexp(z_BxK, axis=-1)
@@ -127,7 +140,8 @@ def _generate_program(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, tempera
   h_BxPxD, cache = model.decode(prompt_BxP, positions_BxP, prompt_mask_BxP, cache)
   logits_Bx1xV = model.logits_from_hidden(h_BxPxD[:, -1:])
   is_eos = lambda tok: jnp.any(tok[..., None] == eos_E.reshape((1,) * tok.ndim + (-1,)), axis=-1)
-  tok_B, logp_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(rng, 0))
+  seeds_Nx4 = jax.random.bits(rng, (n, 4), jnp.uint32)  # one Philox key per step
+  tok_B, logp_B = sample(logits_Bx1xV[:, 0], seeds_Nx4[0])
   done_B = is_eos(tok_B)
   tokens_BxN = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok_B)
   logp_BxN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)
@@ -142,7 +156,7 @@ def _generate_program(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, tempera
     pos_Bx1 = (next_pos_B + i - 1)[:, None]
     h_Bx1xD, cache = model.decode(prev_B[:, None], pos_Bx1, ones_Bx1, cache)
     logits_Bx1xV = model.logits_from_hidden(h_Bx1xD)
-    tok_B, logp_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(rng, i))
+    tok_B, logp_B = sample(logits_Bx1xV[:, 0], seeds_Nx4[i])
     tok_B = jnp.where(done_B, pad_id, tok_B)
     logp_B = jnp.where(done_B, 0.0, logp_B)
     tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, tok_B[:, None], (0, i))
