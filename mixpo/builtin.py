@@ -52,8 +52,11 @@ def sft_batch(tokenizer, examples, max_answer_tokens: int):
 
 
 def sft(model, tokenizer, task, *, steps: int, batch_size: int, learning_rate: float, seed: int,
-        max_answer_tokens: int = 8, warmup_steps: int = 50, log_every: int = 0):
-  """Trains `model` for `steps` AdamW updates on the task's train split; returns the new model."""
+        max_answer_tokens: int = 5, warmup_steps: int = 50, log_every: int = 0, callback=None):
+  """Trains `model` for `steps` AdamW updates on the task's train split; returns the new model.
+
+  `callback(step, model)` runs every `log_every` steps (e.g. an evaluation).
+  """
   policy = train.Policy(model)
   optimizer = train.make_optimizer(train.OptimConfig(
       learning_rate=learning_rate, warmup_steps=min(warmup_steps, steps), weight_decay=0.0))
@@ -64,6 +67,8 @@ def sft(model, tokenizer, task, *, steps: int, batch_size: int, learning_rate: f
     state, metrics = step_fn(state, sft_batch(tokenizer, exs, max_answer_tokens))
     if log_every and (step + 1) % log_every == 0:
       logging.info("sft step %d/%d: loss %.4f", step + 1, steps, float(metrics["loss"]))
+      if callback is not None:
+        callback(step + 1, policy.merge(state.params))
   return policy.merge(state.params)
 
 

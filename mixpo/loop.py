@@ -25,7 +25,7 @@ from mixpo.rollout import SampleSpec
 
 # Config fields that may change between a run and its resumption (they do not change results
 # of the steps already taken).
-RESUMABLE_FIELDS = ("num_steps", "overwrite", "progress", "export_every", "log_samples_every")
+RESUMABLE_FIELDS = ("num_steps", "overwrite", "progress", "log_samples_every", "builtin_dir")
 
 
 def fingerprint(config) -> dict:
@@ -39,8 +39,8 @@ def resolve_models(config, workdir: str) -> tuple[str, str | None]:
   """Paths of the starting policy and the guide; 'builtin' builds them under workdir/models."""
   policy, guide = config.policy, config.guide
   if "builtin" in (policy, guide):
-    b_guide, b_policy = builtin.ensure_builtin_models(os.path.join(workdir, "models"),
-                                                      config.builtin)
+    directory = config.builtin_dir or os.path.join(workdir, "models")
+    b_guide, b_policy = builtin.ensure_builtin_models(directory, config.builtin)
     policy = b_policy if policy == "builtin" else policy
     guide = b_guide if guide == "builtin" else guide
   return policy, guide or None

@@ -16,7 +16,9 @@ that a stale θ_old or a guide that assigns a token ~0 probability cannot overfl
 the gradient with inf·0 = NaN. Inside the bound gradients are exact; outside it the ratio is
 treated as a constant (zero gradient through the ratio), which for the default bound of 20
 (r up to e^20 ≈ 5e8) only affects tokens that PPO clipping would already have silenced or that
-are numerically meaningless. f(r̂) needs no exp and is not affected by the bound.
+are numerically meaningless. f(r̂) needs no exp and is not affected by the bound. A non-finite
+log-prob on an unmasked token (±inf, NaN) is not clipped: it makes the loss NaN, and
+`train.train_step` then skips the update and counts it.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def _bounded_log_ratio(logp_BxT, ref_logp_BxT, mask_BxT, bound):
   # Masked positions may hold anything (padding, -inf); zero them before any arithmetic that
   # could turn into NaN in the backward pass.
   lr = jnp.where(mask_BxT > 0, logp_BxT - ref_logp_BxT, 0.0)
-  return jnp.clip(lr, -bound, bound)
+  # A non-finite log-prob on a real token is an upstream bug (a sampled token has p > 0): keep it
+  # NaN so the trainer skips the update and counts it, rather than clipping it to a finite lie.
+  return jnp.where(jnp.isfinite(lr), jnp.clip(lr, -bound, bound), jnp.nan)
 
 
 def masked_mean(x_BxT, mask_BxT, count=None):

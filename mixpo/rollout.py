@@ -94,13 +94,14 @@ def concat_groups(parts: list[Groups], keep_empty: bool = False) -> Groups:
       correct_B=cat(lambda p: p.correct_B), guide_logp_BxN=guide)
 
 
-def encode_prompts(tokenizer, prompts: list[str], repeat: int):
-  """Left-padded int32 [len(prompts)·repeat, P] tokens and mask, P = sampling.bucket_length."""
+def encode_prompts(tokenizer, prompts: list[str], repeat: int, min_width: int = 8):
+  """Left-padded int32 [len(prompts)·repeat, P] tokens and mask, P = sampling.bucket_length
+  (a power of two ≥ `min_width`, so varied prompt lengths compile a handful of programs)."""
   ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
   for i, x in enumerate(ids):
     if not x:
       raise ValueError(f"prompt {i} ({prompts[i][:40]!r}) encodes to no tokens")
-  width = sampling.bucket_length(max(len(x) for x in ids))
+  width = sampling.bucket_length(max(len(x) for x in ids), min_length=min_width)
   pad = tokenizer.pad_token_id or 0
   tok = np.full((len(ids), width), pad, np.int32)
   mask = np.zeros((len(ids), width), np.int32)

@@ -214,3 +214,13 @@ def test_micro_batch_sum_with_shared_denominators_equals_full_batch(algo):
   np.testing.assert_allclose(split_fn(args[0]), full_fn(args[0]), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(jax.grad(split_fn)(args[0]), jax.grad(full_fn)(args[0]),
                              rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("algo", ["dapo", "mix2"])
+def test_nan_from_non_finite_logp_on_real_tokens_is_not_clipped_away(algo):
+  logp, old, guide, adv, kind, mask = map(jnp.asarray, random_batch(8))
+  kind = jnp.full_like(kind, ON)
+  mask = jnp.ones_like(mask)
+  loss, _ = obj.objective(logp, old.at[0, 0].set(-jnp.inf), guide, adv, kind, mask,
+                          ObjectiveConfig(algo=algo))
+  assert np.isnan(float(loss))

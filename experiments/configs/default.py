@@ -21,8 +21,8 @@ def builtin_models() -> ml_collections.ConfigDict:
   b.max_positions = 64
   b.batch_size = 128  # SFT batch (prompts).
   b.learning_rate = 3e-3  # SFT peak learning rate (AdamW, 50 warmup steps).
-  b.guide_steps = 1500  # SFT steps of the guide: solves most problems.
-  b.policy_steps = 150  # SFT steps of the weak start: rarely solves a problem.
+  b.guide_steps = 1200  # SFT steps of the guide: ~95% eval accuracy.
+  b.policy_steps = 120  # SFT steps of the weak start: rarely solves a problem (~5-15%).
   b.seed = 0
   return b
 
@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.guide = "builtin"  # HF checkpoint directory of the frozen guide, or "builtin"; "" = none.
   c.guide_logp = "model"  # "model": score guide samples with the guide; "one": πϕ ≡ 1.
   c.builtin = builtin_models()
+  c.builtin_dir = ""  # where built-in models are made / reused; "" = workdir/models.
   # --- task and rewards
   c.task = "addition"  # registered task name (mixpo.data.get_task).
   c.task_kwargs = {"digits": 2, "terms": 2}  # difficulty knobs of the task.

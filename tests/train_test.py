@@ -1,0 +1,125 @@
+"""train.py: train_step semantics (accumulation, NaN guard, compile once) on a tiny model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mixpo import models, objectives, train
+from mixpo.batch import make_batch
+from mixpo.objectives import OFF, ON, ZERO
+
+TINY = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 24,
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
+}
+
+
+def tiny_policy(seed=0):
+  return train.Policy(models.init_from_config(TINY, rng=seed))
+
+
+def random_rl_batch(seed, b=8, p=4, n=5):
+  rng = np.random.default_rng(seed)
+  prompt = rng.integers(4, 24, (b, p))
+  pmask = np.ones((b, p), np.int32)
+  pmask[0, :2] = 0  # a left-padded row
+  resp = rng.integers(4, 24, (b, n))
+  rmask = (np.arange(n)[None] < rng.integers(1, n + 1, b)[:, None]).astype(np.float32)
+  logp = -rng.uniform(1.0, 4.0, (b, n)).astype(np.float32)
+  kind = np.array([ON, ON, ZERO, ZERO, OFF, OFF, ON, ZERO][:b], np.int32)
+  return make_batch(prompt, pmask, resp, rmask, old_logp_BxN=logp,
+                    guide_logp_BxN=logp - 0.5, adv_B=rng.standard_normal(b).astype(np.float32),
+                    kind_B=kind, group_B=np.arange(b) // 2)
+
+
+def _params_close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("algo", objectives.ALGOS)
+def test_train_step_micro_batch_accumulation_equals_one_big_batch(algo):
+  policy = tiny_policy()
+  # Plain SGD: the update is the gradient itself (Adam's g/|g| would hide or amplify noise).
+  opt = optax.sgd(1.0)
+  batch = random_rl_batch(1)
+  results = []
+  for micro in (1, 4):
+    cfg = train.StepConfig(objective=objectives.ObjectiveConfig(algo=algo), num_micro_batches=micro)
+    step = train.make_train_step(policy, opt, cfg, donate=False)
+    state, metrics = step(train.init_state(policy, opt, 0), batch)
+    results.append((state, metrics))
+  np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5, atol=1e-6)
+  _params_close(results[0][0].params, results[1][0].params, atol=2e-6)
+  # ...and the update actually moved the parameters.
+  moved = any(np.abs(np.asarray(x) - np.asarray(y)).max() > 1e-4 for x, y in
+              zip(jax.tree.leaves(results[0][0].params), jax.tree.leaves(policy.params)))
+  assert moved
+
+
+@pytest.mark.parametrize("inject", ["inf_logp", "optimizer_blowup"])
+def test_train_step_skips_nan_updates_and_counts_them(inject):
+  policy = tiny_policy()
+  lr = jnp.inf if inject == "optimizer_blowup" else 1e-2
+  opt = train.make_optimizer(train.OptimConfig(learning_rate=lr, grad_clip=0.0))
+  cfg = train.StepConfig(objective=objectives.ObjectiveConfig(algo="dapo"), num_minibatches=2)
+  step = train.make_train_step(policy, opt, cfg, donate=False)
+  state0 = train.init_state(policy, opt, 0)
+  bad = dataclasses.replace(random_rl_batch(2), kind_B=jnp.full((8,), ON, jnp.int32))
+  if inject == "inf_logp":
+    bad = dataclasses.replace(bad, old_logp_BxT=jnp.full_like(bad.old_logp_BxT, -jnp.inf))
+  state1, metrics = step(state0, bad)
+  assert float(metrics["skipped_updates"]) == 2.0
+  assert int(state1.skipped) == 2
+  for x, y in zip(jax.tree.leaves((state0.params, state0.opt_state)),
+                  jax.tree.leaves((state1.params, state1.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(state1.step) == 1  # the step is counted, its update is not applied.
+
+
+def test_train_step_compiles_once_and_donates_state():
+  policy = tiny_policy()
+  opt = train.make_optimizer(train.OptimConfig(learning_rate=1e-3))
+  step = train.make_train_step(policy, opt, train.StepConfig(), donate=True)
+  state = train.init_state(policy, opt, 0)
+  for seed in range(3):
+    old = state
+    state, _ = step(state, random_rl_batch(seed))
+  assert step._cache_size() == 1
+  assert jax.tree.leaves(old.params)[0].is_deleted()
+
+
+def test_step_config_rejects_indivisible_batch():
+  with pytest.raises(ValueError, match="num_minibatches"):
+    train.StepConfig(num_minibatches=3).check(8)
+
+
+def test_sft_step_reduces_loss():
+  policy = tiny_policy()
+  opt = train.make_optimizer(train.OptimConfig(learning_rate=1e-2))
+  step = train.make_sft_step(policy, opt)
+  state = train.init_state(policy, opt, 0)
+  batch = random_rl_batch(3)
+  losses = []
+  for _ in range(20):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("algo", objectives.ALGOS)
+def test_zero_samples_reach_the_loss_only_under_mix2(algo):
+  b = random_rl_batch(4)
+  cfg = objectives.ObjectiveConfig(algo=algo)
+  grad = jax.grad(lambda lp: objectives.objective(
+      lp, b.old_logp_BxT, b.guide_logp_BxT, b.adv_B, b.kind_B, b.loss_mask_BxT, cfg)[0])(
+          b.old_logp_BxT + 0.1)
+  zero_rows = np.asarray(b.kind_B) == ZERO
+  zero_grad = np.abs(np.asarray(grad)[zero_rows]).sum()
+  assert (zero_grad > 0) == (algo == "mix2")
