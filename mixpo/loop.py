@@ -14,6 +14,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from mixpo import builtin, checkpoint, models, rl, train
@@ -46,6 +47,13 @@ def resolve_models(config, workdir: str) -> tuple[str, str | None]:
   return policy, guide or None
 
 
+def model_options(config, guide: bool = False) -> dict:
+  """dtype / param_dtype / remat / attention_impl for from_pretrained (the guide never remats)."""
+  return {"dtype": jnp.dtype(config.model.dtype), "param_dtype": jnp.dtype(config.model.param_dtype),
+          "remat": bool(config.model.remat) and not guide,
+          "attention_impl": config.model.attention_impl}
+
+
 def setup(config, workdir: str):
   """Returns (experiment, initial TrainState, Checkpointer, eval examples)."""
   os.makedirs(workdir, exist_ok=True)
@@ -56,13 +64,16 @@ def setup(config, workdir: str):
                                  fingerprint=fingerprint(config), overwrite=config.overwrite)
   policy_path, guide_path = resolve_models(config, workdir)
   tokenizer = models.load_tokenizer(policy_path)
-  model = models.from_pretrained(policy_path)
+  model = models.from_pretrained(policy_path, **model_options(config))
   guide = None
   if rl.num_guide(config):
-    guide_model = models.from_pretrained(guide_path)
+    guide_model = models.from_pretrained(guide_path, **model_options(config, guide=True))
     rl.validate(config, model.config.vocab_size, guide_model.config.vocab_size)
     guide = _frozen(guide_model)
-  task = get_task(config.task, **config.task_kwargs)
+  task_kwargs = dict(config.task_kwargs)
+  if config.task == "file":  # real datasets: the policy's tokenizer renders / filters prompts.
+    task_kwargs["tokenizer"] = tokenizer
+  task = get_task(config.task, **task_kwargs)
   runner = RewardRunner([(task.reward_fn, 1.0)], timeout_s=config.reward_timeout_s,
                         on_error=config.reward_on_error)
   overlong = None

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixpo import sharding
 from mixpo.batch import positions_from_mask
 
 # Float32 elements of one logits chunk in `score` when chunk_size is left to us (512 MiB).
@@ -262,6 +263,8 @@ def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temper
   mask_BxP = np.pad(mask_BxP, pad)
 
   greedy = temperature == 0
+  # Under jax.set_mesh: rows over data × fsdp (the program follows); otherwise a no-op.
+  prompt_BxP, mask_BxP = sharding.shard_rows((prompt_BxP, mask_BxP))
   return _generate_program(
       graphdef, state, prompt_BxP, mask_BxP, rng,
       np.float32(1.0 if greedy else temperature), np.float32(top_p),
@@ -380,5 +383,6 @@ def score(model, tokens, mask, positions=None, *, temperature: float = 1.0,
   if chunk_size is None:
     config = _model_config(graphdef, state)
     chunk_size = auto_chunk_size(tokens_BxT.shape[0], tokens_BxT.shape[1] - 1, config.vocab_size)
+  tokens_BxT, mask_BxT, positions = sharding.shard_rows((tokens_BxT, mask_BxT, positions))
   return _score_program(graphdef, state, tokens_BxT, mask_BxT, positions, np.float32(temperature),
                         chunk_size=int(chunk_size), return_entropy=bool(return_entropy))

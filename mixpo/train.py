@@ -122,8 +122,13 @@ def _guarded_update(optimizer, params, opt_state, grads, loss):
 
 
 def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg: StepConfig,
-                    donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    donate: bool = True, shardings: tuple | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Returns `train_step(state, batch) -> (state, metrics)`, jitted once with donated state.
+
+  shardings: None (default: placement follows the inputs), or (state_shardings, batch_sharding)
+  from `mixpo.sharding` (a TrainState of NamedShardings and one NamedSharding for every Batch
+  field); the step is then jitted with those in/out shardings and metrics replicated.
 
   One call: `cfg.epochs` passes, each a shuffle of the rows into `cfg.num_minibatches` optimizer
   updates; each minibatch's gradient is accumulated over `cfg.num_micro_batches` chunks with the
@@ -189,7 +194,13 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
                            rng=jax.random.key_data(key), skipped=skipped)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+  donate_argnums = (0,) if donate else ()
+  if shardings is None:
+    return jax.jit(train_step, donate_argnums=donate_argnums)
+  state_sh, batch_sh = shardings
+  metrics_sh = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(train_step, donate_argnums=donate_argnums, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, metrics_sh))
 
 
 def make_sft_step(policy: Policy, optimizer: optax.GradientTransformation, score_chunk=None,

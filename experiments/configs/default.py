@@ -42,6 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.policy = "builtin"  # HF checkpoint directory of the starting policy, or "builtin".
   c.guide = "builtin"  # HF checkpoint directory of the frozen guide, or "builtin"; "" = none.
   c.guide_logp = "model"  # "model": score guide samples with the guide; "one": πϕ ≡ 1.
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators).
+  c.model.param_dtype = "float32"  # parameter storage dtype.
+  c.model.remat = False  # rematerialise each decoder layer in the backward pass.
+  c.model.attention_impl = "xla"  # "xla" or "dot_product_attention".
   c.builtin = builtin_models()
   c.builtin_dir = ""  # where built-in models are made / reused; "" = workdir/models.
   # --- task and rewards

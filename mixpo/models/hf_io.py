@@ -28,10 +28,12 @@ HF_NAME_TABLE is the one mapping between transformers tensor names and mixpo par
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from safetensors import safe_open
@@ -127,12 +129,15 @@ def _weight_files(path: str) -> dict[str, list[str]]:
                           "transformers' save_pretrained(safe_serialization=True)).")
 
 
-def from_pretrained(path: str, **options) -> CausalLM:
+def from_pretrained(path: str, shardings=None, **options) -> CausalLM:
   """Loads a Hugging Face checkpoint directory into a `CausalLM`.
 
   options: dtype (compute), param_dtype (storage; tensors are cast), remat, attention_impl.
   Tensors are read one at a time with safe_open, so host memory holds at most one tensor
-  beyond the model itself. Raises naming the tensor and file on missing / unexpected tensors,
+  beyond the model itself. shardings: None (tensors land on the default device), or
+  `fn(param_path, shape) -> jax.sharding.Sharding` (`mixpo.sharding.path_shardings(mesh)`):
+  each tensor is then built with make_array_from_callback, every device reading only its own
+  slice of the file (no full copy on one device; multi-host: each process reads its shards). Raises naming the tensor and file on missing / unexpected tensors,
   wrong shapes or non-float dtypes.
   """
   config = from_hf_config(_read_config(path), **options)
@@ -170,8 +175,13 @@ def from_pretrained(path: str, **options) -> CausalLM:
           want_hf = want[::-1] if transposed else want
           raise ValueError(f"tensor {name!r} in {file!r} has shape {shape}, config.json implies "
                            f"{want_hf}; the checkpoint and its config.json disagree.")
-        value = f.get_tensor(name)
-        value = (value.T if transposed else value).astype(config.param_dtype)
+        if shardings is None:
+          value = f.get_tensor(name)
+          value = (value.T if transposed else value).astype(config.param_dtype)
+        else:
+          value = jax.make_array_from_callback(
+              want, shardings(mixpo_path, want),
+              functools.partial(_read_shard, tensor_slice, transposed, config.param_dtype))
         var.set_value(value)
         loaded.add(name)
   missing = sorted(set(expected) - loaded)
@@ -180,6 +190,13 @@ def from_pretrained(path: str, **options) -> CausalLM:
                      f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing) that its "
                      "config.json requires; searched " + ", ".join(sorted(files)))
   return model
+
+
+def _read_shard(tensor_slice, transposed: bool, dtype, index_mixpo):
+  """The block `index_mixpo` (slices of the mixpo-layout array) read from a safetensors slice."""
+  index = tuple(index_mixpo)[::-1] if transposed else tuple(index_mixpo)
+  value = tensor_slice[index] if index else tensor_slice[:]
+  return (value.T if transposed else value).astype(dtype)
 
 
 def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = None) -> None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixpo import sharding
 from mixpo.models.config import ModelConfig, from_hf_config
 from mixpo.models.layers import DecoderLayer, Embed, RMSNorm, Linear, rope_cos_sin
 
@@ -109,10 +110,10 @@ class CausalLM(nnx.Module):
     causal_1xTxT = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
     allowed_BxTxT = causal_1xTxT & (mask_BxT != 0)[:, None, :]
     cos, sin = rope_cos_sin(positions_BxT, self.config)
-    x = self.embed(tokens_BxT)
+    x = sharding.constrain(self.embed(tokens_BxT))  # no-op without jax.set_mesh
     call = _remat_layer_call if self.config.remat else _layer_call
     for layer in self.layers:
-      x = call(layer, x, cos, sin, allowed_BxTxT)
+      x = sharding.constrain(call(layer, x, cos, sin, allowed_BxTxT))
     return self.final_norm(x)
 
   def logits_from_hidden(self, h_xD: jax.Array) -> jax.Array:
@@ -134,8 +135,9 @@ class CausalLM(nnx.Module):
     c = self.config
     shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
     dtype = dtype or c.dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch_size, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+    kv = lambda: sharding.constrain(jnp.zeros(shape, dtype), sharding.KV_LBSKH)
+    return KVCache(kv(), kv(), sharding.constrain(jnp.zeros((batch_size, max_len), jnp.int32),
+                                                  sharding.ROWS_B), jnp.zeros((), jnp.int32))
 
   def decode(self, tokens_BxT, positions_BxT, mask_BxT, cache: KVCache):
     """Appends T tokens to the cache and returns (h [B, T, D] final-normed, new cache).
@@ -160,9 +162,10 @@ class CausalLM(nnx.Module):
     allowed_BxTxS = causal_1xTxS & (valid_BxS != 0)[:, None, :]
     cos, sin = rope_cos_sin(positions_BxT, self.config)
     k_cache, v_cache = cache.k_LxBxSxKxH, cache.v_LxBxSxKxH
-    x = self.embed(tokens_BxT)
+    x = sharding.constrain(self.embed(tokens_BxT))
     for i, layer in enumerate(self.layers):
       x, k_cache, v_cache = layer(x, cos, sin, allowed_BxTxS, (k_cache, v_cache, i, index))
+      x = sharding.constrain(x)
     new_cache = KVCache(k_cache, v_cache, valid_BxS, index + t)
     return self.final_norm(x), new_cache
 
