@@ -31,6 +31,8 @@ _NEW = flags.DEFINE_integer("new_tokens", 96, "N, generated tokens per row.")
 _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (both sides).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
+_DTYPE = flags.DEFINE_enum("mixpo_dtype", "float32", ["float32", "bfloat16"],
+                           "mixpo compute dtype (transformers stays float32).")
 
 # The tiny config used across the model and rollout benchmarks.
 TINY = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
@@ -61,7 +63,7 @@ def main(argv):
   hf = hf_model(_ARCH.value, _SEED.value)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
-    model = models.from_pretrained(tmp)
+    model = models.from_pretrained(tmp, dtype=getattr(jax.numpy, _DTYPE.value))
   rng = np.random.default_rng(_SEED.value)
   prompt_BxP = rng.integers(1, TINY["vocab_size"], (b, p)).astype(np.int32)
   mask_BxP = np.ones((b, p), np.int32)
@@ -108,7 +110,7 @@ def main(argv):
 
   gen_tokens, score_tokens = b * n, b * (p + n)
   print(f"config: {_ARCH.value} tiny (hidden 256, 4 layers, 8/2 heads, vocab 512), B={b} P={p} "
-        f"N={n} T={_TEMP.value}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
+        f"N={n} T={_TEMP.value} mixpo {_DTYPE.value}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads); median of {_REPEATS.value}")
   print(f"generate  transformers {gen_tokens / t_hf_gen:9.0f} tok/s  ({t_hf_gen:.3f} s)")
   print(f"generate  mixpo        {gen_tokens / t_mx_gen:9.0f} tok/s  ({t_mx_gen:.3f} s)  "
