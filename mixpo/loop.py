@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from mixpo import builtin, checkpoint, models, rl, train
+from mixpo import builtin, checkpoint, models, rl, sharding, train
 from mixpo import logging as mlog
 from mixpo.data import get_task
 from mixpo.rewards import RewardRunner
@@ -26,7 +26,10 @@ from mixpo.rollout import SampleSpec
 
 # Config fields that may change between a run and its resumption (they do not change results
 # of the steps already taken).
-RESUMABLE_FIELDS = ("num_steps", "overwrite", "progress", "log_samples_every", "builtin_dir")
+# mesh_shape: resuming on another slice restores into the new sharding (same numbers up to
+# float32 reduction order).
+RESUMABLE_FIELDS = ("num_steps", "overwrite", "progress", "log_samples_every", "builtin_dir",
+                    "mesh_shape")
 
 
 def fingerprint(config) -> dict:
@@ -63,11 +66,24 @@ def setup(config, workdir: str):
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  fingerprint=fingerprint(config), overwrite=config.overwrite)
   policy_path, guide_path = resolve_models(config, workdir)
+  # One code path for 1 device and a pod: a (data, fsdp, tensor) mesh set globally; every
+  # tensor is read straight onto its shards. A 1-device mesh leaves the numbers unchanged.
+  mesh = sharding.make_mesh(tuple(config.get("mesh_shape", (-1, 1, 1))))
+  jax.set_mesh(mesh)
+  sharding.log_layout(mesh)
+  rows, batch_shards = rl.batch_rows(config), mesh.shape["data"] * mesh.shape["fsdp"]
+  per_update = config.num_minibatches * config.num_micro_batches
+  if rows % (per_update * batch_shards):
+    raise ValueError(f"config.mesh_shape={tuple(config.mesh_shape)}: the {rows} train rows per "
+                     f"step, split into {per_update} micro-batches, do not divide over data × "
+                     f"fsdp = {batch_shards} devices; change config.groups / n / m or the mesh.")
+  on_shards = sharding.path_shardings(mesh)
   tokenizer = models.load_tokenizer(policy_path)
-  model = models.from_pretrained(policy_path, **model_options(config))
+  model = models.from_pretrained(policy_path, shardings=on_shards, **model_options(config))
   guide = None
   if rl.num_guide(config):
-    guide_model = models.from_pretrained(guide_path, **model_options(config, guide=True))
+    guide_model = models.from_pretrained(guide_path, shardings=on_shards,
+                                         **model_options(config, guide=True))
     rl.validate(config, model.config.vocab_size, guide_model.config.vocab_size)
     guide = _frozen(guide_model)
   task_kwargs = dict(config.task_kwargs)
@@ -90,10 +106,13 @@ def setup(config, workdir: str):
                               num_minibatches=config.num_minibatches,
                               num_micro_batches=config.num_micro_batches,
                               temperature=config.temperature)
-  exp = rl.Experiment(config=config, policy=policy, guide=guide, tokenizer=tokenizer, task=task,
-                      reward_runner=runner,
-                      train_step=train.make_train_step(policy, optimizer, step_cfg), spec=spec)
   state = train.init_state(policy, optimizer, config.seed)
+  state_sh = sharding.train_state_shardings(state, mesh)
+  state = jax.device_put(state, state_sh)
+  train_step = train.make_train_step(policy, optimizer, step_cfg,
+                                     shardings=(state_sh, sharding.batch_sharding(mesh)))
+  exp = rl.Experiment(config=config, policy=policy, guide=guide, tokenizer=tokenizer, task=task,
+                      reward_runner=runner, train_step=train_step, spec=spec)
   return exp, state, ckpt, task.eval_examples(config.eval_size)
 
 
@@ -190,9 +209,14 @@ def run(config, workdir: str) -> dict:
   if rows:
     summary["final_eval_accuracy"] = rows[-1]["eval/accuracy"]
     summary.setdefault("initial_eval_accuracy", rows[0]["eval/accuracy"])
+  export_params = state.params
+  if jax.process_count() > 1 and config.export_hf and not summary["preempted"]:
+    # A collective: every process joins; process 0 then holds the full (host) weights and writes.
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    export_params = multihost_utils.process_allgather(state.params, tiled=True)
   if is_main and not summary["preempted"]:
     if config.export_hf:
-      models.save_pretrained(exp.policy.merge(state.params), os.path.join(workdir, "export"))
+      models.save_pretrained(exp.policy.merge(export_params), os.path.join(workdir, "export"))
       exp.tokenizer.save_pretrained(os.path.join(workdir, "export"))
     summary["plots"] = mlog.plot_run(workdir)
     with open(os.path.join(workdir, "summary.json"), "w") as f:

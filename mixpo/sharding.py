@@ -38,7 +38,7 @@ BATCH_AXES = ("data", "fsdp")  # batch rows are split over both.
 # Kernels are [in, out]: column-parallel layers (q/k/v, gate/up) split `out` over tensor,
 # row-parallel ones (o, down) split `in`; the other dim goes to fsdp.
 PARAM_RULES: tuple[tuple[str, P], ...] = (
-    (r"embed/embedding$", P("tensor", "fsdp")),  # [V, D]
+    (r"embed/embedding$", P(None, ("fsdp", "tensor"))),  # [V, D]: the lookup stays local
     (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
     (r"attn/[qkv]_proj/kernel$", P("fsdp", "tensor")),  # [D, N*H] / [D, K*H]
     (r"attn/[qkv]_proj/bias$", P("tensor")),  # [N*H] / [K*H]

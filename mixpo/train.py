@@ -161,8 +161,9 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
       return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads),
               jax.tree.map(jnp.add, acc_metrics, metrics)), None
 
-    zero_metrics = jax.eval_shape(lambda: micro_loss(params, jax.tree.map(lambda x: x[0], micro),
-                                                     denoms)[1])
+    # params passed in, not closed over: nnx.remat inside eval_shape rejects outer-trace values.
+    zero_metrics = jax.eval_shape(lambda p, m, d: micro_loss(p, m, d)[1], params,
+                                  jax.tree.map(lambda x: x[0], micro), denoms)
     init = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
     (loss, grads, metrics), _ = jax.lax.scan(accumulate, init, micro)

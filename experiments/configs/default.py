@@ -89,4 +89,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.export_hf = True  # write the final policy in Hugging Face format to workdir/export.
   c.overwrite = False  # allow a workdir holding a different run's checkpoints (deletes them).
   c.progress = True
+  # --- scale-out (docs/scaling.md)
+  c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor) device mesh; -1 = the remaining devices.
   return c

@@ -1,0 +1,158 @@
+r"""Per-device memory plan of an RL run for a Hugging Face config.json and a mesh; no weights.
+
+  python experiments/memory_plan.py --config=experiments/configs/hf/qwen2.5-7b.json \
+      --mesh=1,16,1 --device_memory_gib=16
+
+How each figure is obtained (nothing is allocated at model size):
+  params / optimizer / guide  nnx.eval_shape of the model and jax.eval_shape of optimizer.init,
+                              each leaf's shard shape under sharding.PARAM_RULES on the mesh;
+  kv_cache                    eval_shape of CausalLM.init_cache(rollout_rows, rollout_len)
+                              sharded by sharding.KV_LBSKH;
+  step_temp (activations)     temp_size_in_bytes of the compiled, sharded train_step
+                              (jit(...).lower(abstract sharded inputs).compile().memory_analysis())
+                              on simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_
+                              count=N, set here). The full-depth program is slow to compile on a
+                              laptop, so the step is compiled with 1 and 2 layers and extrapolated
+                              linearly: temp(L) = temp(1) + (L-1)·(temp(2) - temp(1)). The figure
+                              covers everything the step holds besides its inputs: activations kept
+                              for backward (remat per layer), gradients, the logits chunk and XLA
+                              workspace. XLA:CPU's buffer assignment stands in for TPU/GPU's.
+"""
+
+import json
+import math
+import os
+import resource
+import sys
+
+from absl import app, flags
+
+_CONFIG = flags.DEFINE_string("config", None, "Path of a Hugging Face config.json.")
+_MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor sizes (-1: the rest).")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Simulated devices (0: the mesh's product).")
+_MEMORY = flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device, GiB.")
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "Policy parameter (and Adam) dtype.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype of activations.")
+_GUIDE_DTYPE = flags.DEFINE_string("guide_dtype", "bfloat16", "Frozen guide's parameter dtype.")
+_TRAIN_ROWS = flags.DEFINE_integer("train_rows", 0, "Rows of one micro-batch (global); "
+                                   "0: one row per data×fsdp shard.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Prompt + response tokens of a train row.")
+_ROLLOUT_ROWS = flags.DEFINE_integer("rollout_rows", 0, "Rows generated at once (global); "
+                                     "0: 4 per data×fsdp shard.")
+_ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "KV-cache length (0: seq_len).")
+_REMAT = flags.DEFINE_bool("remat", True, "Rematerialise each layer in the backward pass.")
+_JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the plan as JSON here.")
+
+GIB = 2**30
+
+
+def _mesh_shape():
+  return tuple(int(s) for s in _MESH.value.split(","))
+
+
+def _set_devices():
+  """Simulated CPU devices must be requested before jax initialises its backend."""
+  n = _DEVICES.value or math.prod(s for s in _mesh_shape() if s > 0)
+  if -1 in _mesh_shape() and not _DEVICES.value:
+    raise app.UsageError("--mesh has -1: give --devices (the simulated device count).")
+  flag = f"--xla_force_host_platform_device_count={n}"
+  os.environ["XLA_FLAGS"] = " ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f) + " " + flag
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_rows, seq_len,
+         rollout_rows, rollout_len, remat) -> dict:
+  import dataclasses
+  import types
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from mixpo import sharding, train
+  from mixpo.batch import Batch
+  from mixpo.models import CausalLM, from_hf_config
+
+  mesh = sharding.make_mesh(mesh_shape)
+  shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  batch_shards = shape["data"] * shape["fsdp"]
+  train_rows = train_rows or batch_shards
+  rollout_rows = rollout_rows or 4 * batch_shards
+  rollout_len = rollout_len or seq_len
+  config = from_hf_config(hf_config, param_dtype=jnp.dtype(param_dtype), dtype=jnp.dtype(dtype),
+                          remat=remat)
+  optimizer = train.make_optimizer(train.OptimConfig())
+
+  def abstract_state(cfg):
+    model = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    policy = train.Policy(model)
+    state = jax.eval_shape(lambda p: train.init_state(types.SimpleNamespace(params=p), optimizer,
+                                                      0), policy.params)
+    return policy, model, state
+
+  policy, model, state = abstract_state(config)
+  state_sh = sharding.train_state_shardings(state, mesh)
+  params_b = sharding.bytes_per_device(state.params, state_sh.params)
+  opt_b = sharding.bytes_per_device(state.opt_state, state_sh.opt_state)
+  guide_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(guide_dtype)),
+                              state.params)
+  guide_b = sharding.bytes_per_device(guide_params, sharding.tree_shardings(guide_params, mesh))
+  cache = jax.eval_shape(lambda: model.init_cache(rollout_rows, rollout_len))
+  kv_sh = jax.sharding.NamedSharding(mesh, sharding.fit_spec(sharding.KV_LBSKH, cache.k.shape,
+                                                             mesh))
+  kv_b = 2 * sharding.bytes_per_device(cache.k, kv_sh)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+
+  def step_temp(num_layers):
+    cfg = dataclasses.replace(config, num_layers=num_layers)
+    pol, _, st = abstract_state(cfg)
+    st_sh = sharding.train_state_shardings(st, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    f32, i32 = jnp.float32, jnp.int32
+    bt = lambda d: jax.ShapeDtypeStruct((train_rows, seq_len), d, sharding=batch_sh)
+    b_ = lambda d: jax.ShapeDtypeStruct((train_rows,), d, sharding=batch_sh)
+    batch = Batch(bt(i32), bt(i32), bt(i32), bt(f32), bt(f32), bt(f32), b_(f32), b_(i32), b_(i32))
+    step = train.make_train_step(pol, optimizer, train.StepConfig(), shardings=(st_sh, batch_sh))
+    with jax.set_mesh(mesh):
+      compiled = step.lower(sharding.abstract(st, st_sh), batch).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  t1, t2 = step_temp(1), step_temp(2)
+  act_b = t1 + (config.num_layers - 1) * (t2 - t1)
+  per_device = {"params": params_b, "optimizer": opt_b, "guide": guide_b, "kv_cache": kv_b,
+                "step_temp": act_b}
+  return {"mesh": shape, "num_params": num_params, "train_rows": train_rows, "seq_len": seq_len,
+          "rollout_rows": rollout_rows, "rollout_len": rollout_len,
+          "step_temp_per_layer": t2 - t1, "step_temp_1_layer": t1,
+          "per_device": per_device, "total": sum(per_device.values())}
+
+
+def main(argv):
+  del argv
+  if not _CONFIG.value:
+    raise app.UsageError("--config (a Hugging Face config.json) is required.")
+  _set_devices()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  with open(_CONFIG.value) as f:
+    hf_config = json.load(f)
+  out = plan(hf_config, _mesh_shape(), param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value,
+             guide_dtype=_GUIDE_DTYPE.value, train_rows=_TRAIN_ROWS.value,
+             seq_len=_SEQ_LEN.value, rollout_rows=_ROLLOUT_ROWS.value,
+             rollout_len=_ROLLOUT_LEN.value, remat=_REMAT.value)
+  budget = _MEMORY.value * GIB
+  out.update(config=_CONFIG.value, device_memory_gib=_MEMORY.value, fits=out["total"] <= budget,
+             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  print(f"{os.path.basename(_CONFIG.value)}  mesh {out['mesh']}  "
+        f"({out['num_params'] / 1e9:.2f}B params)")
+  for k, v in out["per_device"].items():
+    print(f"  {k:<12} {v / GIB:8.2f} GiB")
+  print(f"  {'total':<12} {out['total'] / GIB:8.2f} GiB of {_MEMORY.value:g} GiB: "
+        f"{'fits' if out['fits'] else 'does NOT fit'}")
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
