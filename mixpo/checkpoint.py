@@ -375,6 +375,23 @@ class Checkpointer:
 
   # -- restoring -----------------------------------------------------------------------------
 
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames skipped step directories to `<step>.mixpo-invalid[.k]` (process 0).
+
+    The resumed run then saves those steps afresh instead of finding them "already on disk",
+    and the files stay for inspection (delete them by hand).
+    """
+    if _is_primary():
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst, k = src + ".mixpo-invalid", 0
+        while os.path.exists(dst):
+          k += 1
+          dst = f"{src}.mixpo-invalid.{k}"
+        os.rename(src, dst)
+        logging.warning("Checkpoint %s: moved skipped step %d to %s.", self.directory, step, dst)
+    self._mngr.reload()
+
   def restore_latest(self, target_state) -> tuple[int, Any, dict] | None:
     """Restores the newest checkpoint that passes verification.
 
@@ -396,7 +413,7 @@ class Checkpointer:
     steps = sorted(finalised | {int(n) for n in names}, reverse=True)
     if not steps:
       return None
-    skipped = []
+    skipped, interrupted = [], []
     for step in steps:
       step_dir = os.path.join(self.directory, str(step))
       reason = (verify_manifest(step_dir, step) if step in finalised
@@ -405,6 +422,11 @@ class Checkpointer:
         logging.warning("Checkpoint %s: skipping step %d: %s; falling back to an earlier step.",
                         self.directory, step, reason)
         skipped.append(f"step {step}: {reason}")
+        # Only the newest save can be cut short by a crash (a save waits for the previous
+        # manifest), so a newest step without its manifest is an interrupted save, not damage.
+        if step == steps[0] and (step not in finalised or not os.path.exists(
+            os.path.join(step_dir, MANIFEST_FILE))):
+          interrupted.append(step)
         continue
       abstract = jax.tree.map(_abstract, target_state)
       try:
@@ -418,7 +440,13 @@ class Checkpointer:
       if skipped:
         logging.warning("Checkpoint %s: restored step %d after skipping %d newer step(s).",
                         self.directory, step, len(skipped))
+        self._set_aside(steps[:len(skipped)])
       return step, out.state, out.extra
+    if len(steps) == 1 and interrupted:  # The run crashed while writing its first checkpoint.
+      logging.warning("Checkpoint %s: the only step (%d) is an interrupted save; starting from "
+                      "scratch.", self.directory, steps[0])
+      self._set_aside(steps)
+      return None
     raise NoValidCheckpointError(
         f"checkpoint directory {self.directory!r} has step directories but none is valid:\n  "
         + "\n  ".join(skipped)

@@ -59,8 +59,7 @@ def model_options(config, guide: bool = False) -> dict:
 
 def setup(config, workdir: str):
   """Returns (experiment, initial TrainState, Checkpointer, eval examples)."""
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint.check_directory(workdir)
+  checkpoint.check_directory(workdir)  # creates it; a clear error if unwritable or full.
   rl.validate(config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,

@@ -185,7 +185,7 @@ def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
   metrics.update({k: float(v) for k, v in draws["reward"].items()})
   metrics.update({
       "train/reward": float(rows.rewards_B[on_policy].mean()),
-      "train/accuracy": float((rows.correct_B[on_policy] > 0).mean()),
+      "train/accuracy": float(solved(rows.correct_B[on_policy]).mean()),
       "train/response_length": float(rows.lengths_B[on_policy].mean()),
       "train/entropy": float(step_metrics["entropy"]),
       "train/rows_on": int((kind_np[real_B] == objectives.ON).sum()),
@@ -195,12 +195,17 @@ def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
       "step_guide_tokens": guide_tokens,
   })
   if m:
-    metrics["train/guide_accuracy"] = float((rows.correct_B[is_guide_B & real_B] > 0).mean())
+    metrics["train/guide_accuracy"] = float(solved(rows.correct_B[is_guide_B & real_B]).mean())
   samples = [{"prompt": row_prompt[i] if i < len(row_prompt) else "",
               "response": rows.completions[i], "reward": float(rows.rewards_B[i]),
               "set": SET_NAMES[int(kind_np[i])], "guide": bool(is_guide_B[i])}
              for i in np.flatnonzero(real_B)]
   return state, draws["pos"], metrics, samples
+
+
+def solved(task_rewards) -> np.ndarray:
+  """A sample counts as solved when its (unshaped) task reward is full: 1 (partial credit isn't)."""
+  return np.asarray(task_rewards) >= 1.0 - 1e-6
 
 
 def evaluate(model, tokenizer, examples, reward_runner, max_new_tokens: int, batch_size: int = 256,
@@ -216,7 +221,7 @@ def evaluate(model, tokenizer, examples, reward_runner, max_new_tokens: int, bat
     groups, _ = sample_groups(model, tokenizer, [e.prompt for e in chunk],
                               [e.answer for e in chunk], k, sub, spec, reward_runner,
                               {"metadata": [e.metadata for e in chunk]})
-    scores.append((groups.correct_B > 0).reshape(len(chunk), k))
+    scores.append(solved(groups.correct_B).reshape(len(chunk), k))
   s = np.concatenate(scores) if scores else np.zeros((0, k))
   return {"accuracy": float(s.mean()) if s.size else 0.0,
           f"mean@{k}": float(s.mean()) if s.size else 0.0,

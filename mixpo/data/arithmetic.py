@@ -29,16 +29,46 @@ def exact_integer_reward(prompts, completions, answer, **_) -> list[float]:
   return out
 
 
-class AdditionTask:
-  """Sums of `terms` non-negative integers with up to `digits` digits each."""
+def digit_credit_reward(prompts, completions, answer, **_) -> list[float]:
+  """Dense partial credit in [0, 1]: 1.0 iff exact, else 0.5 × the fraction of answer digits
+  matched position by position from the right (0 for a completion that is not an integer).
 
-  def __init__(self, digits: int = 2, terms: int = 2, eval_fraction: float = 0.1):
+  For tests and ablations that need reward variance from an untrained policy; accuracy is still
+  "reward == 1" (see `rl.evaluate`).
+  """
+  out = []
+  for c, a in zip(completions, answer, strict=True):
+    m = _INT.fullmatch(c) if isinstance(c, str) else None
+    if m is None:
+      out.append(0.0)
+    elif int(m.group(1)) == int(a):
+      out.append(1.0)
+    else:
+      got, want = m.group(1)[::-1], str(a)[::-1]
+      hits = sum(x == y for x, y in zip(got, want))
+      out.append(0.5 * hits / max(len(want), len(got)))
+  return out
+
+
+REWARDS = {"exact": exact_integer_reward, "digits": digit_credit_reward}
+
+
+class AdditionTask:
+  """Sums of `terms` non-negative integers with up to `digits` digits each.
+
+  reward: "exact" (1 iff the completion is the sum) or "digits" (`digit_credit_reward`).
+  """
+
+  def __init__(self, digits: int = 2, terms: int = 2, eval_fraction: float = 0.1,
+               reward: str = "exact"):
+    if reward not in REWARDS:
+      raise ValueError(f"AdditionTask(reward={reward!r}): use one of {sorted(REWARDS)}")
     if not 1 <= digits <= 9 or terms < 2 or not 0 < eval_fraction < 1:
       raise ValueError(f"AdditionTask(digits={digits}, terms={terms}, eval_fraction="
                        f"{eval_fraction}): need 1 <= digits <= 9, terms >= 2, 0 < eval_fraction < 1")
     self.digits, self.terms, self.eval_fraction = digits, terms, eval_fraction
     self.name = f"addition_d{digits}_t{terms}"
-    self.reward_fn = exact_integer_reward
+    self.reward_fn = REWARDS[reward]
     self.max_prompt_chars = terms * (digits + 1)
     self.max_answer_chars = len(str(terms * (10**digits - 1)))
 

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Iterator
 
 from mixpo.data.tasks import Example
 from mixpo.rewards.math_answer import parse_gold
+
+# Seconds (whole) allowed to parse one reference answer; past it the row is bad ("answer_unparsable").
+ANSWER_PARSE_TIMEOUT_S = 5
+
+
+def parse_reference(answer: str) -> tuple:
+  """`parse_gold` with the readers' deadline, so one pathological answer cannot stall a read."""
+  return parse_gold(answer, ANSWER_PARSE_TIMEOUT_S)
 
 
 class DataError(ValueError):
@@ -68,6 +77,10 @@ def iter_rows(path: str) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as e:
           yield where, DataError(f"{where}: invalid JSON ({e.msg}); fix or remove the line", "bad_json")
           continue
+        except (RecursionError, ValueError) as e:  # nesting too deep, an integer of 4300+ digits
+          yield where, DataError(f"{where}: JSON that Python cannot load ({type(e).__name__}: "
+                                 f"{str(e)[:100]}); fix or remove the line", "bad_json")
+          continue
         yield where, row if isinstance(row, dict) else DataError(
             f"{where}: a row must be a JSON object, got {type(row).__name__}", "bad_json")
   elif path.endswith(".parquet"):
@@ -104,6 +117,8 @@ def as_text(value: Any, field: str, where: str) -> str:
     value = value[-1]["content"]
   if isinstance(value, bytes):
     raise DataError(f"{where}: field {field!r} holds bytes, not text; store it as a UTF-8 string", "not_utf8")
+  if isinstance(value, float) and not math.isfinite(value):
+    raise DataError(f"{where}: field {field!r} is the non-finite number {value}", "bad_type")
   if isinstance(value, (int, float)) and not isinstance(value, bool):
     value = str(value)
   if not isinstance(value, str):
@@ -168,7 +183,7 @@ def read_examples(path: str, prompt_field: str = "prompt", answer_field: str = "
       answer = as_text(get_field(row, answer_field, where), answer_field, where).strip()
       if check_answers:
         try:
-          parse_gold(answer)
+          parse_reference(answer)
         except ValueError as e:
           raise DataError(f"{where}: field {answer_field!r}: {e}", "answer_unparsable") from None
       if max_prompt_tokens is not None:

@@ -16,8 +16,7 @@ import json
 import math
 
 from mixpo.data.readers import (DataError, ReadSummary, as_text, check_prompt_length, get_field,
-                                iter_rows, render_prompt)
-from mixpo.rewards.math_answer import parse_gold
+                                iter_rows, parse_reference, render_prompt)
 
 MIXPO_FIELDS = {"prompt": "prompt", "answer": "answer", "response": "response"}
 LUFFY_FIELDS = {"prompt": "prompt", "answer": "reward_model.ground_truth", "response": "target"}
@@ -88,7 +87,7 @@ def read_traces(path: str, fmt: str = "mixpo", fields: dict | None = None, token
       response = as_text(get_field(row, f["response"], where), f["response"], where)
       if check_answers:
         try:
-          parse_gold(answer)
+          parse_reference(answer)
         except ValueError as e:
           raise DataError(f"{where}: field {f['answer']!r}: {e}", "answer_unparsable") from None
       tokens = row.get("response_tokens")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
+import time
 
 import math_verify
 import math_verify.grader
@@ -77,19 +79,29 @@ def extract_answer(text: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=65536)
-def parse_gold(answer: str) -> tuple:
+def parse_gold(answer: str, timeout_s: int | None = None) -> tuple:
   """math-verify parse of a reference answer; raises ValueError when it does not parse.
 
   A reference that does not parse would score every completion 0 — a silent wrong reward — so
   it is an error here. Cached: a group of n completions shares one reference.
+  timeout_s: whole seconds per parse attempt (math-verify's `signal.alarm`, so main thread only;
+    elsewhere ignored). Dataset readers set it: a short pathological answer such as
+    "x^x^...^2" keeps sympy busy for minutes. Reward workers leave it None (RewardRunner's
+    deadline applies there).
   """
   text = str(answer).strip()
   parsed = []
+  if timeout_s is not None and threading.current_thread() is not threading.main_thread():
+    timeout_s = None
   if text:
+    t0 = time.monotonic()
     parsed = math_verify.parse(text if "$" in text or "\\" in text else f"${text}$",
-                               parsing_timeout=None)
+                               parsing_timeout=timeout_s)
+    if not parsed and timeout_s is not None and time.monotonic() - t0 >= timeout_s:
+      raise ValueError(f"reference answer {text[:80]!r} took over {timeout_s} s to parse "
+                       "(pathological LaTeX or a huge power tower?); simplify the dataset's answer")
     if not parsed:
-      parsed = math_verify.parse(text, parsing_timeout=None)
+      parsed = math_verify.parse(text, parsing_timeout=timeout_s)
   if not parsed:
     raise ValueError(f"reference answer {text[:80]!r} does not parse with math-verify; fix the "
                      "dataset's answer field or use a task-specific exact reward")
