@@ -162,7 +162,9 @@ def run(config, workdir: str) -> dict:
     logging.info("resumed from step %d of %s", step0, ckpt.directory)
   start = int(state.step)
   is_main = jax.process_index() == 0
-  logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else None)
+  # A fresh start drops every row (-1): rows there came from an attempt that crashed before its
+  # first checkpoint and will be logged again.
+  logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else -1)
   summary = {"start_step": start, "preempted": False}
   t_start = time.time()
   with ckpt, logger, _Preemption() as preempt, mlog.Progress(
@@ -180,6 +182,7 @@ def run(config, workdir: str) -> dict:
       skipped = metrics["loss/skipped_updates"] > 0
       extra["consecutive_skips"] = extra["consecutive_skips"] + 1 if skipped else 0
       if extra["consecutive_skips"] >= config.max_consecutive_skips:
+        logger.write(step, metrics)  # the failing step's counts belong in metrics.jsonl too.
         raise train.NonFiniteUpdateError(
             f"step {step}: {extra['consecutive_skips']} consecutive steps had non-finite loss or "
             "gradients (updates skipped, parameters unchanged). Likely causes: a learning rate "

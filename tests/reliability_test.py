@@ -27,7 +27,7 @@ import time
 from mixpo.data import tasks, arithmetic
 
 def hang_on_7_reward(prompts, completions, answer, **kw):
-  if "7" in completions[0]:
+  if completions[0].startswith("7"):  # ~5% of the smoke policy's samples
     time.sleep(10_000)
   return arithmetic.exact_integer_reward(prompts, completions, answer, **kw)
 
@@ -300,10 +300,11 @@ def _initial_param_bytes(env):
 def test_determinism_same_seed_same_metrics_other_seed_differs(env, reference):
   same, other = os.path.join(env.base, "det_same"), os.path.join(env.base, "det_other")
   env.run(same)
-  env.run(other, "--config.seed=1")
+  env.run(other, "--config.seed=1", "--config.num_steps=1")
   assert _rows(same) == _rows(reference)
   assert _export(same) == _export(reference)
-  assert _rows(other) != _rows(reference)
+  assert _rows(other)[0] == _rows(reference)[0]  # the initial greedy eval: same weights
+  assert _rows(other)[1] != _rows(reference)[1]  # step 1 samples with another seed
 
 
 def test_reward_hang_end_to_end_is_cut_off_and_counted(env, reference):
