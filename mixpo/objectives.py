@@ -45,6 +45,10 @@ class ObjectiveConfig:
   on_weight: float = 0.5  # w in J = w·J_on + (1 - w)·J_other for mix1 / mix2.
   dual_clip: float | None = None  # c > 1: for A < 0 bound the objective below by c·A (off: None).
   max_log_ratio: float = 20.0  # |log-ratio| bound applied before any exp (see module docstring).
+  # Importance ratio of Mix-2's ZERO samples: "guide" = the paper's r^(2) = πθ/πϕ (literal);
+  # "old" = πθ/πθ_old, the ratio that actually corrects for their sampling distribution (they are
+  # drawn from θ_old, not from ϕ). See README "Results" for why this matters.
+  zero_ratio: str = "guide"
 
   def __post_init__(self):
     if self.algo not in ALGOS:
@@ -59,6 +63,8 @@ class ObjectiveConfig:
       raise ValueError(f"ObjectiveConfig.on_weight={self.on_weight}: must lie in [0, 1].")
     if self.dual_clip is not None and not self.dual_clip > 1.0:
       raise ValueError(f"ObjectiveConfig.dual_clip={self.dual_clip}: must be > 1 or None.")
+    if self.zero_ratio not in ("guide", "old"):
+      raise ValueError(f"ObjectiveConfig.zero_ratio={self.zero_ratio!r}: 'guide' (paper) or 'old'.")
     if not self.max_log_ratio > 0.0:
       raise ValueError(f"ObjectiveConfig.max_log_ratio={self.max_log_ratio}: must be > 0.")
 
@@ -173,23 +179,31 @@ def j_off(logp_BxT, guide_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfi
   return total / jnp.maximum(d[OFF], 1.0), metrics
 
 
-def j_mix(logp_BxT, guide_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig, denoms=None):
+def j_mix(logp_BxT, guide_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig, denoms=None,
+          old_logp_BxT=None):
   """J_mix (paper eq. 8): (Σ_OFF f(r̂)·A + Σ_ZERO CLIP(r2, A)) / (tokens OFF + tokens ZERO).
 
-  r2 = exp(logp − guide_logp): the zero-reward samples come from θ_old but are importance-weighted
-  against the guide ϕ, literally as the paper writes r^(2).
+  r2 = exp(logp − guide_logp) with cfg.zero_ratio="guide": the zero-reward samples come from θ_old
+  but are importance-weighted against the guide ϕ, literally as the paper writes r^(2). With
+  cfg.zero_ratio="old" (needs `old_logp_BxT`) r2 = exp(logp − old_logp) instead.
   """
   d = _denoms(kind_B, mask_BxT, denoms)
   m_off = _set_mask(kind_B, mask_BxT, OFF)
   m_zero = _set_mask(kind_B, mask_BxT, ZERO)
   off_total, metrics = _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m_off, cfg)
-  lr = _bounded_log_ratio(logp_BxT, guide_logp_BxT, m_zero, cfg.max_log_ratio)
+  if cfg.zero_ratio == "old":
+    if old_logp_BxT is None:
+      raise ValueError("j_mix: cfg.zero_ratio='old' needs old_logp_BxT.")
+    zero_ref = old_logp_BxT
+  else:
+    zero_ref = guide_logp_BxT
+  lr = _bounded_log_ratio(logp_BxT, zero_ref, m_zero, cfg.max_log_ratio)
   obj, clipped = clip_objective(lr, adv_B, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
   j = (off_total + jnp.sum(obj * m_zero)) / jnp.maximum(d[OFF] + d[ZERO], 1.0)
   metrics.update({
       "tokens_zero": jnp.sum(m_zero),
       "clipfrac_zero": masked_mean(clipped, m_zero)[0],
-      "ratio_guide_zero": masked_mean(jnp.exp(lr), m_zero)[0],
+      "ratio_zero": masked_mean(jnp.exp(lr), m_zero)[0],
   })
   return j, metrics
 
@@ -231,7 +245,7 @@ def objective(logp, old_logp, guide_logp, adv, kind, mask, cfg: ObjectiveConfig,
     j = w * jon + (1.0 - w) * joff
   elif cfg.algo == "mix2":
     jon, metrics = j_on(logp, old_logp, adv, kind, mask, cfg, d)
-    jmix, m_mix = j_mix(logp, guide_logp, adv, kind, mask, cfg, d)
+    jmix, m_mix = j_mix(logp, guide_logp, adv, kind, mask, cfg, d, old_logp_BxT=old_logp)
     metrics.update(m_mix, j_on=jon, j_mix=jmix)
     j = w * jon + (1.0 - w) * jmix
   else:  # luffy: one joint token mean over on- and off-policy tokens.

@@ -33,7 +33,8 @@ def ref_objective(logp, old, guide, adv, kind, mask, cfg):
   m_off = mask * (kind == OFF)[:, None]
   clip_on = ref_clip(logp - old, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
   shaped = ref_f(logp - guide, cfg.gamma) * adv[:, None]
-  clip_zero = ref_clip(logp - guide, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+  zero_ref = old if cfg.zero_ratio == "old" else guide
+  clip_zero = ref_clip(logp - zero_ref, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
   j_on = ref_mean(clip_on, m_on)
   j_off = ref_mean(shaped, m_off)
   denom = m_off.sum() + m_zero.sum()
@@ -67,10 +68,11 @@ def random_batch(seed, b=6, t=7, scale=0.5):
 ALL_CFGS = [ObjectiveConfig(algo=a) for a in obj.ALGOS] + [
     ObjectiveConfig(algo="mix2", on_weight=0.3, gamma=0.5, dual_clip=3.0),
     ObjectiveConfig(algo="dapo", eps_low=0.1, eps_high=0.4, dual_clip=2.0),
+    ObjectiveConfig(algo="mix2", zero_ratio="old"),
 ]
 
 
-@pytest.mark.parametrize("cfg", ALL_CFGS, ids=lambda c: f"{c.algo}-{c.on_weight}-{c.dual_clip}")
+@pytest.mark.parametrize("cfg", ALL_CFGS, ids=lambda c: f"{c.algo}-{c.on_weight}-{c.dual_clip}-{c.zero_ratio}")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_objective_matches_numpy_reference(cfg, seed):
   args = random_batch(seed)
@@ -176,7 +178,7 @@ def test_f_is_computed_in_log_space():
 def test_config_is_hashable_and_validates():
   assert hash(ObjectiveConfig()) == hash(ObjectiveConfig())
   for bad in [dict(algo="ppo"), dict(gamma=0.0), dict(on_weight=1.5), dict(dual_clip=0.5),
-              dict(eps_low=1.0), dict(max_log_ratio=0.0)]:
+              dict(eps_low=1.0), dict(max_log_ratio=0.0), dict(zero_ratio="new")]:
     with pytest.raises(ValueError, match=next(iter(bad))):
       ObjectiveConfig(**bad)
 
