@@ -28,8 +28,9 @@ from mixpo.rollout import SampleSpec
 # of the steps already taken).
 # mesh_shape: resuming on another slice restores into the new sharding (same numbers up to
 # float32 reduction order).
+# max_policy_tokens: a larger budget continues a finished run (experiments/compare.py).
 RESUMABLE_FIELDS = ("num_steps", "overwrite", "progress", "log_samples_every", "builtin_dir",
-                    "mesh_shape")
+                    "mesh_shape", "max_policy_tokens")
 
 
 def fingerprint(config) -> dict:
@@ -174,7 +175,11 @@ def run(config, workdir: str) -> dict:
       logger.write(0, {**first, "policy_tokens": 0, "guide_tokens": 0})
       summary["initial_eval_accuracy"] = first["eval/accuracy"]
     timer = mlog.PhaseTimer()
+    # Equal-budget comparisons stop on generated policy tokens (0 = off); guide tokens not counted.
+    budget = int(config.get("max_policy_tokens", 0) or 0)
     for step in range(start + 1, config.num_steps + 1):
+      if budget and extra["policy_tokens"] >= budget:  # resumed after the final step.
+        break
       timer.reset()
       state, extra["data_pos"], metrics, samples = rl.rl_step(exp, state, extra["data_pos"], timer)
       extra["policy_tokens"] += metrics["step_policy_tokens"]
@@ -191,11 +196,12 @@ def run(config, workdir: str) -> dict:
             f"{metrics.get('loss/loss')}.")
       metrics.update(policy_tokens=extra["policy_tokens"], guide_tokens=extra["guide_tokens"],
                      data_pos=extra["data_pos"], wall_s=time.time() - t_start)
-      if step % config.eval_every == 0 or step == config.num_steps:
+      last = step == config.num_steps or bool(budget and extra["policy_tokens"] >= budget)
+      if step % config.eval_every == 0 or last:
         with timer("eval"):
           metrics.update(_evaluate(exp, state.params, eval_examples))
       with timer("checkpoint"):
-        ckpt.save(step, state, extra, force=preempt.requested or step == config.num_steps)
+        ckpt.save(step, state, extra, force=preempt.requested or last)
       metrics.update(timer.metrics())
       logger.write(step, metrics)
       if config.log_samples_every and step % config.log_samples_every == 0:
@@ -204,9 +210,12 @@ def run(config, workdir: str) -> dict:
       if preempt.requested:
         summary["preempted"] = True
         break
+      if last:
+        break
   final_step = int(state.step)
   summary.update(final_step=final_step, policy_tokens=extra["policy_tokens"],
-                 guide_tokens=extra["guide_tokens"])
+                 guide_tokens=extra["guide_tokens"],
+                 budget_reached=bool(budget and extra["policy_tokens"] >= budget))
   rows = [r for r in mlog.read_metrics(workdir) if "eval/accuracy" in r]
   if rows:
     summary["final_eval_accuracy"] = rows[-1]["eval/accuracy"]

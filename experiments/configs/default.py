@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.on_weight = 0.5  # w in J = w·J_on + (1 − w)·J_off / J_mix.
   c.dual_clip = 0.0  # dual-clip constant c > 1 for A < 0; 0 = off.
   c.max_log_ratio = 20.0  # |log-ratio| bound before exp.
+  c.zero_ratio = "guide"  # Mix-2 ZERO-sample ratio: "guide" (paper's πθ/πϕ) or "old" (πθ/πθ_old).
   # --- models
   c.policy = "builtin"  # HF checkpoint directory of the starting policy, or "builtin".
   c.guide = "builtin"  # HF checkpoint directory of the frozen guide, or "builtin"; "" = none.
@@ -79,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- run
   c.seed = 0
   c.num_steps = 60
+  c.max_policy_tokens = 0  # stop once this many policy tokens are generated (0 = off; compare.py).
   c.eval_every = 10
   c.eval_size = 300
   c.eval_batch_size = 300
