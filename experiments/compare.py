@@ -1,0 +1,106 @@
+r"""Equal-budget comparison of GRPO / DAPO / LUFFY / Mix-1 / Mix-2 on the built-in task.
+
+  python experiments/compare.py --grid=main --seeds=0,1,2 --regimes=weak,moderate
+  python experiments/compare.py --grid=gamma --budget_tokens=100000
+  python experiments/compare.py --grid=scheme --config.learning_rate=5e-4
+  python experiments/compare.py --grid=main --small --algos=dapo,mix2 --seeds=0   # seconds
+
+Grids (each cell = one loop.run in <workroot>/<grid>/<regime>/<algo>-<scheme>[-g<γ>]-s<seed>/):
+  main:   algos (all five) × regimes × seeds.
+  gamma:  Mix-2 × config.compare.gammas × regimes × seeds.
+  scheme: Mix-1, Mix-2 × partition schemes (paper, dapo) × regimes × seeds, binary rewards.
+Scheme rule: the scheme only changes what Mix-1 / Mix-2 are (the paper's literal ON = R > 0 vs
+DAPO's kept groups), so they run under config.scheme (main, gamma) or both (scheme grid); GRPO,
+DAPO and LUFFY always run under "dapo", the partition their own papers' losses use.
+Equal budgets: every cell stops once it has generated --budget_tokens policy tokens (its step ends
+with an eval and a checkpoint); guide tokens are counted and reported apart. All cells of a regime
+share one weak start and one guide (<workroot>/models/<regime>, built once, reused).
+Resumable: a cell with summary.json and policy_tokens ≥ the budget is skipped; any other cell
+resumes from its checkpoint (a larger budget continues finished cells). A cell whose saved config
+differs from the current one is refused (name it in the error) unless --overwrite.
+Writes <out_dir>/<grid>.csv, <grid>_accuracy_vs_{step,tokens}.png, <grid>_summary.md.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments.configs import resolve_config_path  # noqa: E402
+from experiments.grid import GRIDS, collect_rows, grid_cells, run_cells  # noqa: E402
+
+_DEFAULT_CONFIG = resolve_config_path("compare")
+
+
+def _fix_argv(argv: list[str]) -> list[str]:
+  """Resolves short --config names; --small with no --config selects compare.py:small."""
+  out = ["--config=" + resolve_config_path(a.split("=", 1)[1]) if a.startswith("--config=")
+         else a for a in argv]
+  if not any(a.startswith("--config=") for a in out):
+    small = any(a in ("--small", "--small=true", "--small=True") for a in out)
+    out.append(f"--config={_DEFAULT_CONFIG}" + (":small" if small else ""))
+  return out
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Base run config with a `compare` field (default experiments/configs/"
+    "compare.py; with --small, compare.py:small). --config.<field>=v overrides.")
+_GRID = flags.DEFINE_enum("grid", "main", list(GRIDS), "Which grid to run (module docstring).")
+_ALGOS = flags.DEFINE_list("algos", None, "Override the grid's algorithms (e.g. dapo,mix2).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "RL seeds (config.seed) of every variant.")
+_REGIMES = flags.DEFINE_list("regimes", None, "Regime names (keys of config.compare.regimes; "
+                             "default: all of them).")
+_GAMMAS = flags.DEFINE_list("gammas", None, "γ values of the gamma grid (default "
+                            "config.compare.gammas).")
+_BUDGET = flags.DEFINE_integer("budget_tokens", None, "Policy tokens per cell (default "
+                               "config.max_policy_tokens).")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "Accuracy for 'tokens to threshold' (default: "
+                                "the regime's initial accuracy + config.compare.threshold_delta).")
+_WORKROOT = flags.DEFINE_string("workroot", None, "Run directories and shared models (default "
+                                "/tmp/mixpo_compare, /tmp/mixpo_compare_small with --small).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "CSV / PNG / summary directory (default "
+                               "experiments/results; <workroot>/results with --small).")
+_SMALL = flags.DEFINE_bool("small", False, "Seconds-scale mode for tests (smoke-sized models).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rerun cells whose saved config differs.")
+_KEEP_GOING = flags.DEFINE_bool("keep_going", True, "A failing cell is logged and the grid goes "
+                                "on (exit status 1 at the end); false: stop at the first.")
+
+
+def main(argv):
+  del argv
+  from mixpo import analysis  # noqa: PLC0415
+  base, small = _CONFIG.value, _SMALL.value
+  if "compare" not in base:
+    raise app.UsageError(f"--config: {base!r:.60} has no `compare` field (regimes, gammas); start "
+                         "from experiments/configs/compare.py.")
+  budget = _BUDGET.value if _BUDGET.value is not None else int(base.max_policy_tokens)
+  if budget <= 0:
+    raise app.UsageError(f"--budget_tokens={budget}: equal-budget cells need a positive budget.")
+  workroot = _WORKROOT.value or ("/tmp/mixpo_compare_small" if small else "/tmp/mixpo_compare")
+  out_dir = _OUT_DIR.value or (os.path.join(workroot, "results") if small else os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "results"))
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+    cells = grid_cells(_GRID.value, base, _ALGOS.value, seeds, _REGIMES.value, _GAMMAS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  logging.info("%s grid: %d cells, budget %d policy tokens, workroot %s", _GRID.value, len(cells),
+               budget, workroot)
+  done = run_cells(cells, base, workroot, budget, _OVERWRITE.value, _KEEP_GOING.value)
+  paths = analysis.write_reports(collect_rows(cells, workroot), out_dir, _GRID.value,
+                                 _THRESHOLD.value, base.compare.threshold_delta)
+  print(f"compare: ran {len(done['ran'])} cells, skipped {len(done['skipped'])} finished, "
+        f"failed {len(done['failed'])}")
+  for label, err in done["failed"].items():
+    print(f"  FAILED {label}: {err}")
+  print("wrote:", *paths, sep="\n  ")
+  if done["failed"]:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  sys.argv = _fix_argv(sys.argv)
+  app.run(main)

@@ -1,0 +1,260 @@
+"""Comparison-grid results: per-cell CSV rows, seed-aggregated plots, markdown summary tables.
+
+Used by experiments/compare.py and the notebooks in colabs/. A "cell" is one run (algo, scheme,
+γ, seed, regime); a "variant" is a cell without its seed (the unit plotted and tabulated).
+Units: tokens are generated tokens (policy or guide, counted separately); wall_s is seconds;
+accuracies and rewards are fractions in [0, 1]; response_length is tokens; entropy is nats/token.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import math
+import os
+
+import numpy as np
+
+# Identity of a cell, then one row per evaluated step.
+META_COLUMNS = ("grid", "regime", "policy_steps", "variant", "algo", "scheme", "gamma", "seed",
+                "cell")
+# CSV column ← metrics.jsonl key (train metrics carried from the latest step that logged them).
+METRIC_KEYS = {
+    "policy_tokens": "policy_tokens", "guide_tokens": "guide_tokens",
+    "train_reward": "train/reward", "train_accuracy": "train/accuracy",
+    "eval_accuracy": "eval/accuracy", "response_length": "train/response_length",
+    "entropy": "train/entropy", "wall_s": "wall_s",
+}
+COLUMNS = META_COLUMNS + ("step",) + tuple(METRIC_KEYS)
+_INT_COLUMNS = ("policy_steps", "seed", "step", "policy_tokens", "guide_tokens")
+_STR_COLUMNS = ("grid", "regime", "variant", "algo", "scheme", "cell")
+
+
+def cell_rows(metrics: list[dict], meta: dict) -> list[dict]:
+  """One CSV row per step of `metrics` (metrics.jsonl rows) that has eval/accuracy.
+
+  Train metrics are carried from the latest step that logged them (NaN before the first). A
+  resumed run restarts its wall clock; wall_s here is made cumulative across sessions (time
+  between the last logged step and an interruption is lost).
+  """
+  missing = [k for k in META_COLUMNS if k not in meta]
+  if missing:
+    raise ValueError(f"cell_rows: meta lacks {missing}; expected the fields {META_COLUMNS}.")
+  by_step = {}
+  for r in metrics:  # a step logged twice (resumed run) keeps its last row.
+    by_step[int(r["step"])] = r
+  latest = {col: math.nan for col in METRIC_KEYS}
+  wall_offset, last_wall, out = 0.0, 0.0, []
+  for step in sorted(by_step):
+    r = by_step[step]
+    if isinstance(r.get("wall_s"), (int, float)):
+      if r["wall_s"] < last_wall:
+        wall_offset += last_wall
+      last_wall = r["wall_s"]
+      r = {**r, "wall_s": r["wall_s"] + wall_offset}
+    for col, key in METRIC_KEYS.items():
+      if col != "eval_accuracy" and isinstance(r.get(key), (int, float)):
+        latest[col] = r[key]
+    if isinstance(r.get("eval/accuracy"), (int, float)):
+      out.append({**{k: meta[k] for k in META_COLUMNS}, "step": step, **latest,
+                  "eval_accuracy": r["eval/accuracy"]})
+  return out
+
+
+def write_csv(rows: list[dict], path: str) -> str:
+  """Writes `rows` with the columns COLUMNS (NaN as an empty field); returns `path`."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
+                  for k, v in r.items()})
+  return path
+
+
+def _parse(col: str, value: str, where: str):
+  if col in _STR_COLUMNS:
+    return value
+  if value == "":
+    return math.nan
+  try:
+    return int(float(value)) if col in _INT_COLUMNS else float(value)
+  except ValueError:
+    raise ValueError(f"{where}: column {col!r} holds {value!r}, not a number.") from None
+
+
+def read_csv(path: str) -> list[dict]:
+  """Rows of a grid CSV written by `write_csv`, numbers parsed (empty fields → NaN)."""
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in ("regime", "variant", "seed", "step", "policy_tokens", "eval_accuracy")
+               if c not in (reader.fieldnames or ())]
+    if missing:
+      raise ValueError(f"{path}: missing columns {missing}; expected the columns of "
+                       "mixpo.analysis.COLUMNS (written by experiments/compare.py).")
+    return [{c: _parse(c, v, f"{path} row {i + 2}") for c, v in r.items()}
+            for i, r in enumerate(reader)]
+
+
+def read_results(results_dir: str) -> dict[str, list[dict]]:
+  """{grid name: rows} for every <grid>.csv in `results_dir` (empty dict if none)."""
+  return {os.path.basename(p)[:-4]: read_csv(p)
+          for p in sorted(glob.glob(os.path.join(results_dir, "*.csv")))}
+
+
+def _ordered(values) -> list:
+  return list(dict.fromkeys(values))
+
+
+def _runs(rows: list[dict]) -> dict:
+  """{(regime, variant): {seed: rows sorted by step}}, in first-seen order."""
+  out = {}
+  for r in rows:
+    out.setdefault((r["regime"], r["variant"]), {}).setdefault(r["seed"], []).append(r)
+  for seeds in out.values():
+    for s in seeds:
+      seeds[s].sort(key=lambda r: r["step"])
+  return out
+
+
+def aggregate(seed_runs: dict, x_key: str, y_key: str = "eval_accuracy"):
+  """Mean, min and max over seeds of y on a common x grid; returns (x, mean, lo, hi).
+
+  Each seed's curve is linearly interpolated onto the union of the seeds' x values up to the
+  smallest final x (so every point averages every seed; equal budgets end at about the same x).
+  """
+  curves = []
+  for rows in seed_runs.values():
+    pts = [(r[x_key], r[y_key]) for r in rows
+           if not (math.isnan(r[x_key]) or math.isnan(r[y_key]))]
+    if pts:
+      x, y = map(np.asarray, zip(*pts))
+      curves.append((x.astype(np.float64), y.astype(np.float64)))
+  if not curves:
+    return (np.zeros(0),) * 4
+  end = min(x.max() for x, _ in curves)
+  grid = np.unique(np.concatenate([x[x <= end] for x, _ in curves]))
+  ys = np.stack([np.interp(grid, x, y) for x, y in curves])
+  return grid, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def plot_grid(rows: list[dict], x_key: str = "step", y_key: str = "eval_accuracy",
+              title: str = ""):
+  """Figure with one panel per regime: per variant the seed mean (line) and min–max (band)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # Lazy: slow import.
+  from matplotlib.figure import Figure
+
+  runs = _runs(rows)
+  regimes = _ordered(r for r, _ in runs)
+  fig = Figure(figsize=(5.5 * max(len(regimes), 1), 4), dpi=100)
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, max(len(regimes), 1), squeeze=False)[0]
+  for ax, regime in zip(axes, regimes):
+    for (reg, variant), seeds in runs.items():
+      if reg != regime:
+        continue
+      x, mean, lo, hi = aggregate(seeds, x_key, y_key)
+      line, = ax.plot(x, mean, marker="." if len(x) < 30 else None,
+                      label=f"{variant} (n={len(seeds)})")
+      if len(seeds) > 1:
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_title(f"{title} {regime}".strip())
+    ax.set_xlabel("generated policy tokens" if x_key == "policy_tokens" else x_key)
+    ax.set_ylabel(y_key.replace("_", " ") + " (seed mean, band min–max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  return fig
+
+
+def _last(rows: list[dict], key: str) -> float:
+  return rows[-1][key] if rows else math.nan
+
+
+def _mean_std(values: list[float], fmt: str = "{:.3f}") -> str:
+  v = np.asarray([x for x in values if not math.isnan(x)], np.float64)
+  if not len(v):
+    return "—"
+  if len(v) == 1:
+    return fmt.format(v[0])
+  return f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
+
+
+def tokens_to_threshold(rows: list[dict], threshold: float) -> float:
+  """Policy tokens at the first eval with accuracy ≥ threshold (rows sorted by step), NaN if
+  none; resolution is the eval interval (config.eval_every steps)."""
+  for r in rows:
+    if r["eval_accuracy"] >= threshold:
+      return r["policy_tokens"]
+  return math.nan
+
+
+def summary_table(rows: list[dict], threshold: float | None = None,
+                  threshold_delta: float = 0.2) -> str:
+  """Markdown table per (regime, variant): final eval accuracy mean ± std (ddof=1) over seeds,
+  policy tokens to reach the threshold accuracy (mean over the seeds that reached it, "k/n"
+  seeds; "—" if none), final policy / guide tokens and steps (means).
+
+  threshold: absolute accuracy, or None for (the regime's mean step-0 accuracy) + threshold_delta.
+  """
+  runs = _runs(rows)
+  head = ("| regime | variant | seeds | final eval accuracy | threshold | policy tokens to "
+          "threshold | policy tokens | guide tokens | steps |\n"
+          "|---|---|---|---|---|---|---|---|---|\n")
+  lines = []
+  for regime in _ordered(r for r, _ in runs):
+    inits = [s[0]["eval_accuracy"] for (reg, _), seeds in runs.items() if reg == regime
+             for s in seeds.values() if s and s[0]["step"] == 0]
+    thr = threshold if threshold is not None else (
+        float(np.mean(inits)) + threshold_delta if inits else math.nan)
+    for (reg, variant), seeds in runs.items():
+      if reg != regime:
+        continue
+      cells = list(seeds.values())
+      reached = [t for t in (tokens_to_threshold(c, thr) for c in cells) if not math.isnan(t)]
+      to_thr = (f"{np.mean(reached):,.0f} ({len(reached)}/{len(cells)})" if reached else "—")
+      lines.append(
+          f"| {regime} | {variant} | {len(cells)} | "
+          f"{_mean_std([_last(c, 'eval_accuracy') for c in cells])} | {thr:.3f} | {to_thr} | "
+          f"{np.mean([_last(c, 'policy_tokens') for c in cells]):,.0f} | "
+          f"{np.mean([_last(c, 'guide_tokens') for c in cells]):,.0f} | "
+          f"{np.mean([_last(c, 'step') for c in cells]):.0f} |")
+  return head + "\n".join(lines) + "\n"
+
+
+def write_reports(rows: list[dict], out_dir: str, grid: str, threshold: float | None = None,
+                  threshold_delta: float = 0.2) -> list[str]:
+  """<grid>.csv, <grid>_accuracy_vs_step.png, <grid>_accuracy_vs_tokens.png and
+  <grid>_summary.md in `out_dir`; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [write_csv(rows, os.path.join(out_dir, f"{grid}.csv"))]
+  for x_key, name in (("step", "step"), ("policy_tokens", "tokens")):
+    path = os.path.join(out_dir, f"{grid}_accuracy_vs_{name}.png")
+    plot_grid(rows, x_key, title=f"{grid}:").savefig(path)
+    paths.append(path)
+  path = os.path.join(out_dir, f"{grid}_summary.md")
+  with open(path, "w") as f:
+    f.write(f"# {grid} grid: eval accuracy at equal policy-token budgets\n\n")
+    f.write(summary_table(rows, threshold, threshold_delta))
+  paths.append(path)
+  return paths
+
+
+def run_figure(metrics: list[dict], keys=("eval/accuracy", "train/reward"), x_key: str = "step"):
+  """Figure of one run's metrics.jsonl rows: one panel per key against `x_key` (notebooks)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # Lazy: slow import.
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(4.5 * len(keys), 3.5), dpi=100)
+  FigureCanvasAgg(fig)
+  for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
+    pts = sorted((r[x_key], r[key]) for r in metrics
+                 if isinstance(r.get(key), (int, float)) and isinstance(r.get(x_key), (int, float)))
+    if pts:
+      ax.plot(*zip(*pts), marker=".")
+    ax.set_title(key)
+    ax.set_xlabel(x_key)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return fig

@@ -1,0 +1,94 @@
+"""compare.py, grid.py, mixpo/analysis.py: grid rules, equal budgets, resume, reports."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import grid
+from experiments.configs import compare as compare_config
+from mixpo import analysis
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_grid_rules():
+  base = compare_config.get_config("small")
+  main = grid.grid_cells("main", base, seeds=(0, 1, 2))
+  assert len(main) == 5 * 2 * 3  # algos × regimes × seeds.
+  assert {c.scheme for c in main if c.algo in ("grpo", "dapo", "luffy")} == {"dapo"}
+  scheme = grid.grid_cells("scheme", base, seeds=(0,), regimes=["weak"])
+  assert [(c.algo, c.scheme) for c in scheme] == [("mix1", "paper"), ("mix1", "dapo"),
+                                                  ("mix2", "paper"), ("mix2", "dapo")]
+  gamma = grid.grid_cells("gamma", base, seeds=(0,), regimes=["weak"], gammas=["0.01", "1"])
+  assert [c.name for c in gamma] == ["mix2-dapo-g0.01-s0", "mix2-dapo-g1-s0"]
+  assert gamma[0].variant == "mix2 γ=0.01"
+  config = grid.cell_config(base, scheme[0], "/root", budget=123)
+  assert "compare" not in config and config.max_policy_tokens == 123
+  assert config.builtin.policy_steps == base.compare.regimes.weak
+  assert config.builtin_dir == "/root/models/weak" and config.task_kwargs["reward"] == "exact"
+  with pytest.raises(ValueError, match="config.compare.regimes"):
+    grid.grid_cells("main", base, regimes=["strong"])
+
+
+def test_cell_rows_carry_train_metrics_and_accumulate_wall_time():
+  meta = {k: 0 for k in analysis.META_COLUMNS}
+  metrics = [
+      {"step": 0, "eval/accuracy": 0.1, "policy_tokens": 0, "guide_tokens": 0},
+      {"step": 1, "train/reward": 0.5, "policy_tokens": 10, "guide_tokens": 2, "wall_s": 3.0},
+      # Step 2 ran after a resume: its wall clock restarted.
+      {"step": 2, "train/reward": 0.6, "policy_tokens": 20, "guide_tokens": 4, "wall_s": 1.0,
+       "eval/accuracy": 0.3}]
+  rows = analysis.cell_rows(metrics, meta)
+  assert [r["step"] for r in rows] == [0, 2]
+  assert math.isnan(rows[0]["train_reward"]) and rows[1]["train_reward"] == 0.6
+  assert rows[1]["wall_s"] == 4.0 and rows[1]["guide_tokens"] == 4
+
+
+def _compare(tmp_path, *extra):
+  cmd = [sys.executable, "experiments/compare.py", "--small", "--grid=main", "--algos=dapo,mix2",
+         "--seeds=0", "--regimes=weak", "--budget_tokens=1", f"--workroot={tmp_path / 'work'}",
+         f"--out_dir={tmp_path / 'out'}", *extra]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_compare_small_grid_equal_budget_resume_and_reports(tmp_path):
+  stdout = _compare(tmp_path)
+  assert "ran 2 cells, skipped 0 finished" in stdout
+  out = tmp_path / "out"
+  for name in ("main.csv", "main_accuracy_vs_step.png", "main_accuracy_vs_tokens.png",
+               "main_summary.md"):
+    assert (out / name).stat().st_size > 0, name
+  with open(out / "main.csv", newline="") as f:
+    assert tuple(csv.DictReader(f).fieldnames) == analysis.COLUMNS
+  rows = analysis.read_csv(str(out / "main.csv"))
+  assert {(r["algo"], r["step"]) for r in rows} == {("dapo", 0), ("dapo", 1), ("mix2", 0),
+                                                    ("mix2", 1)}  # budget 1 token: one step.
+  final = {r["algo"]: r for r in rows if r["step"] == 1}
+  assert final["dapo"]["guide_tokens"] == 0 and final["mix2"]["guide_tokens"] > 0
+  assert all(r["policy_tokens"] >= 1 and not math.isnan(r["train_reward"]) for r in final.values())
+  cell = tmp_path / "work" / "main" / "weak" / "mix2-dapo-s0"
+  summary = json.load(open(cell / "summary.json"))
+  assert summary["budget_reached"] and summary["final_step"] == 1
+  assert "| weak | mix2 | 1 |" in (out / "main_summary.md").read_text()
+
+  before = (out / "main.csv").read_bytes()
+  assert "ran 0 cells, skipped 2 finished" in _compare(tmp_path)  # nothing reruns.
+  assert (out / "main.csv").read_bytes() == before
+
+  # A cell run under another config is refused by name rather than silently reused.
+  config = grid.cell_config(compare_config.get_config("small"), grid.grid_cells(
+      "main", compare_config.get_config("small"), ["mix2"], [0], ["weak"])[0],
+      str(tmp_path / "work"), budget=1)
+  assert grid.cell_state(str(cell), config, budget=1) == "done"
+  assert grid.cell_state(str(cell), config, budget=10**6) == "resume"  # a larger budget goes on.
+  config.learning_rate *= 2
+  with pytest.raises(ValueError, match="mix2-dapo-s0.*learning_rate"):
+    grid.cell_state(str(cell), config, budget=1)
