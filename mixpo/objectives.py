@@ -49,6 +49,11 @@ class ObjectiveConfig:
   # "old" = πθ/πθ_old, the ratio that actually corrects for their sampling distribution (they are
   # drawn from θ_old, not from ϕ). See README "Results" for why this matters.
   zero_ratio: str = "guide"
+  # Gradient of the shaped off-policy term: "exact" = ∇ of f(r̂)·A (eq. 4), whose weight on
+  # ∇log πθ is γ r̂/(r̂+γ)² ≤ 1/4 and vanishes as r̂ → 0; "paper_step" = the step the paper's
+  # "adaptive step size" argument (§3.1.2) assumes, f'(r̂)·A·∇log πθ = γ/(r̂+γ)²·A·∇log πθ,
+  # i.e. up to 1/γ when πθ ≪ πϕ. Same loss value, different gradient; an ablation of the claim.
+  shaping_grad: str = "exact"
 
   def __post_init__(self):
     if self.algo not in ALGOS:
@@ -63,6 +68,8 @@ class ObjectiveConfig:
       raise ValueError(f"ObjectiveConfig.on_weight={self.on_weight}: must lie in [0, 1].")
     if self.dual_clip is not None and not self.dual_clip > 1.0:
       raise ValueError(f"ObjectiveConfig.dual_clip={self.dual_clip}: must be > 1 or None.")
+    if self.shaping_grad not in ("exact", "paper_step"):
+      raise ValueError(f"ObjectiveConfig.shaping_grad={self.shaping_grad!r}: 'exact' or 'paper_step'.")
     if self.zero_ratio not in ("guide", "old"):
       raise ValueError(f"ObjectiveConfig.zero_ratio={self.zero_ratio!r}: 'guide' (paper) or 'old'.")
     if not self.max_log_ratio > 0.0:
@@ -123,15 +130,26 @@ def clip_objective(log_ratio_BxT, adv_B, eps_low, eps_high, dual_clip=None):
   return obj, is_clipped.astype(jnp.float32)
 
 
-def shaped_offpolicy(log_ratio_BxT, adv_B, gamma):
+def shaped_offpolicy(log_ratio_BxT, adv_B, gamma, grad="exact"):
   """Per-token f(r̂)·A with f(r̂) = r̂/(r̂+γ) = sigmoid(log r̂ − log γ); returns (obj_BxT, f_BxT).
 
   d f / d log r̂ = γ r̂ / (r̂ + γ)², so the gradient w.r.t. logp carries the factor r̂ that the
-  paper's "adaptive step" argument omits: it vanishes (not 1/γ) as r̂ → 0.
+  paper's "adaptive step" argument omits: it vanishes (not 1/γ) as r̂ → 0. With
+  grad="paper_step" the value is the same but the gradient w.r.t. log r̂ is f'(r̂)·A =
+  γ/(r̂+γ)²·A (computed as sigmoid(x)·sigmoid(−x)/r̂ in log space), the step the paper argues for.
   """
   chex.assert_rank(log_ratio_BxT, 2)
-  f = jax.nn.sigmoid(log_ratio_BxT - math.log(gamma))
-  return f * adv_B[:, None], f
+  x = log_ratio_BxT - math.log(gamma)
+  f = jax.nn.sigmoid(x)
+  obj = f * adv_B[:, None]
+  if grad == "paper_step":
+    # γ/(r̂+γ)² = σ(x)σ(−x)/r̂ = σ(−x)² / γ, stable for any x.
+    weight = jax.lax.stop_gradient(jnp.square(jax.nn.sigmoid(-x)) / gamma)
+    lr = log_ratio_BxT
+    obj = jax.lax.stop_gradient(obj) + weight * adv_B[:, None] * (lr - jax.lax.stop_gradient(lr))
+  elif grad != "exact":
+    raise ValueError(f"shaped_offpolicy(grad={grad!r}): 'exact' or 'paper_step'.")
+  return obj, f
 
 
 def _set_mask(kind_B, mask_BxT, k):
@@ -162,7 +180,7 @@ def j_on(logp_BxT, old_logp_BxT, adv_B, kind_B, mask_BxT, cfg: ObjectiveConfig, 
 
 def _shaped_sum(logp_BxT, guide_logp_BxT, adv_B, m_BxT, cfg):
   lr = _bounded_log_ratio(logp_BxT, guide_logp_BxT, m_BxT, cfg.max_log_ratio)
-  obj, f = shaped_offpolicy(lr, adv_B, cfg.gamma)
+  obj, f = shaped_offpolicy(lr, adv_B, cfg.gamma, cfg.shaping_grad)
   metrics = {
       "tokens_off": jnp.sum(m_BxT),
       "ratio_guide_off": masked_mean(jnp.exp(lr), m_BxT)[0],

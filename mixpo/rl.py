@@ -42,7 +42,8 @@ def objective_config(config) -> objectives.ObjectiveConfig:
   return objectives.ObjectiveConfig(
       algo=config.algo, eps_low=config.eps_low, eps_high=config.eps_high, gamma=config.gamma,
       on_weight=config.on_weight, dual_clip=config.dual_clip or None,
-      max_log_ratio=config.max_log_ratio, zero_ratio=config.zero_ratio)
+      max_log_ratio=config.max_log_ratio, zero_ratio=config.zero_ratio,
+      shaping_grad=config.shaping_grad)
 
 
 def num_guide(config) -> int:

@@ -226,3 +226,23 @@ def test_nan_from_non_finite_logp_on_real_tokens_is_not_clipped_away(algo):
   loss, _ = obj.objective(logp, old.at[0, 0].set(-jnp.inf), guide, adv, kind, mask,
                           ObjectiveConfig(algo=algo))
   assert np.isnan(float(loss))
+
+
+def test_paper_step_gradient_is_f_prime_without_the_ratio_factor():
+  """shaping_grad="paper_step": same loss, gradient γ/(r̂+γ)²·A (up to 1/γ for r̂ → 0)."""
+  logp, _, guide, adv, _, mask = random_batch(12)
+  kind = np.full(len(adv), OFF, np.int32)
+  exact = ObjectiveConfig(algo="mix1", gamma=0.1)
+  step = ObjectiveConfig(algo="mix1", gamma=0.1, shaping_grad="paper_step")
+  fn = lambda cfg: lambda lp: obj.j_off(lp, jnp.asarray(guide), jnp.asarray(adv),
+                                        jnp.asarray(kind), jnp.asarray(mask), cfg)[0]
+  np.testing.assert_allclose(fn(step)(jnp.asarray(logp)), fn(exact)(jnp.asarray(logp)), rtol=1e-6)
+  g = np.asarray(jax.grad(fn(step))(jnp.asarray(logp)))
+  r = np.exp(logp - guide)
+  expect = 0.1 / (r + 0.1) ** 2 * adv[:, None] * mask / mask.sum()
+  np.testing.assert_allclose(g, expect, rtol=1e-4, atol=1e-8)
+  # Far from the guide the step approaches A/γ per token, as the paper's argument says.
+  _, f = obj.shaped_offpolicy(jnp.array([[-30.0]]), jnp.ones(1), 0.1)
+  gw = jax.grad(lambda x: obj.shaped_offpolicy(x, jnp.ones(1), 0.1, "paper_step")[0].sum())(
+      jnp.array([[-30.0]]))
+  np.testing.assert_allclose(gw, [[10.0]], rtol=1e-4)

@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.on_weight = 0.5  # w in J = w·J_on + (1 − w)·J_off / J_mix.
   c.dual_clip = 0.0  # dual-clip constant c > 1 for A < 0; 0 = off.
   c.max_log_ratio = 20.0  # |log-ratio| bound before exp.
+  c.shaping_grad = "exact"  # "exact" ∇f(r̂) (eq. 4) or "paper_step" (f'(r̂)·∇log π, §3.1.2).
   c.zero_ratio = "guide"  # Mix-2 ZERO-sample ratio: "guide" (paper's πθ/πϕ) or "old" (πθ/πθ_old).
   # --- models
   c.policy = "builtin"  # HF checkpoint directory of the starting policy, or "builtin".
