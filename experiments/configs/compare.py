@@ -30,7 +30,7 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
   small = mode == "small"
   c = (smoke if small else default).get_config()
   c.num_steps = 100_000  # effectively unbounded: every cell stops at max_policy_tokens.
-  c.max_policy_tokens = 400 if small else 60_000  # policy tokens per cell (--budget_tokens).
+  c.max_policy_tokens = 400 if small else 100_000  # policy tokens per cell (--budget_tokens).
   c.export_hf = False
   c.progress = False  # compare.py shows one bar over cells.
   c.log_samples_every = 0

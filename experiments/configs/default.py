@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eps_high = 0.28  # clip range above 1 (DAPO clip-higher).
   c.gamma = 0.1  # γ of f(r̂) = r̂ / (r̂ + γ).
   c.on_weight = 0.5  # w in J = w·J_on + (1 − w)·J_off / J_mix.
-  c.dual_clip = 0.0  # dual-clip constant c > 1 for A < 0; 0 = off.
+  c.dual_clip = 3.0  # dual-clip constant c > 1 for A < 0 (bounds πθ/πϕ-weighted ZERO terms); 0 = off.
   c.max_log_ratio = 20.0  # |log-ratio| bound before exp.
   c.shaping_grad = "exact"  # "exact" ∇f(r̂) (eq. 4) or "paper_step" (f'(r̂)·∇log π, §3.1.2).
   c.zero_ratio = "guide"  # Mix-2 ZERO-sample ratio: "guide" (paper's πθ/πϕ) or "old" (πθ/πθ_old).
@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- rollout
   c.groups = 16  # prompt groups per train batch.
   c.n = 8  # policy samples per prompt.
-  c.m = 2  # guide samples per prompt (luffy, mix1, mix2).
+  c.m = 4  # guide samples per prompt (luffy, mix1, mix2).
   c.zero_groups = 16  # Mix-2: zero-variance groups kept as the ZERO set.
   c.dynamic_sampling = True  # DAPO: redraw until `groups` groups have reward variance.
   c.max_num_gen_batches = 3  # cap of generation batches per step.
@@ -71,18 +71,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.top_p = 1.0
   c.top_k = 0
   # --- optimisation
-  c.learning_rate = 1e-3
-  c.warmup_steps = 5
+  c.learning_rate = 3e-4  # RL from the weak start collapses at 1e-3 and above (BUILD_NOTES).
+  c.warmup_steps = 10
   c.weight_decay = 0.0
   c.grad_clip = 1.0
   c.epochs = 1  # passes over each batch.
-  c.num_minibatches = 2  # optimizer updates per epoch.
+  c.num_minibatches = 1  # optimizer updates per epoch (tiny models need the whole batch).
   c.num_micro_batches = 1  # gradient accumulation chunks per minibatch.
   # --- run
   c.seed = 0
-  c.num_steps = 60
+  c.num_steps = 100
   c.max_policy_tokens = 0  # stop once this many policy tokens are generated (0 = off; compare.py).
-  c.eval_every = 10
+  c.eval_every = 20
   c.eval_size = 300
   c.eval_batch_size = 300
   c.checkpoint_every = 10
