@@ -328,3 +328,32 @@ def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
     fig.savefig(path)
     written.append(path)
   return written
+
+
+class CompileCounter:
+  """Counts XLA backend compilations in this process (jax.monitoring's compile-duration event).
+
+  The trainer logs `compile/count` every step: after the first step (and the first evaluation)
+  it must stay flat, otherwise shapes are leaking into the jitted programs.
+  """
+
+  _count = 0
+  _registered = False
+
+  @classmethod
+  def install(cls) -> None:
+    if not cls._registered:
+      import jax.monitoring  # pylint: disable=g-import-not-at-top
+
+      def _listener(event: str, duration: float, **kwargs) -> None:
+        del duration, kwargs
+        if event == "/jax/core/compile/backend_compile_duration":
+          cls._count += 1
+
+      jax.monitoring.register_event_duration_secs_listener(_listener)
+      cls._registered = True
+
+  @classmethod
+  def count(cls) -> int:
+    cls.install()
+    return cls._count

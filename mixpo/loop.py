@@ -155,6 +155,7 @@ def _evaluate(exp, params, examples) -> dict:
 
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the final summary dict."""
+  mlog.CompileCounter.install()
   exp, state, ckpt, eval_examples = setup(config, workdir)
   extra = {"data_pos": 0, "policy_tokens": 0, "guide_tokens": 0, "consecutive_skips": 0}
   restored = ckpt.restore_latest(state)
@@ -203,6 +204,7 @@ def run(config, workdir: str) -> dict:
       with timer("checkpoint"):
         ckpt.save(step, state, extra, force=preempt.requested or last)
       metrics.update(timer.metrics())
+      metrics["compile/count"] = mlog.CompileCounter.count()
       logger.write(step, metrics)
       if config.log_samples_every and step % config.log_samples_every == 0:
         logger.write_samples(step, samples)

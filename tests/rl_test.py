@@ -174,3 +174,13 @@ def test_smoke_config_runs_from_the_command_line(builtin_dir, tmp_path, algo):
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["final_step"] == 2
+
+
+def test_no_recompilation_after_the_first_step(builtin_dir, tmp_path):
+  config = smoke_config(builtin_dir, num_steps=5, eval_every=2, checkpoint_every=2)
+  config.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}
+  loop.run(config, str(tmp_path))
+  counts = {r["step"]: r["compile/count"] for r in mlog.read_metrics(str(tmp_path))
+            if "compile/count" in r}
+  # Step 1 compiles generate / score / train_step; step 2 adds the first checkpoint's programs.
+  assert counts[2] == counts[5], counts
