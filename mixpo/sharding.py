@@ -50,7 +50,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
 )
 
 ACT_BTD = P(BATCH_AXES, None, None)  # activations at layer borders.
-KV_LBSKH = P(None, BATCH_AXES, None, "tensor", None)  # KVCache.k / .v
+KV_LBKSH = P(None, BATCH_AXES, "tensor", None, None)  # KVCache.k / .v (head-major)
 ROWS_B = P(BATCH_AXES)  # anything with a leading batch dim (Batch fields, prompts).
 
 
