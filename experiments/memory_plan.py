@@ -7,7 +7,7 @@ How each figure is obtained (nothing is allocated at model size):
   params / optimizer / guide  nnx.eval_shape of the model and jax.eval_shape of optimizer.init,
                               each leaf's shard shape under sharding.PARAM_RULES on the mesh;
   kv_cache                    eval_shape of CausalLM.init_cache(rollout_rows, rollout_len)
-                              sharded by sharding.KV_LBSKH;
+                              sharded by sharding.KV_LBKSH;
   step_temp (activations)     temp_size_in_bytes of the compiled, sharded train_step
                               (jit(...).lower(abstract sharded inputs).compile().memory_analysis())
                               on simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_
@@ -99,7 +99,7 @@ def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_
                               state.params)
   guide_b = sharding.bytes_per_device(guide_params, sharding.tree_shardings(guide_params, mesh))
   cache = jax.eval_shape(lambda: model.init_cache(rollout_rows, rollout_len))
-  kv_sh = jax.sharding.NamedSharding(mesh, sharding.fit_spec(sharding.KV_LBSKH, cache.k.shape,
+  kv_sh = jax.sharding.NamedSharding(mesh, sharding.fit_spec(sharding.KV_LBKSH, cache.k.shape,
                                                              mesh))
   kv_b = 2 * sharding.bytes_per_device(cache.k, kv_sh)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))

@@ -131,9 +131,10 @@ def test_sharded_checkpoints_in_and_out(checkpoints, tmp_path):
   assert _max_err(_torch_logits(reloaded, tokens, positions, mask), ref, mask) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3"])
-def test_kv_cache_decode_matches_full_forward(checkpoints, family):
-  model = models.from_pretrained(checkpoints[family][0])
+@pytest.mark.parametrize("family,impl", [("llama3", "xla"), ("qwen3", "xla"),
+                                         ("llama3", "dot_product_attention")])
+def test_kv_cache_decode_matches_full_forward(checkpoints, family, impl):
+  model = models.from_pretrained(checkpoints[family][0], attention_impl=impl)
   tokens, positions, mask = _batch(seed=3, t=12)
   prompt_len, max_len = 6, 16
   h_full = model.hidden_states(tokens, positions, mask)

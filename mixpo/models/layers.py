@@ -78,25 +78,29 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTx1xH: jax.Array, sin_BxTx1xH: jax.Ar
   return (x32 * cos_BxTx1xH + rotated * sin_BxTx1xH).astype(x_BxTxNxH.dtype)
 
 
-def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, impl: str):
+def attend(q_BxTxNxH, k, v, allowed_BxTxS, impl: str, *, heads_major: bool = False):
   """Softmax attention of T queries over S keys (GQA: N query heads share K kv heads).
 
+  k, v: [B, S, K, H] (token-major, as projected), or [B, K, S, H] with `heads_major` (the KV
+  cache layout: the contractions read it in place, no per-step transpose of the whole cache).
   allowed_BxTxS: bool, True where query t may see key s (causality and padding folded in).
   Returns [B, T, N*H] in the dtype of v.
   """
   b, t, n, h = q_BxTxNxH.shape
-  kv = k_BxSxKxH.shape[2]
+  kv_spec = "bksh" if heads_major else "bskh"
+  kv = k.shape[1 if heads_major else 2]
   scale = h ** -0.5
   if impl == "dot_product_attention":
-    out = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
-                                       mask=allowed_BxTxS[:, None], scale=scale)
+    if heads_major:  # jax.nn wants [B, S, K, H]
+      k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    out = jax.nn.dot_product_attention(q_BxTxNxH, k, v, mask=allowed_BxTxS[:, None], scale=scale)
     return out.reshape(b, t, n * h)
   q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+  scores = jnp.einsum(f"btkgh,{kv_spec}->bkgts", q_BxTxKxGxH, k,
                       preferred_element_type=jnp.float32) * scale
   scores = jnp.where(allowed_BxTxS[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"bkgts,{kv_spec}->btkgh", probs, v)
   return out.reshape(b, t, n * h)
 
 
@@ -115,7 +119,7 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(h, config=c) if c.qk_norm else None
 
   def __call__(self, x_BxTxD, cos, sin, allowed_BxTxS, cache=None):
-    """cache: None, or (k_LxBxSxKxH, v_LxBxSxKxH, layer, index) to write the new keys/values
+    """cache: None, or (k_LxBxKxSxH, v_LxBxKxSxH, layer, index) to write the new keys/values
     at slots index.. and attend over the whole cache. Returns (out_BxTxD, k_L.., v_L..)."""
     c = self.config
     b, t, _ = x_BxTxD.shape
@@ -130,11 +134,14 @@ class Attention(nnx.Module):
       return self.o_proj(out), None, None
     k_cache, v_cache, layer, index = cache
     zero = jnp.zeros((), jnp.int32)
-    start = (jnp.asarray(layer, jnp.int32), zero, index, zero, zero)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+    start = (jnp.asarray(layer, jnp.int32), zero, zero, index, zero)
+    # Only the T new rows are transposed to head-major; the cache itself is never copied.
+    k_1xBxKxTxH = k.swapaxes(1, 2)[None].astype(k_cache.dtype)
+    v_1xBxKxTxH = v.swapaxes(1, 2)[None].astype(v_cache.dtype)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_1xBxKxTxH, start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_1xBxKxTxH, start)
     out = attend(q, k_cache[layer].astype(q.dtype), v_cache[layer].astype(q.dtype),
-                 allowed_BxTxS, c.attention_impl)
+                 allowed_BxTxS, c.attention_impl, heads_major=True)
     return self.o_proj(out), k_cache, v_cache
 
 

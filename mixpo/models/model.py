@@ -35,15 +35,17 @@ class KVCache:
   """Preallocated keys/values of every layer; static shapes, written with dynamic_update_slice.
 
   Slot s of row b holds the key/value of the token written at decode index s (post-RoPE keys).
+  Head-major ([.., K, S, H]): each (row, head) is one contiguous [S, H] block, the layout the
+  q·k and p·v contractions consume, so a decode step reads the cache without a transpose copy.
   """
-  k_LxBxSxKxH: jax.Array  # keys, [layers, batch, max_len, kv heads, head_dim].
-  v_LxBxSxKxH: jax.Array  # values, same layout.
+  k_LxBxKxSxH: jax.Array  # keys, [layers, batch, kv heads, max_len, head_dim].
+  v_LxBxKxSxH: jax.Array  # values, same layout.
   valid_BxS: jax.Array  # int32 1 where slot s holds a real (non-padding) token.
   index: jax.Array  # int32 scalar: next slot to write.
 
   # Short aliases.
-  k = property(lambda self: self.k_LxBxSxKxH)
-  v = property(lambda self: self.v_LxBxSxKxH)
+  k = property(lambda self: self.k_LxBxKxSxH)
+  v = property(lambda self: self.v_LxBxKxSxH)
   mask = property(lambda self: self.valid_BxS)
   valid = property(lambda self: self.valid_BxS)
   max_len = property(lambda self: self.valid_BxS.shape[1])
@@ -133,9 +135,9 @@ class CausalLM(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (dtype: config.dtype)."""
     c = self.config
-    shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim)
     dtype = dtype or c.dtype
-    kv = lambda: sharding.constrain(jnp.zeros(shape, dtype), sharding.KV_LBSKH)
+    kv = lambda: sharding.constrain(jnp.zeros(shape, dtype), sharding.KV_LBKSH)
     return KVCache(kv(), kv(), sharding.constrain(jnp.zeros((batch_size, max_len), jnp.int32),
                                                   sharding.ROWS_B), jnp.zeros((), jnp.int32))
 
@@ -161,7 +163,7 @@ class CausalLM(nnx.Module):
     causal_1xTxS = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_T[:, None])[None]
     allowed_BxTxS = causal_1xTxS & (valid_BxS != 0)[:, None, :]
     cos, sin = rope_cos_sin(positions_BxT, self.config)
-    k_cache, v_cache = cache.k_LxBxSxKxH, cache.v_LxBxSxKxH
+    k_cache, v_cache = cache.k_LxBxKxSxH, cache.v_LxBxKxSxH
     x = sharding.constrain(self.embed(tokens_BxT))
     for i, layer in enumerate(self.layers):
       x, k_cache, v_cache = layer(x, cos, sin, allowed_BxTxS, (k_cache, v_cache, i, index))
