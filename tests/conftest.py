@@ -1,6 +1,15 @@
 """Shared pytest setup: strict numpy semantics as in nanodo, one CPU device by default."""
 
-import jax
+import os
+import tempfile
+
+# A persistent XLA cache shared by this process and the binaries the tests launch in
+# subprocesses (they inherit the environment): the same tiny programs compile once per run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"mixpo-test-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
