@@ -272,7 +272,7 @@ def test_nan_updates_are_skipped_counted_then_stop_naming_the_step(env, referenc
   workdir = os.path.join(env.base, "nan")
   # lr = inf: every Adam update is inf·0 = NaN; max 3 consecutive skips → fails at step 3.
   rc, out = env.run(workdir, "--config.learning_rate=inf", "--config.max_consecutive_skips=3",
-                    ok=False)
+                    "--config.num_minibatches=2", ok=False)
   assert rc != 0
   assert "NonFiniteUpdateError" in out and "step 3: 3 consecutive steps" in out, out[-3000:]
   assert "learning rate" in out
