@@ -117,10 +117,10 @@ def setup(config, workdir: str):
 
 
 def _frozen(model) -> tuple:
-  """(graphdef, state) of the guide; held as device arrays that no optimizer ever sees."""
+  """(graphdef, state) of the guide. Frozen by construction: only the policy's parameters are in
+  `TrainState`, so the guide's arrays never reach `train_step` or the optimizer."""
   from flax import nnx
-  graphdef, state = nnx.split(model)
-  return graphdef, jax.tree.map(jax.lax.stop_gradient, state)
+  return nnx.split(model)
 
 
 class _Preemption:
