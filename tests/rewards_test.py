@@ -123,6 +123,37 @@ def test_runner_reward_signal_backend_timeout_for_unpicklable_fn():
     assert res.timeouts == 2 and time.monotonic() - t < 1.5
 
 
+def test_deadline_survives_an_alarm_swallowed_in_a_destructor():
+  # The first alarm lands inside __del__, where Python prints and ignores exceptions (as in JAX's
+  # gc callback); a one-shot alarm would be lost and the loop below would run its full 5 s.
+  import signal
+  from mixpo.rewards.deadline import DeadlineExceeded, deadline
+
+  class SlowToDelete:
+    def __del__(self):
+      t = time.monotonic()
+      while time.monotonic() - t < 0.3:
+        pass
+
+  old = signal.getsignal(signal.SIGALRM)
+  t0 = time.monotonic()
+  with pytest.raises(DeadlineExceeded):
+    with deadline(0.1):
+      SlowToDelete()  # deleted at once (refcount 0): the alarm fires inside __del__
+      while time.monotonic() - t0 < 5:
+        pass
+  assert time.monotonic() - t0 < 1.5
+  assert signal.getsignal(signal.SIGALRM) is old and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def test_parse_gold_deadline_on_pathological_reference():
+  from mixpo.rewards.math_answer import parse_gold
+  t0 = time.monotonic()
+  with pytest.raises(ValueError, match="took over 0.5 s"):
+    parse_gold("(" * 5000, 0.5)
+  assert time.monotonic() - t0 < 3
+
+
 def test_runner_reward_error_names_function_or_counts_zero():
   with RewardRunner([(raising_reward, 1.0)], timeout_s=2.0) as r:
     with pytest.raises(RewardError, match="raising_reward.*ZeroDivisionError.*on_error='zero'"):

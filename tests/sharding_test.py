@@ -180,6 +180,7 @@ def test_memory_plan_runs_from_config_json_without_weights(tmp_path):
   # fp32 params over fsdp×tensor = 4 shards (norms and biases replicated: a little more).
   assert 4 * n_params / 4 <= plan["per_device"]["params"] < 1.01 * 4 * n_params / 4
   assert plan["per_device"]["step_temp"] > 0
-  # Nothing near the model's 6.2 GB of fp32 weights was ever allocated on the host (the peak,
-  # ~3 GB, is XLA compiling the sharded step on 8 simulated devices).
-  assert plan["peak_rss_bytes"] < 4e9
+  # The model's fp32 weights (4 bytes × 1.54e9 = 6.2 GB) were never materialised on the host:
+  # the peak (3.0–4.3 GB observed across machines) is XLA compiling the sharded step on 8
+  # simulated devices; loading the weights would add 6.2 GB on top.
+  assert plan["peak_rss_bytes"] < 4 * n_params

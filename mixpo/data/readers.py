@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Any, Iterator
 
 from mixpo.data.tasks import Example
@@ -21,8 +22,20 @@ from mixpo.rewards.math_answer import parse_gold
 ANSWER_PARSE_TIMEOUT_S = 5
 
 
+# An exponent inside an exponent (10^{10^{10}}, x^x^x): sympy may evaluate such a tower to an
+# astronomically large integer inside C code, where no signal-based deadline can interrupt it.
+_EXPONENT_TOWER = re.compile(r"\^\s*(\{[^{}]*|\(?\w+\)?\s*)\^")
+
+
 def parse_reference(answer: str) -> tuple:
-  """`parse_gold` with the readers' deadline, so one pathological answer cannot stall a read."""
+  """`parse_gold` with the readers' deadline, so one pathological answer cannot stall a read.
+
+  Reference answers holding an exponent tower are refused up front (ValueError → the row is
+  "answer_unparsable"): the deadline is a main-thread alarm, which C code never yields to.
+  """
+  if _EXPONENT_TOWER.search(answer):
+    raise ValueError(f"reference answer {answer[:40]!r} holds an exponent tower (a^{{b^c}}); "
+                     "refused rather than risk an uninterruptible evaluation")
   return parse_gold(answer, ANSWER_PARSE_TIMEOUT_S)
 
 

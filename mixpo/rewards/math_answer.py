@@ -12,15 +12,17 @@ Call them through the runner whenever completions come from a model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
 import threading
-import time
 
 import math_verify
 import math_verify.grader
 import math_verify.parser
+
+from mixpo.rewards.deadline import DeadlineExceeded, deadline
 
 # We provide the timeout (RewardRunner), so silence math-verify's one-time warning about it.
 math_verify.parser.TIMEOUT_WARNING_SHOWN = True
@@ -84,9 +86,9 @@ def parse_gold(answer: str, timeout_s: int | None = None) -> tuple:
 
   A reference that does not parse would score every completion 0 — a silent wrong reward — so
   it is an error here. Cached: a group of n completions shares one reference.
-  timeout_s: whole seconds per parse attempt (math-verify's `signal.alarm`, so main thread only;
-    elsewhere ignored). Dataset readers set it: a short pathological answer such as
-    "x^x^...^2" keeps sympy busy for minutes. Reward workers leave it None (RewardRunner's
+  timeout_s: seconds for the whole parse, enforced in-process by `mixpo.rewards.deadline` (main
+    thread only; elsewhere ignored). Dataset readers set it: a short pathological answer such
+    as "x^x^...^2" keeps sympy busy for minutes. Reward workers leave it None (RewardRunner's
     deadline applies there).
   """
   text = str(answer).strip()
@@ -94,14 +96,16 @@ def parse_gold(answer: str, timeout_s: int | None = None) -> tuple:
   if timeout_s is not None and threading.current_thread() is not threading.main_thread():
     timeout_s = None
   if text:
-    t0 = time.monotonic()
-    parsed = math_verify.parse(text if "$" in text or "\\" in text else f"${text}$",
-                               parsing_timeout=timeout_s)
-    if not parsed and timeout_s is not None and time.monotonic() - t0 >= timeout_s:
+    try:
+      with deadline(timeout_s) if timeout_s is not None else contextlib.nullcontext():
+        parsed = math_verify.parse(text if "$" in text or "\\" in text else f"${text}$",
+                                   parsing_timeout=None)
+        if not parsed:
+          parsed = math_verify.parse(text, parsing_timeout=None)
+    except DeadlineExceeded:
       raise ValueError(f"reference answer {text[:80]!r} took over {timeout_s} s to parse "
-                       "(pathological LaTeX or a huge power tower?); simplify the dataset's answer")
-    if not parsed:
-      parsed = math_verify.parse(text, parsing_timeout=timeout_s)
+                       "(pathological LaTeX or a huge power tower?); simplify the dataset's "
+                       "answer") from None
   if not parsed:
     raise ValueError(f"reference answer {text[:80]!r} does not parse with math-verify; fix the "
                      "dataset's answer field or use a task-specific exact reward")

@@ -29,6 +29,7 @@ import traceback
 import numpy as np
 
 from mixpo.rewards.combine import fn_name
+from mixpo.rewards.deadline import DeadlineExceeded, deadline
 
 _PRELOAD = ["mixpo.rewards.math_answer"]
 
@@ -93,10 +94,6 @@ def _worker_main(conn, fns):
       except Exception as e:  # noqa: BLE001 — reported to the parent with the function's name
         tb = traceback.extract_tb(e.__traceback__)[-1]
         conn.send((task_id, False, f"{type(e).__name__}: {e} (at {tb.filename}:{tb.lineno})"))
-
-
-class _Timeout(BaseException):
-  pass
 
 
 class _Worker:
@@ -224,25 +221,15 @@ class RewardRunner:
       raise RuntimeError("RewardRunner(backend='signal') only works in the main thread; make the "
                          "reward fns picklable and use backend='process'")
 
-    def on_alarm(signum, frame):
-      raise _Timeout()
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    try:
-      for task_id, k, prompt, completion, cols in tasks:
-        try:
-          signal.setitimer(signal.ITIMER_REAL, self.timeout_s)
-          try:
-            val = _run_one(self.fns[k], prompt, completion, cols)
-          finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-          record(task_id, True, val)
-        except _Timeout:
-          status[divmod(task_id, b)] = 1
-        except Exception as e:  # noqa: BLE001
-          record(task_id, False, f"{type(e).__name__}: {e}")
-    finally:
-      signal.signal(signal.SIGALRM, old)
+    for task_id, k, prompt, completion, cols in tasks:
+      try:
+        with deadline(self.timeout_s):
+          val = _run_one(self.fns[k], prompt, completion, cols)
+        record(task_id, True, val)
+      except DeadlineExceeded:
+        status[divmod(task_id, b)] = 1
+      except Exception as e:  # noqa: BLE001
+        record(task_id, False, f"{type(e).__name__}: {e}")
 
   def _run_pool(self, tasks, record, status, b):
     pending = collections.deque(tasks)
