@@ -25,13 +25,21 @@ _ALGO = flags.DEFINE_enum("algo", None, ["grpo", "dapo", "luffy", "mix1", "mix2"
                           "Shortcut for --config.algo.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
                                  "(multi-host TPU pods / GPU clusters).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port "
+                                   "of process 0 (default: auto-detected on TPU / SLURM / MPI, or "
+                                   "$JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: the number of "
+                                      "processes (default: auto-detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index "
+                                   "(default: auto-detected).")
 
 
 def main(argv):
   del argv
   if _DISTRIBUTED.value:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from mixpo import loop
   config = _CONFIG.value
   if config is None or not _WORKDIR.value:

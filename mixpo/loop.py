@@ -45,6 +45,11 @@ def resolve_models(config, workdir: str) -> tuple[str, str | None]:
   policy, guide = config.policy, config.guide
   if "builtin" in (policy, guide):
     directory = config.builtin_dir or os.path.join(workdir, "models")
+    if jax.process_count() > 1:  # process 0 builds them (shared filesystem), the others wait.
+      if jax.process_index() == 0:
+        builtin.ensure_builtin_models(directory, config.builtin)
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      multihost_utils.sync_global_devices("mixpo: built-in models ready")
     b_guide, b_policy = builtin.ensure_builtin_models(directory, config.builtin)
     policy = b_policy if policy == "builtin" else policy
     guide = b_guide if guide == "builtin" else guide
@@ -90,8 +95,9 @@ def setup(config, workdir: str):
   if config.task == "file":  # real datasets: the policy's tokenizer renders / filters prompts.
     task_kwargs["tokenizer"] = tokenizer
   task = get_task(config.task, **task_kwargs)
+  # Every process holds the same rollouts (see rl.py); each scores 1/P of them.
   runner = RewardRunner([(task.reward_fn, 1.0)], timeout_s=config.reward_timeout_s,
-                        on_error=config.reward_on_error)
+                        on_error=config.reward_on_error, split_across_processes=True)
   overlong = None
   if config.overlong_shaping or config.mask_truncated:
     overlong = OverlongConfig(shaping=config.overlong_shaping, max_len=config.max_new_tokens,

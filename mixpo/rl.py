@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixpo import advantages, objectives, sampling, train
+from mixpo import advantages, objectives, sampling, sharding, train
 from mixpo.batch import make_batch
 from mixpo.rollout import (Groups, SampleSpec, concat_groups, dynamic_sample, empty_rows,
                            sample_groups)
@@ -176,8 +176,9 @@ def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
   batch = dataclasses.replace(batch, old_logp_BxT=old_logp, guide_logp_BxT=guide_logp)
 
   with timer("update"):
-    state, step_metrics = exp.train_step(state, batch)
-    step_metrics = jax.device_get(step_metrics)
+    # Rows over data × fsdp as global arrays (each process places its own devices' rows).
+    state, step_metrics = exp.train_step(state, sharding.shard_rows(batch))
+    step_metrics = sharding.to_host(step_metrics)
 
   kind_np = np.asarray(kind)
   on_policy = ~is_guide_B & real_B

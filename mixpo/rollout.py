@@ -16,10 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-import jax
 import numpy as np
 
-from mixpo import sampling
+from mixpo import sampling, sharding
 from mixpo.rewards import overlong
 
 
@@ -144,7 +143,7 @@ def sample_groups(model, tokenizer, prompts, answers, k, rng, spec: SampleSpec, 
     out = sampling.generate(model, prompt_BxP, prompt_mask_BxP, rng, spec.max_new_tokens,
                             temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0)
-    out = jax.device_get(out)
+    out = sharding.to_host(out)  # all-gathered when the rows span processes
   with timer("reward"):
     tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN, np.float32)
     lengths, truncated = np.asarray(out.lengths_B), np.asarray(out.truncated_B)

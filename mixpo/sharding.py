@@ -194,6 +194,18 @@ def shard_rows(tree, mesh=None):
   return jax.tree.map(one, tree)
 
 
+def to_host(tree):
+  """numpy copies of every leaf. An array spread over several processes is all-gathered, so
+  every process gets the whole of it: a collective, every process must call it (the RL loop's
+  host-side logic runs identically in every process, on identical data)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
+
+
 def _concrete_mesh():
   """The concrete mesh of `jax.set_mesh` (needed to place host data), or None."""
   if current_mesh() is None:

@@ -165,6 +165,84 @@ def test_multihost_two_processes_train_and_agree(tmp_path):
   assert "2" in a["saved"]  # orbax wrote the step with both processes taking part
 
 
+RL_CONFIG = """
+from experiments.configs import smoke
+
+
+def get_config():
+  c = smoke.get_config()
+  c.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}  # partial credit: a gradient
+  c.num_steps = 2
+  return c
+"""
+
+
+def _train(args, env):
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "train.py")] + args,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(procs, timeout=600) -> list[dict]:
+  outs = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0, err[-3000:]
+    lines = [l for l in out.splitlines() if l.startswith("summary: ")]
+    assert lines, out[-2000:]
+    outs.append(lines[-1])
+  return outs
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(l) for l in f]
+  drop = ("time/", "wall_s", "compile/")
+  return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rows]
+
+
+def test_multihost_rl_loop_two_processes_equal_one_process(tmp_path):
+  # The real binary, 2 processes × 2 CPU devices (gloo collectives), against one process with 4
+  # devices: same mesh (data=4), so the whole RL loop must give the same numbers.
+  from safetensors.numpy import load_file
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(RL_CONFIG)
+  multi, single, models_dir = tmp_path / "multi", tmp_path / "single", tmp_path / "models"
+  env = dict(_env(), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_CPU_DEVICES="2")
+  port = str(_free_port())
+  common = [f"--config={cfg}", f"--config.builtin_dir={models_dir}"]
+  # Process 0 builds the built-in models while process 1 waits at the barrier.
+  summaries = _finish([_train(common + [f"--workdir={multi}", "--distributed",
+                                        f"--coordinator_address=localhost:{port}",
+                                        "--num_processes=2", f"--process_id={i}"], env)
+                       for i in range(2)])
+  assert summaries[0] == summaries[1]
+  env1 = dict(_env(), JAX_NUM_CPU_DEVICES="4")
+  (single_summary,) = _finish([_train(common + [f"--workdir={single}"], env1)])
+  assert single_summary == summaries[0]
+
+  rows_m, rows_s = _rows(multi), _rows(single)
+  assert [r["step"] for r in rows_m] == [0, 1, 2]  # process 1 logged nothing
+  # Equal up to float32 reduction order (gloo's cross-process sums vs one process's).
+  assert [sorted(r) for r in rows_m] == [sorted(r) for r in rows_s]
+  for rm, rs in zip(rows_m, rows_s):
+    for k, v in rm.items():
+      assert v == pytest.approx(rs[k], rel=1e-5, abs=1e-6), (rm["step"], k)
+  assert any(abs(r.get("loss/loss", 0.0)) > 1e-4 for r in rows_m)  # a real update happened
+  assert os.path.isdir(multi / "checkpoints" / "2")
+  w_m = load_file(str(multi / "export" / "model.safetensors"))
+  w_s = load_file(str(single / "export" / "model.safetensors"))
+  w_0 = load_file(str(models_dir / "policy_init" / "model.safetensors"))
+  assert w_m.keys() == w_s.keys()
+  for k in w_m:
+    np.testing.assert_allclose(w_m[k], w_s[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert any(not np.array_equal(w_m[k], w_0[k]) for k in w_m)
+
+
 def test_memory_plan_runs_from_config_json_without_weights(tmp_path):
   out = tmp_path / "plan.json"
   p = subprocess.run(

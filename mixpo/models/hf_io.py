@@ -122,7 +122,7 @@ def _weight_files(path: str) -> dict[str, list[str]]:
     return dict(files)
   single = os.path.join(path, "model.safetensors")
   if os.path.isfile(single):
-    with safe_open(single, framework="flax") as f:
+    with safe_open(single, framework="numpy") as f:
       return {single: list(f.keys())}
   raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}; "
                           "only safetensors checkpoints are supported (convert .bin with "
@@ -149,7 +149,10 @@ def from_pretrained(path: str, shardings=None, **options) -> CausalLM:
     if not os.path.isfile(file):
       raise FileNotFoundError(f"{file!r} is listed in model.safetensors.index.json of {path!r} "
                               "but does not exist; re-download the checkpoint.")
-    with safe_open(file, framework="flax") as f:
+    # numpy slices (bf16 via ml_dtypes): host memory only, never an array on the mesh (under
+    # jax.set_mesh a jax array would be replicated over every device, and in a multi-process run
+    # could not be handed to make_array_from_callback).
+    with safe_open(file, framework="numpy") as f:
       available = set(f.keys())
       for name in names:
         if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
@@ -177,7 +180,7 @@ def from_pretrained(path: str, shardings=None, **options) -> CausalLM:
                            f"{want_hf}; the checkpoint and its config.json disagree.")
         if shardings is None:
           value = f.get_tensor(name)
-          value = (value.T if transposed else value).astype(config.param_dtype)
+          value = jnp.asarray((value.T if transposed else value).astype(config.param_dtype))
         else:
           value = jax.make_array_from_callback(
               want, shardings(mixpo_path, want),

@@ -122,10 +122,15 @@ class RewardRunner:
     num_workers: worker processes (default min(2, cpu count)).
     backend: "process", "signal" (in-process, main thread only) or "auto" (process when every
       fn pickles, else signal).
+    split_across_processes: in a multi-process JAX run where every process calls the runner
+      with the same items (the RL loop does), each process scores a contiguous 1/P of them and
+      the values are all-gathered: the same result everywhere, 1/P of the work each. A
+      collective; no-op with one process.
   """
 
   def __init__(self, fns_with_weights, timeout_s: float = 5.0, on_error: str = "raise",
-               num_workers: int | None = None, backend: str = "auto"):
+               num_workers: int | None = None, backend: str = "auto",
+               split_across_processes: bool = False):
     if on_error not in ("raise", "zero"):
       raise ValueError(f"RewardRunner(on_error={on_error!r}): use 'raise' or 'zero'")
     if not timeout_s > 0:
@@ -146,6 +151,7 @@ class RewardRunner:
     if backend not in ("process", "signal"):
       raise ValueError(f"RewardRunner(backend={backend!r}): use 'process', 'signal' or 'auto'")
     self.backend = backend
+    self.split_across_processes = split_across_processes
     self._workers = []
     if backend == "process":
       self._ctx = mp.get_context("forkserver")
@@ -190,8 +196,9 @@ class RewardRunner:
     values = np.zeros((n_fn, b), np.float64)
     status = np.zeros((n_fn, b), np.int8)  # 0 ok, 1 timeout, 2 error
     first_error = []
+    lo, hi = self._my_items(b)
     tasks = [(k * b + i, k, prompts[i], completions[i], {c: v[i] for c, v in columns.items()})
-             for k in range(n_fn) for i in range(b)]
+             for k in range(n_fn) for i in range(lo, hi)]
 
     def record(task_id, ok, val):
       k, i = divmod(task_id, b)
@@ -207,6 +214,12 @@ class RewardRunner:
       self._run_pool(tasks, record, status, b)
     else:
       self._run_signal(tasks, record, status, b)
+    if (lo, hi) != (0, b):
+      values, status = self._gather(values, status, lo, hi)
+      if not first_error and (status == 2).any():  # another process's item failed
+        k, i = map(int, np.argwhere(status == 2)[0])
+        first_error.append(f"reward fn {self.names[k]!r} failed on item {i} (completion "
+                           f"{str(completions[i])[:60]!r}) in another process (see its log)")
     if first_error and self.on_error == "raise":
       raise RewardError(first_error[0] + ". Fix the reward fn, or pass RewardRunner(on_error='zero')"
                         " to score such items 0 and count them")
@@ -215,6 +228,27 @@ class RewardRunner:
     return RewardResult(rewards=total.astype(np.float32), per_fn=per_fn,
                         timed_out=(status == 1).any(0), errored=(status == 2).any(0),
                         timeouts=int((status == 1).sum()), errors=int((status == 2).sum()))
+
+  def _my_items(self, b: int) -> tuple[int, int]:
+    """[lo, hi) of the items this process scores (all of them unless split across processes)."""
+    if not self.split_across_processes:
+      return 0, b
+    import jax  # noqa: PLC0415  (worker processes never import jax)
+    p, n = jax.process_index(), jax.process_count()
+    return (0, b) if n == 1 else (p * b // n, (p + 1) * b // n)
+
+  def _gather(self, values, status, lo, hi):
+    """Every process's slice of (values, status), all-gathered into the full arrays."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    mine = np.zeros(values.shape, bool)
+    mine[:, lo:hi] = True
+    v, st, m = multihost_utils.process_allgather(
+        (np.where(mine, values, 0.0).astype(np.float32),
+         np.where(mine, status, 0).astype(np.int32), mine))
+    if not (m.sum(0) == 1).all():
+      raise RuntimeError("RewardRunner(split_across_processes=True): the processes' item slices "
+                         "do not tile the batch; every process must call with the same items")
+    return v.sum(0).astype(np.float64), st.sum(0).astype(np.int8)
 
   def _run_signal(self, tasks, record, status, b):
     if threading.current_thread() is not threading.main_thread():
