@@ -234,7 +234,9 @@ def test_chunked_token_logp_gradient_equals_unchunked(llama):
 
   g_chunked = jax.jit(jax.grad(loss), static_argnums=1)(state, 6)
   g_whole = jax.jit(jax.grad(loss), static_argnums=1)(state, 64)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_chunked, g_whole)
+  # Equal up to float32 summation order (gradients of size ~6 summed over every position).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               g_chunked, g_whole)
 
 
 def test_score_of_large_vocab_stays_chunked():
