@@ -69,6 +69,24 @@ class Linear(nnx.Module):
     return y
 
 
+def fused_linear(projections, x_xI: jax.Array) -> tuple[jax.Array, ...]:
+  """Several Linears of the same input as one matmul over their concatenated kernels (one
+  dispatch instead of several per decode step; the concatenation of loop-invariant weights is
+  hoisted out of the decode loop by XLA). Returns each projection's output."""
+  dtype = projections[0].dtype
+  kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=1)
+  y = matmul(x_xI.astype(dtype), kernel)
+  outs, start = [], 0
+  for p in projections:
+    width = p.kernel.shape[1]
+    out = y[..., start:start + width]
+    if p.bias is not None:
+      out = out + p.bias[...].astype(dtype).reshape((1,) * (out.ndim - 1) + (-1,))
+    outs.append(out)
+    start += width
+  return tuple(outs)
+
+
 class Embed(nnx.Module):
   """Token embedding table embedding [V, D]."""
 
@@ -157,9 +175,10 @@ class Attention(nnx.Module):
     at slots index.. and attend over the whole cache. Returns (out_BxTxD, k_L.., v_L..)."""
     c = self.config
     b, t, _ = x_BxTxD.shape
-    q = self.q_proj(x_BxTxD).reshape(b, t, c.num_heads, c.head_dim)
-    k = self.k_proj(x_BxTxD).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = self.v_proj(x_BxTxD).reshape(b, t, c.num_kv_heads, c.head_dim)
+    q, k, v = fused_linear((self.q_proj, self.k_proj, self.v_proj), x_BxTxD)
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -189,7 +208,8 @@ class MLP(nnx.Module):
     self.down_proj = Linear(f, d, use_bias=False, config=config, rngs=rngs)
 
   def __call__(self, x_BxTxD):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+    gate, up = fused_linear((self.gate_proj, self.up_proj), x_BxTxD)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
