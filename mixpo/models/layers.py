@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixpo import sharding
 from mixpo.models.config import ModelConfig, rope_inv_freq
 
 # Finite "minus infinity": a fully masked row (a left-padding query) stays finite (uniform
@@ -72,7 +73,15 @@ class Linear(nnx.Module):
 def fused_linear(projections, x_xI: jax.Array) -> tuple[jax.Array, ...]:
   """Several Linears of the same input as one matmul over their concatenated kernels (one
   dispatch instead of several per decode step; the concatenation of loop-invariant weights is
-  hoisted out of the decode loop by XLA). Returns each projection's output."""
+  hoisted out of the decode loop by XLA). Returns each projection's output.
+
+  Under a mesh with a tensor axis > 1 the kernels are split over their output dim, and a
+  concatenation (then slicing) along that dim would need resharding: there the projections
+  stay separate.
+  """
+  mesh = sharding.current_mesh()
+  if mesh is not None and dict(zip(mesh.axis_names, mesh.axis_sizes))["tensor"] > 1:
+    return tuple(p(x_xI) for p in projections)
   dtype = projections[0].dtype
   kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=1)
   y = matmul(x_xI.astype(dtype), kernel)
