@@ -238,8 +238,7 @@ def run(config, workdir: str) -> dict:
   export_params = state.params
   if jax.process_count() > 1 and config.export_hf and not summary["preempted"]:
     # A collective: every process joins; process 0 then holds the full (host) weights and writes.
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    export_params = multihost_utils.process_allgather(state.params, tiled=True)
+    export_params = sharding.to_host(state.params)
   if is_main and not summary["preempted"]:
     if config.export_hf:
       models.save_pretrained(exp.policy.merge(export_params), os.path.join(workdir, "export"))

@@ -22,7 +22,6 @@ if MODE == "multihost":
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import optax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 
 from mixpo import checkpoint, models, objectives, sampling, sharding, train  # noqa: E402
 from mixpo.batch import make_batch  # noqa: E402
@@ -70,9 +69,7 @@ def two_steps(policy, mesh):
 
 def host(tree):
   """Leaves as numpy on every process (gathering shards other processes hold)."""
-  return [np.asarray(x) if x.is_fully_replicated or x.is_fully_addressable
-          else np.asarray(multihost_utils.process_allgather(x, tiled=True))
-          for x in jax.tree.leaves(tree)]
+  return jax.tree.leaves(sharding.to_host(tree))
 
 
 def max_diff(a, b):

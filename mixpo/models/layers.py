@@ -64,10 +64,13 @@ class Linear(nnx.Module):
     self.bias = (nnx.Param(jnp.zeros((out_features,), config.param_dtype)) if use_bias else None)
 
   def __call__(self, x_xI: jax.Array) -> jax.Array:
-    y = matmul(x_xI.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-    return y
+    return self.add_bias(matmul(x_xI.astype(self.dtype), self.kernel[...].astype(self.dtype)))
+
+  def add_bias(self, y_xO: jax.Array) -> jax.Array:
+    """y + bias (broadcast over the leading axes); y unchanged without a bias."""
+    if self.bias is None:
+      return y_xO
+    return y_xO + self.bias[...].astype(self.dtype).reshape((1,) * (y_xO.ndim - 1) + (-1,))
 
 
 def fused_linear(projections, x_xI: jax.Array) -> tuple[jax.Array, ...]:
@@ -80,7 +83,7 @@ def fused_linear(projections, x_xI: jax.Array) -> tuple[jax.Array, ...]:
   stay separate.
   """
   mesh = sharding.current_mesh()
-  if mesh is not None and dict(zip(mesh.axis_names, mesh.axis_sizes))["tensor"] > 1:
+  if mesh is not None and mesh.shape["tensor"] > 1:
     return tuple(p(x_xI) for p in projections)
   dtype = projections[0].dtype
   kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=1)
@@ -88,10 +91,7 @@ def fused_linear(projections, x_xI: jax.Array) -> tuple[jax.Array, ...]:
   outs, start = [], 0
   for p in projections:
     width = p.kernel.shape[1]
-    out = y[..., start:start + width]
-    if p.bias is not None:
-      out = out + p.bias[...].astype(dtype).reshape((1,) * (out.ndim - 1) + (-1,))
-    outs.append(out)
+    outs.append(p.add_bias(y[..., start:start + width]))
     start += width
   return tuple(outs)
 
