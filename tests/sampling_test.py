@@ -297,3 +297,14 @@ def test_bad_inputs_raise(llama):
     sampling.score(model, prompt, mask, temperature=-1.0)
   with pytest.raises(ValueError, match="chunk_size"):
     sampling.score(model, prompt, mask, chunk_size=0)
+
+
+def test_argmax_equals_jnp_argmax_with_ties_and_nans():
+  rs = np.random.RandomState(0)
+  x = rs.randint(0, 4, (64, 33)).astype(np.float32)  # many ties: the first index must win
+  x[3, 7] = np.nan
+  x[5, :] = -np.inf
+  x[6, [2, 30]] = np.nan
+  got = np.asarray(sampling._argmax(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+  assert got[3] == 7 and got[6] == 2 and got[5] == 0

@@ -158,19 +158,14 @@ def attend(q_BxTxNxH, k, v, allowed_BxTxS, impl: str, *, heads_major: bool = Fal
       k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     out = jax.nn.dot_product_attention(q_BxTxNxH, k, v, mask=allowed_BxTxS[:, None], scale=scale)
     return out.reshape(b, t, n * h)
-  if heads_major:  # KV-cache path (prefill / decode step): forward only.
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, g, h)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k,
-                        preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(allowed_BxTxS[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
-    return out.reshape(b, t, n * h)
-  # Full-sequence path (training, scoring): the G query heads of a kv head are stacked into one
-  # [G*T, H] matrix, so each (row, kv head) is one GEMM against its [S, H] keys.
+  # The G query heads of a kv head are stacked into one [G*T, H] matrix, so each (row, kv head)
+  # is one GEMM against its [S, H] keys (and the probabilities one GEMM against its values).
   q_BxKxMxH = q_BxTxNxH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
-  out_BxKxMxH = _grouped_attention(q_BxKxMxH, k.swapaxes(1, 2), v.swapaxes(1, 2), allowed_BxTxS,
-                                   scale, _rows_per_block(b, kv * g * t * k.shape[1]))
+  if heads_major:  # KV-cache path (prefill / decode step): forward only, the cache read in place.
+    out_BxKxMxH = _attention_block(q_BxKxMxH, k, v, allowed_BxTxS, scale)[0]
+  else:  # Full-sequence path (training, scoring).
+    out_BxKxMxH = _grouped_attention(q_BxKxMxH, k.swapaxes(1, 2), v.swapaxes(1, 2), allowed_BxTxS,
+                                     scale, _rows_per_block(b, kv * g * t * k.shape[1]))
   return out_BxKxMxH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
 
 
