@@ -141,12 +141,17 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTx1xH: jax.Array, sin_BxTx1xH: jax.Ar
   return (x32 * cos_BxTx1xH + rotated * sin_BxTx1xH).astype(x_BxTxNxH.dtype)
 
 
-def attend(q_BxTxNxH, k, v, allowed_BxTxS, impl: str, *, heads_major: bool = False):
+def attend(q_BxTxNxH, k, v, allowed_BxTxS, impl: str, *, heads_major: bool = False,
+           causal: bool = False):
   """Softmax attention of T queries over S keys (GQA: N query heads share K kv heads).
 
   k, v: [B, S, K, H] (token-major, as projected), or [B, K, S, H] with `heads_major` (the KV
   cache layout: the contractions read it in place, no per-step transpose of the whole cache).
   allowed_BxTxS: bool, True where query t may see key s (causality and padding folded in).
+  causal: the caller promises allowed[:, t, s] is False for s > t (self-attention over the same
+  T = S tokens); the later half of the queries is then computed apart from the earlier half,
+  which needs only the first half of the keys (a quarter of the score work skipped).
+  A query with no allowed key at all (left padding) gets a finite, unspecified output.
   Returns [B, T, N*H] in the dtype of v.
   """
   b, t, n, h = q_BxTxNxH.shape
@@ -164,10 +169,15 @@ def attend(q_BxTxNxH, k, v, allowed_BxTxS, impl: str, *, heads_major: bool = Fal
   if heads_major:  # KV-cache path (prefill / decode step): forward only, the cache read in place.
     out_BxKxMxH = _attention_block(q_BxKxMxH, k, v, allowed_BxTxS, scale)[0]
   else:  # Full-sequence path (training, scoring).
+    s = k.shape[1]
+    chunks = 2 if causal and t == s and t % 2 == 0 and t >= _MIN_CHUNKED_LEN else 1
     out_BxKxMxH = _grouped_attention(q_BxKxMxH, k.swapaxes(1, 2), v.swapaxes(1, 2), allowed_BxTxS,
-                                     scale, _rows_per_block(b, kv * g * t * k.shape[1]))
+                                     scale, _rows_per_block(b, kv * g * t * s), chunks)
   return out_BxKxMxH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
 
+
+# Causal query chunking pays for its slicing from this many tokens on.
+_MIN_CHUNKED_LEN = 64
 
 # Rows per block of `_grouped_attention`: keeps a block's float32 scores [rows, K, G*T, S] near
 # this size, so the softmax passes run in cache and peak memory does not grow with the batch.
@@ -233,6 +243,53 @@ def _attention_block_grad(q, k, v, allowed, out, stats, dout, scale):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def _query_chunks(t: int, chunks: int):
+  return [(c * t // chunks, (c + 1) * t // chunks) for c in range(chunks)]
+
+
+def _split_queries(x_BxKxMxC, t: int, lo: int, hi: int):
+  """Rows of queries lo..hi-1 of an [B, K, G*T, C] array (M ordered head-major, then time)."""
+  b, kv, m, c = x_BxKxMxC.shape
+  return x_BxKxMxC.reshape(b, kv, m // t, t, c)[:, :, :, lo:hi].reshape(b, kv, -1, c)
+
+
+def _causal_forward(q, k, v, allowed, scale, chunks):
+  """_attention_block over query chunks; chunk [lo, hi) attends to keys [0, hi) only."""
+  if chunks == 1:
+    return _attention_block(q, k, v, allowed, scale)
+  t = allowed.shape[1]
+  g = q.shape[2] // t
+  outs, stats = [], []
+  for lo, hi in _query_chunks(t, chunks):
+    o, st = _attention_block(_split_queries(q, t, lo, hi), k[:, :, :hi], v[:, :, :hi],
+                             allowed[:, lo:hi, :hi], scale)
+    outs.append(o.reshape(o.shape[:2] + (g, hi - lo, o.shape[-1])))
+    stats.append(st.reshape(st.shape[:2] + (g, hi - lo, st.shape[-1])))
+  join = lambda xs: jnp.concatenate(xs, axis=3).reshape(q.shape[:3] + (xs[0].shape[-1],))
+  return join(outs), join(stats)
+
+
+def _causal_backward(q, k, v, allowed, out, stats, dout, scale, chunks):
+  """_attention_block_grad over the query chunks of `_causal_forward`."""
+  if chunks == 1:
+    return _attention_block_grad(q, k, v, allowed, out, stats, dout, scale)
+  t = allowed.shape[1]
+  g = q.shape[2] // t
+  s = k.shape[2]
+  dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  for lo, hi in _query_chunks(t, chunks):
+    part = lambda x: _split_queries(x, t, lo, hi)
+    dq_c, dk_c, dv_c = _attention_block_grad(part(q), k[:, :, :hi], v[:, :, :hi],
+                                             allowed[:, lo:hi, :hi], part(out), part(stats),
+                                             part(dout), scale)
+    dqs.append(dq_c.reshape(dq_c.shape[:2] + (g, hi - lo, dq_c.shape[-1])))
+    pad = ((0, 0), (0, 0), (0, s - hi), (0, 0))
+    dk = dk + jnp.pad(dk_c.astype(jnp.float32), pad)
+    dv = dv + jnp.pad(dv_c.astype(jnp.float32), pad)
+  dq = jnp.concatenate(dqs, axis=3).reshape(q.shape)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 def _over_row_blocks(fn, rows: int, *arrays):
   """fn over blocks of `rows` leading rows (lax.map), results re-joined; one call if rows = B."""
   if rows >= arrays[0].shape[0]:
@@ -242,26 +299,29 @@ def _over_row_blocks(fn, rows: int, *arrays):
   return tuple(o.reshape((-1,) + o.shape[2:]) for o in outs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _grouped_attention(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, allowed_BxTxS, scale, rows):
-  """softmax(q·kᵀ·scale, masked) · v per (row, kv head), in blocks of `rows` rows.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _grouped_attention(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, allowed_BxTxS, scale, rows, chunks):
+  """softmax(q·kᵀ·scale, masked) · v per (row, kv head), in blocks of `rows` rows and `chunks`
+  causal query chunks (see `attend`).
 
   A custom VJP: autodiff of the plain formula keeps the scores, the mask select and the
   probabilities of every layer and runs about ten elementwise passes over them; this backward
   recomputes the probabilities from (row max, log row sum) and fuses the softmax derivative
   into one pass (bench_model train step: 1.0 s → 0.6x s, see BUILD_NOTES).
   """
-  return _grouped_attention_fwd(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, allowed_BxTxS, scale, rows)[0]
+  return _grouped_attention_fwd(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, allowed_BxTxS, scale, rows,
+                                chunks)[0]
 
 
-def _grouped_attention_fwd(q, k, v, allowed, scale, rows):
-  out, stats = _over_row_blocks(lambda *a: _attention_block(*a, scale), rows, q, k, v, allowed)
+def _grouped_attention_fwd(q, k, v, allowed, scale, rows, chunks):
+  out, stats = _over_row_blocks(lambda *a: _causal_forward(*a, scale, chunks), rows, q, k, v,
+                                allowed)
   return out, (q, k, v, allowed, out, stats)
 
 
-def _grouped_attention_bwd(scale, rows, residuals, dout):
+def _grouped_attention_bwd(scale, rows, chunks, residuals, dout):
   q, k, v, allowed, out, stats = residuals
-  dq, dk, dv = _over_row_blocks(lambda *a: _attention_block_grad(*a, scale), rows, q, k, v,
+  dq, dk, dv = _over_row_blocks(lambda *a: _causal_backward(*a, scale, chunks), rows, q, k, v,
                                 allowed, out, stats, dout)
   return dq, dk, dv, None
 
@@ -296,7 +356,7 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is None:
-      out = attend(q, k, v, allowed_BxTxS, c.attention_impl)
+      out = attend(q, k, v, allowed_BxTxS, c.attention_impl, causal=True)
       return self.o_proj(out), None, None
     k_cache, v_cache, layer, index = cache
     zero = jnp.zeros((), jnp.int32)
