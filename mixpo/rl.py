@@ -9,6 +9,7 @@ logs. GRPO, DAPO, LUFFY, Mix-1 and Mix-2 differ only by config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -99,6 +100,15 @@ def train_examples(task, seed: int, start: int, count: int):
   return task.examples("train", count, seed=seed, start=start)
 
 
+@functools.partial(jax.jit, static_argnames=("algo", "scheme"))
+def _kinds_and_advantages(rewards_B, group_B, is_guide_B, *, algo, scheme):
+  """(kind_B, adv_B) of a batch in one program (op by op, the eager calls cost ~10 ms a step)."""
+  kind = advantages.partition(rewards_B, group_B, is_guide_B, scheme)
+  if algo == "luffy":  # LUFFY trains on every on-policy sample: no ZERO set.
+    kind = jnp.where(kind == objectives.ZERO, objectives.ON, kind)
+  return kind, advantages.advantages_for(rewards_B, group_B, kind, algo, scheme)
+
+
 def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
   """One RL step. Returns (new_state, new_data_pos, metrics, samples).
 
@@ -155,11 +165,8 @@ def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
   is_guide_B = np.concatenate(is_guide)
   real_B = group_B >= 0
 
-  rewards, groups_dev = jnp.asarray(rows.rewards_B), jnp.asarray(group_B, jnp.int32)
-  kind = advantages.partition(rewards, groups_dev, jnp.asarray(is_guide_B), cfg.scheme)
-  if cfg.algo == "luffy":  # LUFFY trains on every on-policy sample: no ZERO set.
-    kind = jnp.where(kind == objectives.ZERO, objectives.ON, kind)
-  adv = advantages.advantages_for(rewards, groups_dev, kind, cfg.algo, cfg.scheme)
+  kind, adv = _kinds_and_advantages(rows.rewards_B, group_B.astype(np.int32), is_guide_B,
+                                    algo=cfg.algo, scheme=cfg.scheme)
   batch = make_batch(rows.prompt_BxP, rows.prompt_mask_BxP, rows.tokens_BxN, rows.mask_BxN,
                      adv_B=adv, kind_B=kind, group_B=group_B)
 
