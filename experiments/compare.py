@@ -41,7 +41,8 @@ def _fix_argv(argv: list[str]) -> list[str]:
          else a for a in argv]
   if not any(a.startswith("--config=") for a in out):
     small = any(a in ("--small", "--small=true", "--small=True") for a in out)
-    out.append(f"--config={_DEFAULT_CONFIG}" + (":small" if small else ""))
+    # Before any --config.<field>=v override, which ml_collections refuses ahead of --config.
+    out.insert(1, f"--config={_DEFAULT_CONFIG}" + (":small" if small else ""))
   return out
 
 
