@@ -253,20 +253,23 @@ def _split_queries(x_BxKxMxC, t: int, lo: int, hi: int):
   return x_BxKxMxC.reshape(b, kv, m // t, t, c)[:, :, :, lo:hi].reshape(b, kv, -1, c)
 
 
+def _join_queries(parts, g: int):
+  """Inverse of `_split_queries` over consecutive chunks: [B, K, G*T_c, C] parts → [B, K, M, C]."""
+  b, kv, _, c = parts[0].shape
+  joined = jnp.concatenate([x.reshape(b, kv, g, -1, c) for x in parts], axis=3)
+  return joined.reshape(b, kv, -1, c)
+
+
 def _causal_forward(q, k, v, allowed, scale, chunks):
   """_attention_block over query chunks; chunk [lo, hi) attends to keys [0, hi) only."""
   if chunks == 1:
     return _attention_block(q, k, v, allowed, scale)
   t = allowed.shape[1]
   g = q.shape[2] // t
-  outs, stats = [], []
-  for lo, hi in _query_chunks(t, chunks):
-    o, st = _attention_block(_split_queries(q, t, lo, hi), k[:, :, :hi], v[:, :, :hi],
-                             allowed[:, lo:hi, :hi], scale)
-    outs.append(o.reshape(o.shape[:2] + (g, hi - lo, o.shape[-1])))
-    stats.append(st.reshape(st.shape[:2] + (g, hi - lo, st.shape[-1])))
-  join = lambda xs: jnp.concatenate(xs, axis=3).reshape(q.shape[:3] + (xs[0].shape[-1],))
-  return join(outs), join(stats)
+  outs, stats = zip(*(
+      _attention_block(_split_queries(q, t, lo, hi), k[:, :, :hi], v[:, :, :hi],
+                       allowed[:, lo:hi, :hi], scale) for lo, hi in _query_chunks(t, chunks)))
+  return _join_queries(outs, g), _join_queries(stats, g)
 
 
 def _causal_backward(q, k, v, allowed, out, stats, dout, scale, chunks):
@@ -282,12 +285,11 @@ def _causal_backward(q, k, v, allowed, out, stats, dout, scale, chunks):
     dq_c, dk_c, dv_c = _attention_block_grad(part(q), k[:, :, :hi], v[:, :, :hi],
                                              allowed[:, lo:hi, :hi], part(out), part(stats),
                                              part(dout), scale)
-    dqs.append(dq_c.reshape(dq_c.shape[:2] + (g, hi - lo, dq_c.shape[-1])))
+    dqs.append(dq_c)
     pad = ((0, 0), (0, 0), (0, s - hi), (0, 0))
     dk = dk + jnp.pad(dk_c.astype(jnp.float32), pad)
     dv = dv + jnp.pad(dv_c.astype(jnp.float32), pad)
-  dq = jnp.concatenate(dqs, axis=3).reshape(q.shape)
-  return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+  return _join_queries(dqs, g), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _over_row_blocks(fn, rows: int, *arrays):
