@@ -1,8 +1,8 @@
 """mixpo.hostmem: with mixpo imported, XLA:CPU reuses its temp buffer instead of faulting it in.
 
-Each case runs in a fresh interpreter (the settings must precede jax's threads) and counts the
-minor page faults of a call (median of five) of a jitted function whose 64 MB temporary is far above glibc's
-mmap threshold.
+Each case runs in a fresh interpreter (the settings must precede jax's first computation) and
+counts the minor page faults of a call (median of five) of a jitted function whose 64 MB
+temporary is far above glibc's mmap threshold.
 """
 
 import os
