@@ -46,7 +46,12 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required.")
   if _ALGO.value:
     config.algo = _ALGO.value
-  summary = loop.run(config, _WORKDIR.value)
+  try:
+    summary = loop.run(config, _WORKDIR.value)
+  except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint is intact, the step is lost.
+    print("interrupted: stopped without finishing the step; rerun the same command to resume "
+          "from the last checkpoint", file=sys.stderr)
+    sys.exit(130)
   logging.info("summary: %s", summary)
   print("summary:", {k: v for k, v in summary.items() if k != "plots"})
 

@@ -2,8 +2,9 @@
 
 Set-up checks everything that can be wrong before any compute (config, workdir writable,
 vocabularies, a foreign checkpoint in the workdir), then: restore the latest valid checkpoint,
-step, evaluate, log, checkpoint; SIGTERM → a final checkpoint and a clean return; too many
-consecutive non-finite updates → an error naming the step.
+step, evaluate, log, checkpoint; SIGTERM or Ctrl-C → the step finishes, a forced checkpoint, a
+clean return (a second Ctrl-C stops at once); too many consecutive non-finite updates → an error
+naming the step.
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def setup(config, workdir: str):
   task = get_task(config.task, **task_kwargs)
   # Every process holds the same rollouts (see rl.py); each scores 1/P of them.
   runner = RewardRunner([(task.reward_fn, 1.0)], timeout_s=config.reward_timeout_s,
-                        on_error=config.reward_on_error, split_across_processes=True)
+                        on_error=config.reward_on_error, split_across_processes=True,
+                        batch_timeout_s=config.get("reward_batch_timeout_s", 0) or None)
+  logging.info("reward workers: %s", runner.sandbox)
   overlong = None
   if config.overlong_shaping or config.mask_truncated:
     overlong = OverlongConfig(shaping=config.overlong_shaping, max_len=config.max_new_tokens,
@@ -137,27 +140,42 @@ def _frozen(model) -> tuple:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag checked between steps (schedulers send it before eviction)."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag checked between steps.
+
+  Schedulers send SIGTERM, often to the whole process group, before evicting a job; the reward
+  workers are in a session of their own (mixpo.rewards.sandbox), so the step in flight finishes,
+  rewards included, and a forced checkpoint follows. A second Ctrl-C raises KeyboardInterrupt at
+  once (the last checkpoint stays valid: orbax writes atomically).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None  # the name of the signal that asked to stop
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no handler.
-      self._previous = None
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler.
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: finishing the step, then a final checkpoint and exit.")
-    self.requested = True
+    del frame
+    name = signal.Signals(signum).name
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt(f"second {name}: stopping without finishing the step")
+    if not self.requested:
+      self.requested = name
+      how = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+      logging.warning("%s received: finishing the step, then a final checkpoint and exit%s.",
+                      name, how)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _evaluate(exp, params, examples) -> dict:
@@ -170,6 +188,13 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the final summary dict."""
   mlog.CompileCounter.install()
   exp, state, ckpt, eval_examples = setup(config, workdir)
+  try:
+    return _run(exp, state, ckpt, eval_examples, config, workdir)
+  finally:
+    exp.reward_runner.close()
+
+
+def _run(exp, state, ckpt, eval_examples, config, workdir: str) -> dict:
   extra = {"data_pos": 0, "policy_tokens": 0, "guide_tokens": 0, "consecutive_skips": 0}
   restored = ckpt.restore_latest(state)
   if restored is not None:
@@ -215,7 +240,7 @@ def run(config, workdir: str) -> dict:
         with timer("eval"):
           metrics.update(_evaluate(exp, state.params, eval_examples))
       with timer("checkpoint"):
-        ckpt.save(step, state, extra, force=preempt.requested or last)
+        ckpt.save(step, state, extra, force=bool(preempt.requested) or last)
       metrics.update(timer.metrics())
       metrics["compile/count"] = mlog.CompileCounter.count()
       logger.write(step, metrics)
@@ -223,7 +248,7 @@ def run(config, workdir: str) -> dict:
         logger.write_samples(step, samples)
       bar.update(step, metrics)
       if preempt.requested:
-        summary["preempted"] = True
+        summary.update(preempted=True, preempted_by=preempt.requested)
         break
       if last:
         break
@@ -246,5 +271,4 @@ def run(config, workdir: str) -> dict:
     summary["plots"] = mlog.plot_run(workdir)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
-  exp.reward_runner.close()
   return summary

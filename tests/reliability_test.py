@@ -22,8 +22,10 @@ TRAIN = os.path.join(ROOT, "experiments", "train.py")
 STEPS = 4  # checkpoints at 2 and 4 (smoke: checkpoint_every=2)
 BASE = ["--config=smoke", "--config.task_kwargs.digits=1", "--config.eval_size=8",
         "--config.eval_batch_size=8", f"--config.num_steps={STEPS}"]
-HANG_TASK = '''
-import time
+# Test tasks: rewards that hang on some samples, or take a while and say when they start (on
+# stderr: workers may not write files, and a signal can then be aimed at a step's reward phase).
+TEST_TASKS = '''
+import sys, time
 from mixpo.data import tasks, arithmetic
 
 def hang_on_7_reward(prompts, completions, answer, **kw):
@@ -31,12 +33,21 @@ def hang_on_7_reward(prompts, completions, answer, **kw):
     time.sleep(10_000)
   return arithmetic.exact_integer_reward(prompts, completions, answer, **kw)
 
-class HangTask(arithmetic.AdditionTask):
-  def __init__(self, **kw):
-    super().__init__(**kw)
-    self.reward_fn = hang_on_7_reward
+def slow_reward(prompts, completions, answer, **kw):
+  if completions[0].startswith("1"):
+    print("SCORING", file=sys.stderr, flush=True)
+    time.sleep(0.5)
+  return arithmetic.exact_integer_reward(prompts, completions, answer, **kw)
 
-tasks.register_task("hang_addition", HangTask)
+def addition_with(reward):
+  class Task(arithmetic.AdditionTask):
+    def __init__(self, **kw):
+      super().__init__(**kw)
+      self.reward_fn = reward
+  return Task
+
+tasks.register_task("hang_addition", addition_with(hang_on_7_reward))
+tasks.register_task("slow_addition", addition_with(slow_reward))
 '''
 
 
@@ -78,8 +89,9 @@ class Env:
 
   def start(self, workdir, *extra, prelude=None):
     log = open(workdir.rstrip("/") + ".log", "ab")
+    # Its own process group, as a scheduler's job: a test can signal the whole group.
     return subprocess.Popen(self.cmd(workdir, *extra, prelude=prelude), env=self.env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=self.base)
+                            stderr=subprocess.STDOUT, cwd=self.base, start_new_session=True)
 
   def run(self, workdir, *extra, ok=True, prelude=None, timeout=240):
     p = self.start(workdir, *extra, prelude=prelude)
@@ -97,8 +109,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   e = Env(str(tmp_path_factory.mktemp("reliability")))
-  with open(os.path.join(e.base, "hang_task.py"), "w") as f:
-    f.write(HANG_TASK)
+  with open(os.path.join(e.base, "test_tasks.py"), "w") as f:
+    f.write(TEST_TASKS)
   return e
 
 
@@ -209,6 +221,64 @@ def test_resume_after_sigterm_checkpoints_and_exits_cleanly(env, reference):
   assert _rows(workdir) == _rows(reference)
 
 
+def test_group_sigterm_during_rewards_checkpoints_and_resumes_bit_identically(env, reference):
+  """SLURM-style preemption: SIGTERM to the whole process group while rewards are being scored.
+  The reward workers (own session) finish the step's rewards, the step's checkpoint is forced."""
+  workdir = os.path.join(env.base, "group_sigterm")
+  slow = ["--config.task=slow_addition"]
+  p = env.start(workdir, *slow, prelude="import test_tasks")
+  while _max_row(workdir) < 1 and p.poll() is None:  # step 1 done; aim at step 2's rewards
+    time.sleep(0.01)
+  seen = env.log(workdir).count("SCORING")
+  while env.log(workdir).count("SCORING") == seen and p.poll() is None:
+    time.sleep(0.01)
+  os.killpg(p.pid, signal.SIGTERM)
+  assert p.wait(120) == 0, env.log(workdir)[-4000:]
+  out = env.log(workdir)
+  assert "'preempted': True" in out and "'preempted_by': 'SIGTERM'" in out, out[-3000:]
+  assert "'final_step': 2" in out, out[-3000:]
+  assert os.path.isdir(os.path.join(_checkpoint_dir(workdir), "2"))
+  assert all(r["reward/errors"] == 0 and r["reward/retries"] == 0 for r in _rows(workdir)[1:])
+  _, out = env.run(workdir, *slow, prelude="import test_tasks")
+  assert "'start_step': 2" in out.strip().splitlines()[-1]
+  assert _export(workdir) == _export(reference)
+  # The same rewards under the slow function's name.
+  renamed = [{k.replace("reward/slow_reward", "reward/exact_integer_reward"): v
+              for k, v in r.items()} for r in _rows(workdir)]
+  assert renamed == _rows(reference)
+
+
+def test_ctrl_c_checkpoints_and_exits_cleanly_then_a_second_stops_at_once(env, reference):
+  workdir = os.path.join(env.base, "ctrl_c")
+  p = env.start(workdir)
+  while _max_row(workdir) < 0 and p.poll() is None:
+    time.sleep(0.005)
+  p.send_signal(signal.SIGINT)
+  assert p.wait(120) == 0, env.log(workdir)[-4000:]
+  out = env.log(workdir)
+  assert "'preempted_by': 'SIGINT'" in out and "Traceback" not in out, out[-3000:]
+  step = _max_row(workdir)
+  assert os.path.isdir(os.path.join(_checkpoint_dir(workdir), str(step)))
+  _, out = env.run(workdir)
+  assert f"'start_step': {step}" in out.strip().splitlines()[-1]
+  assert _export(workdir) == _export(reference)
+  assert _rows(workdir) == _rows(reference)
+  # Two Ctrl-C: out at once with a one-line message (exit 130), the last checkpoint intact.
+  again = os.path.join(env.base, "ctrl_c_twice")
+  p = env.start(again)
+  while _max_row(again) < 0 and p.poll() is None:
+    time.sleep(0.005)
+  p.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  p.send_signal(signal.SIGINT)
+  rc = p.wait(120)
+  out = env.log(again)
+  assert rc in (0, 130), out[-3000:]  # 0: the step (and its checkpoint) finished in between
+  assert "Traceback" not in out, out[-3000:]
+  if rc == 130:
+    assert "interrupted: stopped without finishing the step" in out
+
+
 def _flip_bit(path):
   with open(path, "r+b") as f:
     data = bytearray(f.read())
@@ -312,7 +382,7 @@ def test_reward_hang_end_to_end_is_cut_off_and_counted(env, reference):
   workdir = os.path.join(env.base, "hang")
   t = time.monotonic()
   env.run(workdir, "--config.task=hang_addition", "--config.reward_timeout_s=0.3",
-          "--config.num_steps=1", prelude="import hang_task")
+          "--config.num_steps=1", prelude="import test_tasks")
   assert time.monotonic() - t < 120
   rows = _rows(workdir)
   assert rows[-1]["step"] == 1 and rows[-1]["reward/timeouts"] > 0, rows[-1]

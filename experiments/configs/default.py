@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "addition"  # registered task name (mixpo.data.get_task).
   c.task_kwargs = {"digits": 2, "terms": 2}  # difficulty knobs of the task.
   c.reward_timeout_s = 5.0  # per-item reward deadline; a timeout scores 0 and is counted.
+  # Deadline of one call of the reward runner (a step's rollout batch, an eval batch): items not
+  # scored by then score 0 and are counted, so a degenerate policy cannot stall a step. 0 = none.
+  c.reward_batch_timeout_s = 300.0
   c.reward_on_error = "raise"  # "raise" or "zero" for a reward function that raises.
   c.overlong_shaping = False  # DAPO soft overlong penalty (tokens); off: answers are short.
   c.overlong_cache = 4  # L_cache of the overlong penalty (L_max = max_new_tokens).

@@ -5,7 +5,15 @@ loop or a sleep) can hang; a thread cannot be stopped, and `signal.alarm` only w
 thread and cannot interrupt C code. So items run in a small persistent pool of worker processes
 (forked from a `forkserver` that preloaded math-verify, so a replacement starts in ~10 ms and
 never forks the multi-threaded JAX trainer). An item past its deadline scores 0, is counted, and
-its worker is killed and replaced; the step never blocks longer than about `timeout_s` per item.
+its worker is killed and replaced. A whole call has a deadline too (`batch_timeout_s`): past it
+the items not yet scored score 0 and are counted, so a step's reward phase is bounded whatever
+the completions are. A worker that dies (OOM killer, segfault in C code) is replaced and its item
+retried once before the item counts as an error.
+
+Completions are untrusted: workers are contained by `mixpo.rewards.sandbox` (own session, so a
+scheduler's group-wide SIGTERM leaves them to the trainer; resource limits; scrubbed environment;
+an unprivileged user where possible; an audit hook that refuses to run code built from text). An
+item the hook refuses scores 0 and is counted as `blocked`, never raised.
 
 Functions must pickle (module-level functions, instances of module-level classes, partials of
 those). For unpicklable callables (lambdas, closures) `backend="signal"` runs them in-process with
@@ -14,6 +22,7 @@ a `setitimer` deadline — main thread only, and it cannot cut off C code that n
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import math
@@ -28,10 +37,18 @@ import traceback
 
 import numpy as np
 
+from mixpo.rewards import sandbox
 from mixpo.rewards.combine import fn_name
 from mixpo.rewards.deadline import DeadlineExceeded, deadline
 
-_PRELOAD = ["mixpo.rewards.math_answer"]
+_PRELOAD = ["mixpo.rewards.worker_init", "mixpo.rewards.math_answer"]
+
+# A new worker's first item gets its deadline once the worker has started (forking, unpickling
+# the reward fns and hardening take well under a second, several on a loaded machine).
+WORKER_START_TIMEOUT_S = 60.0
+
+# Per-item status codes.
+OK, TIMEOUT, ERROR, BLOCKED, BATCH_TIMEOUT = 0, 1, 2, 3, 4
 
 
 class RewardError(RuntimeError):
@@ -44,8 +61,12 @@ class RewardResult:
 
   rewards: float32 [B], Σ_k w_k·r_k with timed-out / errored items contributing 0.
   per_fn: name → float32 [B] unweighted values of each function.
-  timed_out: bool [B], any function timed out on the item. errored: bool [B], likewise raised.
+  timed_out: bool [B], any function timed out on the item (its own deadline or the batch's).
+  errored: bool [B], likewise raised.
   timeouts / errors: counts over (function, item) pairs.
+  blocked: (function, item) pairs the sandbox refused (the text tried to run code), scored 0.
+  batch_timeouts: pairs not scored before the call's deadline, scored 0 (also in `timeouts`).
+  retries: pairs re-run once because their worker died.
   """
   rewards: np.ndarray
   per_fn: dict
@@ -53,10 +74,15 @@ class RewardResult:
   errored: np.ndarray
   timeouts: int
   errors: int
+  blocked: int = 0
+  batch_timeouts: int = 0
+  retries: int = 0
 
   def metrics(self) -> dict:
     m = {"reward/mean": float(self.rewards.mean()) if self.rewards.size else 0.0,
-         "reward/timeouts": self.timeouts, "reward/errors": self.errors}
+         "reward/timeouts": self.timeouts, "reward/errors": self.errors,
+         "reward/blocked": self.blocked, "reward/batch_timeouts": self.batch_timeouts,
+         "reward/retries": self.retries}
     for k, v in self.per_fn.items():
       m[f"reward/{k}"] = float(v.mean()) if v.size else 0.0
     return m
@@ -78,9 +104,31 @@ def _run_one(fn, prompt, completion, cols) -> float:
   return _check_value(fn([prompt], [completion], **{k: [v] for k, v in cols.items()}))
 
 
-def _worker_main(conn, fns):
-  """Worker loop: receives chunks [(task_id, fn_idx, prompt, completion, cols)], streams results."""
-  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+def _run_guarded(fn, prompt, completion, cols, guard: bool) -> tuple[int, object]:
+  """(status, value or message) of one item, under the sandbox's audit hook when `guard`."""
+  g = sandbox.guarded() if guard else None
+  try:
+    if g is None:
+      return OK, _run_one(fn, prompt, completion, cols)
+    with g:
+      val = _run_one(fn, prompt, completion, cols)
+    if g.violation:  # refused, but the function caught it and returned anyway
+      return BLOCKED, g.violation
+    return OK, val
+  except sandbox.SandboxViolation as e:
+    return BLOCKED, str(e)
+  except Exception as e:  # noqa: BLE001 — reported with the function's name
+    tb = traceback.extract_tb(e.__traceback__)[-1]
+    return ERROR, f"{type(e).__name__}: {e} (at {tb.filename}:{tb.lineno})"
+
+
+def _worker_main(conn, fns, limits, guard):
+  """Worker loop: receives chunks [(task_id, fn_idx, prompt, completion, cols)], streams results.
+
+  The first message is the sandbox's report (what took effect), then one (task_id, status,
+  value) per item.
+  """
+  conn.send(("hello", OK, sandbox.harden_worker(limits)))
   while True:
     try:
       chunk = conn.recv()
@@ -89,21 +137,32 @@ def _worker_main(conn, fns):
     if chunk is None:
       return
     for task_id, k, prompt, completion, cols in chunk:
-      try:
-        conn.send((task_id, True, _run_one(fns[k], prompt, completion, cols)))
-      except Exception as e:  # noqa: BLE001 — reported to the parent with the function's name
-        tb = traceback.extract_tb(e.__traceback__)[-1]
-        conn.send((task_id, False, f"{type(e).__name__}: {e} (at {tb.filename}:{tb.lineno})"))
+      sandbox.set_cpu_backstop(limits.cpu_s_per_item)
+      conn.send((task_id, *_run_guarded(fns[k], prompt, completion, cols, guard)))
 
 
 class _Worker:
-  def __init__(self, ctx, fns):
+  def __init__(self, ctx, fns, limits, guard):
     self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_worker_main, args=(child, fns), daemon=True)
+    self.proc = ctx.Process(target=_worker_main, args=(child, fns, limits, guard), daemon=True)
     self.proc.start()
     child.close()
     self.inflight = collections.deque()
     self.deadline = math.inf
+    self.sandbox = None  # the worker's first message says what containment took effect
+
+  def wait_started(self, timeout_s: float = WORKER_START_TIMEOUT_S) -> dict:
+    if self.sandbox is None:
+      if not self.conn.poll(timeout_s):
+        raise RuntimeError(f"RewardRunner: a reward worker did not start within {timeout_s} s")
+      try:
+        tag, _, self.sandbox = self.conn.recv()
+      except (EOFError, OSError):
+        raise RuntimeError(f"RewardRunner: a reward worker died while starting (exit code "
+                           f"{self.proc.exitcode}); a reward fn that cannot be unpickled or "
+                           "imported in a fresh process does this") from None
+      assert tag == "hello", tag
+    return self.sandbox
 
   def kill(self):
     self.proc.kill()
@@ -117,6 +176,9 @@ class RewardRunner:
   Args:
     fns_with_weights: [(fn, weight), ...] of TRL-style callables.
     timeout_s: per (function, item) deadline in seconds; a timeout scores 0 and is counted.
+    batch_timeout_s: deadline of a whole call in seconds (None: none); items not scored by then
+      score 0 and are counted (`batch_timeouts`). A call returns within about this time plus the
+      time to replace the workers it stops (tens of ms each).
     on_error: "raise" — a function that raises (or returns a non-float / non-finite value) raises
       RewardError naming it after the batch finishes; "zero" — scored 0 and counted.
     num_workers: worker processes (default min(2, cpu count)).
@@ -126,15 +188,23 @@ class RewardRunner:
       with the same items (the RL loop does), each process scores a contiguous 1/P of them and
       the values are all-gathered: the same result everywhere, 1/P of the work each. A
       collective; no-op with one process.
+    limits: the workers' `sandbox.WorkerLimits` (memory, CPU backstop, unprivileged user).
+    guard: run each item under `sandbox.guarded()` (refuses code built from text, process
+      spawning, file writes, sockets). Turn off only for trusted reward fns that need those.
   """
 
   def __init__(self, fns_with_weights, timeout_s: float = 5.0, on_error: str = "raise",
                num_workers: int | None = None, backend: str = "auto",
-               split_across_processes: bool = False):
+               split_across_processes: bool = False, batch_timeout_s: float | None = None,
+               limits: sandbox.WorkerLimits = sandbox.WorkerLimits(), guard: bool = True):
     if on_error not in ("raise", "zero"):
       raise ValueError(f"RewardRunner(on_error={on_error!r}): use 'raise' or 'zero'")
     if not timeout_s > 0:
       raise ValueError(f"RewardRunner(timeout_s={timeout_s}): must be > 0 seconds")
+    if batch_timeout_s is not None and not batch_timeout_s > 0:
+      raise ValueError(f"RewardRunner(batch_timeout_s={batch_timeout_s}): must be > 0 seconds "
+                       "(or None for no batch deadline)")
+    self.batch_timeout_s, self.limits, self.guard = batch_timeout_s, limits, guard
     self.fns = [fn for fn, _ in fns_with_weights]
     self.weights = np.array([float(w) for _, w in fns_with_weights], np.float64)
     if not self.fns:
@@ -153,10 +223,18 @@ class RewardRunner:
     self.backend = backend
     self.split_across_processes = split_across_processes
     self._workers = []
+    self.sandbox = {"in_process": True, "guard": guard}  # the signal backend runs in this process
     if backend == "process":
       self._ctx = mp.get_context("forkserver")
       self._ctx.set_forkserver_preload(_PRELOAD)
-      self._workers = [_Worker(self._ctx, self.fns) for _ in range(self.num_workers)]
+      self._workers = [self._new_worker() for _ in range(self.num_workers)]
+      # Workers ignore SIGTERM, which is how multiprocessing's exit handler stops daemon
+      # processes before joining them: stop them first (atexit runs handlers last-in first-out).
+      atexit.register(self.close)
+      self.sandbox = self._workers[0].wait_started()
+
+  def _new_worker(self) -> _Worker:
+    return _Worker(self._ctx, self.fns, self.limits, self.guard)
 
   def _unpicklable(self):
     for fn, name in zip(self.fns, [fn_name(f) for f in self.fns]):
@@ -170,6 +248,7 @@ class RewardRunner:
     for w in self._workers:
       w.kill()
     self._workers = []
+    atexit.unregister(self.close)
 
   def __enter__(self):
     return self
@@ -194,40 +273,44 @@ class RewardRunner:
         raise ValueError(f"RewardRunner: column {k!r} has {len(v)} entries, expected {b}")
     n_fn = len(self.fns)
     values = np.zeros((n_fn, b), np.float64)
-    status = np.zeros((n_fn, b), np.int8)  # 0 ok, 1 timeout, 2 error
+    status = np.zeros((n_fn, b), np.int8)  # OK / TIMEOUT / ERROR / BLOCKED / BATCH_TIMEOUT
     first_error = []
     lo, hi = self._my_items(b)
     tasks = [(k * b + i, k, prompts[i], completions[i], {c: v[i] for c, v in columns.items()})
              for k in range(n_fn) for i in range(lo, hi)]
+    end = math.inf if self.batch_timeout_s is None else time.monotonic() + self.batch_timeout_s
 
-    def record(task_id, ok, val):
+    def record(task_id, st, val=None):
       k, i = divmod(task_id, b)
-      if ok:
+      status[k, i] = st
+      if st == OK:
         values[k, i] = val
-      else:
-        status[k, i] = 2
-        if not first_error:
-          first_error.append(f"reward fn {self.names[k]!r} failed on item {i} "
-                             f"(completion {str(completions[i])[:60]!r}): {val}")
+      elif st == ERROR and not first_error:
+        first_error.append(f"reward fn {self.names[k]!r} failed on item {i} "
+                           f"(completion {str(completions[i])[:60]!r}): {val}")
 
     if self.backend == "process":
-      self._run_pool(tasks, record, status, b)
+      retries = self._run_pool(tasks, record, end)
     else:
-      self._run_signal(tasks, record, status, b)
+      retries = self._run_signal(tasks, record, end)
     if (lo, hi) != (0, b):
       values, status = self._gather(values, status, lo, hi)
-      if not first_error and (status == 2).any():  # another process's item failed
-        k, i = map(int, np.argwhere(status == 2)[0])
+      if not first_error and (status == ERROR).any():  # another process's item failed
+        k, i = map(int, np.argwhere(status == ERROR)[0])
         first_error.append(f"reward fn {self.names[k]!r} failed on item {i} (completion "
                            f"{str(completions[i])[:60]!r}) in another process (see its log)")
     if first_error and self.on_error == "raise":
       raise RewardError(first_error[0] + ". Fix the reward fn, or pass RewardRunner(on_error='zero')"
                         " to score such items 0 and count them")
+    values = np.where(status == OK, values, 0.0)
     per_fn = {n: values[k].astype(np.float32) for k, n in enumerate(self.names)}
-    total = (self.weights[:, None] * np.where(status == 0, values, 0.0)).sum(0)
+    total = (self.weights[:, None] * values).sum(0)
+    timed_out = (status == TIMEOUT) | (status == BATCH_TIMEOUT)
     return RewardResult(rewards=total.astype(np.float32), per_fn=per_fn,
-                        timed_out=(status == 1).any(0), errored=(status == 2).any(0),
-                        timeouts=int((status == 1).sum()), errors=int((status == 2).sum()))
+                        timed_out=timed_out.any(0), errored=(status == ERROR).any(0),
+                        timeouts=int(timed_out.sum()), errors=int((status == ERROR).sum()),
+                        blocked=int((status == BLOCKED).sum()),
+                        batch_timeouts=int((status == BATCH_TIMEOUT).sum()), retries=retries)
 
   def _my_items(self, b: int) -> tuple[int, int]:
     """[lo, hi) of the items this process scores (all of them unless split across processes)."""
@@ -250,37 +333,45 @@ class RewardRunner:
                          "do not tile the batch; every process must call with the same items")
     return v.sum(0).astype(np.float64), st.sum(0).astype(np.int8)
 
-  def _run_signal(self, tasks, record, status, b):
+  def _run_signal(self, tasks, record, end) -> int:
     if threading.current_thread() is not threading.main_thread():
       raise RuntimeError("RewardRunner(backend='signal') only works in the main thread; make the "
                          "reward fns picklable and use backend='process'")
-
-    for task_id, k, prompt, completion, cols in tasks:
+    for n, (task_id, k, prompt, completion, cols) in enumerate(tasks):
+      left = end - time.monotonic()
+      if left <= 0:
+        for t in tasks[n:]:
+          record(t[0], BATCH_TIMEOUT)
+        return 0
       try:
-        with deadline(self.timeout_s):
-          val = _run_one(self.fns[k], prompt, completion, cols)
-        record(task_id, True, val)
+        with deadline(min(self.timeout_s, left)):
+          st, val = _run_guarded(self.fns[k], prompt, completion, cols, self.guard)
+        record(task_id, st, val)
       except DeadlineExceeded:
-        status[divmod(task_id, b)] = 1
-      except Exception as e:  # noqa: BLE001
-        record(task_id, False, f"{type(e).__name__}: {e}")
+        record(task_id, TIMEOUT if left > self.timeout_s else BATCH_TIMEOUT)
+    return 0
 
-  def _run_pool(self, tasks, record, status, b):
+  def _run_pool(self, tasks, record, end) -> int:
+    """Scores `tasks` on the workers; returns how many items were retried after a worker died."""
     pending = collections.deque(tasks)
     chunk = max(1, min(32, -(-len(tasks) // (4 * len(self._workers)))))
     by_id = {t[0]: t for t in tasks}
+    retried = set()
     while True:
       now = time.monotonic()
+      if now >= end:
+        self._abandon(pending, record)
+        return len(retried)
       for w in self._workers:
         if not w.inflight and pending:
           batch = [pending.popleft() for _ in range(min(chunk, len(pending)))]
           w.inflight.extend(t[0] for t in batch)
           w.conn.send(batch)
-          w.deadline = now + self.timeout_s
+          w.deadline = now + (self.timeout_s if w.sandbox is not None else WORKER_START_TIMEOUT_S)
       busy = [w for w in self._workers if w.inflight]
       if not busy:
-        return
-      wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+        return len(retried)
+      wait_s = max(0.0, min(min(w.deadline for w in busy), end) - time.monotonic())
       ready = set(mp_connection.wait([w.conn for w in busy], timeout=wait_s))
       for idx, w in enumerate(self._workers):
         if not w.inflight:
@@ -289,19 +380,39 @@ class RewardRunner:
         if w.conn in ready:
           try:
             while w.inflight and w.conn.poll():
-              task_id, ok, val = w.conn.recv()
+              task_id, st, val = w.conn.recv()
+              if task_id == "hello":
+                w.sandbox = val
+                w.deadline = time.monotonic() + self.timeout_s
+                continue
               assert task_id == w.inflight[0], (task_id, w.inflight[0])
               w.inflight.popleft()
-              record(task_id, ok, val)
+              record(task_id, st, val)
               w.deadline = time.monotonic() + self.timeout_s
           except (EOFError, OSError):
-            died = True  # e.g. killed by the OOM killer or a segfault in C code
+            died = True  # e.g. killed by the OOM killer, RLIMIT_CPU or a segfault in C code
         if died or (w.inflight and time.monotonic() > w.deadline and not w.conn.poll()):
           bad = w.inflight.popleft()
-          if died:
-            record(bad, False, f"worker process died (exit code {w.proc.exitcode})")
+          if not died:
+            record(bad, TIMEOUT)
+          elif bad not in retried:  # once: a crash of the worker need not be the item's fault
+            retried.add(bad)
+            pending.appendleft(by_id[bad])
           else:
-            status[divmod(bad, b)] = 1
+            record(bad, ERROR, f"worker process died twice on this item (exit code "
+                               f"{w.proc.exitcode})")
           pending.extendleft(reversed([by_id[t] for t in w.inflight]))
           w.kill()
-          self._workers[idx] = _Worker(self._ctx, self.fns)
+          self._workers[idx] = self._new_worker()
+
+  def _abandon(self, pending, record):
+    """The batch deadline passed: unscored items score 0 (counted); busy workers are replaced."""
+    for t in pending:
+      record(t[0], BATCH_TIMEOUT)
+    pending.clear()
+    for idx, w in enumerate(self._workers):
+      if w.inflight:
+        for task_id in w.inflight:
+          record(task_id, BATCH_TIMEOUT)
+        w.kill()
+        self._workers[idx] = self._new_worker()
