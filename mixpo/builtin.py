@@ -19,6 +19,7 @@ from absl import logging
 from mixpo import models, train
 from mixpo.batch import make_batch
 from mixpo.data import char_tokenizer, get_task
+from mixpo.data.tokenizer import DEFAULT_ALPHABET
 from mixpo.rollout import encode_prompts
 
 
@@ -37,14 +38,19 @@ def tiny_hf_config(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4
 
 
 def sft_batch(tokenizer, examples, max_answer_tokens: int):
-  """`Batch` of prompt (left-padded) + answer + EOS (right-padded), loss on answer and EOS."""
+  """`Batch` of prompt (left-padded) + target + EOS (right-padded), loss on target and EOS.
+
+  The target is the example's worked solution (`metadata["solution"]`, chain-of-thought tasks)
+  when it has one, else its answer.
+  """
   prompt_BxP, prompt_mask_BxP = encode_prompts(tokenizer, [e.prompt for e in examples], 1)
   resp = np.full((len(examples), max_answer_tokens), tokenizer.pad_token_id or 0, np.int32)
   resp_mask = np.zeros(resp.shape, np.float32)
   for i, e in enumerate(examples):
-    ids = tokenizer(e.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    target = e.metadata.get("solution", e.answer)
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(ids) > max_answer_tokens:
-      raise ValueError(f"sft: answer {e.answer!r} needs {len(ids)} tokens with EOS, more than "
+      raise ValueError(f"sft: target {target[:60]!r} needs {len(ids)} tokens with EOS, more than "
                        f"max_answer_tokens={max_answer_tokens}")
     resp[i, :len(ids)] = ids
     resp_mask[i, :len(ids)] = 1.0
@@ -77,12 +83,15 @@ def ensure_builtin_models(directory: str, cfg) -> tuple[str, str]:
 
   `cfg` is the config's `builtin` ConfigDict (model size, SFT steps of guide and policy). Both
   models share one char tokenizer and one architecture; the weak policy is the same recipe with
-  far fewer steps, so it rarely solves the task. A directory is reused only if its recipe file
+  far fewer steps, so it rarely solves the task. Optional fields: `alphabet` (the tokenizer's
+  characters), `guide_task_kwargs` (knobs the guide's SFT task overrides, e.g. another solution
+  style), `max_answer_tokens` (SFT target length). A directory is reused only if its recipe file
   matches `cfg` exactly; otherwise it is rebuilt.
   """
   recipe = json.dumps(cfg.to_dict(), sort_keys=True)
-  task = get_task(cfg.task, **cfg.task_kwargs)
-  tokenizer = char_tokenizer()
+  tokenizer = char_tokenizer(cfg.get("alphabet") or DEFAULT_ALPHABET)
+  tasks = {"guide": get_task(cfg.task, **{**cfg.task_kwargs, **cfg.get("guide_task_kwargs", {})}),
+           "policy_init": get_task(cfg.task, **cfg.task_kwargs)}
   paths = {}
   for name, steps, seed in (("guide", cfg.guide_steps, cfg.seed + 1),
                             ("policy_init", cfg.policy_steps, cfg.seed + 2)):
@@ -95,8 +104,9 @@ def ensure_builtin_models(directory: str, cfg) -> tuple[str, str]:
     hf = tiny_hf_config(tokenizer, cfg.hidden, cfg.layers, cfg.heads, cfg.kv_heads,
                         cfg.intermediate, cfg.max_positions)
     model = models.init_from_config(hf, rng=cfg.seed)  # same init for both: they differ by SFT.
-    model = sft(model, tokenizer, task, steps=steps, batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate, seed=seed, log_every=max(steps // 5, 1))
+    model = sft(model, tokenizer, tasks[name], steps=steps, batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate, seed=seed, log_every=max(steps // 5, 1),
+                max_answer_tokens=cfg.get("max_answer_tokens", 5))
     models.save_pretrained(model, path)
     tokenizer.save_pretrained(path)
     with open(recipe_file, "w") as f:  # written last: a crash before it means "rebuild".

@@ -84,6 +84,7 @@ def get_task(name: str, **knobs) -> Task:
   import mixpo.data.arithmetic  # noqa: F401  (registers built-ins)
   import mixpo.data.rg_tasks  # noqa: F401
   import mixpo.data.file_task  # noqa: F401
+  import mixpo.data.cot  # noqa: F401
   if name not in _REGISTRY and name.startswith("rg:"):
     return mixpo.data.rg_tasks.ReasoningGymTask(name[3:], **knobs)
   if name not in _REGISTRY:

@@ -1,0 +1,71 @@
+"""The chain-of-thought built-in task: determinism, disjoint splits, the verifier, SFT targets."""
+
+import numpy as np
+import pytest
+
+from mixpo.builtin import sft_batch
+from mixpo.data import char_tokenizer, get_task
+from mixpo.data.cot import COT_ALPHABET, STYLES, solution
+
+
+@pytest.mark.parametrize("ops", ["+", "-", "+-"])
+def test_deterministic_disjoint_and_solutions_correct(ops):
+  t = get_task("cot_arithmetic", digits=3, ops=ops)
+  a, b = t.examples("train", 50, seed=3), t.examples("train", 50, seed=3)
+  assert [e.prompt for e in a] == [e.prompt for e in b]
+  assert [e.prompt for e in t.examples("train", 50, seed=4)] != [e.prompt for e in a]
+  train = {e.prompt for e in t.examples("train", 2000)}
+  evals = {e.prompt for e in t.eval_examples(100)}
+  assert len(evals) == 100 and not train & evals
+  for e in a:
+    x, y = e.metadata["operands"]
+    assert int(e.answer) == (x + y if e.metadata["op"] == "+" else x - y) >= 0
+    assert e.metadata["solution"].endswith(f"\\boxed{{{e.answer}}}")
+    assert t.reward_fn([e.prompt], [e.metadata["solution"]], answer=[e.answer]) == [1.0]
+
+
+def test_each_style_states_every_column_and_carry():
+  assert solution(472, 389, "+", "columns") == "2+9=11 c1\n7+8+1=16 c1\n4+3+1=8 c0\n\\boxed{861}"
+  assert solution(472, 389, "-", "columns") == "12-9=3 b1\n17-8-1=8 b1\n4-3-1=0 b0\n\\boxed{83}"
+  words = solution(472, 389, "+", "words")
+  assert words.startswith("units 9 and 2 make 11, carry 1. tens 8 and 7 and 1 make 16")
+  assert words.endswith("so \\boxed{861}")
+  rng = np.random.default_rng(0)
+  for a, b in rng.integers(0, 100_000, size=(200, 2)):
+    for style in STYLES:
+      assert solution(int(a), int(b), "+", style).endswith(f"\\boxed{{{a + b}}}")
+      hi, lo = max(a, b), min(a, b)
+      assert solution(int(hi), int(lo), "-", style).endswith(f"\\boxed{{{hi - lo}}}")
+      assert set(solution(int(a), int(b), "+", style)) <= set(COT_ALPHABET)
+
+
+def test_verifier_boxed_answers():
+  t = get_task("cot_arithmetic", digits=3)
+  cases = {
+      "12 c1\n\\boxed{861}": 1.0,
+      "steps\n\\boxed{861.0}": 1.0,  # equivalent
+      "steps\n\\boxed{ 861 }": 1.0,
+      "steps\n\\boxed{862}": 0.0,  # not equivalent
+      "steps ending in 861": 0.0,  # a chain must end in its box
+      "\\boxed{861} then \\boxed{7}": 0.0,  # two boxes: the last one counts
+      "\\boxed{7} then \\boxed{861}": 1.0,
+      "2+9=11 c1\n7+8+1=16 c1\n4+3+1=8 c0\n\\boxed{86": 0.0,  # truncated (overlong)
+      "": 0.0,
+  }
+  got = t.reward_fn(["p"] * len(cases), list(cases), answer=["861"] * len(cases))
+  assert dict(zip(cases, got)) == cases
+  with_format = get_task("cot_arithmetic", digits=3, format_weight=0.1)
+  assert with_format.reward_fn(["p"] * 2, ["\\boxed{5}", "\\boxed{861}"], answer=["861"] * 2) == \
+      pytest.approx([0.1, 1.1])
+
+
+def test_sft_targets_are_the_worked_solutions():
+  tok = char_tokenizer(COT_ALPHABET)
+  t = get_task("cot_arithmetic", digits=3, style="words")
+  exs = t.examples("train", 4)
+  batch = sft_batch(tok, exs, max_answer_tokens=176)
+  row = np.asarray(batch.tokens_BxT)[0][np.asarray(batch.loss_mask_BxT)[0] > 0]
+  text = tok.decode(row)
+  assert text.startswith("units ") and text.endswith(f"\\boxed{{{exs[0].answer}}}<eos>")
+  with pytest.raises(ValueError, match="max_answer_tokens=20"):
+    sft_batch(tok, exs, max_answer_tokens=20)
