@@ -54,6 +54,13 @@ class ModelConfig:
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
   def __post_init__(self):
+    # A backstop for configs built directly (from_hf_config has checked config.json already,
+    # naming its fields): bad sizes would otherwise divide by zero or give NaN logits.
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "max_position_embeddings"):
+      positive_int(name, getattr(self, name), where="ModelConfig.")
+    for name in ("rms_norm_eps", "rope_theta", "rope_factor"):
+      positive_float(name, getattr(self, name), where="ModelConfig.")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r} is not one of "
                        f"{ATTENTION_IMPLS}; pick one of those.")
@@ -70,6 +77,25 @@ class ModelConfig:
 
 
 OPTION_NAMES = ("dtype", "param_dtype", "remat", "attention_impl")
+# config.json fields every supported family must have.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads")
+
+
+def positive_int(field: str, value, where: str = "config.json field ") -> int:
+  """`value` if it is an integer > 0 (not a bool, not 64.0), else ValueError naming `field`."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{where}{field}={value!r} must be a positive integer; fix it.")
+  return int(value)
+
+
+def positive_float(field: str, value, where: str = "config.json field ") -> float:
+  """`value` as a float if it is a finite number > 0, else ValueError naming `field`."""
+  if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+      or not math.isfinite(value) or value <= 0):
+    raise ValueError(f"{where}{field}={value!r} must be a finite number > 0 (zero or negative "
+                     "values give NaN logits); fix it.")
+  return float(value)
 
 
 def _rope_fields(hf: dict) -> dict:
@@ -91,13 +117,29 @@ def _rope_fields(hf: dict) -> dict:
   if partial != 1.0:
     raise ValueError(f"config.json field partial_rotary_factor={partial} is not supported "
                      "(only full rotary embeddings, 1.0).")
-  out = dict(rope_theta=float(params.get("rope_theta", 10000.0)), rope_type=rope_type)
+  prefix = field.rsplit(".", 1)[0]
+  theta_field = "rope_parameters.rope_theta" if "rope_parameters" in hf else "rope_theta"
+
+  def get(key):
+    if key not in params:
+      raise ValueError(f"config.json field {prefix} lacks {key!r}, which rope type "
+                       f"{rope_type!r} requires; add it.")
+    return params[key]
+
+  out = dict(rope_theta=positive_float(theta_field, params.get("rope_theta", 10000.0)),
+             rope_type=rope_type)
   if rope_type in ("llama3", "linear"):
-    out["rope_factor"] = float(params["factor"])
+    out["rope_factor"] = positive_float(f"{prefix}.factor", get("factor"))
   if rope_type == "llama3":
-    out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
-               rope_high_freq_factor=float(params["high_freq_factor"]),
-               rope_original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    low = positive_float(f"{prefix}.low_freq_factor", get("low_freq_factor"))
+    high = positive_float(f"{prefix}.high_freq_factor", get("high_freq_factor"))
+    if high <= low:  # The smoothing divides by high - low.
+      raise ValueError(f"config.json field {prefix}.high_freq_factor={high!r} must exceed "
+                       f"low_freq_factor={low!r}; fix it.")
+    out.update(rope_low_freq_factor=low, rope_high_freq_factor=high,
+               rope_original_max_position_embeddings=positive_int(
+                   f"{prefix}.original_max_position_embeddings",
+                   get("original_max_position_embeddings")))
   return out
 
 
@@ -127,19 +169,44 @@ def from_hf_config(hf_config, **options) -> ModelConfig:
                      "(full causal attention only).")
   if hf.get("mlp_bias", False):
     raise ValueError("config.json field mlp_bias=true is not supported.")
-  num_heads = hf["num_attention_heads"]
+  missing = [f for f in REQUIRED_FIELDS if f not in hf]
+  if missing:
+    raise ValueError(f"config.json is missing field {', '.join(missing)} (required for "
+                     f"model_type={model_type!r}); add it.")
+  sizes = {f: positive_int(f, hf[f]) for f in REQUIRED_FIELDS}
+  num_heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+  num_kv_heads = hf.get("num_key_value_heads")
+  num_kv_heads = (num_heads if num_kv_heads is None
+                  else positive_int("num_key_value_heads", num_kv_heads))
+  if num_heads % num_kv_heads:
+    raise ValueError(f"config.json field num_key_value_heads={num_kv_heads!r} does not divide "
+                     f"num_attention_heads={num_heads}: grouped-query attention shares each kv "
+                     "head among an equal number of query heads; fix config.json.")
+  head_dim = hf.get("head_dim")
+  if head_dim is None:
+    if hidden % num_heads:
+      raise ValueError(f"config.json field hidden_size={hidden!r} is not a multiple of "
+                       f"num_attention_heads={num_heads} and there is no head_dim field; fix "
+                       "config.json (or give head_dim explicitly).")
+    head_dim = hidden // num_heads
+  head_dim = positive_int("head_dim", head_dim)
+  if head_dim % 2:
+    raise ValueError(f"config.json field head_dim={head_dim!r} (hidden_size / "
+                     "num_attention_heads when absent) is odd; rotary embeddings rotate pairs "
+                     "of dimensions, so it must be even. Fix config.json.")
   attention_bias = bool(hf.get("attention_bias", False))
   return ModelConfig(
       model_type=model_type,
-      vocab_size=hf["vocab_size"],
-      hidden_size=hf["hidden_size"],
-      intermediate_size=hf["intermediate_size"],
-      num_layers=hf["num_hidden_layers"],
+      vocab_size=sizes["vocab_size"],
+      hidden_size=hidden,
+      intermediate_size=sizes["intermediate_size"],
+      num_layers=sizes["num_hidden_layers"],
       num_heads=num_heads,
-      num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-      max_position_embeddings=hf.get("max_position_embeddings", 2048),
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      max_position_embeddings=positive_int("max_position_embeddings",
+                                           hf.get("max_position_embeddings", 2048)),
+      rms_norm_eps=positive_float("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
       qkv_bias=True if model_type == "qwen2" else attention_bias,
       o_bias=False if model_type == "qwen2" else attention_bias,
       qk_norm=model_type == "qwen3",

@@ -28,10 +28,14 @@ HF_NAME_TABLE is the one mapping between transformers tensor names and mixpo par
 from __future__ import annotations
 
 import collections
+import ctypes
+import errno
 import functools
 import json
 import os
 import re
+import secrets
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +71,12 @@ HF_NAME_TABLE = (
 _IGNORED = re.compile(r"(.*rotary_emb\.inv_freq$)")
 
 _SAFE_DTYPES = {"F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16, "F64": jnp.float64}
+# Files of an earlier export that save_pretrained drops: any weights or weight index a loader
+# could prefer over the new files (transformers and mixpo pick different ones when both exist).
+_WEIGHT_FILE = re.compile(r"(.*\.safetensors|.*\.safetensors\.index\.json|pytorch_model.*\.bin"
+                          r"|pytorch_model\.bin\.index\.json|tf_model.*\.h5|flax_model.*\.msgpack"
+                          r"|config\.json)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def param_path(var_path) -> str:
@@ -101,13 +111,47 @@ def _variable(model: CausalLM, path: str) -> nnx.Variable:
   return obj
 
 
-def _read_config(path: str) -> dict:
+def _read_config(path: str) -> tuple[dict, str]:
+  """(config.json as a dict, its path)."""
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f"no config.json in {path!r}: pass a Hugging Face checkpoint "
                             "directory (config.json + *.safetensors).")
   with open(config_file) as f:
-    return json.load(f)
+    return json.load(f), config_file
+
+
+def _allowed_roots(path: str) -> list[str]:
+  """Real directories a checkpoint's weight files may resolve into.
+
+  The checkpoint directory itself, and for huggingface_hub's cache layout
+  (`models--org--name/snapshots/<rev>/<file>` -> `../../blobs/<hash>`) the repo's blobs.
+  """
+  real = os.path.realpath(path)
+  roots = [real]
+  if os.path.basename(os.path.dirname(real)) == "snapshots":
+    roots.append(os.path.join(os.path.dirname(os.path.dirname(real)), "blobs"))
+  return roots
+
+
+def _contained(path: str, entry, listed_in: str) -> str:
+  """The full path of weight file `entry` of checkpoint `path`, refused if it lies outside.
+
+  A weight_map may only name files inside the checkpoint directory: an index (or a symlink)
+  that points elsewhere would make a downloaded checkpoint read files it does not ship.
+  """
+  where = f"{listed_in}: weight_map entry {entry!r}"
+  if not isinstance(entry, str) or not entry:
+    raise ValueError(f"{where} is not a file name; the index is corrupt (re-download it).")
+  if os.path.isabs(entry) or ".." in re.split(r"[\\/]", entry):
+    raise ValueError(f"{where} names a file outside the checkpoint directory {path!r} (absolute "
+                     "path or '..'); an index may only name files in its own directory.")
+  full = os.path.join(path, entry)
+  real = os.path.realpath(full)
+  if not any(real == root or real.startswith(root + os.sep) for root in _allowed_roots(path)):
+    raise ValueError(f"{where} resolves through a symlink to {real!r}, outside the checkpoint "
+                     f"directory {path!r}; copy the file into the directory instead of linking.")
+  return full
 
 
 def _weight_files(path: str) -> dict[str, list[str]]:
@@ -115,18 +159,35 @@ def _weight_files(path: str) -> dict[str, list[str]]:
   index_file = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index_file):
     with open(index_file) as f:
-      weight_map = json.load(f)["weight_map"]
+      index = json.load(f)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index_file} has no weight_map object; the index is corrupt "
+                       "(re-download it).")
     files = collections.defaultdict(list)
     for name, file in weight_map.items():
-      files[os.path.join(path, file)].append(name)
+      files[_contained(path, file, index_file)].append(name)
     return dict(files)
   single = os.path.join(path, "model.safetensors")
   if os.path.isfile(single):
+    single = _contained(path, "model.safetensors", path)
     with safe_open(single, framework="numpy") as f:
       return {single: list(f.keys())}
   raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}; "
                           "only safetensors checkpoints are supported (convert .bin with "
                           "transformers' save_pretrained(safe_serialization=True)).")
+
+
+def _check_layer_count(num_layers: int, files: dict[str, list[str]], config_file: str) -> None:
+  """Refuses a num_hidden_layers the tensors do not have, before a model is built from it."""
+  layers = {int(m.group(1)) for names in files.values() for n in names if (m := _LAYER.match(n))}
+  if layers != set(range(num_layers)):
+    found = (f"layers 0..{max(layers)}" if layers == set(range(len(layers))) and layers
+             else f"layer indices {sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}")
+    raise ValueError(f"{config_file}: config.json field num_hidden_layers={num_layers!r} does not "
+                     f"match the weights, which hold {found} ({len(layers)} layers) in "
+                     f"{', '.join(sorted(files))}; fix num_hidden_layers in config.json (or "
+                     "complete the checkpoint).")
 
 
 def from_pretrained(path: str, shardings=None, **options) -> CausalLM:
@@ -137,13 +198,21 @@ def from_pretrained(path: str, shardings=None, **options) -> CausalLM:
   beyond the model itself. shardings: None (tensors land on the default device), or
   `fn(param_path, shape) -> jax.sharding.Sharding` (`mixpo.sharding.path_shardings(mesh)`):
   each tensor is then built with make_array_from_callback, every device reading only its own
-  slice of the file (no full copy on one device; multi-host: each process reads its shards). Raises naming the tensor and file on missing / unexpected tensors,
-  wrong shapes or non-float dtypes.
+  slice of the file (no full copy on one device; multi-host: each process reads its shards).
+  Raises naming the tensor and file on missing / unexpected tensors, wrong shapes or non-float
+  dtypes; naming the config.json path, field and value on invalid or inconsistent sizes (checked
+  before the model is built); and naming the index and entry when a weight file lies outside
+  `path` ('..', absolute, or a symlink out; huggingface_hub's snapshots -> blobs links are fine).
   """
-  config = from_hf_config(_read_config(path), **options)
+  hf, config_file = _read_config(path)
+  try:
+    config = from_hf_config(hf, **options)
+  except ValueError as e:
+    raise ValueError(f"{config_file}: {e}") from None
+  files = _weight_files(path)
+  _check_layer_count(config.num_layers, files, config_file)
   model = _abstract_model(config)
   expected = hf_names(model)
-  files = _weight_files(path)
   loaded = set()
   for file, names in files.items():
     if not os.path.isfile(file):
@@ -204,8 +273,41 @@ def _read_shard(tensor_slice, transposed: bool, dtype, index_mixpo):
 
 def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = None) -> None:
   """Writes config.json + model.safetensors (or shards + index when the weights exceed
-  max_shard_bytes) that transformers.AutoModelForCausalLM.from_pretrained loads."""
-  os.makedirs(path, exist_ok=True)
+  max_shard_bytes) that transformers.AutoModelForCausalLM.from_pretrained loads.
+
+  Atomic: the export is written into a temporary sibling directory that then replaces `path`
+  (an atomic exchange on Linux; elsewhere two renames, between which `path` is briefly absent).
+  Over an earlier export, every weight file and index of it is dropped (a stale index would win
+  in mixpo's loader while transformers reads the new file), and every other file or directory
+  the user put there (tokenizer, generation_config.json, README, ...) is carried over. A crash
+  or error leaves `path` as it was; a leftover `.<name>.tmp-*` sibling is safe to delete.
+  A symlinked `path` keeps its link: the directory it points to is replaced.
+  """
+  path = os.path.realpath(path)
+  parent, name = os.path.split(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"save_pretrained: {path!r} exists and is not a directory; pass a "
+                             "directory path.")
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+  os.mkdir(tmp)  # Not mkdtemp: the export gets the usual umask permissions, not 0o700.
+  try:
+    _write_export(model, tmp, max_shard_bytes)
+    if os.path.isdir(path):
+      _carry_over(path, tmp)
+      shutil.copymode(path, tmp)
+    _fsync(tmp)
+    old = _swap_into_place(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+  _fsync(parent)
+
+
+def _write_export(model: CausalLM, path: str, max_shard_bytes: int | None) -> None:
+  """config.json + weights (+ index) into the empty directory `path`, each file fsynced."""
   config = model.config
   hf = config.hf_config
   hf["dtype"] = jnp.dtype(config.param_dtype).name
@@ -226,16 +328,79 @@ def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = No
   metadata = {"format": "pt"}
   if len(shards) == 1:
     save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=metadata)
-    return
-  weight_map, total = {}, 0
-  for n, shard in enumerate(shards):
-    file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(path, file), metadata=metadata)
-    for name, value in shard.items():
-      weight_map[name] = file
-      total += value.size * value.dtype.itemsize
-  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  else:
+    weight_map, total = {}, 0
+    for n, shard in enumerate(shards):
+      file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(path, file), metadata=metadata)
+      for name, value in shard.items():
+        weight_map[name] = file
+        total += value.size * value.dtype.itemsize
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  for file in os.listdir(path):
+    _fsync(os.path.join(path, file))
+
+
+def _carry_over(old: str, new: str) -> None:
+  """Links (or copies) every entry of `old` but weights, indices and config.json into `new`."""
+  for entry in os.listdir(old):
+    src, dst = os.path.join(old, entry), os.path.join(new, entry)
+    if _WEIGHT_FILE.match(entry) or os.path.lexists(dst):
+      continue
+    if os.path.islink(src):
+      os.symlink(os.readlink(src), dst)
+    elif os.path.isdir(src):
+      shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+      _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  try:
+    os.link(src, dst)
+  except OSError:  # Another filesystem, or links not supported.
+    shutil.copy2(src, dst)
+
+
+def _fsync(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  except OSError:  # Some filesystems (and directories on some OSes) refuse fsync.
+    pass
+  finally:
+    os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _swap_into_place(tmp: str, path: str) -> str | None:
+  """Moves directory `tmp` to `path`; returns where the previous `path` now is (or None)."""
+  if not os.path.lexists(path):
+    os.rename(tmp, path)
+    return None
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = libc.renameat2
+  except (OSError, AttributeError):
+    renameat2 = None
+  if renameat2 is not None:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(path), _RENAME_EXCHANGE) == 0:
+      return tmp  # tmp now holds the previous export.
+    err = ctypes.get_errno()
+    if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+      raise OSError(err, f"cannot exchange {tmp!r} with {path!r}: {os.strerror(err)}")
+  old = f"{tmp}.old"
+  os.rename(path, old)
+  try:
+    os.rename(tmp, path)
+  except BaseException:
+    os.rename(old, path)
+    raise
+  return old
 
 
 def load_tokenizer(path: str):
