@@ -15,6 +15,9 @@ DAPO and LUFFY always run under "dapo", the partition their own papers' losses u
 Equal budgets: every cell stops once it has generated --budget_tokens policy tokens (its step ends
 with an eval and a checkpoint); guide tokens are counted and reported apart. All cells of a regime
 share one weak start and one guide (<workroot>/models/<regime>, built once, reused).
+The work root defaults to ./workdir_compare (./workdir_compare_small with --small), never a
+shared temp path: its cached models and summary.json files are trusted on reuse, so a root that
+another user owns or that every user may write is refused.
 Resumable: a cell with summary.json and policy_tokens ≥ the budget is skipped; any other cell
 resumes from its checkpoint (a larger budget continues finished cells). A cell whose saved config
 differs from the current one is refused (name it in the error) unless --overwrite.
@@ -22,6 +25,7 @@ Writes <out_dir>/<grid>.csv, <grid>_accuracy_vs_{step,tokens}.png, <grid>_summar
 """
 
 import os
+import stat
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,13 +65,49 @@ _BUDGET = flags.DEFINE_integer("budget_tokens", None, "Policy tokens per cell (d
 _THRESHOLD = flags.DEFINE_float("threshold", None, "Accuracy for 'tokens to threshold' (default: "
                                 "the regime's initial accuracy + config.compare.threshold_delta).")
 _WORKROOT = flags.DEFINE_string("workroot", None, "Run directories and shared models (default "
-                                "/tmp/mixpo_compare, /tmp/mixpo_compare_small with --small).")
+                                "./workdir_compare, ./workdir_compare_small with --small); must "
+                                "be yours and not writable by every user.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "CSV / PNG / summary directory (default "
                                "experiments/results; <workroot>/results with --small).")
 _SMALL = flags.DEFINE_bool("small", False, "Seconds-scale mode for tests (smoke-sized models).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rerun cells whose saved config differs.")
 _KEEP_GOING = flags.DEFINE_bool("keep_going", True, "A failing cell is logged and the grid goes "
                                 "on (exit status 1 at the end); false: stop at the first.")
+
+
+def default_workroot(small: bool) -> str:
+  """./workdir_compare[_small] under the current directory: the user's own, not shared /tmp."""
+  return os.path.abspath("workdir_compare_small" if small else "workdir_compare")
+
+
+def check_workroot(workroot: str) -> None:
+  """Refuses a reused work root that someone else could have filled.
+
+  Cached models are loaded and summary.json files trusted without rerunning, so the root (and
+  its shared models directory) must be owned by this user and not writable by every user; a
+  symlinked root must be a link this user or root made. A root that does not exist yet is fine.
+  """
+  uid = os.getuid()
+  for path in (workroot, os.path.join(workroot, "models")):
+    if not os.path.lexists(path):
+      continue
+    link, st = os.lstat(path), (os.stat(path) if os.path.exists(path) else None)
+    if st is None:
+      why = "is a dangling symlink"
+    elif stat.S_ISLNK(link.st_mode) and link.st_uid not in (uid, 0):
+      why = f"is a symlink owned by uid {link.st_uid}"
+    elif not stat.S_ISDIR(st.st_mode):
+      why = "is not a directory"
+    elif st.st_uid != uid:
+      why = f"is owned by uid {st.st_uid}, not by you (uid {uid})"
+    elif st.st_mode & stat.S_IWOTH:
+      why = f"is writable by every user (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+      continue
+    raise app.UsageError(
+        f"--workroot={workroot}: {path} {why}. Its cached models and summary.json files would "
+        "be reused as they are; pass a --workroot of your own (default ./workdir_compare), or "
+        "fix its owner / `chmod o-w` it if you trust its contents.")
 
 
 def main(argv):
@@ -80,7 +120,8 @@ def main(argv):
   budget = _BUDGET.value if _BUDGET.value is not None else int(base.max_policy_tokens)
   if budget <= 0:
     raise app.UsageError(f"--budget_tokens={budget}: equal-budget cells need a positive budget.")
-  workroot = _WORKROOT.value or ("/tmp/mixpo_compare_small" if small else "/tmp/mixpo_compare")
+  workroot = os.path.abspath(_WORKROOT.value or default_workroot(small))
+  check_workroot(workroot)
   out_dir = _OUT_DIR.value or (os.path.join(workroot, "results") if small else os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results"))
   try:

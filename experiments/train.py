@@ -4,7 +4,9 @@ r"""RL training binary: GRPO / DAPO / LUFFY / Mix-1 / Mix-2 on a task, with resu
   python experiments/train.py --config=experiments/configs/smoke.py --workdir=/tmp/s --algo=dapo
 """
 
+import ipaddress
 import os
+import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,14 +34,51 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed
                                       "processes (default: auto-detected).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index "
                                    "(default: auto-detected).")
+_BIND = flags.DEFINE_string("coordinator_bind_address", None, "With --distributed: host:port the "
+                            "coordinator service (process 0) listens on (default: "
+                            "$JAX_COORDINATOR_BIND_ADDRESS, else the coordinator address itself, "
+                            "never all interfaces; 0.0.0.0:port to listen on every interface).")
+
+
+def distributed_kwargs(coordinator_address, num_processes, process_id, bind_address) -> dict:
+  """Arguments of jax.distributed.initialize; binds the coordinator to its own address.
+
+  Left to itself jax binds process 0's coordinator service to [::]:port, every interface of the
+  host. Without an explicit bind address (flag or $JAX_COORDINATOR_BIND_ADDRESS) this binds it
+  to the coordinator address, which jax's cluster detection (TPU, SLURM, MPI) finds when unset.
+  """
+  kwargs = dict(coordinator_address=coordinator_address or os.environ.get(
+      "JAX_COORDINATOR_ADDRESS"), num_processes=num_processes, process_id=process_id)
+  if bind_address or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+    return dict(kwargs, coordinator_bind_address=bind_address)  # None: jax reads the env.
+  if None in kwargs.values():
+    from jax._src import clusters  # noqa: PLC0415  (the detection initialize() would run)
+    address, n, i, local_ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        kwargs["coordinator_address"], num_processes, process_id, None, None, 300)
+    kwargs = dict(coordinator_address=address, num_processes=n, process_id=i,
+                  local_device_ids=local_ids)
+  address = kwargs["coordinator_address"]
+  if address is None:
+    raise app.UsageError("--distributed: no coordinator address given or detected; pass "
+                         "--coordinator_address=host:port.")
+  host = address.rsplit(":", 1)[0].strip("[]")
+  try:
+    loopback = all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, 0))
+  except (OSError, ValueError):
+    loopback = False
+  if loopback and host != "localhost" and not host.startswith(("127.", "::1")):
+    logging.warning("--distributed: the coordinator address %s resolves to a loopback address on "
+                    "this host, so the coordinator bound to it is unreachable from other hosts; "
+                    "pass --coordinator_bind_address=<this host's cluster IP>:port.", address)
+  return dict(kwargs, coordinator_bind_address=address)
 
 
 def main(argv):
   del argv
   if _DISTRIBUTED.value:
     import jax
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(**distributed_kwargs(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                                    _PROCESS_ID.value, _BIND.value))
   from mixpo import loop
   config = _CONFIG.value
   if config is None or not _WORKDIR.value:

@@ -51,6 +51,10 @@ class NoValidCheckpointError(RuntimeError):
   """Step directories exist but none passes verification."""
 
 
+class DtypeMismatchError(ValueError):
+  """A stored array's dtype differs from its restore target's (orbax would cast silently)."""
+
+
 def _is_primary() -> bool:
   return jax.process_index() == 0
 
@@ -169,6 +173,11 @@ def _abstract(leaf):
   if isinstance(leaf, jax.Array):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
   return leaf
+
+
+def _key_path(path) -> str:
+  """"params/layers/0/attn/q_proj/kernel/value" from a jax key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _nbytes(tree) -> int:
@@ -392,6 +401,33 @@ class Checkpointer:
         logging.warning("Checkpoint %s: moved skipped step %d to %s.", self.directory, step, dst)
     self._mngr.reload()
 
+  def _check_dtypes(self, step: int, step_dir: str, abstract) -> None:
+    """Raises DtypeMismatchError if a stored array's dtype differs from its target's."""
+    try:
+      stored = self._mngr.item_metadata(step).state.tree
+    except Exception as e:  # An older layout without metadata: orbax's restore still checks.
+      logging.warning("Checkpoint %s: cannot read array metadata of step %d (%s: %s); restoring "
+                      "without the dtype check.", self.directory, step, type(e).__name__, e)
+      return
+    stored = {_key_path(p): getattr(m, "dtype", None)
+              for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    wrong = []
+    for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+      want, have = getattr(leaf, "dtype", None), stored.get(_key_path(p))
+      if (want is None or have is None or jax.dtypes.issubdtype(want, jax.dtypes.extended)
+          or jax.dtypes.issubdtype(have, jax.dtypes.extended)):
+        continue  # Not an array, or a typed PRNG key (stored as its raw data).
+      if jax.numpy.dtype(want) != jax.numpy.dtype(have):
+        wrong.append(f"{_key_path(p)}: stored {jax.numpy.dtype(have).name}, target "
+                     f"{jax.numpy.dtype(want).name}")
+    if wrong:
+      raise DtypeMismatchError(
+          f"checkpoint step {step} in {step_dir} stores arrays in other dtypes than the restore "
+          f"target's ({len(wrong)}): " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else "")
+          + ". Restoring would cast them, and the resume would not be bit-exact. Resume with the "
+          "dtypes of the run that saved it (config.model.param_dtype, the parameter and optimizer "
+          "state storage dtype), or start a new workdir to change dtypes.")
+
   def restore_latest(self, target_state) -> tuple[int, Any, dict] | None:
     """Restores the newest checkpoint that passes verification.
 
@@ -403,6 +439,8 @@ class Checkpointer:
       (step, state, extra), or None when the directory holds no step directories at all.
     Raises:
       NoValidCheckpointError: step directories exist but every one is corrupt or incomplete.
+      DtypeMismatchError: an array was stored in another dtype than its target leaf's (orbax
+        would cast it, and the resume would not be bit-exact); names the path and both dtypes.
       RuntimeError: a verified checkpoint does not fit `target_state` (changed model/optimizer).
     """
     self._check_open()
@@ -429,6 +467,7 @@ class Checkpointer:
           interrupted.append(step)
         continue
       abstract = jax.tree.map(_abstract, target_state)
+      self._check_dtypes(step, step_dir, abstract)
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
