@@ -96,7 +96,9 @@ def test_export_failure_leaves_the_previous_export_intact(tmp_path, monkeypatch)
 
   monkeypatch.setattr(models.hf_io, "save_file", fail)
   with pytest.raises(OSError, match="disk full"):
-    models.save_pretrained(models.init_from_config(TINY, rng=1), path, max_shard_bytes=600)
+    # Another config too: a config.json written before the weights would show.
+    models.save_pretrained(models.init_from_config({**TINY, "intermediate_size": 32}, rng=1),
+                           path, max_shard_bytes=600)
   assert {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)} == before
   assert sorted(os.listdir(tmp_path)) == ["export"]
 

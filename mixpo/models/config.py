@@ -4,7 +4,9 @@ One config covers the Llama family as implemented in transformers:
   llama  (Llama 2 / 3 / 3.1; rope "llama3" scaling, optional attention_bias on q/k/v/o)
   qwen2  (Qwen2 / Qwen2.5; bias on q/k/v only, tied or untied embeddings)
   qwen3  (Qwen3; RMSNorm on q and k per head, explicit head_dim, optional attention_bias)
-Anything else fails in `from_hf_config` with an error naming the config.json field and value.
+Anything else fails in `from_hf_config` with an error naming the config.json field and value, as
+do sizes that are not positive integers, head counts that do not divide, an odd head_dim, and a
+rope_theta / rms_norm_eps / rope factor that is not a finite number > 0 (they give NaN logits).
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ def from_hf_config(hf_config, **options) -> ModelConfig:
   """`ModelConfig` from a config.json dict or a transformers `PretrainedConfig`.
 
   options: any of dtype, param_dtype, remat, attention_impl (see ModelConfig).
+  Raises ValueError naming the config.json field and value of an unsupported or invalid setting
+  (`hf_io.from_pretrained` adds the file's path and checks num_hidden_layers against the tensors).
   """
   hf = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
   hf = {k: v for k, v in hf.items() if k != "_name_or_path"}

@@ -182,11 +182,16 @@ def _check_layer_count(num_layers: int, files: dict[str, list[str]], config_file
   """Refuses a num_hidden_layers the tensors do not have, before a model is built from it."""
   layers = {int(m.group(1)) for names in files.values() for n in names if (m := _LAYER.match(n))}
   if layers != set(range(num_layers)):
-    found = (f"layers 0..{max(layers)}" if layers == set(range(len(layers))) and layers
-             else f"layer indices {sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}")
+    if not layers:
+      found = "no model.layers.<i>.* tensors"
+    elif layers == set(range(len(layers))):
+      found = f"layers 0..{max(layers)}"
+    else:
+      found = f"layer indices {sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}"
     raise ValueError(f"{config_file}: config.json field num_hidden_layers={num_layers!r} does not "
                      f"match the weights, which hold {found} ({len(layers)} layers) in "
-                     f"{', '.join(sorted(files))}; fix num_hidden_layers in config.json (or "
+                     f"{', '.join(sorted(files)[:3])}{' ...' if len(files) > 3 else ''}; fix "
+                     "num_hidden_layers in config.json (or "
                      "complete the checkpoint).")
 
 
