@@ -134,13 +134,14 @@ def _allowed_roots(path: str) -> list[str]:
   return roots
 
 
-def _contained(path: str, entry, listed_in: str) -> str:
+def _contained(path: str, entry, index_file: str | None) -> str:
   """The full path of weight file `entry` of checkpoint `path`, refused if it lies outside.
 
   A weight_map may only name files inside the checkpoint directory: an index (or a symlink)
   that points elsewhere would make a downloaded checkpoint read files it does not ship.
   """
-  where = f"{listed_in}: weight_map entry {entry!r}"
+  where = (f"{index_file}: weight_map entry {entry!r}" if index_file
+           else f"weight file {os.path.join(path, entry)!r}")
   if not isinstance(entry, str) or not entry:
     raise ValueError(f"{where} is not a file name; the index is corrupt (re-download it).")
   if os.path.isabs(entry) or ".." in re.split(r"[\\/]", entry):
@@ -170,7 +171,7 @@ def _weight_files(path: str) -> dict[str, list[str]]:
     return dict(files)
   single = os.path.join(path, "model.safetensors")
   if os.path.isfile(single):
-    single = _contained(path, "model.safetensors", path)
+    single = _contained(path, "model.safetensors", None)
     with safe_open(single, framework="numpy") as f:
       return {single: list(f.keys())}
   raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}; "
