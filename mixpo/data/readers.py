@@ -3,12 +3,18 @@
 Field paths are dotted, with integer parts indexing lists: "prompt", "reward_model.ground_truth",
 "target.0.content". Every bad row raises `DataError` naming file, line (JSONL, 1-based) or row
 (Parquet, 0-based) and field, with the fix; with skip_bad_rows=True it is skipped and counted in
-the returned `ReadSummary` instead — never turned into a silent wrong reward.
+the returned `ReadSummary` instead — never turned into a silent wrong reward. A file that cannot
+be read as a whole (not Parquet, not JSON Lines) raises DataError whatever skip_bad_rows says.
+
+Numbers become exact decimal text, never exponent notation: math-verify reads "1e-07" as E − 7
+(Euler's number). JSON numbers keep the digits they were written with; a binary float (a Parquet
+double) is used only when its value is known exactly, see `number_text`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import json
 import math
 import os
@@ -16,10 +22,20 @@ import re
 from typing import Any, Iterator
 
 from mixpo.data.tasks import Example
-from mixpo.rewards.math_answer import parse_gold
+from mixpo.rewards.math_answer import MAX_REFERENCE_DIGITS, ReferenceTooLarge, parse_gold
 
 # Seconds (whole) allowed to parse one reference answer; past it the row is bad ("answer_unparsable").
 ANSWER_PARSE_TIMEOUT_S = 5
+
+# Default cap on one JSONL line, in bytes: a real row (a prompt, an answer, a trace with per-token
+# log-probs) is far smaller; without a cap a corrupt file with no newlines is read into memory whole.
+MAX_LINE_BYTES = 8 << 20
+
+# Every integer up to 2**53 is a float64 exactly; above it a float stands for a range of integers.
+_EXACT_FLOAT_INT = 2**53
+# A decimal of at most 15 significant digits survives float64 and back (DBL_DIG): the float's
+# shortest repr gives back exactly the written digits. Longer ones may not.
+_FLOAT_DIGITS = 15
 
 
 # An exponent inside an exponent (10^{10^{10}}, x^x^x): sympy may evaluate such a tower to an
@@ -34,8 +50,8 @@ def parse_reference(answer: str) -> tuple:
   "answer_unparsable"): the deadline is a main-thread alarm, which C code never yields to.
   """
   if _EXPONENT_TOWER.search(answer):
-    raise ValueError(f"reference answer {answer[:40]!r} holds an exponent tower (a^{{b^c}}); "
-                     "refused rather than risk an uninterruptible evaluation")
+    raise ReferenceTooLarge(f"reference answer {answer[:40]!r} holds an exponent tower (a^{{b^c}}); "
+                     "refused rather than risk an uninterruptible evaluation of its digits")
   return parse_gold(answer, ANSWER_PARSE_TIMEOUT_S)
 
 
@@ -63,6 +79,14 @@ class ReadSummary:
   def too_long(self) -> int:
     return self.skipped.get("too_long", 0)
 
+  @property
+  def dropped(self) -> int:
+    return sum(self.skipped.values())
+
+  def as_dict(self) -> dict:
+    """JSON-ready counts: {"path", "rows", "kept", "skipped": {reason: count}}."""
+    return {"path": self.path, "rows": self.rows, "kept": self.kept, "skipped": dict(self.skipped)}
+
   def skip(self, error: "DataError") -> None:
     self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
     self.first.setdefault(error.reason, str(error))
@@ -73,38 +97,126 @@ class ReadSummary:
     return "; ".join(parts)
 
 
-def iter_rows(path: str) -> Iterator[tuple[str, Any]]:
-  """(location, row-or-DataError) over a .jsonl / .parquet file; location is "file:line N"."""
-  if path.endswith((".jsonl", ".json")):
-    with open(path, "rb") as f:
-      for n, raw in enumerate(f, start=1):
-        where = f"{path}:line {n}"
-        if not raw.strip():
-          continue
-        try:
-          row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-          yield where, DataError(f"{where}: not valid UTF-8 at byte {e.start}; re-encode the file "
-                                 "as UTF-8", "not_utf8")
-          continue
-        except json.JSONDecodeError as e:
-          yield where, DataError(f"{where}: invalid JSON ({e.msg}); fix or remove the line", "bad_json")
-          continue
-        except (RecursionError, ValueError) as e:  # nesting too deep, an integer of 4300+ digits
-          yield where, DataError(f"{where}: JSON that Python cannot load ({type(e).__name__}: "
-                                 f"{str(e)[:100]}); fix or remove the line", "bad_json")
-          continue
-        yield where, row if isinstance(row, dict) else DataError(
-            f"{where}: a row must be a JSON object, got {type(row).__name__}", "bad_json")
-  elif path.endswith(".parquet"):
-    import pyarrow.parquet as pq
+class JsonNumber(float):
+  """A JSON number with a fraction or exponent: a float that keeps the literal it was written as.
+
+  Code that wants a float gets one; `number_text` uses `literal`, so "1e-7" becomes "0.0000001"
+  and "1.50" stays "1.50" whatever binary rounding the float went through.
+  """
+
+  def __new__(cls, literal):
+    self = super().__new__(cls, literal)
+    self.literal = literal
+    return self
+
+
+def _loads(text: str):
+  return json.loads(text, parse_float=JsonNumber)
+
+
+def _check_json_lines(f, path: str, max_line_bytes: int) -> None:
+  """Raises DataError when the file is one JSON document (array or pretty-printed object).
+
+  Read line by line, a pretty-printed array keeps the odd complete line and drops the rest, with
+  no sign that the file was never JSON Lines; refusing says what is wrong and how to convert.
+  A JSON array is not read as rows: JSON Lines streams, caps lines and names lines in errors.
+  """
+  first = b""
+  while not first.strip():
+    first = f.readline(max_line_bytes + 1)
+    if not first:
+      break
+  f.seek(0)
+  line = first.strip().decode("utf-8", errors="replace")
+  how = None
+  if line.startswith("["):
+    how = (f"a JSON array, not JSON Lines (one JSON object per line); convert it with "
+           f"`jq -c '.[]' {path} > rows.jsonl`")
+  elif line.startswith("{"):
+    try:
+      _loads(line)
+    except json.JSONDecodeError as e:
+      if e.pos >= len(line):  # the object continues on the next line
+        how = (f"a JSON object spread over several lines, not JSON Lines (one JSON object per "
+               f"line); convert it with `jq -c . {path} > rows.jsonl`")
+    except ValueError:
+      pass
+  if how:
+    raise DataError(f"{path}: {how}", "not_jsonl")
+
+
+def _iter_jsonl(path: str, max_line_bytes: int) -> Iterator[tuple[str, Any]]:
+  with open(path, "rb") as f:
+    _check_json_lines(f, path, max_line_bytes)
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-      for row in batch.to_pylist():
-        yield f"{path}:row {n}", row
-        n += 1
+    while raw := f.readline(max_line_bytes + 1):
+      n += 1
+      where = f"{path}:line {n}"
+      if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+        while raw and not raw.endswith(b"\n"):  # skip the rest of the line, bounded memory
+          raw = f.readline(1 << 20)
+        yield where, DataError(f"{where}: the line is over max_line_bytes={max_line_bytes} bytes;"
+                               " split the row, or raise max_line_bytes if rows this long are "
+                               "intended", "line_too_long")
+        continue
+      if not raw.strip():
+        continue
+      try:
+        row = _loads(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        yield where, DataError(f"{where}: not valid UTF-8 at byte {e.start}; re-encode the file "
+                               "as UTF-8", "not_utf8")
+        continue
+      except json.JSONDecodeError as e:
+        yield where, DataError(f"{where}: invalid JSON ({e.msg}); fix or remove the line", "bad_json")
+        continue
+      except (RecursionError, ValueError) as e:  # nesting too deep, an integer of 4300+ digits
+        yield where, DataError(f"{where}: JSON that Python cannot load ({type(e).__name__}: "
+                               f"{str(e)[:100]}); fix or remove the line", "bad_json")
+        continue
+      yield where, row if isinstance(row, dict) else DataError(
+          f"{where}: a row must be a JSON object, got {type(row).__name__}", "bad_json")
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  def unreadable(e, n):
+    return DataError(f"{path}: not a readable Parquet file ({type(e).__name__} at row {n}: "
+                     f"{str(e)[:200]}); the file is empty, truncated or corrupt: write or copy it "
+                     "again", "bad_file")
+
+  n = 0
+  try:
+    batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+  except (pa.ArrowException, OSError) as e:
+    raise unreadable(e, n) from None
+  while True:
+    try:
+      batch = next(batches)
+    except StopIteration:
+      return
+    except (pa.ArrowException, OSError) as e:
+      raise unreadable(e, n) from None
+    for row in batch.to_pylist():
+      yield f"{path}:row {n}", row
+      n += 1
+
+
+def iter_rows(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, Any]]:
+  """(location, row-or-DataError) over a .jsonl / .parquet file; location is "file:line N".
+
+  A bad row comes back as a DataError in place of the row; a file that cannot be read as rows
+  at all (an unreadable Parquet file, a JSON document that is not JSON Lines) raises DataError.
+  JSON numbers with a fraction or exponent come back as `JsonNumber` (a float).
+  """
+  if path.endswith((".jsonl", ".json")):
+    yield from _iter_jsonl(path, max_line_bytes)
+  elif path.endswith(".parquet"):
+    yield from _iter_parquet(path)
   else:
-    raise DataError(f"{path}: unknown extension; use .jsonl or .parquet")
+    raise DataError(f"{path}: unknown extension; use .jsonl or .parquet", "bad_file")
 
 
 def get_field(row: dict, field: str, where: str) -> Any:
@@ -130,15 +242,51 @@ def as_text(value: Any, field: str, where: str) -> str:
     value = value[-1]["content"]
   if isinstance(value, bytes):
     raise DataError(f"{where}: field {field!r} holds bytes, not text; store it as a UTF-8 string", "not_utf8")
-  if isinstance(value, float) and not math.isfinite(value):
-    raise DataError(f"{where}: field {field!r} is the non-finite number {value}", "bad_type")
-  if isinstance(value, (int, float)) and not isinstance(value, bool):
-    value = str(value)
+  if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
+    value = number_text(value, field, where)
   if not isinstance(value, str):
     raise DataError(f"{where}: field {field!r} must be text, got {type(value).__name__}", "bad_type")
   if not value.strip():
     raise DataError(f"{where}: field {field!r} is empty", "empty")
   return value
+
+
+def number_text(value: int | float | decimal.Decimal, field: str, where: str) -> str:
+  """Exact plain decimal text of a number ("0.0000001", never "1e-07"), or DataError.
+
+  A JSON literal and an int or Decimal are exact. A binary float is exact only when it stands for
+  one decimal: an integer up to 2**53, or a fraction whose shortest repr has at most 15
+  significant digits; any other (an integer column stored as float64 above 2**53, the residue of
+  float arithmetic such as 0.30000000000000004) is refused as "inexact_number".
+  """
+  store_as_text = "store the answer as a string (or an integer) column"
+  if isinstance(value, JsonNumber):
+    d = decimal.Decimal(value.literal)
+  elif isinstance(value, (int, decimal.Decimal)):
+    d = decimal.Decimal(value)
+  elif not math.isfinite(value):
+    raise DataError(f"{where}: field {field!r} is the non-finite number {value}", "bad_type")
+  elif value.is_integer():
+    if abs(value) > _EXACT_FLOAT_INT:
+      raise DataError(f"{where}: field {field!r} is the float {value!r}, an integer above 2**53 "
+                      f"that a float cannot hold exactly (which integer was meant is lost); "
+                      f"{store_as_text}", "inexact_number")
+    d = decimal.Decimal(int(value))
+  else:
+    d = decimal.Decimal(repr(value))
+    if len(d.normalize().as_tuple().digits) > _FLOAT_DIGITS:
+      raise DataError(f"{where}: field {field!r} is the float {value!r}, whose digits past the "
+                      f"{_FLOAT_DIGITS}th are float rounding, not data; {store_as_text}",
+                      "inexact_number")
+  if not d.is_finite():
+    raise DataError(f"{where}: field {field!r} is the non-finite number {value}", "bad_type")
+  sign, digits, exp = d.as_tuple()
+  length = len(digits) + exp if exp >= 0 else max(len(digits), -exp) + 1
+  if length > MAX_REFERENCE_DIGITS:
+    raise DataError(f"{where}: field {field!r} is a number of {length} digits written out (limit "
+                    f"{MAX_REFERENCE_DIGITS} digits); store it in a bounded form as a string",
+                    "number_too_long")
+  return format(d, "f")
 
 
 def render_prompt(value: Any, field: str, where: str, tokenizer=None, chat_template=False) -> str:
@@ -170,7 +318,7 @@ def check_prompt_length(tokenizer, prompt: str, limit: int, field: str, where: s
 def read_examples(path: str, prompt_field: str = "prompt", answer_field: str = "answer",
                   tokenizer=None, chat_template: bool = False, max_prompt_tokens: int | None = None,
                   check_answers: bool = True, skip_bad_rows: bool = False,
-                  ) -> tuple[list[Example], ReadSummary]:
+                  max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[Example], ReadSummary]:
   """Reads a JSONL / Parquet dataset into Examples (metadata holds the row's source location).
 
   Args:
@@ -178,15 +326,18 @@ def read_examples(path: str, prompt_field: str = "prompt", answer_field: str = "
     tokenizer, chat_template: render chat prompts (see `render_prompt`).
     max_prompt_tokens: prompts longer than this (in tokens; needs tokenizer) are bad rows
       (reason "too_long"): with skip_bad_rows=True they are dropped and counted.
-    check_answers: the answer must parse with math-verify (else every reward would be 0).
-    skip_bad_rows: skip and count bad rows instead of raising DataError.
+    check_answers: the answer must parse with math-verify (else every reward would be 0) and be
+      small enough to compare against (else "answer_too_large", see MAX_REFERENCE_DIGITS).
+    skip_bad_rows: skip and count bad rows instead of raising DataError. File-level errors (an
+      unreadable Parquet file, a JSON document that is not JSON Lines) raise regardless.
+    max_line_bytes: a longer JSONL line is a bad row ("line_too_long").
   """
   if max_prompt_tokens is not None and tokenizer is None:
     raise ValueError("read_examples(max_prompt_tokens=...) needs a tokenizer to count tokens")
   if not os.path.exists(path):
     raise FileNotFoundError(f"read_examples: {path} does not exist")
   summary, out = ReadSummary(path), []
-  for where, row in iter_rows(path):
+  for where, row in iter_rows(path, max_line_bytes):
     summary.rows += 1
     try:
       if isinstance(row, DataError):
@@ -198,7 +349,8 @@ def read_examples(path: str, prompt_field: str = "prompt", answer_field: str = "
         try:
           parse_reference(answer)
         except ValueError as e:
-          raise DataError(f"{where}: field {answer_field!r}: {e}", "answer_unparsable") from None
+          reason = "answer_too_large" if isinstance(e, ReferenceTooLarge) else "answer_unparsable"
+          raise DataError(f"{where}: field {answer_field!r}: {e}", reason) from None
       if max_prompt_tokens is not None:
         check_prompt_length(tokenizer, prompt, max_prompt_tokens, prompt_field, where)
     except DataError as e:

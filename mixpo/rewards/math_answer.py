@@ -8,6 +8,11 @@ None of these functions enforces a time limit of its own: math-verify's built-in
 `signal.alarm`, which only works in the main thread and clobbers any other alarm, so it is
 switched off here and `mixpo.rewards.runner.RewardRunner` enforces a per-item deadline instead.
 Call them through the runner whenever completions come from a model.
+
+Trust: a reference answer is data, so one that cannot be used (does not parse, undefined, or so
+large that comparing against it would run for minutes) raises ValueError. A completion is
+untrusted model text: a malformed one scores 0; one on which math-verify itself fails raises
+`VerifierError`, so `RewardRunner` counts it (on_error="zero": scored 0 and counted).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import threading
 import math_verify
 import math_verify.grader
 import math_verify.parser
+import sympy
 
 from mixpo.rewards.deadline import DeadlineExceeded, deadline
 
@@ -35,6 +41,14 @@ MAX_ANSWER_CHARS = 512
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|answer\s*:)\s*:?\s*([^\n]*)",
                         re.IGNORECASE)
+# A reference is compared with every completion of its prompt, and sympy may evaluate it exactly
+# while comparing: 9^{99999999999} or (10^{10})! parse in milliseconds but then keep each comparison
+# inside C code (no deadline reaches it) for minutes. A reference whose exact value could need
+# more decimal digits than this is refused; at the limit a comparison stays well under a second.
+MAX_REFERENCE_DIGITS = 10_000
+
+# Math-mode delimiters: text holding one is parsed as written, anything else as LaTeX math.
+_DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
@@ -80,12 +94,118 @@ def extract_answer(text: str) -> str | None:
   return nums[-1] if nums else None
 
 
+class ReferenceTooLarge(ValueError):
+  """A reference answer whose exact value is too large to compare against (see MAX_REFERENCE_DIGITS)."""
+
+
+class VerifierError(RuntimeError):
+  """math-verify raised while parsing or comparing a completion's answer.
+
+  The completion is untrusted model text and scores nothing; raising (rather than returning 0)
+  lets `RewardRunner` count the failure instead of hiding it. `untrusted_input` marks it as caused
+  by the completion, not by the reward code or the data.
+  """
+  untrusted_input = True
+
+
+_LOG10_2 = math.log10(2)
+# Functions whose exact value grows like n·log10(n) digits in their (first) argument n.
+_FACTORIAL_LIKE = (sympy.factorial, sympy.factorial2, sympy.subfactorial, sympy.gamma,
+                   sympy.RisingFactorial, sympy.FallingFactorial)
+
+
+def _int_digits(n: int) -> float:
+  return abs(int(n)).bit_length() * _LOG10_2 + 1
+
+
+def _log10_abs(node) -> float:
+  """log10 |node| for a rational number (0 for |node| ≤ 1); symbols and others count as 1."""
+  if isinstance(node, sympy.Integer):
+    return max(0.0, _int_digits(node) - 1)
+  if isinstance(node, sympy.Rational):
+    return _int_digits(node.p) + _int_digits(node.q) - 2
+  return _cost_digits(node)
+
+
+def _abs_bound(node) -> float | None:
+  """An upper bound on |node| for a symbol-free node (None when it holds symbols)."""
+  if node.free_symbols:
+    return None
+  if isinstance(node, sympy.Rational):
+    return float(abs(node.p))  # b^(p/q) grows like b^p at worst
+  cost = _cost_digits(node)
+  if cost <= 50:  # small enough to evaluate numerically at no risk
+    try:
+      v = abs(complex(sympy.N(node, 15)))
+      return v if math.isfinite(v) else math.inf
+    except (TypeError, ValueError, ArithmeticError):
+      pass
+  return 10.0 ** cost if cost < 300 else math.inf
+
+
+def _cost_digits(node) -> float:
+  """An upper estimate of the decimal digits an exact evaluation of `node` can produce.
+
+  A symbol counts as one digit, so x^{10^{11}} costs like a 10^{11}-digit number (expanding it
+  would). Sums and products cost the sum of their parts, a power |exponent|·log10|base|, a
+  factorial-like function n·log10 n.
+  """
+  if isinstance(node, sympy.MatrixBase):
+    return sum(_cost_digits(x) for x in node)
+  if not isinstance(node, sympy.Basic):
+    return 1.0
+  if node is sympy.nan or node is sympy.zoo:
+    raise ValueError("is undefined (0/0 or a division by zero), not a finite value")
+  if isinstance(node, sympy.Integer):
+    return _int_digits(node)
+  if isinstance(node, sympy.Rational):
+    return _int_digits(node.p) + _int_digits(node.q)
+  if isinstance(node, sympy.Float):  # evaluated in floating point: a bounded mantissa
+    return 1.0 + abs(float(sympy.log(abs(node), 10))) if node else 1.0
+  if isinstance(node, sympy.Pow):
+    base, exp = node.args
+    bound = _abs_bound(exp)
+    if bound is None:
+      return _cost_digits(base) + _cost_digits(exp)
+    return _cost_digits(base) + _cost_digits(exp) + bound * _log10_abs(base)
+  if isinstance(node, _FACTORIAL_LIKE + (sympy.binomial,)):
+    n = _abs_bound(node.args[0])
+    if n is not None:
+      per = _LOG10_2 if isinstance(node, sympy.binomial) else math.log10(max(n, 2.0))
+      return sum(_cost_digits(a) for a in node.args) + n * per
+  return max(1.0, sum(_cost_digits(a) for a in node.args))
+
+
+def check_reference_size(parsed, text: str) -> None:
+  """Raises ValueError (ReferenceTooLarge when too large) for a reference that cannot be used.
+
+  Inspects the parsed tree without evaluating it: an exponent, factorial argument or digit count
+  whose exact value would have more than MAX_REFERENCE_DIGITS digits is refused.
+  """
+  for expr in parsed:
+    try:
+      cost = _cost_digits(expr)
+    except ValueError as e:
+      raise ValueError(f"reference answer {text[:80]!r} {e}; fix the dataset's answer") from None
+    except RecursionError:
+      cost = math.inf
+    if not cost <= MAX_REFERENCE_DIGITS:
+      raise ReferenceTooLarge(
+          f"reference answer {text[:80]!r} has an exact value of about {cost:.3g} digits (limit "
+          f"{MAX_REFERENCE_DIGITS} digits: an exponent, factorial argument or number this large "
+          "makes every comparison run for minutes); drop the row or state the answer in a form "
+          "that needs no evaluation")
+
+
 @functools.lru_cache(maxsize=65536)
 def parse_gold(answer: str, timeout_s: int | None = None) -> tuple:
-  """math-verify parse of a reference answer; raises ValueError when it does not parse.
+  """math-verify parse of a reference answer; raises ValueError when it cannot be used.
 
   A reference that does not parse would score every completion 0 — a silent wrong reward — so
-  it is an error here. Cached: a group of n completions shares one reference.
+  it is an error here, as is one that is undefined (1/0) or too large to compare against
+  (`ReferenceTooLarge`, see MAX_REFERENCE_DIGITS). Text without math delimiters ($, \\(, \\[,
+  \\boxed) is parsed as LaTeX math: outside math mode math-verify reads "2\\pi" as its first
+  number, 2. Cached: a group of n completions shares one reference.
   timeout_s: seconds for the whole parse, enforced in-process by `mixpo.rewards.deadline` (main
     thread only; elsewhere ignored). Dataset readers set it: a short pathological answer such
     as "x^x^...^2" keeps sympy busy for minutes. Reward workers leave it None (RewardRunner's
@@ -98,23 +218,26 @@ def parse_gold(answer: str, timeout_s: int | None = None) -> tuple:
   if text:
     try:
       with deadline(timeout_s) if timeout_s is not None else contextlib.nullcontext():
-        parsed = math_verify.parse(text if "$" in text or "\\" in text else f"${text}$",
-                                   parsing_timeout=None)
-        if not parsed:
-          parsed = math_verify.parse(text, parsing_timeout=None)
+        delimited = _DELIMITED.search(text) is not None
+        parsed = math_verify.parse(text if delimited else f"${text}$", parsing_timeout=None)
+        if not parsed and not delimited and "\\" not in text:
+          parsed = math_verify.parse(text, parsing_timeout=None)  # plain text: "The answer is 5"
     except DeadlineExceeded:
       raise ValueError(f"reference answer {text[:80]!r} took over {timeout_s} s to parse "
                        "(pathological LaTeX or a huge power tower?); simplify the dataset's "
                        "answer") from None
-  if not parsed:
+  # Only strings back means the LaTeX did not parse ("\\frac{" → ["\\frac{"]): every completion
+  # would then be compared as text with the broken reference.
+  if all(isinstance(x, str) for x in parsed):
     raise ValueError(f"reference answer {text[:80]!r} does not parse with math-verify; fix the "
                      "dataset's answer field or use a task-specific exact reward")
+  check_reference_size(parsed, text)
   return tuple(parsed)
 
 
 def _parse_pred(ans: str) -> list:
-  parsed = math_verify.parse(f"\\boxed{{{ans}}}", parsing_timeout=None)
-  return parsed or math_verify.parse(ans, parsing_timeout=None)
+  parsed = math_verify.parse(f"\\boxed{{{ans}}}", parsing_timeout=None, raise_on_error=True)
+  return parsed or math_verify.parse(ans, parsing_timeout=None, raise_on_error=True)
 
 
 def _as_float(x) -> float | None:
@@ -131,7 +254,8 @@ def verify_answer(completion: str, answer: str, rel_tol: float | None = None) ->
   rel_tol: when set and both sides are numbers, |pred − gold| <= rel_tol·max(|gold|, 1e-12)
     counts as equal (for tasks that state a numeric tolerance); math-verify's own comparison
     rounds floats to 6 decimals.
-  Raises ValueError only for a reference that does not parse; a malformed completion scores 0.
+  Raises ValueError for a reference that cannot be used (see `parse_gold`) and VerifierError when
+  math-verify fails on the completion's answer; a malformed or missing answer scores 0.
   """
   gold = parse_gold(str(answer))
   ans = extract_answer(completion)
@@ -139,18 +263,17 @@ def verify_answer(completion: str, answer: str, rel_tol: float | None = None) ->
     return 0.0
   try:
     pred = _parse_pred(ans)
-  except Exception:  # noqa: BLE001 — any parser failure on model output means "no answer"
-    return 0.0
-  if not pred:
-    return 0.0
-  if rel_tol is not None:
-    g, p = _as_float(gold[0]), _as_float(pred[0])
-    if g is not None and p is not None:
-      return float(abs(p - g) <= rel_tol * max(abs(g), 1e-12))
-  try:
-    return float(math_verify.verify(list(gold), pred, timeout_seconds=None))
-  except Exception:  # noqa: BLE001
-    return 0.0
+    if not pred:
+      return 0.0
+    if rel_tol is not None:
+      g, p = _as_float(gold[0]), _as_float(pred[0])
+      if g is not None and p is not None:
+        return float(abs(p - g) <= rel_tol * max(abs(g), 1e-12))
+    return float(math_verify.verify(list(gold), pred, timeout_seconds=None, raise_on_error=True))
+  except Exception as e:  # noqa: BLE001 — any failure inside the verifier, reported by type
+    # The message names the (short) answer text only: printing sympy objects can itself hang.
+    raise VerifierError(f"math-verify failed on the answer {ans[:60]!r} ({type(e).__name__}: "
+                        f"{str(e)[:100]}); the completion gets no reward") from None
 
 
 class MathAnswerReward:
