@@ -174,7 +174,9 @@ ROWS = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)]
 @pytest.mark.parametrize("text", [
     json.dumps(ROWS, indent=1),  # a pretty-printed JSON array
     "[\n" + ",\n".join(json.dumps(r) for r in ROWS) + "\n]\n",  # an array, one object a line
+    json.dumps(ROWS),  # an array on one line
     json.dumps(ROWS[0], indent=2),  # one pretty-printed object
+    "\n".join(json.dumps(r, indent=1) for r in ROWS),  # pretty-printed objects, one after another
 ])
 def test_json_document_given_as_jsonl_is_refused(tmp_path, text):
   path = tmp_path / "d.jsonl"
@@ -184,6 +186,13 @@ def test_json_document_given_as_jsonl_is_refused(tmp_path, text):
       read_examples(str(path), skip_bad_rows=skip)
   with pytest.raises(DataError, match="not JSON Lines"):
     get_task("file", train_path=str(path))
+
+
+def test_jsonl_with_bad_first_lines_is_still_read_line_by_line(tmp_path):
+  # Lines that merely fail to parse (or parse to non-objects) are bad rows, not a JSON document.
+  path = write_lines(tmp_path / "b.jsonl", ["{", "[]", "[1, 2]", json.dumps(ROWS[1]), "}"])
+  ex, summary = read_examples(path, skip_bad_rows=True)
+  assert [e.answer for e in ex] == ["2"] and summary.rows == 5 and summary.skipped == {"bad_json": 4}
 
 
 def test_jsonl_line_length_cap(tmp_path):

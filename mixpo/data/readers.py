@@ -115,34 +115,32 @@ def _loads(text: str):
 
 
 def _check_json_lines(f, path: str, max_line_bytes: int) -> None:
-  """Raises DataError when the file is one JSON document (array or pretty-printed object).
+  """Raises DataError when the file is one JSON document (an array, a pretty-printed object).
 
   Read line by line, a pretty-printed array keeps the odd complete line and drops the rest, with
   no sign that the file was never JSON Lines; refusing says what is wrong and how to convert.
-  A JSON array is not read as rows: JSON Lines streams, caps lines and names lines in errors.
+  Arrays are not read as rows: JSON Lines streams, caps lines and names lines in errors. Checked
+  on the file's first MiB (any size for an array that opens with a lone "[" line).
   """
-  first = b""
-  while not first.strip():
-    first = f.readline(max_line_bytes + 1)
-    if not first:
-      break
+  head = f.read(min(max_line_bytes, 1 << 20)).decode("utf-8", errors="replace").lstrip()
   f.seek(0)
-  line = first.strip().decode("utf-8", errors="replace")
-  how = None
-  if line.startswith("["):
-    how = (f"a JSON array, not JSON Lines (one JSON object per line); convert it with "
-           f"`jq -c '.[]' {path} > rows.jsonl`")
-  elif line.startswith("{"):
+  first = head.split("\n", 1)[0].strip()
+  doc, spans_lines = None, False
+  if head.startswith(("[", "{")):
     try:
-      _loads(line)
-    except json.JSONDecodeError as e:
-      if e.pos >= len(line):  # the object continues on the next line
-        how = (f"a JSON object spread over several lines, not JSON Lines (one JSON object per "
-               f"line); convert it with `jq -c . {path} > rows.jsonl`")
-    except ValueError:
+      doc, end = json.JSONDecoder().raw_decode(head)
+      spans_lines = "\n" in head[:end]
+    except (ValueError, RecursionError):  # not one document, or cut off at the first MiB
       pass
-  if how:
-    raise DataError(f"{path}: {how}", "not_jsonl")
+  one_line_array = (isinstance(doc, list) and not spans_lines and doc
+                    and all(isinstance(r, dict) for r in doc))
+  if first == "[" or one_line_array or (isinstance(doc, list) and spans_lines):
+    raise DataError(f"{path}: a JSON array, not JSON Lines (one JSON object per line); convert it "
+                    f"with `jq -c '.[]' {path} > rows.jsonl`", "not_jsonl")
+  if spans_lines:
+    raise DataError(f"{path}: a JSON document spread over several lines, not JSON Lines (one "
+                    f"JSON object per line); convert it with `jq -c . {path} > rows.jsonl`",
+                    "not_jsonl")
 
 
 def _iter_jsonl(path: str, max_line_bytes: int) -> Iterator[tuple[str, Any]]:

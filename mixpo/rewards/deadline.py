@@ -7,7 +7,9 @@ and carries on: the deadline is silently gone and a pathological parse runs for 
 (observed: math-verify's own `parsing_timeout` on a 5000-"(" answer under pytest, 8 minutes).
 `deadline` re-arms every `repeat_s` until the block exits, so a swallowed alarm is followed by
 another. It raises `DeadlineExceeded`, a BaseException, so library code that catches Exception
-(math-verify, latex2sympy) cannot swallow it either.
+(math-verify, latex2sympy) cannot swallow it either. Inside the block, a swallowed
+`DeadlineExceeded` is not passed to `sys.unraisablehook`: formatting its traceback there (pytest's
+hook does) could itself be cut by the next alarm, and the hook's own failure is then reported.
 
 Main thread only, and it cannot interrupt C code that never returns to the interpreter (sympy
 evaluating a huge integer power): work that may do that belongs in a worker process
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 
@@ -36,6 +39,13 @@ def deadline(seconds: float, repeat_s: float = 0.05):
   def on_alarm(signum, frame):
     raise DeadlineExceeded(f"over {seconds} s")
 
+  old_hook = sys.unraisablehook
+
+  def unraisable(info):
+    if not isinstance(info.exc_value, DeadlineExceeded):  # ours is expected and re-armed
+      old_hook(info)
+
+  sys.unraisablehook = unraisable
   old = signal.signal(signal.SIGALRM, on_alarm)
   signal.setitimer(signal.ITIMER_REAL, seconds, repeat_s)
   try:
@@ -50,3 +60,4 @@ def deadline(seconds: float, repeat_s: float = 0.05):
       except DeadlineExceeded:
         continue
     signal.signal(signal.SIGALRM, old)
+    sys.unraisablehook = old_hook
