@@ -69,8 +69,8 @@ def test_parquet_float_column_exact_values_become_plain_decimals(tmp_path):
 ])
 def test_parquet_inexact_float_is_refused_or_counted(tmp_path, value):
   path = str(tmp_path / "f.parquet")
-  pq.write_table(pa.table({"prompt": ["ok", "bad"], "answer": pa.array([0.5, value], pa.float64())}),
-                 path)
+  answers = pa.array([0.5, value], pa.float64())
+  pq.write_table(pa.table({"prompt": ["ok", "bad"], "answer": answers}), path)
   with pytest.raises(DataError, match=r"f\.parquet:row 1: field 'answer'.*string") as err:
     read_examples(path)
   assert err.value.reason == "inexact_number"
@@ -123,7 +123,8 @@ def test_pathological_reference_refused_by_the_reward_too(answer):
 
 
 @pytest.mark.parametrize("answer,completion", [
-    ("2^{2023}", "\\boxed{2^{2023}}"), ("1000!", "\\boxed{1000!}"), ("10^{-7}", "\\boxed{0.0000001}"),
+    ("2^{2023}", "\\boxed{2^{2023}}"), ("1000!", "\\boxed{1000!}"),
+    ("10^{-7}", "\\boxed{0.0000001}"),
     ("x^{2}+1", "\\boxed{1+x^2}"), ("\\frac{2^{100}}{3}", "\\boxed{\\frac{2^{100}}{3}}"),
 ])
 def test_large_but_bounded_references_still_accepted(answer, completion):
@@ -192,7 +193,8 @@ def test_jsonl_with_bad_first_lines_is_still_read_line_by_line(tmp_path):
   # Lines that merely fail to parse (or parse to non-objects) are bad rows, not a JSON document.
   path = write_lines(tmp_path / "b.jsonl", ["{", "[]", "[1, 2]", json.dumps(ROWS[1]), "}"])
   ex, summary = read_examples(path, skip_bad_rows=True)
-  assert [e.answer for e in ex] == ["2"] and summary.rows == 5 and summary.skipped == {"bad_json": 4}
+  assert [e.answer for e in ex] == ["2"] and summary.rows == 5
+  assert summary.skipped == {"bad_json": 4}
 
 
 def test_jsonl_line_length_cap(tmp_path):

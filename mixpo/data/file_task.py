@@ -2,9 +2,10 @@
 
 `get_task("file", train_path=..., eval_path=..., prompt_field=..., answer_field=...,
 tokenizer=..., chat_template=True, max_prompt_tokens=...)` reads the rows once (bad rows skipped,
-counted by reason in `data_summary()` and logged as a WARNING), then serves the same `Task` interface as the procedural tasks: train
-example i of seed s is row perm_s[i mod N] of a seeded permutation (epochs reshuffle), so a resumed
-run continues from one integer. Without `eval_path`, a hashed `eval_fraction` of rows is held out.
+counted by reason in `data_summary()` and logged as a WARNING), then serves the same `Task`
+interface as the procedural tasks: train example i of seed s is row perm_s[i mod N] of a seeded
+permutation (epochs reshuffle), so a resumed run continues from one integer. Without `eval_path`,
+a hashed `eval_fraction` of rows is held out.
 """
 
 from __future__ import annotations

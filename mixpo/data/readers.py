@@ -28,7 +28,8 @@ from mixpo.rewards.math_answer import MAX_REFERENCE_DIGITS, ReferenceTooLarge, p
 ANSWER_PARSE_TIMEOUT_S = 5
 
 # Default cap on one JSONL line, in bytes: a real row (a prompt, an answer, a trace with per-token
-# log-probs) is far smaller; without a cap a corrupt file with no newlines is read into memory whole.
+# log-probs) is far smaller; without a cap a corrupt file with no newline is read into memory whole
+# (bytes).
 MAX_LINE_BYTES = 8 << 20
 
 # Every integer up to 2**53 is a float64 exactly; above it a float stands for a range of integers.
@@ -50,8 +51,9 @@ def parse_reference(answer: str) -> tuple:
   "answer_unparsable"): the deadline is a main-thread alarm, which C code never yields to.
   """
   if _EXPONENT_TOWER.search(answer):
-    raise ReferenceTooLarge(f"reference answer {answer[:40]!r} holds an exponent tower (a^{{b^c}}); "
-                     "refused rather than risk an uninterruptible evaluation of its digits")
+    raise ReferenceTooLarge(f"reference answer {answer[:40]!r} holds an exponent tower "
+                            "(a^{b^c}); refused rather than risk an uninterruptible evaluation "
+                            "of its digits")
   return parse_gold(answer, ANSWER_PARSE_TIMEOUT_S)
 
 
@@ -166,7 +168,8 @@ def _iter_jsonl(path: str, max_line_bytes: int) -> Iterator[tuple[str, Any]]:
                                "as UTF-8", "not_utf8")
         continue
       except json.JSONDecodeError as e:
-        yield where, DataError(f"{where}: invalid JSON ({e.msg}); fix or remove the line", "bad_json")
+        yield where, DataError(f"{where}: invalid JSON ({e.msg}); fix or remove the line",
+                               "bad_json")
         continue
       except (RecursionError, ValueError) as e:  # nesting too deep, an integer of 4300+ digits
         yield where, DataError(f"{where}: JSON that Python cannot load ({type(e).__name__}: "

@@ -95,7 +95,10 @@ def extract_answer(text: str) -> str | None:
 
 
 class ReferenceTooLarge(ValueError):
-  """A reference answer whose exact value is too large to compare against (see MAX_REFERENCE_DIGITS)."""
+  """A reference answer whose exact value is too large to compare against.
+
+  See MAX_REFERENCE_DIGITS.
+  """
 
 
 class VerifierError(RuntimeError):
@@ -120,10 +123,8 @@ def _int_digits(n: int) -> float:
 
 def _log10_abs(node) -> float:
   """log10 |node| for a rational number (0 for |node| ≤ 1); symbols and others count as 1."""
-  if isinstance(node, sympy.Integer):
-    return max(0.0, _int_digits(node) - 1)
   if isinstance(node, sympy.Rational):
-    return _int_digits(node.p) + _int_digits(node.q) - 2
+    return sum(math.log10(abs(x)) for x in (int(node.p), int(node.q)) if abs(x) > 1)
   return _cost_digits(node)
 
 
@@ -131,8 +132,8 @@ def _abs_bound(node) -> float | None:
   """An upper bound on |node| for a symbol-free node (None when it holds symbols)."""
   if node.free_symbols:
     return None
-  if isinstance(node, sympy.Rational):
-    return float(abs(node.p))  # b^(p/q) grows like b^p at worst
+  if isinstance(node, sympy.Rational):  # b^(p/q) grows like b^p at worst
+    return float(abs(node.p)) if abs(int(node.p)).bit_length() < 1000 else math.inf
   cost = _cost_digits(node)
   if cost <= 50:  # small enough to evaluate numerically at no risk
     try:
