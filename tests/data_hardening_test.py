@@ -253,8 +253,9 @@ def test_verifier_exception_is_raised_not_silently_zero(monkeypatch):
 def test_verifier_exception_counted_by_runner_and_scores_zero(monkeypatch):
   _verifier_crashes_on_99(monkeypatch)
   # In-process backend so the failing verifier is the one patched here.
-  with RewardRunner([(math_answer_reward, 1.0)], timeout_s=20.0, on_error="zero",
+  # The completion's fault: counted, scored 0, never raised, even under on_error="raise".
+  with RewardRunner([(math_answer_reward, 1.0)], timeout_s=20.0, on_error="raise",
                     backend="signal") as r:
     res = r(["p"] * 3, ["\\boxed{99}", "\\boxed{7}", "\\boxed{8}"], answer=["7"] * 3)
   assert res.rewards.tolist() == [0.0, 1.0, 0.0]
-  assert res.errors == 1 and res.errored.tolist() == [True, False, False]
+  assert res.unverifiable == 1 and res.errors == 0 and res.metrics()["reward/unverifiable"] == 1

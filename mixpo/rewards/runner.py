@@ -47,8 +47,10 @@ _PRELOAD = ["mixpo.rewards.worker_init", "mixpo.rewards.math_answer"]
 # the reward fns and hardening take well under a second, several on a loaded machine).
 WORKER_START_TIMEOUT_S = 60.0
 
-# Per-item status codes.
-OK, TIMEOUT, ERROR, BLOCKED, BATCH_TIMEOUT = 0, 1, 2, 3, 4
+# Per-item status codes. UNVERIFIABLE: the reward fn raised an exception marked
+# `untrusted_input = True` (e.g. math-verify failing on a completion): the completion's fault, not
+# the reward code's, so it scores 0 and is counted but never raised.
+OK, TIMEOUT, ERROR, BLOCKED, BATCH_TIMEOUT, UNVERIFIABLE = 0, 1, 2, 3, 4, 5
 
 
 class RewardError(RuntimeError):
@@ -67,6 +69,7 @@ class RewardResult:
   blocked: (function, item) pairs the sandbox refused (the text tried to run code), scored 0.
   batch_timeouts: pairs not scored before the call's deadline, scored 0 (also in `timeouts`).
   retries: pairs re-run once because their worker died.
+  unverifiable: pairs whose completion made the verifier fail (scored 0, never raised).
   """
   rewards: np.ndarray
   per_fn: dict
@@ -77,12 +80,13 @@ class RewardResult:
   blocked: int = 0
   batch_timeouts: int = 0
   retries: int = 0
+  unverifiable: int = 0
 
   def metrics(self) -> dict:
     m = {"reward/mean": float(self.rewards.mean()) if self.rewards.size else 0.0,
          "reward/timeouts": self.timeouts, "reward/errors": self.errors,
          "reward/blocked": self.blocked, "reward/batch_timeouts": self.batch_timeouts,
-         "reward/retries": self.retries}
+         "reward/retries": self.retries, "reward/unverifiable": self.unverifiable}
     for k, v in self.per_fn.items():
       m[f"reward/{k}"] = float(v.mean()) if v.size else 0.0
     return m
@@ -119,7 +123,8 @@ def _run_guarded(fn, prompt, completion, cols, guard: bool) -> tuple[int, object
     return BLOCKED, str(e)
   except Exception as e:  # noqa: BLE001 — reported with the function's name
     tb = traceback.extract_tb(e.__traceback__)[-1]
-    return ERROR, f"{type(e).__name__}: {e} (at {tb.filename}:{tb.lineno})"
+    status = UNVERIFIABLE if getattr(e, "untrusted_input", False) else ERROR
+    return status, f"{type(e).__name__}: {e} (at {tb.filename}:{tb.lineno})"
 
 
 def _worker_main(conn, fns, limits, guard):
@@ -310,7 +315,8 @@ class RewardRunner:
                         timed_out=timed_out.any(0), errored=(status == ERROR).any(0),
                         timeouts=int(timed_out.sum()), errors=int((status == ERROR).sum()),
                         blocked=int((status == BLOCKED).sum()),
-                        batch_timeouts=int((status == BATCH_TIMEOUT).sum()), retries=retries)
+                        batch_timeouts=int((status == BATCH_TIMEOUT).sum()), retries=retries,
+                        unverifiable=int((status == UNVERIFIABLE).sum()))
 
   def _my_items(self, b: int) -> tuple[int, int]:
     """[lo, hi) of the items this process scores (all of them unless split across processes)."""
