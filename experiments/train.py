@@ -2,6 +2,11 @@ r"""RL training binary: GRPO / DAPO / LUFFY / Mix-1 / Mix-2 on a task, with resu
 
   python experiments/train.py --config=default --workdir=workdir/default
   python experiments/train.py --config=experiments/configs/smoke.py --workdir=/tmp/s --algo=dapo
+  python experiments/train.py --config=default --workdir=/tmp/mine --config.task=file \
+      --config.task_kwargs.train_path=data/train.jsonl --config.policy=/models/my_hf_checkpoint
+
+Every error in the flags (an unknown or mistyped field, a bad value, a missing file) is one line
+on stderr naming the flag, exit code 2 (mixpo/cli.py). --verbosity=0 shows third-party INFO logs.
 """
 
 import ipaddress
@@ -14,11 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments.configs import resolve_config_path  # noqa: E402
-
-for i, arg in enumerate(sys.argv):
-  if arg.startswith("--config="):
-    sys.argv[i] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+from mixpo import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (or a short "
                                           "name: default, smoke, qwen2.5-math-1.5b).")
@@ -79,12 +80,14 @@ def main(argv):
     import jax
     jax.distributed.initialize(**distributed_kwargs(_COORDINATOR.value, _NUM_PROCESSES.value,
                                                     _PROCESS_ID.value, _BIND.value))
-  from mixpo import loop
   config = _CONFIG.value
   if config is None or not _WORKDIR.value:
-    raise app.UsageError("--config and --workdir are required.")
+    raise app.UsageError("--config and --workdir are required, e.g. --config=default "
+                         "--workdir=workdir/default.")
   if _ALGO.value:
     config.algo = _ALGO.value
+  cli.check_config(config)  # before any model is built or any directory made.
+  from mixpo import loop
   try:
     summary = loop.run(config, _WORKDIR.value)
   except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint is intact, the step is lost.
@@ -96,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

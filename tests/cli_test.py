@@ -1,0 +1,123 @@
+"""mixpo/cli.py: every user error of the binaries names its flag, exits 2, prints no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments.configs import default
+from mixpo import cli
+from mixpo.data import task_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "experiments", "train.py")
+
+
+def _train(args, workdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, TRAIN, f"--workdir={workdir}"] + args, cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+# The issue's cases, each end to end through the binary: (args, what the message must contain).
+BAD_FLAGS = {
+    "config_name": (["--config=defualt"], ["--config=defualt", "default", "smoke",
+                                           "qwen2_5_math_1_5b"]),
+    "unknown_key": (["--config=default", "--config.lr=abc"],
+                    ["--config.lr", "did you mean --config.learning_rate"]),
+    "bad_enum": (["--config=default", "--config.algo=mix3"],
+                 ["--config.algo=mix3", "grpo, dapo, luffy, mix1, mix2"]),
+    "policy_typo": (["--config=smoke", "--config.policy=/no/such/checkpoint"],
+                    ["--config.policy=/no/such/checkpoint", "no such directory"]),
+    "dataset_missing": (["--config=smoke", "--config.task=file",
+                         "--config.task_kwargs.train_path=/no/such/data.jsonl"],
+                        ["--config.task_kwargs.train_path=/no/such/data.jsonl", "no such file"]),
+}
+
+
+def _assert_user_error(out, expected):
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  assert "Traceback" not in out.stderr + out.stdout, out.stderr[-2000:]
+  err = out.stderr.strip().splitlines()[-1]
+  assert err.startswith("error: "), out.stderr[-2000:]
+  for text in expected:
+    assert text.lower() in err.lower(), (text, err)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flag_names_the_flag_and_exits_2(case, tmp_path):
+  args, expected = BAD_FLAGS[case]
+  out = _train(args, tmp_path / "w")
+  _assert_user_error(out, expected)
+  # Found before any model or checkpoint directory is made.
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+# Further cases through the same functions in-process (each subprocess costs a jax import).
+def test_override_of_wrong_type_names_the_flag():
+  config = default.get_config()
+  with pytest.raises(cli.UserError, match=r"--config.learning_rate=abc: expected a number"):
+    cli.check_overrides(["x", "--config.learning_rate=abc"], config)
+  with pytest.raises(cli.UserError, match=r"--config.n=2.5: expected an integer"):
+    cli.check_overrides(["x", "--config.n=2.5"], config)
+  with pytest.raises(cli.UserError, match=r"--config.model.remat=maybe: expected true or false"):
+    cli.check_overrides(["x", "--config", "default", "--config.model.remat", "maybe"], config)
+  cli.check_overrides(["x", "--config.learning_rate=1e-5", "--config.task_kwargs.digits=3"], config)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"n": 1}, ["--config.n=1", "at least 2"]),
+    ({"guide": "/"}, ["--config.guide=/", "config.json"]),
+    ({"task_kwargs.train_path": "x.jsonl"}, ["--config.task_kwargs.train_path", "task=file"]),
+    ({"task": "file"}, ["--config.task_kwargs.train_path"]),
+    ({"task": "fle"}, ["--config.task=fle", "did you mean file"]),
+    ({"rewards": "no_such_pkg.mod:fn"}, ["--config.rewards", "no_such_pkg.mod"]),
+    ({"reward_weights": "1,2"}, ["--config.reward_weights", "2 weights"]),
+])
+def test_more_bad_values_name_the_flag(overrides, expected):
+  config = default.get_config()
+  for field, value in overrides.items():
+    *parents, last = field.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[last] = value
+  with pytest.raises(cli.UserError) as e:
+    cli.check_config(config)
+  for text in expected:
+    assert text.lower() in str(e.value).lower(), (text, str(e.value))
+
+
+def test_fingerprint_mismatch_names_overwrite_flag(tmp_path):
+  os.makedirs(tmp_path / "checkpoints" / "5")  # a step of some other run, no fingerprint.json.
+  out = _train(["--config=smoke", f"--config.builtin_dir={tmp_path / 'models'}"], tmp_path)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert "--config.overwrite=True" in out.stderr.splitlines()[-1]
+  assert not os.path.exists(tmp_path / "models"), "models were built before the check"
+
+
+def test_suggestions_come_from_the_configs_own_fields():
+  keys = cli.flat_keys(default.get_config())
+  assert cli.suggestions("lr", keys)[0] == "learning_rate"
+  assert cli.suggestions("model.dtyp", keys)[0] == "model.dtype"
+  assert "task_kwargs.train_path" in cli.suggestions("task_kwargs.trian_path", keys)
+  assert cli.suggestions("zzzz", keys) == []
+
+
+def test_flagify_maps_library_names_but_not_file_names():
+  msg = cli.flagify("ObjectiveConfig.gamma=0: need config.gamma > 0 (see config.json)")
+  assert msg == "--config.gamma=0: need --config.gamma > 0 (see config.json)"
+
+
+def test_task_options_reach_only_the_tasks_that_take_them():
+  opts = default.get_config().task_kwargs
+  assert task_options.task_kwargs("addition", opts) == {"digits": 2, "terms": 2,
+                                                        "reward": "exact"}
+  file_kwargs = task_options.task_kwargs("file", opts)
+  assert file_kwargs["max_prompt_tokens"] is None and file_kwargs["skip_bad_rows"] is True
+  assert "digits" not in file_kwargs
+  assert task_options.task_kwargs("rg:countdown", opts, "max_numbers=4") == {"max_numbers": 4}
+  with pytest.raises(task_options.TaskOptionError, match="train_path"):
+    task_options.task_kwargs("addition", {**opts.to_dict(), "train_path": "x.jsonl"})
