@@ -357,3 +357,76 @@ class CompileCounter:
   def count(cls) -> int:
     cls.install()
     return cls._count
+
+
+class RunHealth:
+  """Watches each step's metrics for problems a person must see; they go to WARNING logs and
+  to summary.json (`summary()`), never only to metrics.jsonl.
+
+  - skipped updates (non-finite loss / gradients): a WARNING per step; more than `max_skip_ratio`
+    of the steps (once `min_steps` are done) raises `RunHealthError`;
+  - reward timeouts / errors scored 0: a WARNING per step that had them;
+  - no learning signal: a step whose loss is exactly 0, or that had no prompt group with reward
+    variance and no guide (OFF) rows; after `no_signal_steps` such steps in a row, one WARNING
+    per streak (0 = never).
+  Counts cover this invocation (a resumed run counts from its restart).
+  """
+
+  def __init__(self, max_skip_ratio: float = 1.0, no_signal_steps: int = 0, min_steps: int = 10):
+    self.max_skip_ratio, self.no_signal_steps, self.min_steps = (
+        float(max_skip_ratio), int(no_signal_steps), int(min_steps))
+    self.steps = self.skipped_steps = self.no_signal_total = self.timeouts = self.errors = 0
+    self._streak = 0
+    self.warnings: list[str] = []
+
+  def warn(self, message: str) -> None:
+    """Logs `message` at WARNING and keeps it for summary.json (the first 20; then counts)."""
+    logging.warning("%s", message)
+    if len(self.warnings) < 20:
+      self.warnings.append(message)
+
+  @staticmethod
+  def no_signal(metrics: dict[str, Any]) -> bool:
+    loss = metrics.get("loss/loss")
+    if isinstance(loss, (int, float)) and loss == 0:
+      return True
+    return (metrics.get("dynamic/variance_groups", 1) == 0
+            and metrics.get("train/rows_off", 0) == 0)
+
+  def observe(self, step: int, metrics: dict[str, Any]) -> None:
+    self.steps += 1
+    timeouts = int(metrics.get("reward/timeouts", 0) or 0)
+    errors = int(metrics.get("reward/errors", 0) or 0)
+    self.timeouts, self.errors = self.timeouts + timeouts, self.errors + errors
+    if timeouts or errors:
+      self.warn(f"step {step}: {timeouts} reward timeouts and {errors} reward errors scored 0 "
+                "(config.reward_timeout_s / reward_on_error)")
+    if metrics.get("loss/skipped_updates", 0) > 0:
+      self.skipped_steps += 1
+      self.warn(f"step {step}: update skipped (non-finite loss or gradients; parameters "
+                "unchanged)")
+      if (self.steps >= self.min_steps
+          and self.skipped_steps / self.steps > self.max_skip_ratio):
+        raise RunHealthError(
+            f"step {step}: {self.skipped_steps} of {self.steps} steps skipped their update, more "
+            f"than config.max_skip_ratio={self.max_skip_ratio:g}; lower the learning rate or check"
+            " the rewards / guide log-probs for non-finite values.")
+    if self.no_signal(metrics):
+      self.no_signal_total += 1
+      self._streak += 1
+      if self.no_signal_steps and self._streak == self.no_signal_steps:
+        self.warn(f"step {step}: no learning signal for {self._streak} steps (no prompt group "
+                  "with reward variance, or a zero loss): every sample of a group gets the same "
+                  "reward. The task may be too hard or too easy for the policy, or the reward "
+                  "always returns the same value; check samples.jsonl.")
+    else:
+      self._streak = 0
+
+  def summary(self) -> dict[str, Any]:
+    return {"warnings": list(self.warnings), "skipped_update_steps": self.skipped_steps,
+            "no_signal_steps": self.no_signal_total, "reward_timeouts": self.timeouts,
+            "reward_errors": self.errors}
+
+
+class RunHealthError(RuntimeError):
+  """Too many steps of a run skipped their update (config.max_skip_ratio)."""

@@ -20,8 +20,8 @@ from absl import logging
 
 from mixpo import builtin, checkpoint, models, rl, sharding, train
 from mixpo import logging as mlog
-from mixpo.data import get_task
-from mixpo.rewards import RewardRunner
+from mixpo.data import task_options
+from mixpo.rewards import RewardRunner, custom
 from mixpo.rewards.overlong import OverlongConfig
 from mixpo.rollout import SampleSpec
 
@@ -99,12 +99,13 @@ def setup(config, workdir: str):
                                          **model_options(config, guide=True))
     rl.validate(config, model.config.vocab_size, guide_model.config.vocab_size)
     guide = _frozen(guide_model)
-  task_kwargs = dict(config.task_kwargs)
-  if config.task == "file":  # real datasets: the policy's tokenizer renders / filters prompts.
-    task_kwargs["tokenizer"] = tokenizer
-  task = get_task(config.task, **task_kwargs)
+  # Real datasets: the policy's tokenizer renders / filters the file task's prompts.
+  task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
+                                tokenizer=tokenizer)
   # Every process holds the same rollouts (see rl.py); each scores 1/P of them.
-  runner = RewardRunner([(task.reward_fn, 1.0)], timeout_s=config.reward_timeout_s,
+  runner = RewardRunner(custom.reward_fns(config.get("rewards", ""),
+                                          config.get("reward_weights", ""), task.reward_fn),
+                        timeout_s=config.reward_timeout_s,
                         on_error=config.reward_on_error, split_across_processes=True,
                         batch_timeout_s=config.get("reward_batch_timeout_s", 0) or None)
   logging.info("reward workers: %s", runner.sandbox)
@@ -206,6 +207,9 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str) -> dict:
   # first checkpoint and will be logged again.
   logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else -1)
   summary = {"start_step": start, "preempted": False}
+  health = mlog.RunHealth(config.get("max_skip_ratio", 1.0), config.get("no_signal_steps", 0))
+  if (dropped := task_options.dropped_rows_warning(exp.task)) is not None:
+    health.warnings.append(dropped)  # logged at WARNING when the task read its file.
   t_start = time.time()
   with ckpt, logger, _Preemption() as preempt, mlog.Progress(
       config.num_steps, initial=start, disable=not (config.progress and is_main)) as bar:
@@ -225,6 +229,7 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str) -> dict:
       extra["guide_tokens"] += metrics["step_guide_tokens"]
       skipped = metrics["loss/skipped_updates"] > 0
       extra["consecutive_skips"] = extra["consecutive_skips"] + 1 if skipped else 0
+      health.observe(step, metrics)
       if extra["consecutive_skips"] >= config.max_consecutive_skips:
         logger.write(step, metrics)  # the failing step's counts belong in metrics.jsonl too.
         raise train.NonFiniteUpdateError(
@@ -255,7 +260,8 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str) -> dict:
   final_step = int(state.step)
   summary.update(final_step=final_step, policy_tokens=extra["policy_tokens"],
                  guide_tokens=extra["guide_tokens"],
-                 budget_reached=bool(budget and extra["policy_tokens"] >= budget))
+                 budget_reached=bool(budget and extra["policy_tokens"] >= budget),
+                 **health.summary())
   rows = [r for r in mlog.read_metrics(workdir) if "eval/accuracy" in r]
   if rows:
     summary["final_eval_accuracy"] = rows[-1]["eval/accuracy"]

@@ -1,11 +1,14 @@
 r"""The default experiment: Mix-2 from a weak tiny policy with a tiny guide on 2-digit addition.
 
-Launch (the README's main command; ~10 minutes on 2 CPU cores, no download):
+Launch (the README's main command; no download; time it takes: README "The default experiment"):
   python experiments/train.py --config=default --workdir=workdir/default
 Any field can be overridden, e.g. --config.algo=dapo --config.seed=1 (or the short --algo=dapo).
+Your own data: --config.task=file --config.task_kwargs.train_path=data.jsonl (options below).
 """
 
 import ml_collections
+
+from mixpo.data import task_options
 
 
 def builtin_models() -> ml_collections.ConfigDict:
@@ -56,7 +59,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.builtin_dir = ""  # where built-in models are made / reused; "" = workdir/models.
   # --- task and rewards
   c.task = "addition"  # registered task name (mixpo.data.get_task).
-  c.task_kwargs = {"digits": 2, "terms": 2}  # difficulty knobs of the task.
+  # Options of the task, declared once in mixpo/data/task_options.py (OPTIONS: help per field):
+  # addition: digits, terms, reward; file: train_path, eval_path, prompt_field, answer_field,
+  # chat_template, max_prompt_tokens (0 = no limit), skip_bad_rows, eval_fraction.
+  # A task gets only the options it takes; changing one it does not take is an error.
+  c.task_kwargs = task_options.config_defaults()
+  c.task_knobs = ""  # extra knobs of other tasks as k=v,k=v (e.g. rg:countdown's max_numbers=4).
+  # Reward functions: "" = the task's own verifier; else comma-separated entries, each "task"
+  # (the task's verifier), "pkg.module:fn" or "path/to/file.py:fn" (TRL signature), or
+  # "verl:pkg.module:compute_score" (verl signature). docs/rewards.md.
+  c.rewards = ""
+  c.reward_weights = ""  # comma-separated weights, one per c.rewards entry ("" = all 1.0).
   c.reward_timeout_s = 5.0  # per-item reward deadline; a timeout scores 0 and is counted.
   # Deadline of one call of the reward runner (a step's rollout batch, an eval batch): items not
   # scored by then score 0 and are counted, so a degenerate policy cannot stall a step. 0 = none.
@@ -94,6 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
   c.max_consecutive_skips = 5  # stop after this many steps with non-finite updates.
+  c.max_skip_ratio = 0.5  # stop when more than this share of steps (after 10) skipped an update.
+  c.no_signal_steps = 10  # WARN after this many steps without learning signal (0 = never).
   c.log_samples_every = 10
   c.export_hf = True  # write the final policy in Hugging Face format to workdir/export.
   c.overwrite = False  # allow a workdir holding a different run's checkpoints (deletes them).

@@ -22,11 +22,11 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.remat = True
   c.task = "file"
-  c.task_kwargs = {
+  c.task_kwargs.update({
       "train_path": "/data/dapo-math-17k.parquet", "eval_path": "/data/math500.jsonl",
       "prompt_field": "prompt", "answer_field": "answer", "chat_template": True,
       "max_prompt_tokens": 1024,
-  }
+  })
   c.reward_timeout_s = 10.0
   c.overlong_shaping = True  # DAPO: soft penalty over the last L_cache tokens of L_max.
   c.max_new_tokens = 4096

@@ -1,0 +1,160 @@
+"""The task / dataset options every binary shares: one declaration, one way to build the task.
+
+`OPTIONS` declares each option once (name, default, which tasks take it, help). The default
+config's `task_kwargs` is built from it (`config_defaults`), so `--config.task_kwargs.train_path=..`
+works in train.py, and evaluate.py / sft.py / make_traces.py generate their `--train_path`, ... flags
+from the same tuple (`mixpo.cli.define_task_flags`). `make_task` passes a task only the options it
+takes: `task_kwargs` may hold the file task's options while `task="addition"`, as long as they keep
+their defaults; a changed option the task does not take is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+from absl import logging
+
+from mixpo.data.tasks import _REGISTRY, get_task
+
+FILE, ADDITION = "file", "addition"
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  name: str
+  default: Any
+  tasks: tuple  # task names that take it.
+  help: str
+
+
+OPTIONS = (
+    Option("digits", 2, (ADDITION,), "addition: digits per operand (1-9)."),
+    Option("terms", 2, (ADDITION,), "addition: operands per problem (>= 2)."),
+    Option("reward", "exact", (ADDITION,), "addition: 'exact' (1 iff the sum) or 'digits' "
+           "(partial credit per digit)."),
+    Option("train_path", "", (FILE,), "file: the train dataset, a .jsonl or .parquet file."),
+    Option("eval_path", "", (FILE,), "file: the eval dataset(s); comma-separated for several "
+           "(train.py uses the first). Empty: a hashed eval_fraction of the train rows."),
+    Option("prompt_field", "prompt", (FILE,), "file: dotted field path of the prompt (a string or "
+           "a list of chat messages), e.g. 'prompt' or 'extra_info.question'."),
+    Option("answer_field", "answer", (FILE,), "file: dotted field path of the reference answer, "
+           "e.g. 'reward_model.ground_truth' (verl)."),
+    Option("chat_template", False, (FILE,), "file: render prompts with the tokenizer's chat "
+           "template (a string prompt becomes one user turn)."),
+    Option("max_prompt_tokens", 0, (FILE,), "file: rows whose rendered prompt has more tokens are "
+           "bad rows (0 = no limit)."),
+    Option("skip_bad_rows", True, (FILE,), "file: skip and count bad rows (a WARNING names the "
+           "first of each kind); False: the first bad row stops the run with its file and line."),
+    Option("eval_fraction", 0.05, (FILE,), "file without eval_path: share of rows held out for "
+           "eval (by a hash of the prompt)."),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def config_defaults():
+  """The declared options as an ml_collections ConfigDict (the default config's task_kwargs)."""
+  import ml_collections
+  return ml_collections.ConfigDict({o.name: o.default for o in OPTIONS})
+
+
+class TaskOptionError(ValueError):
+  """An option given to a task that does not take it; `field` names the option (or
+  "task_knobs")."""
+
+  def __init__(self, message: str, field: str):
+    super().__init__(message)
+    self.field = field
+
+
+def parse_knobs(text: str) -> dict:
+  """"digits=2,size=3" → {"digits": 2, "size": 3}: extra knobs of tasks not declared in OPTIONS
+  (e.g. reasoning-gym datasets); values stay strings unless int / float parse."""
+  out = {}
+  for part in filter(None, (p.strip() for p in (text or "").split(","))):
+    if "=" not in part:
+      raise TaskOptionError(f"task_knobs: {part!r} is not key=value (e.g. 'min_numbers=3,"
+                            "max_numbers=4')", "task_knobs")
+    key, value = (s.strip() for s in part.split("=", 1))
+    for cast in (int, float):
+      try:
+        value = cast(value)
+        break
+      except ValueError:
+        pass
+    out[key] = value
+  return out
+
+
+def _accepted(name: str) -> tuple[set, bool]:
+  """(named parameters, takes **kwargs) of the task factory registered as `name`."""
+  import mixpo.data.arithmetic  # noqa: F401
+  import mixpo.data.file_task  # noqa: F401
+  import mixpo.data.rg_tasks as rg
+  factory = _REGISTRY.get(name, rg.ReasoningGymTask if name.startswith("rg:") else None)
+  if factory is None:
+    return set(), False
+  params = inspect.signature(factory).parameters.values()
+  return ({p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)},
+          any(p.kind == p.VAR_KEYWORD for p in params))
+
+
+def task_kwargs(name: str, options, knobs: str = "") -> dict:
+  """The keyword arguments `get_task(name, ...)` gets from `options` (a dict / ConfigDict).
+
+  A declared option reaches only the tasks it is declared for (addition's own eval_fraction
+  default stays 0.1); one for other tasks is dropped while it holds its declared default, and
+  raises TaskOptionError when changed. `max_prompt_tokens=0` means no limit; `eval_path` keeps its first
+  comma-separated file.
+  """
+  opts = dict(options.items()) if options is not None else {}
+  named, var_kw = _accepted(name)
+  out = {}
+  for key, value in opts.items():
+    if key in BY_NAME and name in BY_NAME[key].tasks:
+      out[key] = value
+    elif key not in BY_NAME and (key in named or var_kw):  # e.g. a config file's own knob.
+      out[key] = value
+    elif key in BY_NAME and value == BY_NAME[key].default:
+      continue
+    else:
+      takes = ", ".join(sorted(named - {"dataset", "tokenizer"})) or "no options"
+      where = (f"it applies to task={'/'.join(BY_NAME[key].tasks)}" if key in BY_NAME
+               else "it is not a known task option")
+      raise TaskOptionError(f"{key}={value!r} does not apply to task {name!r} ({where}; "
+                            f"{name!r} takes: {takes}).", key)
+  extra = parse_knobs(knobs)
+  for key in extra:
+    if not (key in named or var_kw):
+      raise TaskOptionError(f"task_knobs: {name!r} takes no knob {key!r} (it takes: "
+                            f"{', '.join(sorted(named))}).", "task_knobs")
+  out.update(extra)
+  if "max_prompt_tokens" in out and not out["max_prompt_tokens"]:
+    out["max_prompt_tokens"] = None
+  if isinstance(out.get("eval_path"), str) and "," in out["eval_path"]:
+    out["eval_path"] = out["eval_path"].split(",")[0].strip()
+  return out
+
+
+def make_task(name: str, options, knobs: str = "", tokenizer=None):
+  """`get_task(name, **task_kwargs(...))`; the file task also gets the tokenizer that renders and
+  measures its prompts."""
+  kwargs = task_kwargs(name, options, knobs)
+  if name == FILE:
+    kwargs["tokenizer"] = tokenizer
+  task = get_task(name, **kwargs)
+  summary = getattr(task, "summary", None)
+  if summary is not None and getattr(summary, "skipped", None):
+    logging.warning("dataset rows dropped: %s", summary)
+  return task
+
+
+def dropped_rows_warning(task) -> str | None:
+  """One line on the rows a file task dropped (for summary.json), or None."""
+  summary = getattr(task, "summary", None)
+  if summary is None or not getattr(summary, "skipped", None):
+    return None
+  counts = ", ".join(f"{n} {r}" for r, n in summary.skipped.items())
+  return f"{summary.path}: {summary.rows - summary.kept} of {summary.rows} rows dropped ({counts})"
+
