@@ -1,8 +1,8 @@
 r"""Writes a mixpo guide-trace jsonl by sampling a guide checkpoint over a dataset or a task.
 
   python experiments/make_traces.py --guide=workdir/default/guide --task=addition \
-      --task_knobs=digits=2,terms=2 --n_prompts=512 --out=/tmp/traces.jsonl --n_per_prompt=1
-  python experiments/make_traces.py --guide=ckpt/qwen --dataset=data/train.parquet \
+      --digits=2 --terms=2 --n_prompts=512 --out=/tmp/traces.jsonl --n_per_prompt=1
+  python experiments/make_traces.py --guide=ckpt/qwen --task=file --train_path=data/train.parquet \
       --chat_template --out=/tmp/traces.jsonl --max_new_tokens=1024 --temperature=0.6
 
 Each row: {"prompt", "answer", "response", "response_tokens", "guide_logp"} with one natural-log
@@ -15,54 +15,38 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+from mixpo import cli  # noqa: E402
 
 _GUIDE = flags.DEFINE_string("guide", None, "Guide checkpoint dir (config.json, safetensors, tokenizer).")
-_DATASET = flags.DEFINE_string("dataset", None, "A .jsonl / .parquet dataset (exclusive with --task).")
-_PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt", "Dotted prompt field of --dataset.")
-_ANSWER_FIELD = flags.DEFINE_string("answer_field", "answer", "Dotted answer field of --dataset.")
-_CHAT = flags.DEFINE_bool("chat_template", False, "Render --dataset prompts with the chat template.")
-_TASK = flags.DEFINE_string("task", None, "A built-in task name, e.g. addition or rg:countdown.")
-_KNOBS = flags.DEFINE_string("task_knobs", "", "Task knobs as k=v,k=v (ints where they parse).")
-_N_PROMPTS = flags.DEFINE_integer("n_prompts", 256, "Prompts drawn from --task's train split.")
+# --task, --task_knobs, --train_path, --prompt_field, --answer_field, --chat_template,
+# --max_prompt_tokens, --skip_bad_rows, ...: train.py's --config.task_kwargs.* fields.
+cli.define_task_flags()
+_DATASET = flags.DEFINE_string("dataset", None, "Shorthand for --task=file --train_path=<file>.")
+_N_PROMPTS = flags.DEFINE_integer("n_prompts", 256, "Prompts drawn from a procedural task's train "
+                                  "split (all rows of a dataset are used).")
 _SEED = flags.DEFINE_integer("seed", 0, "Task stream seed and sampling PRNG seed.")
 _OUT = flags.DEFINE_string("out", None, "Output .jsonl path.")
 _N_PER_PROMPT = flags.DEFINE_integer("n_per_prompt", 1, "Guide samples per prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Response token budget.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per generate call.")
-_MAX_PROMPT = flags.DEFINE_integer("max_prompt_tokens", None, "Skip longer --dataset prompts.")
-
-
-def parse_knobs(text: str) -> dict:
-  """"digits=2,terms=3" → {"digits": 2, "terms": 3}; values stay strings unless int/float parse."""
-  out = {}
-  for part in filter(None, text.split(",")):
-    if "=" not in part:
-      raise app.UsageError(f"--task_knobs: {part!r} is not k=v")
-    k, v = part.split("=", 1)
-    for cast in (int, float):
-      try:
-        v = cast(v)
-        break
-      except ValueError:
-        pass
-    out[k.strip()] = v
-  return out
 
 
 def load_examples(tokenizer):
-  from mixpo.data import get_task, read_examples
-  if bool(_DATASET.value) == bool(_TASK.value):
-    raise app.UsageError("pass exactly one of --dataset and --task")
-  if _TASK.value:
-    task = get_task(_TASK.value, **parse_knobs(_KNOBS.value))
-    return task.examples("train", _N_PROMPTS.value, seed=_SEED.value)
+  from mixpo.data import read_examples, task_options
+  task, options, knobs = cli.task_flag_values()
+  if task != task_options.FILE:
+    t = task_options.make_task(task, options, knobs, tokenizer=tokenizer)
+    return t.examples("train", _N_PROMPTS.value, seed=_SEED.value)
   examples, summary = read_examples(
-      _DATASET.value, _PROMPT_FIELD.value, _ANSWER_FIELD.value, tokenizer=tokenizer,
-      chat_template=_CHAT.value, max_prompt_tokens=_MAX_PROMPT.value,
-      skip_bad_rows=_MAX_PROMPT.value is not None)
-  logging.info("%s", summary)
+      options["train_path"], options["prompt_field"], options["answer_field"],
+      tokenizer=tokenizer, chat_template=options["chat_template"],
+      max_prompt_tokens=options["max_prompt_tokens"] or None,
+      skip_bad_rows=options["skip_bad_rows"])
+  if summary.kept < summary.rows:
+    logging.warning("%s", summary)
   return examples
 
 
@@ -100,7 +84,12 @@ def make_traces(guide_dir, examples, n_per_prompt, max_new_tokens, temperature, 
 def main(argv):
   del argv
   if not _GUIDE.value or not _OUT.value:
-    raise app.UsageError("--guide and --out are required")
+    raise cli.UserError("--guide and --out are required (a guide checkpoint directory and the "
+                        "output .jsonl).")
+  if _DATASET.value:
+    flags.FLAGS.task, flags.FLAGS.train_path = "file", _DATASET.value
+  cli.check_model_dir("--guide", _GUIDE.value)
+  cli.check_task_flags()
   from mixpo import models
   from mixpo.data import write_traces
   examples = load_examples(models.load_tokenizer(_GUIDE.value))
@@ -112,4 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, config_flag=None)

@@ -87,14 +87,14 @@ class ImportedReward:
     self.spec = spec.strip()
     self.search_path = os.path.abspath(search_path or os.getcwd())
     self.verl = self.spec.startswith(VERL_PREFIX)
+    self.target = self.spec[len(VERL_PREFIX):] if self.verl else self.spec
     self.__name__ = self.spec.rpartition(":")[2] or self.spec
     self._fn = None
     self._load()  # fail now, in the main process, rather than inside a reward worker.
 
   def _load(self) -> Callable:
     if self._fn is None:
-      fn = _load_callable(self.spec[len(VERL_PREFIX):] if self.verl else self.spec,
-                          self.search_path)
+      fn = _load_callable(self.target, self.search_path)
       self.verl = self.verl or _is_verl(fn)
       self._fn = fn
       self._columns = None  # None: pass every column (**kwargs); else the names it takes.
@@ -105,8 +105,8 @@ class ImportedReward:
     return self._fn
 
   def __getstate__(self) -> dict:
-    return {"spec": self.spec, "search_path": self.search_path, "verl": self.verl,
-            "__name__": self.__name__}
+    return {"spec": self.spec, "target": self.target, "search_path": self.search_path,
+            "verl": self.verl, "__name__": self.__name__}
 
   def __setstate__(self, state: dict) -> None:
     self.__dict__.update(state)

@@ -1,0 +1,75 @@
+"""mean@k, pass@k (unbiased), maj@k of sampled answers, with bootstrap 95 % intervals (numpy only).
+
+Inputs are per problem: `correct_PxN` (bool, N ≥ k samples of each of P problems) and
+`answers_PxN` (the extracted final answer of each sample, for majority voting).
+- mean@k: the mean of the first k samples' correctness (the expected accuracy of one sample).
+- pass@k: the unbiased estimator 1 − C(N−c, k) / C(N, k) of "one of k samples is correct" from
+  N ≥ k samples with c correct (computed as a product, no huge binomials).
+- maj@k: the most frequent answer of the first k samples (ties: the answer seen first) is correct.
+Intervals: percentile bootstrap over problems (resampled with replacement), seeded.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k from n samples of which c are correct (needs n ≥ k)."""
+  if k > n:
+    raise ValueError(f"pass@k: k={k} > n={n} samples; sample at least k per problem")
+  if n - c < k:
+    return 1.0
+  return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority_correct(answers, correct) -> bool:
+  """Whether the most frequent answer (ties: first seen) was judged correct; None answers (no
+  extractable answer) never win a vote unless nothing else was answered."""
+  votes = collections.Counter(a for a in answers if a is not None)
+  if not votes:
+    return False
+  first = {}
+  for i, a in enumerate(answers):
+    first.setdefault(a, i)
+  best = max(votes, key=lambda a: (votes[a], -first[a]))
+  return bool(any(c for a, c in zip(answers, correct) if a == best))
+
+
+def per_problem(correct_PxN: np.ndarray, answers_PxN, k: int) -> dict[str, np.ndarray]:
+  """{metric name: float [P]} per-problem values whose mean is the metric."""
+  correct_PxN = np.asarray(correct_PxN, bool)
+  p, n = correct_PxN.shape
+  if not 1 <= k <= n:
+    raise ValueError(f"k={k} must lie in [1, samples per problem = {n}]")
+  c_P = correct_PxN.sum(axis=1)
+  return {
+      f"mean@{k}": correct_PxN[:, :k].mean(axis=1),
+      f"pass@{k}": np.array([pass_at_k(n, int(c), k) for c in c_P]),
+      f"maj@{k}": np.array([majority_correct(list(answers_PxN[i])[:k], correct_PxN[i, :k])
+                            for i in range(p)], np.float64),
+  }
+
+
+def bootstrap_ci(values_P: np.ndarray, resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+  """Percentile bootstrap interval of the mean of `values_P` (resampling problems)."""
+  values_P = np.asarray(values_P, np.float64)
+  if values_P.size == 0:
+    return (float("nan"), float("nan"))
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, values_P.size, size=(resamples, values_P.size))
+  means = values_P[idx].mean(axis=1)
+  lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+  return (float(lo), float(hi))
+
+
+def summarize(correct_PxN, answers_PxN, k: int, resamples: int = 1000, seed: int = 0) -> dict:
+  """{"num_examples": P, "mean@k": {"value": v, "ci95": [lo, hi]}, "pass@k": ..., "maj@k": ...}."""
+  out = {"num_examples": int(np.asarray(correct_PxN).shape[0])}
+  for name, vals in per_problem(correct_PxN, answers_PxN, k).items():
+    out[name] = {"value": float(vals.mean()) if vals.size else 0.0,
+                 "ci95": list(bootstrap_ci(vals, resamples, seed))}
+  return out

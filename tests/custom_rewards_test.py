@@ -1,0 +1,77 @@
+"""mixpo/rewards/custom.py: reward functions named by 'module:fn' or 'file.py:fn', TRL and verl
+signatures, through the RewardRunner's worker processes."""
+
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+from mixpo.rewards import RewardRunner, custom, math_answer_reward
+
+TRL_MODULE = '''
+def length_reward(prompts, completions, **columns):
+  return [float(len(c)) for c in completions]
+
+
+def answer_match(prompts, completions, answer):  # no **kwargs: gets only the columns it names.
+  return [float(c.strip() == a) for c, a in zip(completions, answer)]
+'''
+VERL_MODULE = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+  return {"score": 1.0 if solution_str.strip() == ground_truth else -1.0, "acc": 0}
+'''
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+  (tmp_path / "my_pkg").mkdir()
+  (tmp_path / "my_pkg" / "__init__.py").write_text("")
+  (tmp_path / "my_pkg" / "rewards.py").write_text(TRL_MODULE)
+  (tmp_path / "verl_score.py").write_text(VERL_MODULE)
+  monkeypatch.chdir(tmp_path)  # a module spec resolves against the current directory.
+  yield tmp_path
+  for name in [m for m in sys.modules if m.startswith(("my_pkg", "mixpo_user_reward_"))]:
+    del sys.modules[name]
+
+
+def test_module_spec_and_file_spec_and_verl_in_worker_processes(user_dir):
+  fns = custom.reward_fns(
+      f"task,my_pkg.rewards:length_reward,my_pkg.rewards:answer_match,{user_dir}/verl_score.py:"
+      "compute_score", "1,0.5,2,1", math_answer_reward)
+  assert [w for _, w in fns] == [1.0, 0.5, 2.0, 1.0] and fns[0][0] is math_answer_reward
+  assert fns[3][0].verl  # recognised by its first parameter, data_source.
+  with RewardRunner(fns, backend="process") as runner:
+    assert runner.backend == "process"
+    out = runner(["p", "p"], ["7", "12"], answer=["7", "8"], metadata=[{}, {}])
+  np.testing.assert_allclose(out.per_fn["length_reward"], [1.0, 2.0])
+  np.testing.assert_allclose(out.per_fn["answer_match"], [1.0, 0.0])
+  np.testing.assert_allclose(out.per_fn["compute_score"], [1.0, -1.0])
+  np.testing.assert_allclose(out.rewards, [1 + 0.5 + 2 + 1, 0 + 1.0 - 1])
+
+
+def test_pickles_by_spec_not_by_function(user_dir):
+  fn = custom.ImportedReward("verl_score.py:compute_score")
+  clone = pickle.loads(pickle.dumps(fn))
+  assert clone._fn is None and clone.spec == fn.spec
+  assert clone(["p"], ["3"], answer=["3"], metadata=[None]) == [1.0]
+
+
+def test_verl_prefix_and_empty_spec(user_dir):
+  fn = custom.ImportedReward("verl:verl_score.py:compute_score")
+  assert fn.verl and fn(["p"], ["x"], answer=["y"], metadata=[{"data_source": "d"}]) == [-1.0]
+  assert custom.reward_fns("", "", math_answer_reward) == [(math_answer_reward, 1.0)]
+
+
+@pytest.mark.parametrize("spec,weights,match", [
+    ("no_such_module_xyz:fn", "", "cannot import module"),
+    ("my_pkg.rewards:nope", "", "has no 'nope'.*length_reward"),
+    ("missing.py:fn", "", "does not exist"),
+    ("my_pkg.rewards", "", "is not 'pkg.module:function'"),
+    ("task,my_pkg.rewards:length_reward", "1", "1 weights .* for 2 reward functions"),
+    ("task", "one", "not comma-separated numbers"),
+])
+def test_bad_specs_say_what_is_wrong(user_dir, spec, weights, match):
+  with pytest.raises(custom.RewardSpecError, match=match):
+    custom.reward_fns(spec, weights, math_answer_reward)
