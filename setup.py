@@ -1,43 +1,52 @@
 """mixpo: DAPO and mixed-policy RL (Mix-1 / Mix-2) for causal LMs in JAX / Flax NNX.
 
-Versions are pinned to a set that installs and passes the suite together on CPU Python 3.11
-(see BUILD_NOTES.md for why each pin).
+Two layers of versions:
+- `install_requires` declares compatible ranges, so mixpo installs next to other libraries (and
+  next to Colab's preinstalled jax / numpy). Lower bounds are the tested lock unless an older
+  version was checked (transformers 5.17 and jax 0.11.2 / flax 0.12.10 ran on the GPU box, see
+  BUILD_NOTES.md); upper bounds stop at the next minor release of 0.x packages whose APIs mixpo
+  uses closely (jax, flax, orbax, optax, chex) and the next major of the others.
+- constraints.txt is the tested lock (exact pins) for reproduction: `.ci/run` and the README's
+  commands install with `-c constraints.txt`.
+Accelerators: the `gpu` / `tpu` extras pull jax's CUDA 12 / TPU builds (README "Install").
 """
 
 import setuptools
 
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "chex==0.1.92",
-    "absl-py==2.5.1",
-    "ml_collections==1.1.0",
-    "numpy==2.4.6",
-    "transformers==5.24.0",
-    "tokenizers==0.23.3",
-    "safetensors==0.8.0",
-    "math-verify==0.9.0",
-    "reasoning-gym==0.1.25",
-    "pyarrow==26.0.1",
-    "tensorboardX==2.6.5",
-    "tqdm==4.70.1",
-    "matplotlib==3.11.2",
+    "jax>=0.10.2,<0.12",
+    "jaxlib>=0.10.2,<0.12",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "chex>=0.1.92,<0.2",
+    "absl-py>=2.1,<3",
+    "ml_collections>=1.0,<2",
+    "numpy>=2.0,<3",
+    "transformers>=5.17,<6",
+    "tokenizers>=0.22,<1",
+    "safetensors>=0.5,<1",
+    "math-verify>=0.9.0,<0.10",
+    "reasoning-gym>=0.1.25,<0.2",
+    "pyarrow>=18",
+    "tensorboardX>=2.6,<3",
+    "tqdm>=4.66,<5",
+    "matplotlib>=3.9,<4",
 ]
 
 EXTRAS = {
     "test": [
-        "pytest==9.2.0",
-        "pytest-xdist==3.8.0",
-        # CPU build; `pip install torch==2.13.0` takes the wheel shipped on this machine.
-        "torch==2.13.0",
-        "nbclient==0.11.0",
-        "nbformat==5.11.1",
-        "ipykernel==7.4.0",
+        "pytest>=8",
+        "pytest-xdist>=3.6",
+        # CPU build; with -c constraints.txt pip takes the torch 2.13.0 wheel shipped here.
+        "torch>=2.5",
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
     ],
-    "bench": ["torch==2.13.0"],
+    "bench": ["torch>=2.5"],
+    "gpu": ["jax[cuda12]>=0.10.2,<0.12"],  # NVIDIA, CUDA 12 wheels (driver >= 525).
+    "tpu": ["jax[tpu]>=0.10.2,<0.12"],  # Cloud TPU VMs.
 }
 
 setuptools.setup(

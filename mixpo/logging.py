@@ -288,15 +288,37 @@ def _series(rows: list[dict], key: str, x_key: str) -> tuple[np.ndarray, np.ndar
   return np.asarray(xs, np.float64), np.asarray(ys, np.float64)
 
 
-def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
+def run_label(workdir: str) -> str:
+  """"<algo> · seed <s> · <task>" of the run in `workdir`, from the config its checkpoints
+  recorded (checkpoints/fingerprint.json); "" when there is none."""
+  path = os.path.join(workdir, "checkpoints", "fingerprint.json")
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return ""
+  if not isinstance(config, dict):
+    return ""
+  task = str(config.get("task", ""))
+  kwargs = config.get("task_kwargs") or {}
+  if task == "file" and isinstance(kwargs, dict) and kwargs.get("train_path"):
+    task = f"file {os.path.basename(str(kwargs['train_path']))}"
+  parts = [str(config.get("algo", "")), f"seed {config['seed']}" if "seed" in config else "", task]
+  return " · ".join(p for p in parts if p)
+
+
+def plot_run(workdir: str, out_dir: str | None = None, label: str | None = None) -> list[str]:
   """Writes one PNG per panel in PANELS that has data; returns their paths.
 
-  Panels whose keys are absent from metrics.jsonl are skipped (logged at info), never an error.
-  Uses matplotlib's object API with the Agg canvas, so no global backend is changed.
+  Titles carry `label` (default `run_label(workdir)`: algorithm, seed, task); accuracy axes
+  start at 0 (rewards may be negative). Panels whose keys are absent from metrics.jsonl are skipped (logged at
+  info), never an error. Uses matplotlib's object API with the Agg canvas, so no global backend
+  is changed.
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # Lazy: slow import.
   from matplotlib.figure import Figure
 
+  label = run_label(workdir) if label is None else label
   rows = read_metrics(workdir)
   out_dir = os.path.join(workdir, "plots") if out_dir is None else out_dir
   os.makedirs(out_dir, exist_ok=True)
@@ -318,9 +340,11 @@ def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
         w = max(len(y) // 20, 2)
         ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color=line.get_color(),
                 label=f"{key} (mean of {w})")
-    ax.set_title(title)
+    ax.set_title(f"{title} ({label})" if label else title, fontsize="medium")
     ax.set_xlabel("generated policy tokens" if x_key == "policy_tokens" else "step")
     ax.set_ylabel(ylabel)
+    if ylabel == "accuracy":  # a fraction: an axis below 0 only misleads.
+      ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

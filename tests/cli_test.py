@@ -121,3 +121,18 @@ def test_task_options_reach_only_the_tasks_that_take_them():
   assert task_options.task_kwargs("rg:countdown", opts, "max_numbers=4") == {"max_numbers": 4}
   with pytest.raises(task_options.TaskOptionError, match="train_path"):
     task_options.task_kwargs("addition", {**opts.to_dict(), "train_path": "x.jsonl"})
+
+
+def test_third_party_info_is_quiet_unless_verbosity_is_given():
+  import logging
+
+  import orbax.checkpoint
+  orbax_file = os.path.join(os.path.dirname(orbax.checkpoint.__file__), "checkpoint_manager.py")
+  own_file = os.path.join(ROOT, "mixpo", "loop.py")
+  quiet = cli._QuietThirdParty()
+  record = lambda path, level: logging.LogRecord("absl", level, path, 1, "m", None, None)
+  assert not quiet.filter(record(orbax_file, logging.INFO))
+  assert quiet.filter(record(orbax_file, logging.WARNING))
+  assert quiet.filter(record(own_file, logging.INFO))
+  assert not cli._verbosity_given(["train.py", "--config=smoke"])
+  assert cli._verbosity_given(["train.py", "--verbosity=0"]) and cli._verbosity_given(["x", "-v", "1"])

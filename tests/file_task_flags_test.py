@@ -21,6 +21,8 @@ def files(tmp_path_factory):
   paths = byo_example.make_files(d, n_train=24, n_test=8, hidden=32, layers=1)
   with open(os.path.join(d, "zero.py"), "w") as f:
     f.write(ZERO_REWARD)
+  with open(paths["train"], "a") as f:  # a row without an answer: dropped, with a WARNING.
+    f.write(json.dumps({"question": "Ana has 2 cards. How many?", "solution": "\\boxed{2}"}) + "\n")
   paths["zero"] = os.path.join(d, "zero.py")
   return paths
 
@@ -46,7 +48,7 @@ def test_sft_on_a_file_dataset(files, tmp_path):
 
 def test_train_two_steps_on_a_file_dataset_with_a_custom_reward(files, tmp_path):
   workdir = str(tmp_path / "run")
-  _run("train.py", [
+  out = _run("train.py", [
       "--config=default", f"--workdir={workdir}", "--config.algo=dapo",
       f"--config.policy={files['init']}", "--config.guide=", "--config.task=file",
       f"--config.task_kwargs.train_path={files['train']}",
@@ -59,6 +61,11 @@ def test_train_two_steps_on_a_file_dataset_with_a_custom_reward(files, tmp_path)
       "--config.export_hf=False", "--config.progress=False", "--config.no_signal_steps=2"])
   summary = json.load(open(os.path.join(workdir, "summary.json")))
   assert summary["final_step"] == 2
+  # The answerless row: a WARNING naming the file, and in summary.json.
+  assert "WARNING" in out.stderr and "1 missing_field" in out.stderr
+  assert any("1 of 25 rows dropped" in w for w in summary["warnings"]), summary["warnings"]
+  # orbax's INFO chatter stays below WARNING by default (--verbosity=0 restores it).
+  assert "checkpoint_manager.py" not in out.stderr
   # The constant custom reward leaves no group with variance: warned and in summary.json.
   assert summary["no_signal_steps"] == 2
   assert any("no learning signal for 2 steps" in w for w in summary["warnings"]), summary

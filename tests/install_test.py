@@ -1,0 +1,51 @@
+"""The install story: setup.py's ranges admit the tested lock (constraints.txt), every dependency
+is locked, and .ci/run runs exactly the README's test command."""
+
+import ast
+import os
+import re
+
+from packaging.requirements import Requirement
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup_lists() -> tuple[list[str], dict]:
+  tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+  values = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+            for t in n.targets if isinstance(t, ast.Name)}
+  return values["INSTALL_REQUIRES"], values["EXTRAS"]
+
+
+def _lock() -> dict:
+  pins = {}
+  for line in open(os.path.join(ROOT, "constraints.txt")):
+    line = line.split("#")[0].strip()
+    if line:
+      req = Requirement(line)
+      (spec,) = req.specifier
+      assert spec.operator == "==", f"constraints.txt: {line} is not an exact pin"
+      pins[req.name.lower().replace("_", "-")] = spec.version
+  return pins
+
+
+def test_the_lock_satisfies_the_declared_ranges():
+  install, extras = _setup_lists()
+  pins = _lock()
+  for line in install + extras["test"] + extras["bench"]:
+    req = Requirement(line)
+    name = req.name.lower().replace("_", "-")
+    assert name in pins, f"{name} has a range in setup.py but no pin in constraints.txt"
+    assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {req.specifier}"
+    assert not any(s.operator == "==" for s in req.specifier), f"{line}: setup.py takes ranges"
+  for extra in ("gpu", "tpu"):
+    (req,) = map(Requirement, extras[extra])
+    assert req.name == "jax" and req.specifier.contains(pins["jax"])
+
+
+def test_ci_runs_the_readme_test_command():
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  ci = open(os.path.join(ROOT, ".ci", "run")).read()
+  (command,) = re.findall(r"^pip install -e \"\.\[test\]\".*$", readme.split("```")[1], re.M)
+  assert command in ci.splitlines(), (command, ci)
+  assert "-c constraints.txt" in command
