@@ -1,7 +1,10 @@
-"""colabs/*.ipynb execute headless (nbclient, python3 kernel) in small mode (MIXPO_SMALL=1)."""
+"""colabs/*.ipynb execute headless (nbclient, python3 kernel) in small mode (MIXPO_SMALL=1), their
+shared install cell in local mode (MIXPO_INSTALL=local: this checkout, nothing installed)."""
 
 import math
 import os
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -36,6 +39,7 @@ def _synthetic_results(directory):
 def test_notebook_runs_in_small_mode(name, tmp_path, monkeypatch):
   # The kernel inherits this process's environment.
   monkeypatch.setenv("MIXPO_SMALL", "1")
+  monkeypatch.setenv("MIXPO_INSTALL", "local")
   monkeypatch.setenv("MIXPO_WORKDIR", str(tmp_path / "work"))
   monkeypatch.setenv("MIXPO_RESULTS_DIR", str(tmp_path / "results"))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -50,3 +54,30 @@ def test_notebook_runs_in_small_mode(name, tmp_path, monkeypatch):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   assert images, f"{name}.ipynb drew no figure"
+
+
+def _first_code_cell(name):
+  nb = nbformat.read(os.path.join(COLABS, f"{name}.ipynb"), as_version=4)
+  return next(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def test_every_notebook_opens_with_the_same_install_cell():
+  cells = {name: _first_code_cell(name) for name in NOTEBOOKS}
+  assert len(set(cells.values())) == 1, "the install cells differ between notebooks"
+  for name in NOTEBOOKS:
+    nb = nbformat.read(os.path.join(COLABS, f"{name}.ipynb"), as_version=4)
+    assert "colab-badge" in nb.cells[0].source, f"{name}.ipynb: no Open in Colab badge"
+
+
+def test_install_cell_in_colab_mode_clones_and_installs_for_the_accelerator(tmp_path):
+  # Dry mode prints the commands Colab would run; the clone target does not exist yet.
+  env = dict(os.environ, MIXPO_INSTALL="dry", MIXPO_CLONE_DIR=str(tmp_path / "mixpo"),
+             MIXPO_REPO_URL="https://example.org/fork/mixpo")
+  env.pop("COLAB_TPU_ADDR", None)
+  out = subprocess.run([sys.executable, "-c", _first_code_cell("quickstart")], env=env,
+                       capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert lines[0] == f"$ git clone --depth=1 https://example.org/fork/mixpo {tmp_path / 'mixpo'}"
+  assert lines[1].startswith(f"$ {sys.executable} -m pip install -q -e {tmp_path / 'mixpo'}")
+  assert "-c constraints.txt" not in lines[1]  # Colab keeps its own jax / numpy where it can.

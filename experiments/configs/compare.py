@@ -2,7 +2,7 @@ r"""Equal-budget comparison grid (experiments/compare.py): the default task, gui
 
   python experiments/compare.py --grid=main --seeds=0,1,2 --regimes=weak,moderate
   python experiments/compare.py --grid=gamma --budget_tokens=100000
-  python experiments/compare.py --grid=main --small   # seconds-scale (tests): get_config("small")
+  python experiments/compare.py --grid=main --small   # minutes on CPU (tests): get_config("small")
 Run settings are the default experiment's; tune them here (`c.<field> = ...`). Grid knobs live in
 `c.compare` and are stripped before each cell runs (they are not part of a run's fingerprint).
 """
