@@ -109,6 +109,10 @@ def main(argv):
   from mixpo.rewards import RewardRunner
   path = model_dir(_MODEL.value)
   cli.check_task_flags(need_train=False)
+  task, options, _ = cli.task_flag_values()
+  if task == "file" and not (options["eval_path"] or options["train_path"]):
+    raise cli.UserError("--task=file needs --eval_path=<.jsonl / .parquet files, comma-separated>"
+                        " (or --train_path, whose held-out --eval_fraction is then used).")
   k = _K.value
   temperature = 0.0 if k == 1 else _TEMP.value
   n = 1 if temperature == 0 else (_N.value or k)

@@ -9,7 +9,9 @@ r"""Supervised fine-tuning on a task's reference answers or a dataset's response
 `builtin` recipe; the addition task only); any other value is a Hugging Face checkpoint
 directory. With --task=file the targets are the --response_field of each --train_path row (a
 worked solution, or a guide trace's response) after the prompt (--prompt_field, rendered with the
-chat template under --chat_template); with a procedural task they are its reference answers. The
+chat template under --chat_template) — e.g. make_traces.py's output, whose prompts are already
+rendered: --train_path=traces.jsonl --response_field=response; with a procedural task they are
+its reference answers. The
 task / dataset flags are train.py's --config.task_kwargs.* fields (mixpo/data/task_options.py).
 The result is written in Hugging Face format (config.json + safetensors + tokenizer) with an eval
 summary (greedy accuracy on the eval split / --eval_path, scored against --answer_field).

@@ -183,14 +183,15 @@ def _enum(flag: str, value, valid) -> None:
                     f"{', '.join(map(str, valid))}.{hint}")
 
 
-def _checkpoint_dir(flag: str, path: str) -> None:
+def _checkpoint_dir(flag: str, path: str, builtin_ok: bool = True) -> None:
+  alt = " or 'builtin'" if builtin_ok else ""
   if not os.path.isdir(path):
     raise UserError(f"{flag}={path}: no such directory; pass a Hugging Face checkpoint directory "
-                    "(config.json, *.safetensors, tokenizer files) or 'builtin'.")
+                    f"(config.json, *.safetensors, tokenizer files){alt}.")
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise UserError(f"{flag}={path}: the directory has no config.json, so it is not a Hugging "
                     "Face checkpoint; pass the directory that holds config.json and the "
-                    "*.safetensors files, or 'builtin'.")
+                    f"*.safetensors files{alt}.")
 
 
 DATASET_EXTENSIONS = (".jsonl", ".json", ".parquet")
@@ -300,7 +301,8 @@ def check_task_flags(need_train: bool = True) -> None:
 
 
 def check_model_dir(flag: str, path: str) -> None:
-  _checkpoint_dir(flag, path)
+  """UserError naming `flag` unless `path` is a Hugging Face checkpoint directory."""
+  _checkpoint_dir(flag, path, builtin_ok=False)
 
 
 # ----------------------------------------------------------------------------- running

@@ -54,6 +54,20 @@ def test_bad_flag_names_the_flag_and_exits_2(case, tmp_path):
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+@pytest.mark.parametrize("script,args,expected", [
+    ("evaluate.py", ["--model=/no/such/model"], ["--model=/no/such/model", "config.json"]),
+    ("sft.py", ["--out=OUT", "--init=/no/such/ckpt", "--task=file", "--train_path=x.jsonl"],
+     ["--train_path=x.jsonl", "no such file"]),
+    ("make_traces.py", ["--guide=/no/such/guide", "--out=OUT"], ["--guide=/no/such/guide"]),
+])
+def test_other_binaries_name_their_flags(script, args, expected, tmp_path):
+  args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script)] + args,
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=300)
+  _assert_user_error(out, expected)
+
+
 # Further cases through the same functions in-process (each subprocess costs a jax import).
 def test_override_of_wrong_type_names_the_flag():
   config = default.get_config()
