@@ -72,7 +72,10 @@ def load_config_file(value: str):
   if not hasattr(module, "get_config"):
     raise UserError(f"--config={value}: {path} defines no get_config(); a config file returns "
                     "its ml_collections.ConfigDict from get_config().")
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except (ValueError, TypeError) as e:  # a config argument it refuses (e.g. compare.py:<mode>).
+    raise UserError(f"--config={value}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -250,6 +253,10 @@ def check_config(config) -> None:
       raise UserError(f"--config.{field}={config[field]}: must be >= {positive}.")
   if not config.reward_timeout_s > 0:
     raise UserError(f"--config.reward_timeout_s={config.reward_timeout_s}: must be > 0 seconds.")
+  mesh = tuple(config.get("mesh_shape", (-1, 1, 1)))
+  if len(mesh) != 3 or not all(isinstance(d, int) and (d >= 1 or d == -1) for d in mesh):
+    raise UserError(f"--config.mesh_shape={mesh}: expected 3 integers (data, fsdp, tensor), each "
+                    ">= 1 or -1 for the remaining devices, e.g. --config.mesh_shape='(-1,1,1)'.")
   if config.policy != "builtin":
     _checkpoint_dir("--config.policy", config.policy)
   if config.guide not in ("builtin", "") and rl.num_guide(config):

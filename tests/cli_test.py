@@ -88,6 +88,7 @@ def test_override_of_wrong_type_names_the_flag():
     ({"task": "fle"}, ["--config.task=fle", "did you mean file"]),
     ({"rewards": "no_such_pkg.mod:fn"}, ["--config.rewards", "no_such_pkg.mod"]),
     ({"reward_weights": "1,2"}, ["--config.reward_weights", "2 weights"]),
+    ({"mesh_shape": ("2", "x")}, ["--config.mesh_shape", "3 integers"]),
 ])
 def test_more_bad_values_name_the_flag(overrides, expected):
   config = default.get_config()
@@ -110,6 +111,11 @@ def test_fingerprint_mismatch_names_overwrite_flag(tmp_path):
   assert "Traceback" not in out.stderr
   assert "--config.overwrite=True" in out.stderr.splitlines()[-1]
   assert not os.path.exists(tmp_path / "models"), "models were built before the check"
+
+
+def test_a_config_argument_the_file_refuses_is_a_user_error():
+  with pytest.raises(cli.UserError, match=r"--config=.*compare.py:bogus: .*'small'"):
+    cli.prepare_argv(["train.py", "--config=compare:bogus"])
 
 
 def test_suggestions_come_from_the_configs_own_fields():
