@@ -30,8 +30,9 @@ from mixpo.rollout import SampleSpec
 # mesh_shape: resuming on another slice restores into the new sharding (same numbers up to
 # float32 reduction order).
 # max_policy_tokens: a larger budget continues a finished run (experiments/compare.py).
+# no_signal_steps / max_skip_ratio: thresholds of warnings and of giving up, not of the updates.
 RESUMABLE_FIELDS = ("num_steps", "overwrite", "progress", "log_samples_every", "builtin_dir",
-                    "mesh_shape", "max_policy_tokens")
+                    "mesh_shape", "max_policy_tokens", "no_signal_steps", "max_skip_ratio")
 
 
 def fingerprint(config) -> dict:
