@@ -53,8 +53,10 @@ def test_module_spec_and_file_spec_and_verl_in_worker_processes(user_dir):
 
 def test_pickles_by_spec_not_by_function(user_dir):
   fn = custom.ImportedReward("verl_score.py:compute_score")
+  state = fn.__getstate__()
+  assert set(state) == {"spec", "target", "search_path", "verl", "__name__"}  # no function
   clone = pickle.loads(pickle.dumps(fn))
-  assert clone._fn is None and clone.spec == fn.spec
+  assert clone.spec == fn.spec and clone._fn is not None
   assert clone(["p"], ["3"], answer=["3"], metadata=[None]) == [1.0]
 
 

@@ -11,7 +11,9 @@ Two signatures are accepted (docs/rewards.md):
 A spec is `pkg.module:fn` (imported with the current directory on sys.path) or
 `path/to/file.py:fn`. The loaded callable is wrapped in a small picklable object holding only the
 spec, so the RewardRunner's worker processes re-import it by name instead of pickling the user's
-function (a function loaded from a file path has no importable module name).
+function (a function loaded from a file path has no importable module name). The import happens
+when a worker starts; each call then runs under the workers' sandbox like every reward (no file
+writes, subprocesses, sockets or code built from text: such a call scores 0, counted as blocked).
 """
 
 from __future__ import annotations
@@ -109,8 +111,12 @@ class ImportedReward:
             "verl": self.verl, "__name__": self.__name__}
 
   def __setstate__(self, state: dict) -> None:
+    # Unpickled as a reward worker starts, before its sandbox (mixpo.rewards.sandbox) is armed:
+    # importing here lets the import write its bytecode cache and read the user's files before
+    # the worker drops privileges; the sandboxed item calls then only run the function.
     self.__dict__.update(state)
     self._fn = None
+    self._load()
 
   def __call__(self, prompts, completions, **columns) -> list[float]:
     fn = self._load()
