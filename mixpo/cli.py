@@ -211,10 +211,9 @@ def check_task(task: str, options, knobs: str, flag: Callable[[str], str],
                need_train: bool = True) -> None:
   """Task name, option applicability and dataset paths; `flag(option)` names an option's flag."""
   from mixpo.data import task_options, tasks
-  import mixpo.data.arithmetic  # noqa: F401  (registers the built-in tasks)
-  import mixpo.data.file_task  # noqa: F401
-  if task not in tasks._REGISTRY and not task.startswith("rg:"):
-    _enum(flag("task"), task, sorted(tasks._REGISTRY) + ["rg:<reasoning-gym dataset>"])
+  names = sorted(tasks.registered_tasks())
+  if task not in names and not task.startswith("rg:"):
+    _enum(flag("task"), task, names + ["rg:<reasoning-gym dataset>"])
   try:
     kwargs = task_options.task_kwargs(task, options, knobs)
   except task_options.TaskOptionError as e:

@@ -139,6 +139,9 @@ def test_task_options_reach_only_the_tasks_that_take_them():
   assert file_kwargs["max_prompt_tokens"] is None and file_kwargs["skip_bad_rows"] is True
   assert "digits" not in file_kwargs
   assert task_options.task_kwargs("rg:countdown", opts, "max_numbers=4") == {"max_numbers": 4}
+  # Another task's option, changed, reaches a task that takes it (reasoning.py's digits=3).
+  assert task_options.task_kwargs("cot_arithmetic", {**opts.to_dict(), "digits": 3})["digits"] == 3
+  assert "digits" not in task_options.task_kwargs("cot_arithmetic", opts)
   with pytest.raises(task_options.TaskOptionError, match="train_path"):
     task_options.task_kwargs("addition", {**opts.to_dict(), "train_path": "x.jsonl"})
 

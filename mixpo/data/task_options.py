@@ -16,7 +16,7 @@ from typing import Any
 
 from absl import logging
 
-from mixpo.data.tasks import _REGISTRY, get_task
+from mixpo.data.tasks import get_task, registered_tasks
 
 FILE, ADDITION = "file", "addition"
 
@@ -89,10 +89,8 @@ def parse_knobs(text: str) -> dict:
 
 def _accepted(name: str) -> tuple[set, bool]:
   """(named parameters, takes **kwargs) of the task factory registered as `name`."""
-  import mixpo.data.arithmetic  # noqa: F401
-  import mixpo.data.file_task  # noqa: F401
   import mixpo.data.rg_tasks as rg
-  factory = _REGISTRY.get(name, rg.ReasoningGymTask if name.startswith("rg:") else None)
+  factory = registered_tasks().get(name, rg.ReasoningGymTask if name.startswith("rg:") else None)
   if factory is None:
     return set(), False
   params = inspect.signature(factory).parameters.values()
@@ -103,21 +101,23 @@ def _accepted(name: str) -> tuple[set, bool]:
 def task_kwargs(name: str, options, knobs: str = "") -> dict:
   """The keyword arguments `get_task(name, ...)` gets from `options` (a dict / ConfigDict).
 
-  A declared option reaches only the tasks it is declared for (addition's own eval_fraction
-  default stays 0.1); one for other tasks is dropped while it holds its declared default, and
-  raises TaskOptionError when changed. `max_prompt_tokens=0` means no limit; `eval_path` keeps its first
+  A declared option reaches the tasks it is declared for. For any other task it is dropped
+  while it holds its declared default (so addition keeps its own eval_fraction, 0.1), passed when
+  changed and the task takes a parameter of that name (cot_arithmetic's digits), and otherwise
+  raises TaskOptionError. Undeclared keys (a config file's own knobs) pass when the task takes them. `max_prompt_tokens=0` means no limit; `eval_path` keeps its first
   comma-separated file.
   """
   opts = dict(options.items()) if options is not None else {}
   named, var_kw = _accepted(name)
   out = {}
   for key, value in opts.items():
-    if key in BY_NAME and name in BY_NAME[key].tasks:
+    declared = BY_NAME.get(key)
+    if declared is not None and name in declared.tasks:
       out[key] = value
-    elif key not in BY_NAME and (key in named or var_kw):  # e.g. a config file's own knob.
+    elif declared is not None and value == declared.default:
+      continue  # another task's option at its default: this task keeps its own default.
+    elif key in named or (var_kw and declared is None):  # e.g. cot_arithmetic's digits=3.
       out[key] = value
-    elif key in BY_NAME and value == BY_NAME[key].default:
-      continue
     else:
       takes = ", ".join(sorted(named - {"dataset", "tokenizer"})) or "no options"
       where = (f"it applies to task={'/'.join(BY_NAME[key].tasks)}" if key in BY_NAME

@@ -79,12 +79,19 @@ def register_task(name: str, factory: Callable[..., Any]) -> None:
   _REGISTRY[name] = factory
 
 
-def get_task(name: str, **knobs) -> Task:
-  """The task registered as `name`, built with its difficulty knobs (e.g. digits=2, terms=2)."""
+def registered_tasks() -> dict[str, Callable[..., Any]]:
+  """Name → factory of every registered task (importing the built-in ones registers them)."""
   import mixpo.data.arithmetic  # noqa: F401  (registers built-ins)
   import mixpo.data.rg_tasks  # noqa: F401
   import mixpo.data.file_task  # noqa: F401
   import mixpo.data.cot  # noqa: F401
+  return dict(_REGISTRY)
+
+
+def get_task(name: str, **knobs) -> Task:
+  """The task registered as `name`, built with its difficulty knobs (e.g. digits=2, terms=2)."""
+  registered_tasks()
+  import mixpo.data.rg_tasks  # noqa: F401
   if name not in _REGISTRY and name.startswith("rg:"):
     return mixpo.data.rg_tasks.ReasoningGymTask(name[3:], **knobs)
   if name not in _REGISTRY:
