@@ -142,6 +142,16 @@ def test_task_options_reach_only_the_tasks_that_take_them():
   # Another task's option, changed, reaches a task that takes it (reasoning.py's digits=3).
   assert task_options.task_kwargs("cot_arithmetic", {**opts.to_dict(), "digits": 3})["digits"] == 3
   assert "digits" not in task_options.task_kwargs("cot_arithmetic", opts)
+  # A registered subclass taking **kwargs (tests/reliability_test.py's hang_addition) gets it too.
+  from mixpo.data import AdditionTask, register_task
+
+  class Forwarding(AdditionTask):
+    def __init__(self, **kw):
+      super().__init__(**kw)
+
+  register_task("forwarding_addition_for_cli_test", Forwarding)
+  assert task_options.task_kwargs("forwarding_addition_for_cli_test",
+                                  {**opts.to_dict(), "digits": 1}) == {"digits": 1}
   with pytest.raises(task_options.TaskOptionError, match="train_path"):
     task_options.task_kwargs("addition", {**opts.to_dict(), "train_path": "x.jsonl"})
 

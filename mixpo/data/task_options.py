@@ -103,8 +103,8 @@ def task_kwargs(name: str, options, knobs: str = "") -> dict:
 
   A declared option reaches the tasks it is declared for. For any other task it is dropped
   while it holds its declared default (so addition keeps its own eval_fraction, 0.1), passed when
-  changed and the task takes a parameter of that name (cot_arithmetic's digits), and otherwise
-  raises TaskOptionError. Undeclared keys (a config file's own knobs) pass when the task takes them. `max_prompt_tokens=0` means no limit; `eval_path` keeps its first
+  changed and the task takes a parameter of that name (cot_arithmetic's digits) or **kwargs, and
+  otherwise raises TaskOptionError. Undeclared keys (a config file's own knobs) pass when the task takes them. `max_prompt_tokens=0` means no limit; `eval_path` keeps its first
   comma-separated file.
   """
   opts = dict(options.items()) if options is not None else {}
@@ -116,7 +116,7 @@ def task_kwargs(name: str, options, knobs: str = "") -> dict:
       out[key] = value
     elif declared is not None and value == declared.default:
       continue  # another task's option at its default: this task keeps its own default.
-    elif key in named or (var_kw and declared is None):  # e.g. cot_arithmetic's digits=3.
+    elif key in named or var_kw:  # cot_arithmetic's digits=3; a subclass taking **kwargs.
       out[key] = value
     else:
       takes = ", ".join(sorted(named - {"dataset", "tokenizer"})) or "no options"
