@@ -209,8 +209,8 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str) -> dict:
   logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else -1)
   summary = {"start_step": start, "preempted": False}
   health = mlog.RunHealth(config.get("max_skip_ratio", 1.0), config.get("no_signal_steps", 0))
-  if (dropped := task_options.dropped_rows_warning(exp.task)) is not None:
-    health.warnings.append(dropped)  # logged at WARNING when the task read its file.
+  # Logged at WARNING when the task read its files; listed again where a person looks last.
+  health.warnings += task_options.dropped_rows_warnings(exp.task)
   t_start = time.time()
   with ckpt, logger, _Preemption() as preempt, mlog.Progress(
       config.num_steps, initial=start, disable=not (config.progress and is_main)) as bar:

@@ -63,8 +63,8 @@ def test_train_two_steps_on_a_file_dataset_with_a_custom_reward(files, tmp_path)
   assert summary["final_step"] == 2
   # The answerless row: a WARNING naming the file, and in summary.json.
   warned = [line for line in out.stderr.splitlines() if line.startswith("W") and
-            "rows dropped" in line]  # absl's WARNING prefix: W<mmdd>
-  assert warned and "1 skipped as missing_field" in warned[0], out.stderr[-3000:]
+            "dropped 1 of 25 rows" in line]  # absl's WARNING prefix: W<mmdd>
+  assert warned and "missing_field" in warned[0], out.stderr[-3000:]
   assert any("1 of 25 rows dropped" in w for w in summary["warnings"]), summary["warnings"]
   # orbax's INFO chatter stays below WARNING by default (--verbosity=0 restores it).
   assert "checkpoint_manager.py" not in out.stderr

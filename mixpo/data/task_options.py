@@ -14,8 +14,6 @@ import dataclasses
 import inspect
 from typing import Any
 
-from absl import logging
-
 from mixpo.data.tasks import get_task, registered_tasks
 
 FILE, ADDITION = "file", "addition"
@@ -143,18 +141,16 @@ def make_task(name: str, options, knobs: str = "", tokenizer=None):
   kwargs = task_kwargs(name, options, knobs)
   if name == FILE:
     kwargs["tokenizer"] = tokenizer
-  task = get_task(name, **kwargs)
-  summary = getattr(task, "summary", None)
-  if summary is not None and getattr(summary, "skipped", None):
-    logging.warning("dataset rows dropped: %s", summary)
-  return task
+  return get_task(name, **kwargs)  # the file task logs its dropped rows at WARNING itself.
 
 
-def dropped_rows_warning(task) -> str | None:
-  """One line on the rows a file task dropped (for summary.json), or None."""
-  summary = getattr(task, "summary", None)
-  if summary is None or not getattr(summary, "skipped", None):
-    return None
-  counts = ", ".join(f"{n} {r}" for r, n in summary.skipped.items())
-  return f"{summary.path}: {summary.rows - summary.kept} of {summary.rows} rows dropped ({counts})"
-
+def dropped_rows_warnings(task) -> list[str]:
+  """One line per dataset file the task dropped rows of (for summary.json's warnings)."""
+  out = []
+  for summary in (getattr(task, "summary", None), getattr(task, "eval_summary", None)):
+    if summary is None or not getattr(summary, "skipped", None):
+      continue
+    counts = ", ".join(f"{n} {r}" for r, n in summary.skipped.items())
+    out.append(f"{summary.path}: {summary.rows - summary.kept} of {summary.rows} rows dropped "
+               f"({counts})")
+  return out
