@@ -100,6 +100,8 @@ def timed(step, n):
 
 
 def main(_):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   tokens_BxT = np.random.RandomState(0).randint(
       0, FLAGS.vocab, (FLAGS.batch, FLAGS.seq + 1)).astype(np.int32)
   tokens_per_step = FLAGS.batch * FLAGS.seq

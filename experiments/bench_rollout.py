@@ -58,6 +58,8 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def main(argv):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   del argv
   b, p, n = _BATCH.value, _PROMPT.value, _NEW.value
   hf = hf_model(_ARCH.value, _SEED.value)

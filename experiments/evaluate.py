@@ -28,6 +28,8 @@ _OUT = flags.DEFINE_string("out", "", "Where to write the json (default: <model>
 
 
 def main(argv):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   del argv
   from mixpo import models, rl
   from mixpo.data import get_task

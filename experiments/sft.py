@@ -29,6 +29,8 @@ _EVAL = flags.DEFINE_integer("eval_size", 300, "Eval examples (greedy accuracy a
 
 
 def main(argv):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   del argv
   if not _OUT.value:
     raise app.UsageError("--out is required.")
