@@ -32,7 +32,7 @@ flags.DEFINE_integer("heads", 8, "num_attention_heads.")
 flags.DEFINE_integer("kv_heads", 2, "num_key_value_heads.")
 flags.DEFINE_integer("intermediate", 688, "intermediate_size.")
 flags.DEFINE_integer("vocab", 512, "vocab_size.")
-flags.DEFINE_enum("attention_impl", "xla", ["xla", "dot_product_attention"], "mixpo attention.")
+flags.DEFINE_enum("attention_impl", "auto", list(models.config.ATTENTION_IMPLS), "mixpo attention.")
 flags.DEFINE_bool("remat", False, "mixpo: rematerialise each layer.")
 flags.DEFINE_bool("torch", True, "Also time transformers + torch.")
 

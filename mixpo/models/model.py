@@ -65,8 +65,8 @@ def check_tokens(tokens_BxT, vocab_size: int, where: str = "tokens_BxT") -> None
                      "ids are never clamped: fix the tokenizer / checkpoint vocab mismatch.")
 
 
-def _layer_call(layer, x, cos, sin, allowed):
-  return layer(x, cos, sin, allowed)[0]
+def _layer_call(layer, x, cos, sin, key_valid):
+  return layer(x, cos, sin, key_valid)[0]
 
 
 _remat_layer_call = nnx.remat(_layer_call)
@@ -108,14 +108,12 @@ class CausalLM(nnx.Module):
     """
     tokens_BxT, positions_BxT, mask_BxT = self._inputs(tokens_BxT, positions_BxT, mask_BxT,
                                                        "hidden_states")
-    t = tokens_BxT.shape[1]
-    causal_1xTxT = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
-    allowed_BxTxT = causal_1xTxT & (mask_BxT != 0)[:, None, :]
+    key_valid_BxT = mask_BxT != 0  # attention is causal over the real tokens
     cos, sin = rope_cos_sin(positions_BxT, self.config)
     x = sharding.constrain(self.embed(tokens_BxT))  # no-op without jax.set_mesh
     call = _remat_layer_call if self.config.remat else _layer_call
     for layer in self.layers:
-      x = sharding.constrain(call(layer, x, cos, sin, allowed_BxTxT))
+      x = sharding.constrain(call(layer, x, cos, sin, key_valid_BxT))
     return self.final_norm(x)
 
   def logits_from_hidden(self, h_xD: jax.Array) -> jax.Array:
@@ -156,17 +154,13 @@ class CausalLM(nnx.Module):
       raise ValueError(f"CausalLM.decode: cache batch {cache.valid_BxS.shape[0]} != tokens_BxT "
                        f"batch {b}; build it with init_cache({b}, max_len).")
     index = jnp.asarray(cache.index, jnp.int32)
-    s = cache.valid_BxS.shape[1]
     valid_BxS = jax.lax.dynamic_update_slice(
         cache.valid_BxS, (mask_BxT != 0).astype(jnp.int32), (jnp.zeros((), jnp.int32), index))
-    q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
-    causal_1xTxS = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_T[:, None])[None]
-    allowed_BxTxS = causal_1xTxS & (valid_BxS != 0)[:, None, :]
     cos, sin = rope_cos_sin(positions_BxT, self.config)
     k_cache, v_cache = cache.k_LxBxKxSxH, cache.v_LxBxKxSxH
     x = sharding.constrain(self.embed(tokens_BxT))
     for i, layer in enumerate(self.layers):
-      x, k_cache, v_cache = layer(x, cos, sin, allowed_BxTxS, (k_cache, v_cache, i, index))
+      x, k_cache, v_cache = layer(x, cos, sin, valid_BxS != 0, (k_cache, v_cache, i, index))
       x = sharding.constrain(x)
     new_cache = KVCache(k_cache, v_cache, valid_BxS, index + t)
     return self.final_norm(x), new_cache
