@@ -1,5 +1,7 @@
 """Tests of mixpo.sampling against transformers on tiny float32 checkpoints."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,11 +76,15 @@ def _reference_logp(model, tokens, mask, temperature=1.0):
           np.concatenate([pad, np.where(valid, ent, 0)], 1))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_greedy_matches_transformers(arch, request):
+@pytest.mark.parametrize("arch,cache_block", [("llama", None), ("qwen2", None), ("qwen2", 8)])
+def test_greedy_matches_transformers(arch, cache_block, request, monkeypatch):
+  """cache_block: the KV cache read in key blocks of 8 slots up to the last written one."""
   hf, model = request.getfixturevalue(arch)
   prompt, mask = _prompts([5, 12, 1, 9])
   n = 20
+  if cache_block:
+    monkeypatch.setattr(models.attention, "_CACHE_KEY_BLOCK", cache_block)
+    n = 21  # another program shape: the patched constant is read when tracing
   rollout = sampling.generate(model, prompt, mask, jax.random.key(0), n, temperature=0.0)
   with torch.no_grad():
     out = hf.generate(torch.from_numpy(prompt).long(), attention_mask=torch.from_numpy(mask).long(),
@@ -374,3 +380,23 @@ def test_bf16_training_ratios_come_from_f32_logp(tmp_path):
   spacing = np.abs(np.asarray(old_logp, np.float32)
                    - np.asarray(old_logp.astype(jnp.bfloat16), np.float32))[real]
   assert spacing.max() > 1e-3
+
+
+def test_decode_loop_reads_each_layer_cache_in_place(llama):
+  """No op of the compiled generate program slices or copies a whole layer's K/V ([B, K, S, H])
+  out of a bigger array: each layer's cache is its own loop-carried buffer, updated in place."""
+  _, model = llama
+  graphdef, state = sampling.split_model(model)
+  b, p, n = 4, 16, 24
+  c = model.config
+  lowered = sampling._generate_program.lower(
+      graphdef, state, jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32),
+      jax.random.key(0), np.float32(1), np.float32(1), np.full((1,), -1, np.int32), np.int32(0),
+      max_new_tokens=n, greedy=False, top_k=0, use_top_p=False)
+  hlo = lowered.compile().as_text()
+  layer = rf"f32\[(1,)?{b},{c.num_kv_heads},{p + n - 1},{c.head_dim}\]"
+  copies = [line for line in hlo.splitlines()
+            if re.search(rf"= {layer}\S* (slice|dynamic-slice|copy)\(", line)]
+  assert not copies, copies[:3]
+  stacked = rf"f32\[{c.num_layers},{b},{c.num_kv_heads},{p + n - 1},{c.head_dim}\]"
+  assert not re.search(stacked, hlo)

@@ -24,7 +24,8 @@ The kernels (all: causal; key s visible to query i iff slot(s) ≤ q_start + i a
                          interpret mode (for tests).
 The KV-cache path (prefill, decode steps) runs the backend-neutral einsum forward over the cache
 on every backend (the splash kernel's query blocks are multiples of 128, a decode step has one
-query); long prefills take the blockwise forward.
+query); a cache longer than _CACHE_KEY_BLOCK slots is read in key blocks up to the last written
+slot only (the blockwise forward), so a step does not attend past the longest valid prefix.
 
 A query with no visible key (e.g. a left-padding query of the CPU kernel) gets a finite,
 unspecified output; losses weight such positions 0.
@@ -109,8 +110,12 @@ def attend(q_BxTxNxH, k, v, key_valid_BxS, impl: str, *, q_start=0, heads_major:
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
   s = k.shape[2]
   fits = n * t * s * 4 <= _FLASH_MIN_ROW_SCORE_BYTES  # one row's float32 scores
-  if heads_major and fits:  # forward only over the cache
+  if heads_major and fits and s <= _CACHE_KEY_BLOCK:  # forward only, the cache in one block
     out_BxKxMxH = _attention_block(q_BxKxMxH, k, v, _allowed(q_start, t, key_valid_BxS), scale)[0]
+  elif heads_major:  # key blocks past slot q_start + T - 1 (not written yet) are skipped
+    out = flash_attention(q_BxKxMxH.reshape(b, kv, g, t, h), k, v, key_valid_BxS, q_start, scale,
+                          block=_CACHE_KEY_BLOCK)
+    out_BxKxMxH = out.reshape(b, kv, g * t, h)
   elif fits and platform() == "cpu":
     chunks = 2 if t % 2 == 0 and t >= _MIN_CHUNKED_LEN else 1
     out_BxKxMxH = _grouped_attention(q_BxKxMxH, k, v, key_valid_BxS, scale,
@@ -300,8 +305,13 @@ _grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 # Query and key block length of `flash_attention`.
 _FLASH_BLOCK = 512
 
+# Key block of the KV-cache path: a cache longer than this is read block by block, only up to
+# the last written slot (a decode step early in a long rollout reads a short prefix).
+_CACHE_KEY_BLOCK = 256
 
-def flash_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS, q_start, scale):
+
+def flash_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS, q_start, scale,
+                    block: int | None = None):
   """Blockwise causal attention with an online softmax, forward and backward (custom VJP).
 
   Query i (slot q_start + i) sees key s iff s ≤ q_start + i and key_valid[b, s]. The forward
@@ -310,10 +320,11 @@ def flash_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS, q_start, s
   from the saved log-sum-exp. Memory, with Bq = Bk = _FLASH_BLOCK and N = K·G query heads:
   residuals q, k, v, out and the float32 dq accumulator, O(B·T·N·H), and log-sum-exp
   O(B·N·T) — linear in T — plus one float32 score block of B·N·Bq·Bk elements at a time
-  (independent of T). Returns out [B, K, G, T, H] in v's dtype.
+  (independent of T). block: Bq = Bk (default _FLASH_BLOCK). Returns out [B, K, G, T, H] in
+  v's dtype.
   """
   return _flash(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS,
-                jnp.asarray(q_start, jnp.int32), scale)
+                jnp.asarray(q_start, jnp.int32), scale, block or _FLASH_BLOCK)
 
 
 def _pad_to(x, axis: int, multiple: int):
@@ -325,9 +336,9 @@ def _pad_to(x, axis: int, multiple: int):
   return jnp.pad(x, widths)
 
 
-def _flash_geometry(t: int, s: int):
-  bq = min(_FLASH_BLOCK, t)
-  bk = min(_FLASH_BLOCK, s)
+def _flash_geometry(t: int, s: int, block: int):
+  bq = min(block, t)
+  bk = min(block, s)
   return bq, bk, -(-t // bq), -(-s // bk)
 
 
@@ -342,11 +353,11 @@ def _block_scores(q_i, k_j, valid_j, q_slot0, k_slot0, scale):
   return jnp.where(allowed, s, _MASK_VALUE), allowed
 
 
-def _flash_forward(q, k, v, key_valid, q_start, scale):
+def _flash_forward(q, k, v, key_valid, q_start, scale, block):
   """(out [B, K, G, T, H], lse [B, K, G, T] float32); see `flash_attention`."""
   b, kv, g, t, h = q.shape
   s = k.shape[2]
-  bq, bk, nq, nk = _flash_geometry(t, s)
+  bq, bk, nq, nk = _flash_geometry(t, s, block)
   q_p = _pad_to(q, 3, bq)
   k_p, v_p = _pad_to(k, 2, bk), _pad_to(v, 2, bk)
   valid_p = _pad_to(key_valid, 1, bk)
@@ -382,12 +393,12 @@ def _flash_forward(q, k, v, key_valid, q_start, scale):
   return out, lse
 
 
-def _flash_backward(q, k, v, key_valid, q_start, scale, out, lse, dout):
+def _flash_backward(q, k, v, key_valid, q_start, scale, block, out, lse, dout):
   """(dq, dk, dv): one pass over key blocks; inside, over the query blocks at or below the
   diagonal, accumulating dk, dv of the key block and adding into a float32 dq."""
   b, kv, g, t, h = q.shape
   s = k.shape[2]
-  bq, bk, nq, nk = _flash_geometry(t, s)
+  bq, bk, nq, nk = _flash_geometry(t, s, block)
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   q_p, dout_p = _pad_to(q, 3, bq), _pad_to(dout, 3, bq)
   lse_p, delta_p = _pad_to(lse, 3, bq), _pad_to(delta, 3, bq)
@@ -428,19 +439,19 @@ def _flash_backward(q, k, v, key_valid, q_start, scale, out, lse, dout):
   return dq[:, :, :, :t].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, key_valid, q_start, scale):
-  return _flash_forward(q, k, v, key_valid, q_start, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, key_valid, q_start, scale, block):
+  return _flash_forward(q, k, v, key_valid, q_start, scale, block)[0]
 
 
-def _flash_fwd(q, k, v, key_valid, q_start, scale):
-  out, lse = _flash_forward(q, k, v, key_valid, q_start, scale)
+def _flash_fwd(q, k, v, key_valid, q_start, scale, block):
+  out, lse = _flash_forward(q, k, v, key_valid, q_start, scale, block)
   return out, (q, k, v, key_valid, q_start, out, lse)
 
 
-def _flash_bwd(scale, residuals, dout):
+def _flash_bwd(scale, block, residuals, dout):
   q, k, v, key_valid, q_start, out, lse = residuals
-  dq, dk, dv = _flash_backward(q, k, v, key_valid, q_start, scale, out, lse, dout)
+  dq, dk, dv = _flash_backward(q, k, v, key_valid, q_start, scale, block, out, lse, dout)
   return dq, dk, dv, None, None
 
 

@@ -160,9 +160,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxD, cos, sin, key_valid_BxS, cache=None):
     """Causal attention; key_valid_BxS: 1 on real keys (the T tokens, or every cache slot).
 
-    cache: None, or (k_LxBxKxSxH, v_LxBxKxSxH, layer, index) to write the new keys/values
-    at slots index.. and attend over the whole cache (query i sees valid slots <= index + i).
-    Returns (out_BxTxD, k_L.., v_L..)."""
+    cache: None, or (k_BxKxSxH, v_BxKxSxH, index), this layer's cache, to write the new
+    keys/values at slots index.. and attend over the cache (query i sees valid slots <=
+    index + i). Returns (out_BxTxD, k_BxKxSxH, v_BxKxSxH) (None, None without a cache)."""
     c = self.config
     impl = attention.resolve_impl(c.attention_impl, dtype=c.dtype, head_dim=c.head_dim)
     b, t, _ = x_BxTxD.shape
@@ -176,16 +176,14 @@ class Attention(nnx.Module):
     if cache is None:
       out = attention.attend(q, k, v, key_valid_BxS, impl)
       return self.o_proj(out), None, None
-    k_cache, v_cache, layer, index = cache
+    k_cache, v_cache, index = cache
     zero = jnp.zeros((), jnp.int32)
-    start = (jnp.asarray(layer, jnp.int32), zero, zero, index, zero)
-    # Only the T new rows are transposed to head-major; the cache itself is never copied.
-    k_1xBxKxTxH = k.swapaxes(1, 2)[None].astype(k_cache.dtype)
-    v_1xBxKxTxH = v.swapaxes(1, 2)[None].astype(v_cache.dtype)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k_1xBxKxTxH, start)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v_1xBxKxTxH, start)
-    out = attention.attend(q, k_cache[layer].astype(q.dtype), v_cache[layer].astype(q.dtype),
-                           key_valid_BxS, impl, q_start=index, heads_major=True)
+    start = (zero, zero, index, zero)
+    # Only the T new rows are transposed to head-major; the cache is updated in place.
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), start)
+    out = attention.attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), key_valid_BxS,
+                           impl, q_start=index, heads_major=True)
     return self.o_proj(out), k_cache, v_cache
 
 

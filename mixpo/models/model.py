@@ -35,17 +35,20 @@ class KVCache:
   """Preallocated keys/values of every layer; static shapes, written with dynamic_update_slice.
 
   Slot s of row b holds the key/value of the token written at decode index s (post-RoPE keys).
-  Head-major ([.., K, S, H]): each (row, head) is one contiguous [S, H] block, the layout the
-  q·k and p·v contractions consume, so a decode step reads the cache without a transpose copy.
+  One array per layer: a decode step updates each in place and reads it where it lies (slicing
+  a layer out of one stacked [L, ...] array would copy it every step). Head-major
+  ([B, K, S, H]): each (row, head) is one contiguous [S, H] block, the layout the q·k and p·v
+  contractions consume, so a decode step reads the cache without a transpose copy.
   """
-  k_LxBxKxSxH: jax.Array  # keys, [layers, batch, kv heads, max_len, head_dim].
-  v_LxBxKxSxH: jax.Array  # values, same layout.
+  k_layers: tuple[jax.Array, ...]  # keys per layer, each [batch, kv heads, max_len, head_dim].
+  v_layers: tuple[jax.Array, ...]  # values per layer, same layout.
   valid_BxS: jax.Array  # int32 1 where slot s holds a real (non-padding) token.
   index: jax.Array  # int32 scalar: next slot to write.
 
-  # Short aliases.
-  k = property(lambda self: self.k_LxBxKxSxH)
-  v = property(lambda self: self.v_LxBxKxSxH)
+  # Short aliases. k / v stack the layers ([L, B, K, S, H], a copy): for inspection and
+  # eval_shape-based memory plans, not for the decode loop.
+  k = property(lambda self: jnp.stack(self.k_layers))
+  v = property(lambda self: jnp.stack(self.v_layers))
   mask = property(lambda self: self.valid_BxS)
   valid = property(lambda self: self.valid_BxS)
   max_len = property(lambda self: self.valid_BxS.shape[1])
@@ -133,9 +136,11 @@ class CausalLM(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (dtype: config.dtype)."""
     c = self.config
-    shape = (c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim)
+    shape = (batch_size, c.num_kv_heads, max_len, c.head_dim)
     dtype = dtype or c.dtype
-    kv = lambda: sharding.constrain(jnp.zeros(shape, dtype), sharding.KV_LBKSH)
+    spec = jax.sharding.PartitionSpec(*sharding.KV_LBKSH[1:])  # a layer of KV_LBKSH
+    kv = lambda: tuple(sharding.constrain(jnp.zeros(shape, dtype), spec)
+                       for _ in range(c.num_layers))
     return KVCache(kv(), kv(), sharding.constrain(jnp.zeros((batch_size, max_len), jnp.int32),
                                                   sharding.ROWS_B), jnp.zeros((), jnp.int32))
 
@@ -157,12 +162,13 @@ class CausalLM(nnx.Module):
     valid_BxS = jax.lax.dynamic_update_slice(
         cache.valid_BxS, (mask_BxT != 0).astype(jnp.int32), (jnp.zeros((), jnp.int32), index))
     cos, sin = rope_cos_sin(positions_BxT, self.config)
-    k_cache, v_cache = cache.k_LxBxKxSxH, cache.v_LxBxKxSxH
+    k_layers, v_layers = list(cache.k_layers), list(cache.v_layers)
     x = sharding.constrain(self.embed(tokens_BxT))
     for i, layer in enumerate(self.layers):
-      x, k_cache, v_cache = layer(x, cos, sin, valid_BxS != 0, (k_cache, v_cache, i, index))
+      x, k_layers[i], v_layers[i] = layer(x, cos, sin, valid_BxS != 0,
+                                          (k_layers[i], v_layers[i], index))
       x = sharding.constrain(x)
-    new_cache = KVCache(k_cache, v_cache, valid_BxS, index + t)
+    new_cache = KVCache(tuple(k_layers), tuple(v_layers), valid_BxS, index + t)
     return self.final_norm(x), new_cache
 
 
