@@ -47,12 +47,20 @@ class KVCache:
 
   # Short aliases. k / v stack the layers ([L, B, K, S, H], a copy): for inspection and
   # eval_shape-based memory plans, not for the decode loop.
-  k = property(lambda self: jnp.stack(self.k_layers))
-  v = property(lambda self: jnp.stack(self.v_layers))
+  k = property(lambda self: _stacked(self.k_layers))
+  v = property(lambda self: _stacked(self.v_layers))
   mask = property(lambda self: self.valid_BxS)
   valid = property(lambda self: self.valid_BxS)
   max_len = property(lambda self: self.valid_BxS.shape[1])
   batch_size = property(lambda self: self.valid_BxS.shape[0])
+
+
+def _stacked(layers):
+  """[L, ...] stack of per-layer arrays (or of their ShapeDtypeStructs, under eval_shape)."""
+  if isinstance(layers[0], jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(layers),) + tuple(layers[0].shape), layers[0].dtype,
+                                sharding=None)
+  return jnp.stack(layers)
 
 
 def check_tokens(tokens_BxT, vocab_size: int, where: str = "tokens_BxT") -> None:
