@@ -1,14 +1,19 @@
-"""Training throughput of mixpo's CausalLM vs transformers + torch on the same tiny Llama config.
+"""Training throughput of mixpo's CausalLM vs transformers + torch on the same config.
 
-One step = forward + backward + AdamW update on a [batch, seq] next-token loss, float32, CPU.
-Both sides are warmed up, then timed in alternating rounds (the median round is reported) so a
-machine shared with other jobs disturbs both alike.
+One step = forward + backward + AdamW update on a [batch, seq] next-token loss. --dtype=bfloat16:
+mixpo computes in bf16 from float32 master weights and optimizer state; torch runs under
+bf16 autocast (float32 weights). Both sides are warmed up, then timed in alternating rounds (the
+median round is reported) so a machine shared with other jobs disturbs both alike.
 
   python experiments/bench_model.py
   python experiments/bench_model.py --batch=64 --seq=128 --steps=5 --rounds=3
+  python experiments/bench_model.py --shape=qwen2.5-0.5b --batch=4 --seq=256 --steps=2
 """
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 
 from absl import app, flags
@@ -18,9 +23,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mixpo import models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import bench_common  # noqa: E402
+from mixpo import models  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("shape", "tiny", sorted(bench_common.SHAPES),
+                  "Model geometry; tiny takes --hidden/--layers/... (untied Llama).")
+flags.DEFINE_enum("dtype", "float32", bench_common.DTYPES, "Compute dtype (both frameworks).")
 flags.DEFINE_integer("batch", 64, "Sequences per step.")
 flags.DEFINE_integer("seq", 128, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 5, "Timed steps per round.")
@@ -32,12 +43,14 @@ flags.DEFINE_integer("heads", 8, "num_attention_heads.")
 flags.DEFINE_integer("kv_heads", 2, "num_key_value_heads.")
 flags.DEFINE_integer("intermediate", 688, "intermediate_size.")
 flags.DEFINE_integer("vocab", 512, "vocab_size.")
-flags.DEFINE_enum("attention_impl", "xla", ["xla", "dot_product_attention"], "mixpo attention.")
+flags.DEFINE_enum("attention_impl", "auto", list(models.config.ATTENTION_IMPLS), "mixpo attention.")
 flags.DEFINE_bool("remat", False, "mixpo: rematerialise each layer.")
 flags.DEFINE_bool("torch", True, "Also time transformers + torch.")
 
 
 def hf_config_dict():
+  if FLAGS.shape != "tiny":
+    return bench_common.hf_config(FLAGS.shape, 2 * FLAGS.seq)
   return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=FLAGS.vocab,
               hidden_size=FLAGS.hidden, intermediate_size=FLAGS.intermediate,
               num_hidden_layers=FLAGS.layers, num_attention_heads=FLAGS.heads,
@@ -46,9 +59,10 @@ def hf_config_dict():
 
 
 def mixpo_stepper(tokens_BxT):
-  """Returns step() running one jitted, state-donating train step."""
+  """Returns step() running one jitted, state-donating train step (--shape, --dtype, ...)."""
   model = models.init_from_config(hf_config_dict(), 0, remat=FLAGS.remat,
-                                  attention_impl=FLAGS.attention_impl)
+                                  attention_impl=FLAGS.attention_impl,
+                                  dtype=jnp.dtype(FLAGS.dtype), param_dtype=jnp.float32)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt = optax.adamw(1e-4, weight_decay=0.01)
   state = {"params": params, "opt": opt.init(params)}
@@ -76,14 +90,18 @@ def mixpo_stepper(tokens_BxT):
 def torch_stepper(tokens_BxT):
   import torch
   import transformers
-  config = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict().items()
-                                       if k not in ("model_type", "architectures")})
-  model = transformers.LlamaForCausalLM(config).train()
+  hf = hf_config_dict()
+  config = transformers.AutoConfig.for_model(
+      hf["model_type"], **{k: v for k, v in hf.items() if k not in ("model_type", "architectures")})
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+  autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+              if FLAGS.dtype == "bfloat16" else contextlib.nullcontext())
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
   tokens = torch.tensor(np.asarray(tokens_BxT), dtype=torch.long)
 
   def step():
-    loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss  # HF shifts labels itself.
+    with autocast():
+      loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss  # HF shifts labels itself.
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -100,8 +118,13 @@ def timed(step, n):
 
 
 def main(_):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
+  vocab = hf_config_dict()["vocab_size"]
   tokens_BxT = np.random.RandomState(0).randint(
-      0, FLAGS.vocab, (FLAGS.batch, FLAGS.seq + 1)).astype(np.int32)
+      0, vocab, (FLAGS.batch, FLAGS.seq + 1)).astype(np.int32)
+  print(f"shape {FLAGS.shape} ({bench_common.describe(hf_config_dict())}), {FLAGS.dtype}, "
+        f"B={FLAGS.batch} T={FLAGS.seq}")
   tokens_per_step = FLAGS.batch * FLAGS.seq
   steppers = {"mixpo": mixpo_stepper(tokens_BxT)}
   if FLAGS.torch:

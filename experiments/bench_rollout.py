@@ -1,16 +1,21 @@
 """Rollout benchmark: mixpo `generate` / `score` against transformers (PyTorch CPU), one process.
 
-Both sides run the same tiny float32 checkpoint (written by transformers, read back with
-`mixpo.models.from_pretrained`) on the same random prompts, after a warm-up call each; figures
+Both sides run the same random checkpoint (--shape; written by transformers, read back with
+`mixpo.models.from_pretrained`) in the same dtype (--dtype; mixpo's bf16 run is the rollout view
+`sampling.with_dtype` of float32 weights, transformers' the model cast to bf16) on the same
+random prompts, after a warm-up call each; figures
 are medians over --repeats. Generation counts exactly B × N new tokens on both sides
 (transformers: do_sample, min_new_tokens = max_new_tokens; mixpo: eos_id=None); scoring
 counts B × (P + N) tokens (transformers: forward + log_softmax + gather).
 
   /work/venv/bin/python experiments/bench_rollout.py
   /work/venv/bin/python experiments/bench_rollout.py --arch=qwen2 --batch=64 --repeats=5
+  python experiments/bench_rollout.py --shape=qwen2.5-0.5b --batch=8 --prompt_len=64 --new_tokens=64
 """
 
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -21,18 +26,23 @@ import numpy as np
 import torch
 import transformers
 
-from mixpo import models
-from mixpo import sampling
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_ARCH = flags.DEFINE_enum("arch", "llama", ["llama", "qwen2"], "transformers architecture.")
+from experiments import bench_common  # noqa: E402
+from mixpo import models  # noqa: E402
+from mixpo import sampling  # noqa: E402
+
+_SHAPE = flags.DEFINE_enum("shape", "tiny", sorted(bench_common.SHAPES), "Model geometry.")
+_ARCH = flags.DEFINE_enum("arch", "llama", ["llama", "qwen2"],
+                          "transformers architecture of --shape=tiny (the others are qwen2).")
 _BATCH = flags.DEFINE_integer("batch", 64, "B, sequences per call.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "P, prompt tokens per row (no padding).")
 _NEW = flags.DEFINE_integer("new_tokens", 96, "N, generated tokens per row.")
 _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (both sides).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
-_DTYPE = flags.DEFINE_enum("mixpo_dtype", "float32", ["float32", "bfloat16"],
-                           "mixpo compute dtype (transformers stays float32).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", bench_common.DTYPES,
+                           "Compute and weight dtype of both frameworks.")
 
 # The tiny config used across the model and rollout benchmarks.
 TINY = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
@@ -40,8 +50,13 @@ TINY = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_
             tie_word_embeddings=True, torch_dtype="float32")
 
 
-def hf_model(arch: str, seed: int):
+def hf_model(arch: str, seed: int, shape: str = "tiny"):
   torch.manual_seed(seed)
+  if shape != "tiny":
+    hf = bench_common.hf_config(shape, 4096)
+    config = transformers.Qwen2Config(**{k: v for k, v in hf.items()
+                                         if k not in ("model_type", "architectures")})
+    return transformers.Qwen2ForCausalLM(config).eval()
   if arch == "llama":
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
   return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
@@ -58,14 +73,19 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def main(argv):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   del argv
   b, p, n = _BATCH.value, _PROMPT.value, _NEW.value
-  hf = hf_model(_ARCH.value, _SEED.value)
+  hf = hf_model(_ARCH.value, _SEED.value, _SHAPE.value)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
-    model = models.from_pretrained(tmp, dtype=getattr(jax.numpy, _DTYPE.value))
+    model = models.from_pretrained(tmp)
+  if _DTYPE.value == "bfloat16":
+    hf = hf.to(torch.bfloat16)
+  vocab = hf.config.vocab_size
   rng = np.random.default_rng(_SEED.value)
-  prompt_BxP = rng.integers(1, TINY["vocab_size"], (b, p)).astype(np.int32)
+  prompt_BxP = rng.integers(1, vocab, (b, p)).astype(np.int32)
   mask_BxP = np.ones((b, p), np.int32)
   prompt_t, mask_t = torch.from_numpy(prompt_BxP).long(), torch.from_numpy(mask_BxP).long()
 
@@ -77,7 +97,7 @@ def main(argv):
                         pad_token_id=0)
     assert out.shape == (b, p + n), out.shape
 
-  graphdef, state = sampling.split_model(model)
+  graphdef, state = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))
   calls = iter(range(1 << 30))
 
   def mixpo_generate():
@@ -109,8 +129,8 @@ def main(argv):
   agree = np.abs(np.asarray(mixpo_score())[:, 1:] - hf_score().numpy()).max()
 
   gen_tokens, score_tokens = b * n, b * (p + n)
-  print(f"config: {_ARCH.value} tiny (hidden 256, 4 layers, 8/2 heads, vocab 512), B={b} P={p} "
-        f"N={n} T={_TEMP.value} mixpo {_DTYPE.value}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
+  print(f"config: {_SHAPE.value} ({bench_common.describe(hf.config.to_dict())}), B={b} P={p} "
+        f"N={n} T={_TEMP.value} {_DTYPE.value}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads); median of {_REPEATS.value}")
   print(f"generate  transformers {gen_tokens / t_hf_gen:9.0f} tok/s  ({t_hf_gen:.3f} s)")
   print(f"generate  mixpo        {gen_tokens / t_mx_gen:9.0f} tok/s  ({t_mx_gen:.3f} s)  "

@@ -111,6 +111,8 @@ def check_workroot(workroot: str) -> None:
 
 
 def main(argv):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   del argv
   from mixpo import analysis  # noqa: PLC0415
   base, small = _CONFIG.value, _SMALL.value

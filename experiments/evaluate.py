@@ -102,6 +102,8 @@ def evaluate_set(model, tokenizer, examples, runner, k: int, n: int, temperature
 
 
 def main(argv):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   del argv
   import numpy as np
 

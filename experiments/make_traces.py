@@ -82,6 +82,8 @@ def make_traces(guide_dir, examples, n_per_prompt, max_new_tokens, temperature, 
 
 
 def main(argv):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   del argv
   if not _GUIDE.value or not _OUT.value:
     raise cli.UserError("--guide and --out are required (a guide checkpoint directory and the "

@@ -88,6 +88,8 @@ def sft_data(tokenizer):
 
 
 def main(argv):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   del argv
   if not _OUT.value:
     raise cli.UserError("--out is required: the directory the fine-tuned model is written to.")

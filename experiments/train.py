@@ -75,6 +75,8 @@ def distributed_kwargs(coordinator_address, num_processes, process_id, bind_addr
 
 
 def main(argv):
+  from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
+  hostmem.keep_freed_memory()
   del argv
   if _DISTRIBUTED.value:
     import jax

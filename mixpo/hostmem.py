@@ -17,16 +17,20 @@ train step took 380k minor page faults per step, a third of its CPU time spent i
                             contention.)
 
 The cost: memory the process frees is not returned to the OS below that threshold, and a jax
-call on the CPU backend returns once its result is ready (no effect on GPU / TPU). mixpo
-applies this when imported, which must precede jax's first computation (the CPU client reads
-the dispatch mode once; `status` says what took effect). MIXPO_MALLOC=system keeps all
-defaults; anywhere other than Linux/glibc nothing is changed.
+call on the CPU backend returns once its result is ready. Both are process-global, so
+`import mixpo` does NOT apply them: a binary (experiments/train.py, bench_*.py, ...) calls
+`keep_freed_memory()` first in its main, before jax's first computation (the CPU client reads
+the dispatch mode once; `status` says what took effect). They are for XLA:CPU only: where jax
+will run on an accelerator (jax_platforms / JAX_PLATFORMS names one first, or an accelerator
+plugin is installed and no platform is forced) nothing is changed. MIXPO_MALLOC=system keeps
+all defaults; anywhere other than Linux/glibc nothing is changed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import sys
 
@@ -52,11 +56,45 @@ def _glibc():
   return libc
 
 
+# jax's accelerator plugins (and TPU runtime); any of them importable means jax's default backend
+# will be an accelerator unless jax_platforms forces the CPU.
+_ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin", "libtpu")
+
+
+def _accelerator_backend() -> str | None:
+  """The accelerator jax will compute on by default, or None for the CPU; never starts a backend
+  (that would fix the dispatch mode before it is set)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    backend = jax.default_backend()
+    return None if backend == "cpu" else backend
+  platforms = (jax.config.values.get("jax_platforms") or os.environ.get("JAX_PLATFORMS") or "")
+  first = platforms.split(",")[0].strip().lower()
+  if first:
+    return None if first == "cpu" else first
+  for name in _ACCELERATOR_MODULES:
+    try:
+      if importlib.util.find_spec(name) is not None:
+        return name
+    except (ImportError, ValueError):
+      continue
+  return None
+
+
 def keep_freed_memory() -> bool:
-  """Applies the settings above; True when they are in effect. Idempotent."""
+  """Applies the settings above (XLA:CPU only); True when they are in effect. Idempotent.
+
+  Call it first in a binary's main; `import mixpo` never calls it.
+  """
   global status
   if os.environ.get(ENV_VAR, "").strip().lower() in ("system", "default", "0", "off"):
     status = f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
+    return False
+  accelerator = _accelerator_backend()
+  if accelerator is not None:
+    status = f"off (jax computes on an accelerator: {accelerator}; the settings are for XLA:CPU)"
     return False
   libc = _glibc()
   if libc is None:
@@ -69,9 +107,10 @@ def keep_freed_memory() -> bool:
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if jax.config.values["jax_cpu_enable_async_dispatch"]:
     if xla_bridge.backends_are_initialized():  # the CPU client already exists: too late
-      status = ("heap only (jax's backend was initialised before mixpo was imported; its CPU "
-                "computations run on worker threads, whose temp buffers over 64 MB are still "
-                "mmap'ed per call: import mixpo first)")
+      status = ("heap only (jax's backend was initialised before keep_freed_memory() was "
+                "called; its CPU computations run on worker threads, whose temp buffers over "
+                "64 MB are still mmap'ed per call: call mixpo.hostmem.keep_freed_memory() first "
+                "in main)")
       return True
     jax.config.update("jax_cpu_enable_async_dispatch", False)
   status = "on"

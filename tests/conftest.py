@@ -12,6 +12,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import jax  # noqa: E402
 import pytest
 
+from mixpo import hostmem  # noqa: E402
+
+# As the binaries do: XLA:CPU host-allocator settings before jax's first computation.
+hostmem.keep_freed_memory()
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 

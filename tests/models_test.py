@@ -132,8 +132,14 @@ def test_sharded_checkpoints_in_and_out(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("family,impl", [("llama3", "xla"), ("qwen3", "xla"),
-                                         ("llama3", "dot_product_attention")])
-def test_kv_cache_decode_matches_full_forward(checkpoints, family, impl):
+                                         ("llama3", "dot_product_attention"),
+                                         ("llama3", "flash"), ("qwen3", "pallas")])
+def test_kv_cache_decode_matches_full_forward(checkpoints, monkeypatch, family, impl):
+  """impl "flash": the blockwise kernel (blocks of 4) for the full forward and the prefill."""
+  if impl == "flash":
+    monkeypatch.setattr(models.attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
+    monkeypatch.setattr(models.attention, "_FLASH_BLOCK", 4)
+    impl = "xla"
   model = models.from_pretrained(checkpoints[family][0], attention_impl=impl)
   tokens, positions, mask = _batch(seed=3, t=12)
   prompt_len, max_len = 6, 16
@@ -220,10 +226,16 @@ def test_remat_gives_equal_gradients(checkpoints):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("family,t", [("llama3", 10), ("qwen3", 10), ("qwen2_untied", 80)])
-def test_gradients_match_transformers(checkpoints, family, t):
+@pytest.mark.parametrize("family,t,flash_block", [
+    ("llama3", 10, None), ("qwen3", 10, None), ("qwen2_untied", 80, None),
+    ("qwen2_untied", 1024, 256), ("llama3", 300, 128)])
+def test_gradients_match_transformers(checkpoints, monkeypatch, family, t, flash_block):
   """The hand-written attention backward (and the matmul VJP) against torch autograd; T = 80
-  takes the causal query-chunked path."""
+  takes the causal query-chunked path; with flash_block, the blockwise (flash) kernel with
+  query / key blocks of that length (T = 300: a partial last block)."""
+  if flash_block:
+    monkeypatch.setattr(models.attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
+    monkeypatch.setattr(models.attention, "_FLASH_BLOCK", flash_block)
   path, torch_model = checkpoints[family]
   tokens, positions, mask = _batch(seed=8, t=t)
   model = models.from_pretrained(path)
@@ -257,7 +269,7 @@ def _reference_attention(q, k, v, allowed):
   b, t, n, h = q.shape
   kv = k.shape[2]
   scores = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv, n // kv, h), k) * h ** -0.5
-  scores = jnp.where(allowed[:, None, None], scores, models.layers._MASK_VALUE)
+  scores = jnp.where(allowed[:, None, None], scores, models.attention._MASK_VALUE)
   out = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(scores, -1), v)
   return out.reshape(b, t, n * h)
 
@@ -265,7 +277,7 @@ def _reference_attention(q, k, v, allowed):
 @pytest.mark.parametrize("block_bytes", [1, 1 << 30])  # one row per block / one block
 @pytest.mark.parametrize("t", [12, 64])  # 64: causal query chunks
 def test_attention_backward_equals_autodiff(monkeypatch, block_bytes, t):
-  monkeypatch.setattr(models.layers, "_BLOCK_SCORE_BYTES", block_bytes)
+  monkeypatch.setattr(models.attention, "_BLOCK_SCORE_BYTES", block_bytes)
   rs = np.random.RandomState(0)
   b, n, kv, h = 4, 6, 2, 8
   q, k, v = (jnp.asarray(rs.randn(b, t, heads, h), jnp.float32) for heads in (n, kv, kv))
@@ -281,7 +293,7 @@ def test_attention_backward_equals_autodiff(monkeypatch, block_bytes, t):
   def loss(fn, q, k, v):
     return jnp.sum(fn(q, k, v) * w)
 
-  mixpo_attend = lambda q, k, v: models.layers.attend(q, k, v, allowed, "xla", causal=True)
+  mixpo_attend = lambda q, k, v: models.attention.attend(q, k, v, mask, "xla")
   reference = lambda q, k, v: _reference_attention(q, k, v, allowed)
   out, ref = mixpo_attend(q, k, v), reference(q, k, v)
   np.testing.assert_allclose(np.asarray(out) * sees_something, np.asarray(ref) * sees_something,

@@ -1,5 +1,7 @@
 """Tests of mixpo.sampling against transformers on tiny float32 checkpoints."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,11 +76,15 @@ def _reference_logp(model, tokens, mask, temperature=1.0):
           np.concatenate([pad, np.where(valid, ent, 0)], 1))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_greedy_matches_transformers(arch, request):
+@pytest.mark.parametrize("arch,cache_block", [("llama", None), ("qwen2", None), ("qwen2", 8)])
+def test_greedy_matches_transformers(arch, cache_block, request, monkeypatch):
+  """cache_block: the KV cache read in key blocks of 8 slots up to the last written one."""
   hf, model = request.getfixturevalue(arch)
   prompt, mask = _prompts([5, 12, 1, 9])
   n = 20
+  if cache_block:
+    monkeypatch.setattr(models.attention, "_CACHE_KEY_BLOCK", cache_block)
+    n = 21  # another program shape: the patched constant is read when tracing
   rollout = sampling.generate(model, prompt, mask, jax.random.key(0), n, temperature=0.0)
   with torch.no_grad():
     out = hf.generate(torch.from_numpy(prompt).long(), attention_mask=torch.from_numpy(mask).long(),
@@ -308,3 +314,89 @@ def test_argmax_equals_jnp_argmax_with_ties_and_nans():
   got = np.asarray(sampling._argmax(jnp.asarray(x)))
   np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
   assert got[3] == 7 and got[6] == 2 and got[5] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# bfloat16: rollout / scoring in bf16 from float32 master weights; log-probs in float32.
+
+# |bf16 − f32| per-token log-prob, nats, on the wide-init tiny model (logits spread over ~±10, so
+# bf16's 2⁻⁸ relative rounding of activations is ~0.04 nats per logit): mean and max
+# (measured 0.023 and 0.15).
+_BF16_LOGP_MEAN_TOL, _BF16_LOGP_MAX_TOL = 0.05, 0.3
+
+
+def test_bf16_view_logp_within_tolerance_of_f32(qwen2):
+  _, model = qwen2
+  tokens, mask = _prompts([40, 33, 40, 20], seed=3)
+  view = sampling.with_dtype(model, jnp.bfloat16)
+  graphdef, state = view
+  params = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert params and all(x.dtype == jnp.bfloat16 for x in params)
+  assert nnx.merge(graphdef, state).config.dtype == jnp.bfloat16
+  assert sampling.with_dtype(view, jnp.bfloat16)[1] is state  # already bf16: no copy
+  lp32 = np.asarray(sampling.score(model, tokens, mask))
+  lp16 = sampling.score(view, tokens, mask)
+  assert lp16.dtype == jnp.float32
+  real = np.concatenate([np.zeros((4, 1), bool), (mask[:, 1:] * mask[:, :-1]) == 1], 1)
+  err = np.abs(np.asarray(lp16) - lp32)[real]
+  assert err.mean() < _BF16_LOGP_MEAN_TOL and err.max() < _BF16_LOGP_MAX_TOL, err
+  assert err.max() > 0 and np.abs(lp32).max() > 1.0  # really bf16, really scored
+  out = sampling.generate(view, tokens[:, -8:], mask[:, -8:], jax.random.key(0), 6, eos_id=None)
+  assert out.logp_BxN.dtype == jnp.float32 and np.all(np.asarray(out.logp_BxN) < 0)
+
+
+def test_bf16_training_ratios_come_from_f32_logp(tmp_path):
+  """Training (bf16 compute, f32 master weights) against the bf16 rollout view of the same
+  weights: the on-policy ratio is 1 to within f32 rounding and J_on (A = 1) is 1, because both
+  log-probs are float32; bf16 log-probs (spacing 2⁻⁵ at |logp| ≈ 4) could not give that."""
+  from mixpo import objectives
+  config = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                initializer_range=0.2)
+  policy = models.init_from_config(config, 0, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  tokens, mask = _prompts([30, 24, 30], seed=4)
+  old_logp = sampling.score(sampling.with_dtype(policy, jnp.bfloat16), tokens, mask)
+  kind_B, adv_B = jnp.zeros((3,), jnp.int32), jnp.ones((3,), jnp.float32)
+  resp_mask = jnp.asarray(np.concatenate([np.zeros((3, 1), np.int32), mask[:, 1:] * mask[:, :-1]],
+                                         1))
+
+  def loss(params):
+    logp = sampling.token_logp(nnx.merge(graphdef, params, rest), jnp.asarray(tokens),
+                               jnp.asarray(mask))
+    j, metrics = objectives.j_on(logp, old_logp, adv_B, kind_B, resp_mask,
+                                 objectives.ObjectiveConfig(algo="grpo"))
+    return -j, (logp, metrics)
+
+  (neg_j, (logp, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  assert logp.dtype == jnp.float32 and old_logp.dtype == jnp.float32
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # f32 master gradients
+  real = np.asarray(resp_mask) == 1
+  ratio = np.exp(np.asarray(logp) - np.asarray(old_logp))[real]
+  assert np.abs(ratio - 1).max() < 1e-4, np.abs(ratio - 1).max()
+  assert abs(float(neg_j) + 1.0) < 1e-4 and abs(float(metrics["ratio_on"]) - 1.0) < 1e-4
+  # The same log-probs rounded to bf16 are coarser than the tolerance above.
+  spacing = np.abs(np.asarray(old_logp, np.float32)
+                   - np.asarray(old_logp.astype(jnp.bfloat16), np.float32))[real]
+  assert spacing.max() > 1e-3
+
+
+def test_decode_loop_reads_each_layer_cache_in_place(llama):
+  """No op of the compiled generate program slices or copies a whole layer's K/V ([B, K, S, H])
+  out of a bigger array: each layer's cache is its own loop-carried buffer, updated in place."""
+  _, model = llama
+  graphdef, state = sampling.split_model(model)
+  b, p, n = 4, 16, 24
+  c = model.config
+  lowered = sampling._generate_program.lower(
+      graphdef, state, jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32),
+      jax.random.key(0), np.float32(1), np.float32(1), np.full((1,), -1, np.int32), np.int32(0),
+      max_new_tokens=n, greedy=False, top_k=0, use_top_p=False)
+  hlo = lowered.compile().as_text()
+  layer = rf"f32\[(1,)?{b},{c.num_kv_heads},{p + n - 1},{c.head_dim}\]"
+  copies = [line for line in hlo.splitlines()
+            if re.search(rf"= {layer}\S* (slice|dynamic-slice|copy)\(", line)]
+  assert not copies, copies[:3]
+  stacked = rf"f32\[{c.num_layers},{b},{c.num_kv_heads},{p + n - 1},{c.head_dim}\]"
+  assert not re.search(stacked, hlo)

@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators).
   c.model.param_dtype = "float32"  # parameter storage dtype.
   c.model.remat = False  # rematerialise each decoder layer in the backward pass.
-  c.model.attention_impl = "xla"  # "xla" or "dot_product_attention".
+  c.model.attention_impl = "auto"  # auto (by backend) | xla | dot_product_attention | cudnn | pallas
   c.builtin = builtin_models()
   c.builtin_dir = ""  # where built-in models are made / reused; "" = workdir/models.
   # --- task and rewards

@@ -1,11 +1,13 @@
 """NNX causal LM (Llama 3 / Qwen2 / Qwen2.5 / Qwen3) with a KV cache and HF checkpoints in/out.
 
   config.py  ModelConfig, parsed from config.json (unsupported fields fail by name)
-  layers.py  Linear / Embed / RMSNorm / RoPE / GQA attention / SwiGLU
+  layers.py  Linear / Embed / RMSNorm / RoPE / GQA attention layer / SwiGLU
+  attention.py  the attention kernels, chosen by backend (attention_impl="auto")
   model.py   CausalLM (forward, hidden_states, logits_from_hidden, init_cache, decode), KVCache
   hf_io.py   from_pretrained / save_pretrained / load_tokenizer and the HF <-> mixpo name table
 """
 
+from mixpo.models import attention
 from mixpo.models.config import ModelConfig, from_hf_config
 from mixpo.models.hf_io import HF_NAME_TABLE, from_pretrained, load_tokenizer, save_pretrained
 from mixpo.models.model import CausalLM, KVCache, check_tokens, init_from_config

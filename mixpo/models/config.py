@@ -22,7 +22,7 @@ import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-ATTENTION_IMPLS = ("xla", "dot_product_attention")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,9 @@ class ModelConfig:
   dtype: Any = jnp.float32  # compute dtype of activations and matmuls (float32 or bfloat16).
   param_dtype: Any = jnp.float32  # storage dtype of the parameters.
   remat: bool = False  # rematerialise each decoder block in the backward pass (nnx.remat).
-  attention_impl: str = "xla"  # "xla" (plain einsum) | "dot_product_attention" (jax.nn).
+  # "auto" (by backend) | "xla" | "dot_product_attention" | "cudnn" | "pallas": see
+  # mixpo/models/attention.py.
+  attention_impl: str = "auto"
   # The source config.json, re-emitted by save_pretrained (keeps token ids etc.); not compared.
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 

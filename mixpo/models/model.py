@@ -35,21 +35,32 @@ class KVCache:
   """Preallocated keys/values of every layer; static shapes, written with dynamic_update_slice.
 
   Slot s of row b holds the key/value of the token written at decode index s (post-RoPE keys).
-  Head-major ([.., K, S, H]): each (row, head) is one contiguous [S, H] block, the layout the
-  q·k and p·v contractions consume, so a decode step reads the cache without a transpose copy.
+  One array per layer: a decode step updates each in place and reads it where it lies (slicing
+  a layer out of one stacked [L, ...] array would copy it every step). Head-major
+  ([B, K, S, H]): each (row, head) is one contiguous [S, H] block, the layout the q·k and p·v
+  contractions consume, so a decode step reads the cache without a transpose copy.
   """
-  k_LxBxKxSxH: jax.Array  # keys, [layers, batch, kv heads, max_len, head_dim].
-  v_LxBxKxSxH: jax.Array  # values, same layout.
+  k_layers: tuple[jax.Array, ...]  # keys per layer, each [batch, kv heads, max_len, head_dim].
+  v_layers: tuple[jax.Array, ...]  # values per layer, same layout.
   valid_BxS: jax.Array  # int32 1 where slot s holds a real (non-padding) token.
   index: jax.Array  # int32 scalar: next slot to write.
 
-  # Short aliases.
-  k = property(lambda self: self.k_LxBxKxSxH)
-  v = property(lambda self: self.v_LxBxKxSxH)
+  # Short aliases. k / v stack the layers ([L, B, K, S, H], a copy): for inspection and
+  # eval_shape-based memory plans, not for the decode loop.
+  k = property(lambda self: _stacked(self.k_layers))
+  v = property(lambda self: _stacked(self.v_layers))
   mask = property(lambda self: self.valid_BxS)
   valid = property(lambda self: self.valid_BxS)
   max_len = property(lambda self: self.valid_BxS.shape[1])
   batch_size = property(lambda self: self.valid_BxS.shape[0])
+
+
+def _stacked(layers):
+  """[L, ...] stack of per-layer arrays (or of their ShapeDtypeStructs, under eval_shape)."""
+  if isinstance(layers[0], jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(layers),) + tuple(layers[0].shape), layers[0].dtype,
+                                sharding=None)
+  return jnp.stack(layers)
 
 
 def check_tokens(tokens_BxT, vocab_size: int, where: str = "tokens_BxT") -> None:
@@ -65,8 +76,8 @@ def check_tokens(tokens_BxT, vocab_size: int, where: str = "tokens_BxT") -> None
                      "ids are never clamped: fix the tokenizer / checkpoint vocab mismatch.")
 
 
-def _layer_call(layer, x, cos, sin, allowed):
-  return layer(x, cos, sin, allowed)[0]
+def _layer_call(layer, x, cos, sin, key_valid):
+  return layer(x, cos, sin, key_valid)[0]
 
 
 _remat_layer_call = nnx.remat(_layer_call)
@@ -108,14 +119,12 @@ class CausalLM(nnx.Module):
     """
     tokens_BxT, positions_BxT, mask_BxT = self._inputs(tokens_BxT, positions_BxT, mask_BxT,
                                                        "hidden_states")
-    t = tokens_BxT.shape[1]
-    causal_1xTxT = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
-    allowed_BxTxT = causal_1xTxT & (mask_BxT != 0)[:, None, :]
+    key_valid_BxT = mask_BxT != 0  # attention is causal over the real tokens
     cos, sin = rope_cos_sin(positions_BxT, self.config)
     x = sharding.constrain(self.embed(tokens_BxT))  # no-op without jax.set_mesh
     call = _remat_layer_call if self.config.remat else _layer_call
     for layer in self.layers:
-      x = sharding.constrain(call(layer, x, cos, sin, allowed_BxTxT))
+      x = sharding.constrain(call(layer, x, cos, sin, key_valid_BxT))
     return self.final_norm(x)
 
   def logits_from_hidden(self, h_xD: jax.Array) -> jax.Array:
@@ -135,9 +144,11 @@ class CausalLM(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (dtype: config.dtype)."""
     c = self.config
-    shape = (c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim)
+    shape = (batch_size, c.num_kv_heads, max_len, c.head_dim)
     dtype = dtype or c.dtype
-    kv = lambda: sharding.constrain(jnp.zeros(shape, dtype), sharding.KV_LBKSH)
+    spec = jax.sharding.PartitionSpec(*sharding.KV_LBKSH[1:])  # a layer of KV_LBKSH
+    kv = lambda: tuple(sharding.constrain(jnp.zeros(shape, dtype), spec)
+                       for _ in range(c.num_layers))
     return KVCache(kv(), kv(), sharding.constrain(jnp.zeros((batch_size, max_len), jnp.int32),
                                                   sharding.ROWS_B), jnp.zeros((), jnp.int32))
 
@@ -156,19 +167,16 @@ class CausalLM(nnx.Module):
       raise ValueError(f"CausalLM.decode: cache batch {cache.valid_BxS.shape[0]} != tokens_BxT "
                        f"batch {b}; build it with init_cache({b}, max_len).")
     index = jnp.asarray(cache.index, jnp.int32)
-    s = cache.valid_BxS.shape[1]
     valid_BxS = jax.lax.dynamic_update_slice(
         cache.valid_BxS, (mask_BxT != 0).astype(jnp.int32), (jnp.zeros((), jnp.int32), index))
-    q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
-    causal_1xTxS = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_T[:, None])[None]
-    allowed_BxTxS = causal_1xTxS & (valid_BxS != 0)[:, None, :]
     cos, sin = rope_cos_sin(positions_BxT, self.config)
-    k_cache, v_cache = cache.k_LxBxKxSxH, cache.v_LxBxKxSxH
+    k_layers, v_layers = list(cache.k_layers), list(cache.v_layers)
     x = sharding.constrain(self.embed(tokens_BxT))
     for i, layer in enumerate(self.layers):
-      x, k_cache, v_cache = layer(x, cos, sin, allowed_BxTxS, (k_cache, v_cache, i, index))
+      x, k_layers[i], v_layers[i] = layer(x, cos, sin, valid_BxS != 0,
+                                          (k_layers[i], v_layers[i], index))
       x = sharding.constrain(x)
-    new_cache = KVCache(k_cache, v_cache, valid_BxS, index + t)
+    new_cache = KVCache(tuple(k_layers), tuple(v_layers), valid_BxS, index + t)
     return self.final_norm(x), new_cache
 
 

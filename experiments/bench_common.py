@@ -1,0 +1,76 @@
+"""What the benchmarks share: model shapes by name, dtypes, model FLOPs and device peak FLOP/s.
+
+Shapes are Hugging Face config.json dicts with random weights (nothing is downloaded):
+  tiny          the config the tiny speed figures use (hidden 256, 4 layers, 8/2 heads, vocab 512)
+  mid           bench_scaling's CPU shape (hidden 512, 6 layers, 8/2 heads, vocab 8192)
+  qwen2.5-0.5b  Qwen2.5-0.5B geometry (hidden 896, 24 layers, 14/2 heads, F 4864, vocab 151936)
+  qwen2.5-1.5b  Qwen2.5-1.5B geometry (hidden 1536, 28 layers, 12/2 heads, F 8960, vocab 151936)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
+              rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+              use_sliding_window=False)
+
+SHAPES = {
+    "tiny": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512,
+                 hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+                 rope_theta=10000.0, tie_word_embeddings=True),
+    "mid": dict(_QWEN2, vocab_size=8192, hidden_size=512, intermediate_size=1376,
+                num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2),
+    "qwen2.5-0.5b": dict(_QWEN2, vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
+    "qwen2.5-1.5b": dict(_QWEN2, vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+}
+DTYPES = ("float32", "bfloat16")
+
+# Dense bfloat16 peak FLOP/s by jax `device_kind` (vendor datasheets, no sparsity). Keys are
+# matched as lower-case substrings of the device kind.
+DEVICE_PEAK_FLOPS = {
+    "h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12, "a10g": 125e12,
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+    "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+}
+
+
+def hf_config(shape: str, max_positions: int) -> dict:
+  """config.json dict of `shape` with max_position_embeddings = max_positions."""
+  if shape not in SHAPES:
+    raise ValueError(f"--shape={shape!r}: expected one of {sorted(SHAPES)}")
+  return dict(SHAPES[shape], max_position_embeddings=int(max_positions))
+
+
+def describe(config: dict) -> str:
+  return (f"hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+          f"{config['num_attention_heads']}/{config['num_key_value_heads']} heads, "
+          f"F {config['intermediate_size']}, vocab {config['vocab_size']}")
+
+
+def forward_flops_per_token(config: dict, context: float) -> float:
+  """Model FLOPs of one token's forward pass: 2 per multiply-add of every weight matmul (the
+  LM head included) plus attention's q·k and p·v over `context` keys (the mean number of keys a
+  query sees: (T + 1) / 2 for a causal pass over T tokens)."""
+  d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+  n, k = config["num_attention_heads"], config["num_key_value_heads"]
+  h = config.get("head_dim") or d // n
+  layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
+  return 2.0 * (config["num_hidden_layers"] * layer + d * v) + (
+      4.0 * config["num_hidden_layers"] * n * h * context)
+
+
+def device_peak_flops(device_kind: str, cpu_peak_flops: float | None = None) -> float | None:
+  """Peak FLOP/s of a jax device kind (the table above); CPU: `cpu_peak_flops` or None."""
+  kind = device_kind.lower()
+  for name, peak in DEVICE_PEAK_FLOPS.items():
+    if name in kind:
+      return peak
+  return cpu_peak_flops
+
+
+def median(xs) -> float:
+  return float(np.median(np.asarray(xs, np.float64)))

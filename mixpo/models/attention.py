@@ -1,0 +1,517 @@
+"""Causal GQA attention, with the kernel chosen by backend: `attend` and `resolve_impl`.
+
+`ModelConfig.attention_impl` names the kernel; "auto" (the default) resolves once per trace:
+
+  cpu  → "xla"      mixpo's einsum attention, with its CPU tuning (below)
+  gpu  → "cudnn"    when the compute dtype is bfloat16 / float16 and head_dim ≤ 128 (a multiple
+                    of 8), the shapes cuDNN's fused attention takes; else "xla"
+  tpu  → "pallas"   jax's Pallas splash attention (jax.experimental.pallas.ops.tpu)
+
+The kernels (all: causal; key s visible to query i iff slot(s) ≤ q_start + i and key_valid[s]):
+  xla                    On CPU, rows whose float32 scores fit _FLASH_MIN_ROW_SCORE_BYTES run the
+                         CPU-tuned kernel: a custom VJP that recomputes the probabilities,
+                         `optimization_barrier`-guarded transposes, batch row blocks sized for
+                         CPU caches. Longer rows, and every row on other backends, run the
+                         blockwise (flash) kernel: online softmax over key blocks inside query
+                         blocks, forward and backward. Its memory is O(T), see `flash_attention`.
+  dot_product_attention  jax.nn.dot_product_attention (XLA), dense mask: O(T·S) memory.
+  cudnn                  jax.nn.dot_product_attention(implementation="cudnn", is_causal=True),
+                         each row rotated so its left padding becomes right padding (which a
+                         causal mask hides from every real query): a row's real tokens must be
+                         contiguous (left and/or right padding, as `mixpo.batch` builds rows).
+  pallas                 splash attention per row (vmap), causal mask + segment ids (1 real,
+                         0 padding); T padded to a multiple of 128. Off TPU it runs in Pallas
+                         interpret mode (for tests).
+The KV-cache path (prefill, decode steps) runs the backend-neutral einsum forward over the cache
+on every backend (the splash kernel's query blocks are multiples of 128, a decode step has one
+query); a cache longer than _CACHE_KEY_BLOCK slots is read in key blocks up to the last written
+slot only (the blockwise forward), so a step does not attend past the longest valid prefix.
+
+A query with no visible key (e.g. a left-padding query of the CPU kernel) gets a finite,
+unspecified output; losses weight such positions 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixpo import sharding
+
+_log = logging.getLogger(__name__)
+
+# Finite "minus infinity": a fully masked row (a left-padding query) stays finite (uniform
+# weights) instead of NaN, so it cannot poison gradients; its output is ignored downstream.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+IMPLS = ("auto", "xla", "dot_product_attention", "cudnn", "pallas")
+
+
+def platform() -> str:
+  """The backend jax computes on ("cpu", "gpu", "tpu"); the one switch the kernels branch on."""
+  return jax.default_backend()
+
+
+_logged: set = set()
+
+
+def resolve_impl(impl: str, *, dtype, head_dim: int, backend: str | None = None) -> str:
+  """The concrete kernel for `attention_impl` on `backend` (default: `platform()`); an explicit
+  choice is returned as is. The first resolution of each (impl, backend, dtype) is logged."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}; set ModelConfig / "
+                     "config.model.attention_impl to one of those.")
+  if impl != "auto":
+    return impl
+  backend = backend or platform()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if backend == "gpu":
+    chosen = "cudnn" if half and head_dim <= 128 and head_dim % 8 == 0 else "xla"
+  elif backend == "tpu":
+    chosen = "pallas"
+  else:
+    chosen = "xla"
+  key = (impl, backend, jnp.dtype(dtype).name, head_dim)
+  if key not in _logged:
+    _logged.add(key)
+    _log.info("attention_impl=auto on %s (dtype %s, head_dim %d): %s", backend,
+              jnp.dtype(dtype).name, head_dim, chosen)
+  return chosen
+
+
+def attend(q_BxTxNxH, k, v, key_valid_BxS, impl: str, *, q_start=0, heads_major: bool = False):
+  """Causal softmax attention of T queries over S keys (GQA: N query heads share K kv heads).
+
+  k, v: [B, S, K, H] (token-major, as projected: the full-sequence path, T = S, q_start = 0), or
+  [B, K, S, H] with `heads_major` (the KV cache: read in place, no per-step transpose of it).
+  key_valid_BxS: bool/int, True on real keys. q_start: int32 scalar, the slot of query 0 (query
+  i sees slots ≤ q_start + i). impl: a concrete kernel (see `resolve_impl`).
+  Returns [B, T, N*H] in the dtype of v.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  kv = k.shape[1 if heads_major else 2]
+  g = n // kv
+  scale = h ** -0.5
+  key_valid_BxS = key_valid_BxS != 0
+  if heads_major:
+    impl = "xla"  # the KV-cache path: see the module docstring
+  if impl in ("dot_product_attention", "cudnn", "pallas") and not heads_major:
+    fn = {"dot_product_attention": _jax_nn_attention, "cudnn": _cudnn_attention,
+          "pallas": pallas_attention}[impl]
+    return fn(q_BxTxNxH, k, v, key_valid_BxS, scale).reshape(b, t, n * h)
+  # The G query heads of a kv head are stacked into one [G*T, H] matrix, so each (row, kv head)
+  # is one GEMM against its [S, H] keys (and the probabilities one GEMM against its values).
+  q_BxKxMxH = q_BxTxNxH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+  if not heads_major:
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+  s = k.shape[2]
+  fits = n * t * s * 4 <= _FLASH_MIN_ROW_SCORE_BYTES  # one row's float32 scores
+  if heads_major and fits and s <= _CACHE_KEY_BLOCK:  # forward only, the cache in one block
+    out_BxKxMxH = _attention_block(q_BxKxMxH, k, v, _allowed(q_start, t, key_valid_BxS), scale)[0]
+  elif heads_major:  # key blocks past slot q_start + T - 1 (not written yet) are skipped
+    out = flash_attention(q_BxKxMxH.reshape(b, kv, g, t, h), k, v, key_valid_BxS, q_start, scale,
+                          block=_CACHE_KEY_BLOCK)
+    out_BxKxMxH = out.reshape(b, kv, g * t, h)
+  elif fits and platform() == "cpu":
+    chunks = 2 if t % 2 == 0 and t >= _MIN_CHUNKED_LEN else 1
+    out_BxKxMxH = _grouped_attention(q_BxKxMxH, k, v, key_valid_BxS, scale,
+                                     _rows_per_block(b, kv * g * t * s), chunks)
+  else:
+    out = flash_attention(q_BxKxMxH.reshape(b, kv, g, t, h), k, v, key_valid_BxS, q_start, scale)
+    out_BxKxMxH = out.reshape(b, kv, g * t, h)
+  return out_BxKxMxH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
+
+
+def _allowed(q_start, t: int, key_valid_BxS):
+  """bool [B, T, S]: query i may see key s (s ≤ q_start + i and key s is real)."""
+  s = key_valid_BxS.shape[1]
+  q_slot_T = jnp.asarray(q_start, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+  causal_TxS = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_T[:, None]
+  return causal_TxS[None] & key_valid_BxS[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU-tuned kernel (XLA:CPU only).
+
+# Causal query chunking pays for its slicing from this many tokens on.
+_MIN_CHUNKED_LEN = 64
+
+# Rows per block of `_grouped_attention`: keeps a block's float32 scores [rows, K, G*T, S] near
+# this size, so the softmax passes run in cache and peak memory does not grow with the batch.
+_BLOCK_SCORE_BYTES = 8 << 20
+
+# Above this many bytes of float32 scores per row (N·T·S·4) the CPU runs the blockwise kernel:
+# the CPU-tuned one holds a whole row's scores at once (quadratic in T).
+_FLASH_MIN_ROW_SCORE_BYTES = 64 << 20
+
+
+def _rows_per_block(batch: int, scores_per_row: int) -> int:
+  """The largest divisor of `batch` whose block of scores fits _BLOCK_SCORE_BYTES (>= 1). Under
+  a mesh the batch axis is sharded and the whole batch is one block (no loop over shards)."""
+  if sharding.current_mesh() is not None:
+    return batch
+  rows = max(1, min(batch, _BLOCK_SCORE_BYTES // (4 * scores_per_row)))
+  while batch % rows:
+    rows -= 1
+  return rows
+
+
+def _masked_scores(q_BxKxMxH, k_BxKxSxH, allowed_BxTxS, scale):
+  """float32 scaled scores [B, K, M, S] (M = G*T), _MASK_VALUE where not allowed."""
+  b, kv, m, _ = q_BxKxMxH.shape
+  t, s = allowed_BxTxS.shape[1:]
+  scores = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxH, k_BxKxSxH,
+                      preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(allowed_BxTxS[:, None, None], scores.reshape(b, kv, m // t, t, s),
+                     _MASK_VALUE)
+  return scores.reshape(b, kv, m, s)
+
+
+def _attention_block(q, k, v, allowed, scale):
+  """Forward of one block: (out [b, K, M, H], stats [b, K, M, 2] = (row max, log row sum))."""
+  scores = _masked_scores(q, k, allowed, scale)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  unnormed = jnp.exp(scores - row_max)
+  row_sum = jnp.sum(unnormed, axis=-1, keepdims=True)
+  out = jnp.einsum("bkms,bksh->bkmh", unnormed.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32) / row_sum
+  return out.astype(v.dtype), jnp.concatenate([row_max, jnp.log(row_sum)], axis=-1)
+
+
+def _attention_block_grad(q, k, v, allowed, out, stats, dout, scale):
+  """Backward of one block from the saved softmax statistics (the probabilities are recomputed
+  instead of stored: one extra q·k GEMM, no [K, M, S] residual per layer)."""
+  b, kv, m, _ = q.shape
+  t, s = allowed.shape[1:]
+  probs = jnp.exp(_masked_scores(q, k, allowed, scale) - stats[..., :1] - stats[..., 1:])
+  # dv = pᵀ·dout and dk = dsᵀ·q contract the M axis of both operands; the CPU GEMM wants one of
+  # them transposed in memory: the narrow [M, H] one (dout, q), not the [M, S] probabilities.
+  # The barrier keeps XLA from folding the transpose back into the dot (whose strided form runs
+  # on a slower XLA:CPU kernel).
+  dout_t, q_t = jax.lax.optimization_barrier((dout.swapaxes(-1, -2), q.swapaxes(-1, -2)))
+  dv_t = jnp.einsum("bkhm,bkms->bkhs", dout_t, probs.astype(dout.dtype),
+                    preferred_element_type=jnp.float32)
+  dprobs = jnp.einsum("bkmh,bksh->bkms", dout, v, preferred_element_type=jnp.float32)
+  row_dot = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  dscores = probs * (dprobs - row_dot) * scale
+  # Masked scores get no gradient (this matters only for rows with no allowed key at all,
+  # whose uniform weights are not a function of the scores).
+  dscores = jnp.where(allowed[:, None, None], dscores.reshape(b, kv, m // t, t, s), 0.0)
+  dscores = dscores.reshape(b, kv, m, s).astype(q.dtype)
+  dq = jnp.einsum("bkms,bksh->bkmh", dscores, k, preferred_element_type=jnp.float32)
+  dk_t = jnp.einsum("bkhm,bkms->bkhs", q_t, dscores, preferred_element_type=jnp.float32)
+  dk, dv = (x.swapaxes(-1, -2) for x in jax.lax.optimization_barrier((dk_t, dv_t)))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _query_chunks(t: int, chunks: int):
+  return [(c * t // chunks, (c + 1) * t // chunks) for c in range(chunks)]
+
+
+def _split_queries(x_BxKxMxC, t: int, lo: int, hi: int):
+  """Rows of queries lo..hi-1 of an [B, K, G*T, C] array (M ordered head-major, then time)."""
+  b, kv, m, c = x_BxKxMxC.shape
+  return x_BxKxMxC.reshape(b, kv, m // t, t, c)[:, :, :, lo:hi].reshape(b, kv, -1, c)
+
+
+def _join_queries(parts, g: int):
+  """Inverse of `_split_queries` over consecutive chunks: [B, K, G*T_c, C] parts → [B, K, M, C]."""
+  b, kv, _, c = parts[0].shape
+  joined = jnp.concatenate([x.reshape(b, kv, g, -1, c) for x in parts], axis=3)
+  return joined.reshape(b, kv, -1, c)
+
+
+def _causal_forward(q, k, v, key_valid, scale, chunks):
+  """_attention_block over query chunks; chunk [lo, hi) attends to keys [0, hi) only (a quarter
+  of the score work skipped with 2 chunks)."""
+  t = key_valid.shape[1]
+  allowed = _allowed(0, t, key_valid)
+  if chunks == 1:
+    return _attention_block(q, k, v, allowed, scale)
+  g = q.shape[2] // t
+  outs, stats = zip(*(
+      _attention_block(_split_queries(q, t, lo, hi), k[:, :, :hi], v[:, :, :hi],
+                       allowed[:, lo:hi, :hi], scale) for lo, hi in _query_chunks(t, chunks)))
+  return _join_queries(outs, g), _join_queries(stats, g)
+
+
+def _causal_backward(q, k, v, key_valid, out, stats, dout, scale, chunks):
+  """_attention_block_grad over the query chunks of `_causal_forward`."""
+  t = key_valid.shape[1]
+  allowed = _allowed(0, t, key_valid)
+  if chunks == 1:
+    return _attention_block_grad(q, k, v, allowed, out, stats, dout, scale)
+  g = q.shape[2] // t
+  s = k.shape[2]
+  dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  for lo, hi in _query_chunks(t, chunks):
+    part = lambda x: _split_queries(x, t, lo, hi)
+    dq_c, dk_c, dv_c = _attention_block_grad(part(q), k[:, :, :hi], v[:, :, :hi],
+                                             allowed[:, lo:hi, :hi], part(out), part(stats),
+                                             part(dout), scale)
+    dqs.append(dq_c)
+    pad = ((0, 0), (0, 0), (0, s - hi), (0, 0))
+    dk = dk + jnp.pad(dk_c.astype(jnp.float32), pad)
+    dv = dv + jnp.pad(dv_c.astype(jnp.float32), pad)
+  return _join_queries(dqs, g), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _over_row_blocks(fn, rows: int, *arrays):
+  """fn over blocks of `rows` leading rows (lax.map), results re-joined; one call if rows = B."""
+  if rows >= arrays[0].shape[0]:
+    return fn(*arrays)
+  split = lambda x: x.reshape((x.shape[0] // rows, rows) + x.shape[1:])
+  outs = jax.lax.map(lambda blocks: fn(*blocks), tuple(split(x) for x in arrays))
+  return tuple(o.reshape((-1,) + o.shape[2:]) for o in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _grouped_attention(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS, scale, rows, chunks):
+  """softmax(q·kᵀ·scale, causal and key-masked) · v per (row, kv head), in blocks of `rows`
+  rows and `chunks` causal query chunks; T = S.
+
+  A custom VJP: autodiff of the plain formula keeps the scores, the mask select and the
+  probabilities of every layer and runs about ten elementwise passes over them; this backward
+  recomputes the probabilities from (row max, log row sum) and fuses the softmax derivative
+  into one pass (figures in BUILD_NOTES).
+  """
+  return _grouped_attention_fwd(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS, scale, rows,
+                                chunks)[0]
+
+
+def _grouped_attention_fwd(q, k, v, key_valid, scale, rows, chunks):
+  out, stats = _over_row_blocks(lambda *a: _causal_forward(*a, scale, chunks), rows, q, k, v,
+                                key_valid)
+  return out, (q, k, v, key_valid, out, stats)
+
+
+def _grouped_attention_bwd(scale, rows, chunks, residuals, dout):
+  q, k, v, key_valid, out, stats = residuals
+  dq, dk, dv = _over_row_blocks(lambda *a: _causal_backward(*a, scale, chunks), rows, q, k, v,
+                                key_valid, out, stats, dout)
+  return dq, dk, dv, None
+
+
+_grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The blockwise (flash) kernel: any backend, memory linear in T.
+
+# Query and key block length of `flash_attention`.
+_FLASH_BLOCK = 512
+
+# Key block of the KV-cache path: a cache longer than this is read block by block, only up to
+# the last written slot (a decode step early in a long rollout reads a short prefix).
+_CACHE_KEY_BLOCK = 256
+
+
+def flash_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS, q_start, scale,
+                    block: int | None = None):
+  """Blockwise causal attention with an online softmax, forward and backward (custom VJP).
+
+  Query i (slot q_start + i) sees key s iff s ≤ q_start + i and key_valid[b, s]. The forward
+  loops over query blocks and, inside each, over the key blocks up to the causal diagonal only,
+  keeping a running (max, sum, output); the backward recomputes each block's probabilities
+  from the saved log-sum-exp. Memory, with Bq = Bk = _FLASH_BLOCK and N = K·G query heads:
+  residuals q, k, v, out and the float32 dq accumulator, O(B·T·N·H), and log-sum-exp
+  O(B·N·T) — linear in T — plus one float32 score block of B·N·Bq·Bk elements at a time
+  (independent of T). block: Bq = Bk (default _FLASH_BLOCK). Returns out [B, K, G, T, H] in
+  v's dtype.
+  """
+  return _flash(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS,
+                jnp.asarray(q_start, jnp.int32), scale, block or _FLASH_BLOCK)
+
+
+def _pad_to(x, axis: int, multiple: int):
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _flash_geometry(t: int, s: int, block: int):
+  bq = min(block, t)
+  bk = min(block, s)
+  return bq, bk, -(-t // bq), -(-s // bk)
+
+
+def _block_scores(q_i, k_j, valid_j, q_slot0, k_slot0, scale):
+  """float32 masked scores [B, K, G, bq, bk] of query block (first slot q_slot0) vs key block."""
+  bq, bk = q_i.shape[3], k_j.shape[2]
+  s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
+  q_slot = q_slot0 + jnp.arange(bq, dtype=jnp.int32)
+  k_slot = k_slot0 + jnp.arange(bk, dtype=jnp.int32)
+  allowed_Bxbqxbk = (k_slot[None, :] <= q_slot[:, None])[None] & valid_j[:, None, :]
+  allowed = allowed_Bxbqxbk[:, None, None]
+  return jnp.where(allowed, s, _MASK_VALUE), allowed
+
+
+def _flash_forward(q, k, v, key_valid, q_start, scale, block):
+  """(out [B, K, G, T, H], lse [B, K, G, T] float32); see `flash_attention`."""
+  b, kv, g, t, h = q.shape
+  s = k.shape[2]
+  bq, bk, nq, nk = _flash_geometry(t, s, block)
+  q_p = _pad_to(q, 3, bq)
+  k_p, v_p = _pad_to(k, 2, bk), _pad_to(v, 2, bk)
+  valid_p = _pad_to(key_valid, 1, bk)
+
+  def query_block(i):
+    q_i = jax.lax.dynamic_slice_in_dim(q_p, i * bq, bq, axis=3)
+    q_slot0 = q_start + i * bq
+    # Key blocks past the causal diagonal of this query block are skipped.
+    n_kv = jnp.clip((q_slot0 + bq - 1) // bk + 1, 1, nk)
+
+    def key_block(j, carry):
+      m, l, acc = carry
+      k_j = jax.lax.dynamic_slice_in_dim(k_p, j * bk, bk, axis=2)
+      v_j = jax.lax.dynamic_slice_in_dim(v_p, j * bk, bk, axis=2)
+      valid_j = jax.lax.dynamic_slice_in_dim(valid_p, j * bk, bk, axis=1)
+      scores, _ = _block_scores(q_i, k_j, valid_j, q_slot0, j * bk, scale)
+      m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.exp(scores - m_new[..., None])
+      pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), v_j,
+                      preferred_element_type=jnp.float32)
+      return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
+
+    init = (jnp.full((b, kv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
+            jnp.zeros((b, kv, g, bq, h), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, n_kv, key_block, init)
+    return (acc / l[..., None]).astype(v.dtype), m + jnp.log(l)
+
+  out, lse = jax.lax.map(query_block, jnp.arange(nq, dtype=jnp.int32))
+  # [nq, B, K, G, bq, ...] → [B, K, G, T, ...]
+  out = jnp.moveaxis(out, 0, 3).reshape(b, kv, g, nq * bq, h)[:, :, :, :t]
+  lse = jnp.moveaxis(lse, 0, 3).reshape(b, kv, g, nq * bq)[:, :, :, :t]
+  return out, lse
+
+
+def _flash_backward(q, k, v, key_valid, q_start, scale, block, out, lse, dout):
+  """(dq, dk, dv): one pass over key blocks; inside, over the query blocks at or below the
+  diagonal, accumulating dk, dv of the key block and adding into a float32 dq."""
+  b, kv, g, t, h = q.shape
+  s = k.shape[2]
+  bq, bk, nq, nk = _flash_geometry(t, s, block)
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  q_p, dout_p = _pad_to(q, 3, bq), _pad_to(dout, 3, bq)
+  lse_p, delta_p = _pad_to(lse, 3, bq), _pad_to(delta, 3, bq)
+  k_p, v_p = _pad_to(k, 2, bk), _pad_to(v, 2, bk)
+  valid_p = _pad_to(key_valid, 1, bk)
+
+  def key_block(dq, j):
+    k_j = jax.lax.dynamic_slice_in_dim(k_p, j * bk, bk, axis=2)
+    v_j = jax.lax.dynamic_slice_in_dim(v_p, j * bk, bk, axis=2)
+    valid_j = jax.lax.dynamic_slice_in_dim(valid_p, j * bk, bk, axis=1)
+    # The first query block with a query at or after this key block's first slot.
+    first = jnp.clip((j * bk - q_start) // bq, 0, nq)
+
+    def query_block(i, carry):
+      dq, dk_j, dv_j = carry
+      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis=3)
+      q_i, dout_i, lse_i, delta_i = sl(q_p), sl(dout_p), sl(lse_p), sl(delta_p)
+      scores, allowed = _block_scores(q_i, k_j, valid_j, q_start + i * bq, j * bk, scale)
+      p = jnp.exp(scores - lse_i[..., None])
+      dv_j = dv_j + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(dout.dtype), dout_i,
+                               preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bkgqh,bksh->bkgqs", dout_i, v_j, preferred_element_type=jnp.float32)
+      # Masked scores get no gradient (only rows with no visible key have p > 0 there).
+      ds = jnp.where(allowed, p * (dp - delta_i[..., None]) * scale, 0.0).astype(q.dtype)
+      dk_j = dk_j + jnp.einsum("bkgqs,bkgqh->bksh", ds, q_i, preferred_element_type=jnp.float32)
+      dq_i = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_j, preferred_element_type=jnp.float32)
+      dq = jax.lax.dynamic_update_slice_in_dim(dq, sl(dq) + dq_i, i * bq, axis=3)
+      return dq, dk_j, dv_j
+
+    zeros = jnp.zeros((b, kv, bk, h), jnp.float32)
+    dq, dk_j, dv_j = jax.lax.fori_loop(first, nq, query_block, (dq, zeros, zeros))
+    return dq, (dk_j, dv_j)
+
+  dq0 = jnp.zeros((b, kv, g, nq * bq, h), jnp.float32)
+  dq, (dk, dv) = jax.lax.scan(key_block, dq0, jnp.arange(nk, dtype=jnp.int32))
+  dk = jnp.moveaxis(dk, 0, 2).reshape(b, kv, nk * bk, h)[:, :, :s]
+  dv = jnp.moveaxis(dv, 0, 2).reshape(b, kv, nk * bk, h)[:, :, :s]
+  return dq[:, :, :, :t].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, key_valid, q_start, scale, block):
+  return _flash_forward(q, k, v, key_valid, q_start, scale, block)[0]
+
+
+def _flash_fwd(q, k, v, key_valid, q_start, scale, block):
+  out, lse = _flash_forward(q, k, v, key_valid, q_start, scale, block)
+  return out, (q, k, v, key_valid, q_start, out, lse)
+
+
+def _flash_bwd(scale, block, residuals, dout):
+  q, k, v, key_valid, q_start, out, lse = residuals
+  dq, dk, dv = _flash_backward(q, k, v, key_valid, q_start, scale, block, out, lse, dout)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backends' own fused kernels (full-sequence path: T = S, q_start = 0).
+
+
+def _jax_nn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale):
+  t = q_BxTxNxH.shape[1]
+  mask = _allowed(0, t, key_valid_BxS)[:, None]
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, scale=scale)
+
+
+def _rotate_rows(x_BxTx, shift_B, inverse=False):
+  """Row b rotated left by shift_B[b] (right with `inverse`) along axis 1."""
+  t = x_BxTx.shape[1]
+  idx_BxT = (jnp.arange(t, dtype=jnp.int32)[None] + (-1 if inverse else 1) * shift_B[:, None]) % t
+  idx = idx_BxT.reshape(idx_BxT.shape + (1,) * (x_BxTx.ndim - 2))
+  return jnp.take_along_axis(x_BxTx, idx, axis=1)
+
+
+def _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale,
+                     implementation="cudnn"):
+  """cuDNN's causal fused attention; left padding rotated to the right end of each row, where
+  the causal mask keeps it from every real query (a row's real tokens must be contiguous)."""
+  lead_B = jnp.argmax(key_valid_BxS, axis=1).astype(jnp.int32)  # leading padding per row
+  q, k, v = (_rotate_rows(x, lead_B) for x in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                     implementation=implementation)
+  return _rotate_rows(out, lead_B, inverse=True)
+
+
+# Sequence lengths the splash kernel runs on are padded to a multiple of this (its lane width).
+_SPLASH_MULTIPLE = 128
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, length: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+  block = next(bl for bl in (512, 256, 128) if length % bl == 0)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * num_heads)
+  return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                interpret=interpret), splash.SegmentIds
+
+
+def pallas_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale):
+  """Pallas splash attention (TPU; interpret mode elsewhere): causal mask, segment ids 1 on real
+  tokens and 0 on padding (a padding query sees padding keys: finite, unused). [B, T, N, H]."""
+  b, t, n, h = q_BxTxNxH.shape
+  kernel, segment_ids = _splash_kernel(n, t + (-t % _SPLASH_MULTIPLE), platform() != "tpu")
+  head_major = lambda x: _pad_to(x, 1, _SPLASH_MULTIPLE).swapaxes(1, 2)  # [B, heads, T', H]
+  q = head_major(q_BxTxNxH * jnp.asarray(scale, q_BxTxNxH.dtype))
+  seg_BxT = _pad_to(key_valid_BxS.astype(jnp.int32), 1, _SPLASH_MULTIPLE)
+  out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=segment_ids(seg, seg)))(
+      q, head_major(k_BxSxKxH), head_major(v_BxSxKxH), seg_BxT)
+  return out.swapaxes(1, 2)[:, :t]
