@@ -1,13 +1,20 @@
 r"""Writes a mixpo guide-trace jsonl by sampling a guide checkpoint over a dataset or a task.
 
-  python experiments/make_traces.py --guide=workdir/default/guide --task=addition \
+  python experiments/make_traces.py --guide=workdir/default/models/guide --task=addition \
       --digits=2 --terms=2 --n_prompts=512 --out=/tmp/traces.jsonl --n_per_prompt=1
   python experiments/make_traces.py --guide=ckpt/qwen --task=file --train_path=data/train.parquet \
       --chat_template --out=/tmp/traces.jsonl --max_new_tokens=1024 --temperature=0.6
 
-Each row: {"prompt", "answer", "response", "response_tokens", "guide_logp"} with one natural-log
-probability per response token (EOS included) under the sampling distribution (see
-mixpo.sampling.generate), so the trainer can use them as πϕ without re-scoring the guide.
+One line per prompt, the mixpo trace format the RL loop reads (mixpo/data/traces.py):
+  {"prompt", "answer", "responses": [str], "correct": [bool],
+   "response_tokens": [[int]], "guide_logp": [[float]], "tokenizer": str, "logp_temperature": float}
+Responses are the guide's finished samples (EOS within --max_new_tokens); "correct" is the task's
+reward (1 = correct). With --logp (default), each response's tokens are the loop's tokenization
+of its text (EOS appended) and "guide_logp" the guide's natural-log probability of each of them
+at the sampling temperature, so `--config.guide_logp=file` trains without re-scoring the guide;
+"tokenizer" fingerprints the tokenizer they hold for. Then:
+  python experiments/train.py --config=default --config.guide_source=traces \
+      --config.traces_path=/tmp/traces.jsonl --config.guide_logp=file
 """
 
 import os
@@ -32,6 +39,7 @@ _N_PER_PROMPT = flags.DEFINE_integer("n_per_prompt", 1, "Guide samples per promp
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Response token budget.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per generate call.")
+_LOGP = flags.DEFINE_bool("logp", True, "Store per-token guide log-probs (for guide_logp='file').")
 
 
 def load_examples(tokenizer):
@@ -39,7 +47,7 @@ def load_examples(tokenizer):
   task, options, knobs = cli.task_flag_values()
   if task != task_options.FILE:
     t = task_options.make_task(task, options, knobs, tokenizer=tokenizer)
-    return t.examples("train", _N_PROMPTS.value, seed=_SEED.value)
+    return t.examples("train", _N_PROMPTS.value, seed=_SEED.value), t.reward_fn
   examples, summary = read_examples(
       options["train_path"], options["prompt_field"], options["answer_field"],
       tokenizer=tokenizer, chat_template=options["chat_template"],
@@ -47,38 +55,78 @@ def load_examples(tokenizer):
       skip_bad_rows=options["skip_bad_rows"])
   if summary.kept < summary.rows:
     logging.warning("%s", summary)
-  return examples
+  from mixpo.rewards.math_answer import math_answer_reward
+  return examples, math_answer_reward
 
 
-def make_traces(guide_dir, examples, n_per_prompt, max_new_tokens, temperature, batch_size, seed):
-  """Samples the guide over examples; returns mixpo Traces (n_per_prompt per example, in order)."""
+def make_traces(guide_dir, examples, n_per_prompt, max_new_tokens, temperature, batch_size, seed,
+                with_logp=True, reward_fn=None):
+  """Samples the guide over examples; returns ([TracePrompt], counts).
+
+  Only finished samples (EOS within max_new_tokens) become responses: the loop appends EOS to
+  every trace, so an unfinished one would become an answer the guide never gave. A response is
+  stored as text plus, with `with_logp`, its tokens under the loop's tokenization (text, no
+  special tokens, EOS) and the guide's per-token log-probs of exactly those tokens, scored like
+  the trainer scores (`mixpo.guide_source.model_guide_logp` at the sampling temperature), with the
+  tokenizer's fingerprint. `reward_fn` (TRL-style) marks each response correct (reward 1) or not.
+  """
   import jax
   import numpy as np
 
-  from mixpo import models, sampling
-  from mixpo.data import Trace
+  from mixpo import guide_source, models, sampling
+  from mixpo.data.traces import TracePrompt, TraceResponse, tokenizer_fingerprint
+  from mixpo.rewards import RewardRunner
   from mixpo.rollout import encode_prompts
 
   model = models.from_pretrained(guide_dir)
   tokenizer = models.load_tokenizer(guide_dir)
+  fingerprint = tokenizer_fingerprint(tokenizer)
+  logp_temperature = 1.0 if temperature == 0 else float(temperature)  # greedy scores unscaled.
+  runner = RewardRunner([(reward_fn, 1.0)]) if reward_fn is not None else None
   rng = jax.random.key(seed)
-  traces = []
+  out, counts = [], {"samples": 0, "unfinished": 0, "prompts_without_response": 0}
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
     tok_BxP, mask_BxP = encode_prompts(tokenizer, [e.prompt for e in chunk], n_per_prompt)
     rng, key = jax.random.split(rng)
-    out = sampling.generate(model, tok_BxP, mask_BxP, key, max_new_tokens, temperature=temperature,
+    gen = sampling.generate(model, tok_BxP, mask_BxP, key, max_new_tokens, temperature=temperature,
                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0)
-    tokens, lengths, logp = (np.asarray(out.tokens_BxN), np.asarray(out.lengths_B),
-                             np.asarray(out.logp_BxN))
-    for row in range(tokens.shape[0]):
-      ex = chunk[row // n_per_prompt]
-      n = int(lengths[row])
-      ids = tokens[row, :n].tolist()
-      traces.append(Trace(prompt=ex.prompt, answer=ex.answer,
-                          response=tokenizer.decode(ids, skip_special_tokens=True),
-                          response_tokens=ids, guide_logp=logp[row, :n].tolist()))
-  return traces
+    tokens, lengths = np.asarray(gen.tokens_BxN), np.asarray(gen.lengths_B)
+    truncated = np.asarray(gen.truncated_B)
+    counts["samples"] += len(tokens)
+    counts["unfinished"] += int(truncated.sum())
+    texts = [tokenizer.decode(tokens[b, :lengths[b]].tolist(), skip_special_tokens=True)
+             for b in range(len(tokens))]
+    correct = [None] * len(texts)
+    if runner is not None:
+      rewards = runner([e.prompt for e in chunk for _ in range(n_per_prompt)], texts,
+                       answer=[e.answer for e in chunk for _ in range(n_per_prompt)]).rewards
+      correct = [bool(r >= 1.0 - 1e-6) for r in rewards]
+    groups = []
+    for i, ex in enumerate(chunk):
+      rows = [b for b in range(i * n_per_prompt, (i + 1) * n_per_prompt)
+              if not truncated[b] and texts[b].strip()]
+      if not rows:
+        counts["prompts_without_response"] += 1
+        continue
+      groups.append(TracePrompt(ex.prompt, ex.answer, [
+          TraceResponse(texts[b], correct=correct[b]) for b in rows]))
+    if with_logp and groups:
+      for r in (r for g in groups for r in g.responses):
+        r.tokens = guide_source.response_tokens(tokenizer, r.text)
+        r.tokenizer, r.logp_temperature = fingerprint, logp_temperature
+      width = max(len(r.tokens) for g in groups for r in g.responses)
+      src = guide_source.TraceSource(groups, tokenizer, max_new_tokens=max(width, max_new_tokens),
+                                     guide_logp="model")
+      rows = src.guide_rows(range(len(groups)), n_per_prompt)
+      logp = guide_source.model_guide_logp(model, rows, logp_temperature)
+      for gi, g in enumerate(groups):
+        for j, r in enumerate(g.responses):
+          r.logp = logp[gi * n_per_prompt + j, :len(r.tokens)].tolist()
+    out += groups
+  if runner is not None:
+    runner.close()
+  return out, counts
 
 
 def main(argv):
@@ -93,13 +141,18 @@ def main(argv):
   cli.check_model_dir("--guide", _GUIDE.value)
   cli.check_task_flags()
   from mixpo import models
-  from mixpo.data import write_traces
-  examples = load_examples(models.load_tokenizer(_GUIDE.value))
-  traces = make_traces(_GUIDE.value, examples, _N_PER_PROMPT.value, _MAX_NEW.value,
-                       _TEMPERATURE.value, _BATCH.value, _SEED.value)
+  from mixpo.data.traces import write_trace_prompts
+  examples, reward_fn = load_examples(models.load_tokenizer(_GUIDE.value))
+  prompts, counts = make_traces(_GUIDE.value, examples, _N_PER_PROMPT.value, _MAX_NEW.value,
+                                _TEMPERATURE.value, _BATCH.value, _SEED.value,
+                                with_logp=_LOGP.value, reward_fn=reward_fn)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  write_traces(_OUT.value, traces)
-  logging.info("wrote %d traces for %d prompts to %s", len(traces), len(examples), _OUT.value)
+  write_trace_prompts(_OUT.value, prompts)
+  n = sum(len(p.responses) for p in prompts)
+  logging.info("wrote %d traces for %d of %d prompts to %s (%d of %d samples unfinished within "
+               "--max_new_tokens, not written)", n, len(prompts), len(examples), _OUT.value,
+               counts["unfinished"], counts["samples"])
+
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from mixpo.data.readers import MAX_LINE_BYTES, ReadSummary, read_examples
+from mixpo.data.schemas import dataset_fields
 from mixpo.data.tasks import EVAL_SEED, Example, check_split, derive_seed, register_task, split_of
 from mixpo.rewards.math_answer import math_answer_reward
 
@@ -31,12 +32,16 @@ def _log_summary(summary: ReadSummary) -> None:
 
 class FileTask:
   """Args as in `mixpo.data.readers.read_examples`, plus eval_path / eval_fraction (the held-out
-  split) and max_line_bytes (the JSONL line cap)."""
+  split), max_line_bytes (the JSONL line cap) and schema (mixpo.data.schemas: "verl" reads a
+  verl parquet as it is)."""
 
-  def __init__(self, train_path: str, eval_path: str = "", prompt_field: str = "prompt",
-               answer_field: str = "answer", tokenizer=None, chat_template: bool = False,
+  def __init__(self, train_path: str, eval_path: str = "", prompt_field: str | None = None,
+               answer_field: str | None = None, tokenizer=None, chat_template: bool | None = None,
                max_prompt_tokens: int | None = None, eval_fraction: float = 0.05,
-               skip_bad_rows: bool = True, max_line_bytes: int = MAX_LINE_BYTES):
+               skip_bad_rows: bool = True, max_line_bytes: int = MAX_LINE_BYTES,
+               schema: str = "plain"):
+    prompt_field, answer_field, chat_template = dataset_fields(schema, prompt_field, answer_field,
+                                                               chat_template)
     read = lambda p: read_examples(p, prompt_field, answer_field, tokenizer=tokenizer,
                                    chat_template=chat_template,
                                    max_prompt_tokens=max_prompt_tokens,
