@@ -322,3 +322,13 @@ def model_guide_logp(guide, rows: GuideRows, temperature: float = 1.0) -> np.nda
                             temperature=temperature)
   p = rows.prompt_BxP.shape[1]
   return np.asarray(logp_BxT)[:, p:] * rows.mask_BxN
+
+
+def reward_rows(rows: GuideRows, spec, reward_runner):
+  """(rollout.Groups of `rows` with rewards, reward metrics): the OFF rows as the step's other
+  rows are, each trace rewarded on its full text (`spec` a rollout.SampleSpec: overlong shaping
+  applies as to sampled rows). Padding rows are rewarded "" and must be left out via real_B."""
+  from mixpo.rollout import reward_groups  # noqa: PLC0415
+  return reward_groups(rows.prompts, rows.answers, rows.m, rows.prompt_BxP, rows.prompt_mask_BxP,
+                       rows.tokens_BxN, rows.mask_BxN, rows.lengths_B, rows.truncated_B,
+                       rows.completions, spec, reward_runner, guide_logp=rows.guide_logp_BxN)
