@@ -13,7 +13,8 @@ reward (1 = correct). With --logp (default), each response's tokens are the loop
 of its text (EOS appended) and "guide_logp" the guide's natural-log probability of each of them
 at the sampling temperature, so `--config.guide_logp=file` trains without re-scoring the guide;
 "tokenizer" fingerprints the tokenizer they hold for. Then:
-  python experiments/train.py --config=default --config.guide_source=traces \
+  python experiments/train.py --config=default --workdir=workdir/traces --config.algo=mix1 \
+      --config.builtin_dir=workdir/default/models --config.guide_source=traces \
       --config.traces_path=/tmp/traces.jsonl --config.guide_logp=file
 """
 

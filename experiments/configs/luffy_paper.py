@@ -1,14 +1,14 @@
 r"""LUFFY as published (arXiv 2504.14945): offline guide traces, 7 rollouts + 1 trace per group.
 
-Two commands (traces from the built-in guide, then LUFFY's switches on the built-in task):
-  python experiments/make_traces.py --guide=workdir/luffy_paper/models/guide --task=addition \
+Two commands (after the README's default run has built the built-in models in
+workdir/default/models): traces from the built-in guide, then LUFFY's switches on the built-in task
+  python experiments/make_traces.py --guide=workdir/default/models/guide --task=addition \
       --task_knobs=digits=2,terms=2 --n_prompts=4096 --n_per_prompt=1 --max_new_tokens=6 \
       --out=workdir/traces.jsonl
   python experiments/train.py --config=luffy_paper --workdir=workdir/luffy_paper \
-      --config.traces_path=workdir/traces.jsonl
-(the first builds the guide when run after `train.py --config=default`, or point --guide at any
-checkpoint sharing the policy's tokenizer). For LUFFY's own data, point traces_path at its
-openr1.parquet (verl schema, detected) with task="file" for evaluation.
+      --config.builtin_dir=workdir/default/models --config.traces_path=workdir/traces.jsonl
+(--guide may be any checkpoint sharing the policy's tokenizer). For LUFFY's own data, point
+traces_path at its openr1.parquet (verl schema, detected) and evaluate on a task="file" set.
 
 mixpo's plain `--config.algo=luffy` is the guide-model variant (m online samples of a guide
 checkpoint per prompt, scored by it); this preset is LUFFY's published setting. Each switch and
