@@ -12,10 +12,8 @@ Responses are the guide's finished samples (EOS within --max_new_tokens); "corre
 reward (1 = correct). With --logp (default), each response's tokens are the loop's tokenization
 of its text (EOS appended) and "guide_logp" the guide's natural-log probability of each of them
 at the sampling temperature, so `--config.guide_logp=file` trains without re-scoring the guide;
-"tokenizer" fingerprints the tokenizer they hold for. Then:
-  python experiments/train.py --config=default --workdir=workdir/traces --config.algo=mix1 \
-      --config.builtin_dir=workdir/default/models --config.guide_source=traces \
-      --config.traces_path=/tmp/traces.jsonl --config.guide_logp=file
+"tokenizer" fingerprints the tokenizer they hold for. `mixpo.guide_source.TraceSource` reads the
+file back as a train stream plus each prompt's OFF rows.
 """
 
 import os
