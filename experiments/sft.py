@@ -10,7 +10,7 @@ r"""Supervised fine-tuning on a task's reference answers or a dataset's response
 directory. With --task=file the targets are the --response_field of each --train_path row (a
 worked solution, or a guide trace's response) after the prompt (--prompt_field, rendered with the
 chat template under --chat_template) — e.g. make_traces.py's output, whose prompts are already
-rendered: --train_path=traces.jsonl --response_field=response; with a procedural task they are
+rendered: --train_path=traces.jsonl --response_field=responses.0; with a procedural task they are
 its reference answers. The
 task / dataset flags are train.py's --config.task_kwargs.* fields (mixpo/data/task_options.py).
 The result is written in Hugging Face format (config.json + safetensors + tokenizer) with an eval

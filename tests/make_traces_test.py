@@ -29,7 +29,7 @@ def test_make_traces_task_writes_what_the_loop_reads(tmp_path):
   guide = _guide(tmp_path)
   out = str(tmp_path / "traces.jsonl")
   subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "make_traces.py"),
-                  f"--guide={guide}", "--task=addition", "--task_knobs=digits=1,terms=2",
+                  f"--guide={guide}", "--task=addition", "--digits=1", "--terms=2",
                   "--n_prompts=4", "--n_per_prompt=4", "--max_new_tokens=12", f"--out={out}",
                   "--batch_size=2"], check=True, cwd=ROOT, capture_output=True, timeout=300)
   tok = models.load_tokenizer(guide)
