@@ -1,0 +1,175 @@
+"""models/lora.py, models/peft_io.py and LoRA through train / checkpoint / sharding / loop.
+
+Tiny random checkpoints are built with transformers into tmp dirs (no downloads).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mixpo import models, objectives, sampling, train
+from mixpo.batch import make_batch
+from mixpo.models import lora
+from mixpo.objectives import OFF, ON, ZERO
+
+TINY = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 32,
+    "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+}
+OPT = optax.adam(1e-2)
+CFG = train.StepConfig(objective=objectives.ObjectiveConfig(algo="mix2"))
+
+
+def _tokens(seed=0, b=3, t=9):
+  rng = np.random.default_rng(seed)
+  mask = np.ones((b, t), np.int32)
+  mask[1, :3] = 0  # a left-padded row
+  return rng.integers(0, TINY["vocab_size"], (b, t)).astype(np.int32), mask
+
+
+def _logp(model_or_pair, seed=0):
+  tokens, mask = _tokens(seed)
+  return np.asarray(sampling.score(model_or_pair, tokens, mask))
+
+
+def _randomize_b(model, seed=1, scale=0.2):
+  """Non-zero B (a trained adapter), so that adapters really change the function."""
+  for k, (path, a) in enumerate(sorted(lora.adapters(model).items())):
+    a.b[...] = scale * jax.random.normal(jax.random.key(seed * 1000 + k), a.b.shape)
+  return model
+
+
+def _rl_batch(seed=0, b=8, p=4, n=5):
+  rng = np.random.default_rng(seed)
+  pmask = np.ones((b, p), np.int32)
+  pmask[0, :2] = 0
+  rmask = (np.arange(n)[None] < rng.integers(2, n + 1, b)[:, None]).astype(np.float32)
+  logp = -rng.uniform(1.0, 4.0, (b, n)).astype(np.float32)
+  return make_batch(rng.integers(4, 32, (b, p)), pmask, rng.integers(4, 32, (b, n)), rmask,
+                    old_logp_BxN=logp, guide_logp_BxN=logp - 0.5,
+                    adv_B=rng.standard_normal(b).astype(np.float32),
+                    kind_B=np.array([ON, ON, ZERO, ZERO, OFF, OFF, ON, ZERO], np.int32),
+                    group_B=np.arange(b) // 2)
+
+
+def _lora_model(seed=0, rank=4, **kw):
+  model = models.init_from_config(TINY, rng=seed, **kw)
+  return lora.apply(model, lora.LoraConfig(rank=rank, alpha=2.0 * rank), rng=seed + 100)
+
+
+def _flat(state) -> dict:
+  return {"/".join(map(str, p)): np.array(v.get_value(), copy=True)
+          for p, v in nnx.to_flat_state(state)}
+
+
+# -- the adapted model -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_fresh_adapters_give_logits_identical_to_the_base(param_dtype):
+  model = models.init_from_config(TINY, rng=0, param_dtype=param_dtype)
+  base_logp = _logp(model)
+  lora.apply(model, lora.LoraConfig(rank=4))
+  assert len(lora.adapters(model)) == 2 * 7  # q k v o gate up down in both layers
+  a = model.layers[0].attn.q_proj.lora
+  assert a.a.get_value().dtype == jnp.float32 and np.abs(np.asarray(a.a.get_value())).max() > 0
+  assert not np.asarray(a.b.get_value()).any()  # B = 0: the update starts at exactly zero.
+  np.testing.assert_array_equal(_logp(model), base_logp)
+  _randomize_b(model)
+  assert np.abs(_logp(model) - base_logp).max() > 1e-3  # the hook is really on the forward.
+
+
+def test_fused_projections_apply_each_adapter_to_its_own_slice():
+  """q/k/v (and gate/up) run as one concatenated matmul; each adapter must land on its slice.
+  Reference: the same projections called one by one through Linear.__call__."""
+  model = _randomize_b(_lora_model())
+  attn, mlp = model.layers[0].attn, model.layers[0].mlp
+  x = jax.random.normal(jax.random.key(3), (2, 5, TINY["hidden_size"]))
+  from mixpo.models.layers import fused_linear
+  for projs in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+    for fused, p in zip(fused_linear(projs, x), projs):
+      np.testing.assert_allclose(np.asarray(fused), np.asarray(p(x)), atol=1e-6, rtol=0)
+      assert np.abs(np.asarray(p(x)) - np.asarray(x @ p.kernel[...])).max() > 1e-3
+
+
+def test_targets_select_modules_and_bad_configs_are_named():
+  model = models.init_from_config(TINY, rng=0)
+  lora.apply(model, lora.LoraConfig(rank=2, targets=r"layers/1/attn/[qv]_proj/kernel$"))
+  assert sorted(lora.adapters(model)) == ["layers/1/attn/q_proj", "layers/1/attn/v_proj"]
+  with pytest.raises(ValueError, match="already has a LoRA adapter"):
+    lora.apply(model, lora.LoraConfig(rank=2, targets=r"layers/1/attn/q_proj"))
+  with pytest.raises(ValueError, match="matches no Linear"):
+    lora.apply(models.init_from_config(TINY, rng=0), lora.LoraConfig(targets=r"qkv_proj"))
+  with pytest.raises(ValueError, match="lm_head"):
+    lora.apply(models.init_from_config(TINY, rng=0), lora.LoraConfig(targets=r"kernel$"))
+  with pytest.raises(ValueError, match="config.lora.dropout"):
+    lora.LoraConfig(dropout=0.1)
+  with pytest.raises(ValueError, match="rank"):
+    lora.LoraConfig(rank=0)
+
+
+# -- training: only adapters ---------------------------------------------------------------------
+
+
+def test_gradients_optimizer_and_state_hold_only_adapters_and_the_base_stays_frozen():
+  policy = train.Policy(_lora_model(param_dtype=jnp.bfloat16))
+  base_before = _flat(policy.base)
+  assert base_before and all(not "/lora/" in p for p in base_before)
+  assert all(v.dtype == jnp.bfloat16 for v in base_before.values())  # storable in bf16
+  state = train.init_state(policy, OPT, 0)
+  names = set(_flat(state.params))
+  assert names and all(p.endswith(("/lora/a", "/lora/b")) for p in names)
+  n_adapter = sum(x.size for x in jax.tree.leaves(state.params))
+  n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state))
+  assert n_opt == 2 * n_adapter + 1  # Adam's mu and nu over the adapters, plus its count.
+  # The gradient of the objective is a tree over the adapters only, non-zero on B (A's is 0
+  # while B = 0: d(x·A·B)/dA = xᵀ·dy·Bᵀ).
+  batch = _rl_batch()
+  def loss(params):
+    logp = sampling.token_logp(policy.merge(params), batch.tokens_BxT, batch.mask_BxT,
+                               batch.positions_BxT)
+    return objectives.objective(logp, batch.old_logp_BxT, batch.guide_logp_BxT, batch.adv_B,
+                                batch.kind_B, batch.loss_mask_BxT, CFG.objective)[0]
+  grads = _flat(jax.grad(loss)(policy.params))
+  assert set(grads) == names
+  assert all(np.abs(g).max() > 0 for p, g in grads.items() if p.endswith("/b"))
+  step = train.make_train_step(policy, OPT, CFG)
+  a0 = _flat(state.params)
+  for _ in range(2):  # step 1 moves B off zero; step 2 then moves A too.
+    state, metrics = step(state, batch)
+  assert float(metrics["skipped_updates"]) == 0
+  a2 = _flat(state.params)
+  assert all(np.abs(a2[p] - a0[p]).max() > 0 for p in names)
+  for p, v in _flat(policy.base).items():
+    np.testing.assert_array_equal(v, base_before[p])
+
+
+def test_theta_old_is_base_plus_adapters_and_the_reference_is_the_base_alone():
+  model = models.init_from_config(TINY, rng=0)
+  base_logp = _logp(model)
+  lora.apply(model, lora.LoraConfig(rank=4))
+  _randomize_b(model)
+  policy = train.Policy(model)
+  np.testing.assert_array_equal(_logp(policy.pair(policy.params)), _logp(model))
+  np.testing.assert_array_equal(_logp(policy.reference_pair()), base_logp)
+  np.testing.assert_array_equal(_logp(lora.without_adapters(model)), base_logp)
+  assert lora.has_adapters(model)  # without_adapters leaves the model itself alone.
+  # The reference shares the base's arrays: no copy of the weights.
+  ref_graphdef, ref_state = policy.reference_pair()
+  assert all(a is b for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(policy.base)))
+  assert train.Policy(models.init_from_config(TINY, rng=0)).reference_pair() is None
+
+
+def test_merged_kernels_equal_the_adapter_forward():
+  model = _randomize_b(_lora_model())
+  merged = lora.merged(model)
+  assert not lora.has_adapters(merged) and lora.has_adapters(model)
+  np.testing.assert_allclose(_logp(merged), _logp(model), atol=1e-5, rtol=0)
+  q = model.layers[0].attn.q_proj
+  assert np.abs(np.asarray(merged.layers[0].attn.q_proj.kernel[...])
+                - np.asarray(q.kernel[...])).max() > 1e-3  # the model's own kernel is untouched.
