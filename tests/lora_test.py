@@ -3,6 +3,8 @@
 Tiny random checkpoints are built with transformers into tmp dirs (no downloads).
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +175,122 @@ def test_merged_kernels_equal_the_adapter_forward():
   q = model.layers[0].attn.q_proj
   assert np.abs(np.asarray(merged.layers[0].attn.q_proj.kernel[...])
                 - np.asarray(q.kernel[...])).max() > 1e-3  # the model's own kernel is untouched.
+
+
+# -- export: merged HF weights and PEFT adapters -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+  """(dir, torch model) of a tiny random Qwen2 (q/k/v biases, untied head) made by transformers."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=32,
+                                 max_position_embeddings=32, tie_word_embeddings=False)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  path = str(tmp_path_factory.mktemp("hf_base"))
+  model.save_pretrained(path)
+  return path, model
+
+
+def _hf_model(path):
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+
+
+def _torch_logits(torch_model, tokens):
+  import torch
+  with torch.no_grad():
+    return torch_model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def test_merged_export_loads_in_transformers_with_the_adapter_logits(hf_base, tmp_path):
+  path, _ = hf_base
+  model = _randomize_b(lora.apply(models.from_pretrained(path), lora.LoraConfig(rank=4)))
+  tokens, _ = _tokens(t=8)
+  want = np.asarray(model(tokens))
+  merged = lora.merged(model)
+  np.testing.assert_allclose(np.asarray(merged(tokens)), want, atol=1e-5, rtol=0)
+  models.save_pretrained(merged, str(tmp_path))
+  np.testing.assert_allclose(_torch_logits(_hf_model(str(tmp_path)), tokens), want, atol=1e-4,
+                             rtol=0)
+
+
+def test_peft_adapter_written_by_mixpo_loads_in_peft(hf_base, tmp_path):
+  import peft
+  from mixpo.models import peft_io
+  path, _ = hf_base
+  cfg = lora.LoraConfig(rank=4, alpha=6.0, targets=r"(attn/[qv]_proj|mlp/down_proj)/kernel$")
+  model = _randomize_b(lora.apply(models.from_pretrained(path), cfg))
+  models.save_adapter(model, str(tmp_path), base_model_name_or_path=path)
+  with open(tmp_path / "adapter_config.json") as f:
+    written = json.load(f)
+  assert written["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+  assert written["r"] == 4 and written["lora_alpha"] == 6.0
+  from safetensors import safe_open
+  with safe_open(str(tmp_path / "adapter_model.safetensors"), "numpy") as f:
+    a = f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    assert a.shape == (4, 32)  # torch orientation [r, in]
+  peft_model = peft.PeftModel.from_pretrained(_hf_model(path), str(tmp_path)).eval()
+  tokens, _ = _tokens(t=8)
+  base_logits = _torch_logits(_hf_model(path), tokens)
+  got = _torch_logits(peft_model, tokens)
+  want = np.asarray(model(tokens))
+  assert np.abs(want - base_logits).max() > 1e-2  # the adapter really changes the logits.
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # Back into mixpo: the same adapters, bit for bit.
+  back = models.from_pretrained(path)
+  got_cfg = models.load_adapter(back, str(tmp_path))
+  assert got_cfg.rank == 4 and got_cfg.scaling == cfg.scaling
+  assert sorted(lora.adapters(back)) == sorted(lora.adapters(model))
+  for p, ad in lora.adapters(model).items():
+    np.testing.assert_array_equal(np.asarray(lora.adapters(back)[p].b[...]), np.asarray(ad.b[...]))
+  # Layers adapted unevenly are listed by full module name.
+  partial = lora.apply(models.from_pretrained(path),
+                       lora.LoraConfig(rank=2, targets=r"layers/1/attn/q_proj/kernel$"))
+  models.save_adapter(partial, str(tmp_path / "partial"))
+  assert peft_io.read_config(str(tmp_path / "partial"))["target_modules"] == [
+      "model.layers.1.self_attn.q_proj"]
+
+
+def test_peft_adapter_made_by_peft_imports_into_mixpo(hf_base, tmp_path):
+  import peft
+  import torch
+  path, _ = hf_base
+  torch.manual_seed(1)
+  peft_cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["k_proj", "o_proj", "up_proj"],
+                             init_lora_weights=False)  # random B: a "trained" adapter
+  peft_model = peft.get_peft_model(_hf_model(path), peft_cfg).eval()
+  peft_model.save_pretrained(str(tmp_path))
+  model = models.from_pretrained(path)
+  cfg = models.load_adapter(model, str(tmp_path))
+  assert cfg.rank == 4 and cfg.scaling == 3.0 and len(lora.adapters(model)) == 6
+  tokens, _ = _tokens(t=8)
+  np.testing.assert_allclose(np.asarray(model(tokens)), _torch_logits(peft_model, tokens),
+                             atol=1e-4, rtol=0)
+  # rslora scaling (alpha / sqrt(r)) is honoured too.
+  peft_cfg = peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj"], use_rslora=True,
+                             init_lora_weights=False)
+  peft_model = peft.get_peft_model(_hf_model(path), peft_cfg).eval()
+  peft_model.save_pretrained(str(tmp_path / "rs"))
+  model = models.from_pretrained(path)
+  models.load_adapter(model, str(tmp_path / "rs"))
+  np.testing.assert_allclose(np.asarray(model(tokens)), _torch_logits(peft_model, tokens),
+                             atol=1e-4, rtol=0)
+
+
+def test_unsupported_peft_adapters_are_refused_by_field(hf_base, tmp_path):
+  import peft
+  path, _ = hf_base
+  peft.get_peft_model(_hf_model(path), peft.LoraConfig(
+      r=2, target_modules=["q_proj"], use_dora=True)).save_pretrained(str(tmp_path / "dora"))
+  with pytest.raises(ValueError, match="use_dora"):
+    models.load_adapter(models.from_pretrained(path), str(tmp_path / "dora"))
+  with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    models.load_adapter(models.from_pretrained(path), str(tmp_path))
