@@ -294,3 +294,55 @@ def test_unsupported_peft_adapters_are_refused_by_field(hf_base, tmp_path):
     models.load_adapter(models.from_pretrained(path), str(tmp_path / "dora"))
   with pytest.raises(FileNotFoundError, match="adapter_config.json"):
     models.load_adapter(models.from_pretrained(path), str(tmp_path))
+
+
+# -- checkpoints: adapters + optimizer, tied to their base ----------------------------------------
+
+
+def test_base_fingerprint_changes_with_any_bit_and_ignores_placement():
+  policy = train.Policy(_lora_model())
+  fp = lora.fingerprint(policy.base)
+  assert fp == lora.fingerprint(jax.tree.map(jnp.copy, policy.base))
+  assert fp["num_params"] == sum(x.size for x in jax.tree.leaves(policy.base))
+  flat = nnx.to_flat_state(policy.base)
+  def edited(fn):
+    out = []
+    for p, v in flat:
+      x = v.get_value()
+      out.append((p, v.replace(fn(x)) if "/".join(map(str, p)) == "layers/1/mlp/up_proj/kernel"
+                  else v))
+    return nnx.from_flat_state(out)
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint32)
+  one_bit = lambda x: jax.lax.bitcast_convert_type(bits(x).at[3, 5].set(bits(x)[3, 5] ^ 1),
+                                                    jnp.float32)
+  swapped = lambda x: x[::-1]  # same values, other positions
+  for fn in (one_bit, swapped, lambda x: x.astype(jnp.bfloat16)):
+    assert lora.fingerprint(edited(fn))["checksum"] != fp["checksum"]
+
+
+def test_lora_resume_is_bit_identical_and_another_base_is_refused(tmp_path):
+  from mixpo import checkpoint
+  policy = train.Policy(_lora_model())
+  base_id = {"path": "/models/base", **lora.fingerprint(policy.base)}
+  step = train.make_train_step(policy, OPT, CFG, donate=False)
+  state = train.init_state(policy, OPT, 0)
+  with checkpoint.Checkpointer(tmp_path, save_every=1, keep=2, async_save=False) as ckpt:
+    ckpt.check_base(base_id)
+    state, _ = step(state, _rl_batch(0))
+    ckpt.save(1, state)
+    state, _ = step(state, _rl_batch(1))
+  with checkpoint.Checkpointer(tmp_path, save_every=1, keep=2) as ckpt:
+    ckpt.check_base(base_id)
+    # The target is adapters + optimizer only; orbax refuses a tree of another structure.
+    _, restored, _ = ckpt.restore_latest(train.init_state(policy, OPT, 7))
+  restored, _ = step(restored, _rl_batch(1))
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = {"path": "/models/base", **lora.fingerprint(train.Policy(_lora_model(seed=1)).base)}
+  with checkpoint.Checkpointer(tmp_path, save_every=1, keep=2) as ckpt:
+    with pytest.raises(checkpoint.BaseMismatchError, match="different base model.*checksum"):
+      ckpt.check_base(other)
+    with pytest.raises(checkpoint.BaseMismatchError, match="path"):
+      ckpt.check_base({**base_id, "path": "/models/other"})
+    ckpt.check_base(other, overwrite=True)  # deletes the other base's adapters
+    assert ckpt.restore_latest(train.init_state(policy, OPT, 0)) is None

@@ -171,3 +171,36 @@ def merged(model: nnx.Module) -> nnx.Module:
       var = var.replace((x.astype(jnp.float32) + delta).astype(x.dtype))
     flat.append((path, var))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _leaf_checksums(x: jax.Array) -> jax.Array:
+  """uint32 [2]: the sum of x's bit patterns and their position-weighted sum, both mod 2^32.
+
+  Integer sums are exact and order-free, so the result does not depend on how x is sharded or
+  in which order XLA reduces it (a float sum would). Positions come from per-dimension iotas,
+  not a reshape, which would move a sharded array's data.
+  """
+  width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+  index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+  for d in reversed(range(x.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride)
+    stride = (stride * x.shape[d]) % 2**32
+  weight = index * jnp.uint32(2654435761) + jnp.uint32(1)  # Knuth's multiplicative hash.
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+
+def fingerprint(state) -> dict:
+  """{"num_params", "checksum"} of a parameter state (e.g. `train.Policy.base`): identifies the
+  frozen base a LoRA checkpoint was trained on. One jitted pass over the (sharded) arrays on
+  device; the same for any mesh layout; changes with any bit, path, shape or dtype."""
+  import hashlib  # noqa: PLC0415
+
+  flat = sorted((_module_path(p), v.get_value()) for p, v in nnx.to_flat_state(state))
+  sums = jax.device_get(jax.jit(lambda xs: [_leaf_checksums(x) for x in xs])(
+      [x for _, x in flat]))
+  h = hashlib.sha256()
+  for (path, x), s in zip(flat, sums):
+    h.update(f"{path}:{tuple(x.shape)}:{jnp.dtype(x.dtype).name}:{int(s[0])}:{int(s[1])};"
+             .encode())
+  return {"num_params": int(sum(x.size for _, x in flat)), "checksum": h.hexdigest()[:32]}
