@@ -346,3 +346,77 @@ def test_lora_resume_is_bit_identical_and_another_base_is_refused(tmp_path):
       ckpt.check_base({**base_id, "path": "/models/other"})
     ckpt.check_base(other, overwrite=True)  # deletes the other base's adapters
     assert ckpt.restore_latest(train.init_state(policy, OPT, 0)) is None
+
+
+# -- config.lora through loop ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def builtin_dir(tmp_path_factory):
+  from experiments.configs import smoke
+  from mixpo import builtin
+  d = str(tmp_path_factory.mktemp("builtin"))
+  builtin.ensure_builtin_models(d, smoke.get_config().builtin)
+  return d
+
+
+def _smoke(builtin_dir, **overrides):
+  from experiments.configs import smoke
+  c = smoke.get_config()
+  c.builtin_dir = builtin_dir
+  c.export_hf = False
+  c.lora.rank = 4
+  c.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}  # gives groups reward variance
+  c.warmup_steps = 0  # the first update already moves the adapters.
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_default_config_targets_are_the_library_default():
+  from experiments.configs import default
+  c = default.get_config()
+  assert c.lora.targets == lora.DEFAULT_TARGETS and c.lora.rank == 0
+
+
+def test_lora_run_trains_adapters_end_to_end_and_exports_merged_and_peft(builtin_dir, tmp_path):
+  import shutil
+  from mixpo import checkpoint, loop
+  policy_dir = str(tmp_path / "policy")
+  shutil.copytree(f"{builtin_dir}/policy_init", policy_dir)
+  config = _smoke(builtin_dir, algo="mix2", num_steps=2, export_hf=True, policy=policy_dir)
+  workdir = str(tmp_path / "run")
+  summary = loop.run(config, workdir)
+  assert summary["final_step"] == 2
+  with open(f"{workdir}/checkpoints/{checkpoint.BASE_FILE}") as f:
+    base = json.load(f)
+  assert base["path"] == policy_dir and len(base["checksum"]) == 32
+  merged = models.from_pretrained(f"{workdir}/export")
+  adapted = models.from_pretrained(policy_dir)
+  got = models.load_adapter(adapted, f"{workdir}/export_adapter")
+  assert got.rank == 4 and len(lora.adapters(adapted)) == 7  # the smoke policy has 1 layer.
+  assert any(np.abs(np.asarray(a.b[...])).max() > 0 for a in lora.adapters(adapted).values())
+  np.testing.assert_allclose(_logp(merged), _logp(adapted), atol=1e-5, rtol=0)
+  # Other weights at the same path (same config): the adapters are refused, before any compute.
+  shutil.copy(f"{builtin_dir}/guide/model.safetensors", f"{policy_dir}/model.safetensors")
+  config.num_steps = 3
+  with pytest.raises(checkpoint.BaseMismatchError, match="different base model"):
+    loop.run(config, workdir)
+
+
+@pytest.mark.parametrize("algo", ["grpo"] + [pytest.param(a, marks=pytest.mark.slow)
+                                             for a in ("dapo", "luffy", "mix1")])
+def test_every_other_algo_takes_a_lora_step(builtin_dir, tmp_path, algo):
+  from mixpo import loop, rl
+  from mixpo.logging import PhaseTimer
+  exp, state, ckpt, _ = loop.setup(_smoke(builtin_dir, algo=algo), str(tmp_path))
+  ckpt.close()
+  base = _flat(exp.policy.base)
+  b0 = {p: v for p, v in _flat(state.params).items() if p.endswith("/b")}
+  state, _, metrics, _ = rl.rl_step(exp, state, 0, PhaseTimer())
+  exp.reward_runner.close()
+  assert metrics["loss/skipped_updates"] == 0
+  b1 = _flat(state.params)
+  assert any(np.abs(b1[p] - v).max() > 0 for p, v in b0.items())
+  for p, v in _flat(exp.policy.base).items():
+    np.testing.assert_array_equal(v, base[p])
