@@ -420,3 +420,78 @@ def test_every_other_algo_takes_a_lora_step(builtin_dir, tmp_path, algo):
   assert any(np.abs(b1[p] - v).max() > 0 for p, v in b0.items())
   for p, v in _flat(exp.policy.base).items():
     np.testing.assert_array_equal(v, base[p])
+
+
+# -- sharding: adapters follow their kernel's rules -----------------------------------------------
+
+_MESH_WORKER = r'''
+import copy, json, sys
+import jax, numpy as np
+jax.config.update("jax_numpy_rank_promotion", "raise")
+sys.path.insert(0, sys.argv[1])
+import lora_test as t
+from mixpo import sampling, sharding, train
+from mixpo.models import lora
+
+def run(policy, mesh):
+  state = jax.tree.map(lambda x: x.copy(), train.init_state(policy, t.OPT, 0))  # step donates it
+  batch = t._rl_batch()
+  if mesh is None:
+    step = train.make_train_step(policy, t.OPT, t.CFG)
+  else:
+    policy = copy.copy(policy)  # the base placed by the rules, as from_pretrained(shardings=) does
+    policy.base = jax.device_put(policy.base, sharding.tree_shardings(policy.base, mesh))
+    state_sh = sharding.train_state_shardings(state, mesh)
+    state = jax.device_put(state, state_sh)
+    step = train.make_train_step(policy, t.OPT, t.CFG,
+                                 shardings=(state_sh, sharding.batch_sharding(mesh)))
+    batch = sharding.shard_rows(jax.device_get(batch), mesh)
+  losses = []
+  for _ in range(2):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  logp = np.asarray(sampling.score(policy.pair(state.params), *t._tokens()))
+  return losses, jax.tree.leaves(jax.device_get(state)), logp, lora.fingerprint(policy.base), state
+
+policy = train.Policy(t._lora_model())
+ref = run(policy, None)
+out = {"devices": jax.device_count()}
+for shape in [(1, 2, 1), (1, 1, 2)]:
+  mesh = sharding.make_mesh(shape)
+  with jax.set_mesh(mesh):
+    got = run(policy, mesh)
+  out[str(shape)] = {
+      "loss": max(abs(a - b) for a, b in zip(got[0], ref[0])),
+      "state": max(float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+                   for a, b in zip(got[1], ref[1])),
+      "logp": float(np.abs(got[2] - ref[2]).max()),
+      "fingerprint_equal": got[3] == ref[3],
+      "specs": sharding.describe(got[4].params),
+      "opt_specs": sharding.describe(got[4].opt_state)}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_lora_on_a_two_device_mesh_equals_one_device():
+  import os
+  import subprocess
+  import sys
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(here), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  p = subprocess.run([sys.executable, "-c", _MESH_WORKER, here], env=env, capture_output=True,
+                     text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  out = json.loads([l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+  assert out["devices"] == 2
+  for shape in ("(1, 2, 1)", "(1, 1, 2)"):  # fsdp and tensor: where adapters get split
+    r = out[shape]
+    assert r["loss"] < 1e-5 and r["state"] < 3e-5 and r["logp"] < 1e-5, (shape, r)
+    assert r["fingerprint_equal"], shape  # the base checksum is independent of the layout.
+  fsdp, tensor = out["(1, 2, 1)"]["specs"], out["(1, 1, 2)"]["specs"]
+  assert fsdp["layers/0/attn/q_proj/lora/a"] == "P('fsdp', None)"  # like the kernel's input dim
+  assert fsdp["layers/0/mlp/down_proj/lora/b"] == "P(None, 'fsdp')"  # like the kernel's output
+  assert tensor["layers/0/attn/q_proj/lora/b"] == "P(None, 'tensor')"
+  assert tensor["layers/0/attn/o_proj/lora/a"] == "P('tensor', None)"
+  assert any(k.endswith("mu/layers/0/attn/o_proj/lora/a") and v == "P('tensor', None)"
+             for k, v in out["(1, 1, 2)"]["opt_specs"].items())
