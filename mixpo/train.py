@@ -103,7 +103,10 @@ class Policy:
     """The model from trained `params` (+ the frozen base: `base`, default `self.base`)."""
     if self.base is None:
       return nnx.merge(self.graphdef, params)
-    return nnx.merge(self.graphdef, params, self.base if base is None else base)
+    # New Variables at the caller's trace level: under grad w.r.t. `params` the base's would
+    # belong to the outer trace, and nnx.remat refuses to write back into those.
+    base = jax.tree.map(lambda x: x, self.base if base is None else base)
+    return nnx.merge(self.graphdef, params, base)
 
   def pair(self, params) -> tuple:
     if self.base is None:

@@ -151,6 +151,19 @@ def test_gradients_optimizer_and_state_hold_only_adapters_and_the_base_stays_fro
     np.testing.assert_array_equal(v, base_before[p])
 
 
+def test_lora_train_step_with_remat_equals_without():
+  """nnx.remat writes variables back; the frozen base must not come from an outer trace."""
+  out = []
+  for remat in (True, False):
+    policy = train.Policy(_lora_model(remat=remat))
+    step = train.make_train_step(policy, OPT, CFG, donate=False)
+    state, metrics = step(train.init_state(policy, OPT, 0), _rl_batch())
+    out.append((float(metrics["loss"]), _flat(state.params)))
+  assert abs(out[0][0] - out[1][0]) < 1e-6
+  for p, v in out[0][1].items():
+    np.testing.assert_allclose(v, out[1][1][p], atol=1e-6, rtol=0)
+
+
 def test_theta_old_is_base_plus_adapters_and_the_reference_is_the_base_alone():
   model = models.init_from_config(TINY, rng=0)
   base_logp = _logp(model)
@@ -495,3 +508,24 @@ def test_lora_on_a_two_device_mesh_equals_one_device():
   assert tensor["layers/0/attn/o_proj/lora/a"] == "P('tensor', None)"
   assert any(k.endswith("mu/layers/0/attn/o_proj/lora/a") and v == "P('tensor', None)"
              for k, v in out["(1, 1, 2)"]["opt_specs"].items())
+
+
+def test_memory_plan_reports_lora_next_to_full():
+  import sys
+  import os
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments import memory_plan
+  out = memory_plan.plan(TINY, (1, 1, 1), param_dtype="float32", dtype="float32",
+                         guide_dtype="bfloat16", train_rows=2, seq_len=16, rollout_rows=2,
+                         rollout_len=16, remat=True, lora_rank=4, lora_base_dtype="bfloat16")
+  full, lo = out["per_device"], out["lora"]["per_device"]
+  n, n_lora = out["num_params"], out["lora"]["num_trained_params"]
+  d, f, kv, layers = 32, 48, 16, 2
+  assert n_lora == layers * 4 * (2 * (d + d) + 2 * (d + kv) + 3 * (d + f))  # q o, k v, mlp
+  assert out["lora"]["num_params"] == n + n_lora
+  assert full["params"] == 4 * n and full["base"] == 0
+  assert 0 <= full["optimizer"] - 8 * n < 64  # Adam's mu and nu (+ its step count)
+  assert lo["params"] == 4 * n_lora and 0 <= lo["optimizer"] - 8 * n_lora < 64
+  assert lo["base"] == 2 * n  # bf16, frozen: no gradient, no moments
+  assert lo["guide"] == full["guide"] and lo["kv_cache"] == full["kv_cache"]
+  assert 0 < lo["step_temp"] and out["lora"]["total"] < out["total"]
