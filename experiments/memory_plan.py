@@ -49,6 +49,8 @@ _ROLLOUT_ROWS = flags.DEFINE_integer("rollout_rows", 0, "Rows generated at once 
 _ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "KV-cache length (0: seq_len).")
 _REMAT = flags.DEFINE_bool("remat", True, "Rematerialise each layer in the backward pass.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the plan as JSON here.")
+_COMPILE = flags.DEFINE_bool("compile", True, "Compile the step for step_temp (slow at 7B+); "
+                             "--nocompile reports the other figures only (step_temp 0).")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "Also plan LoRA at this rank (0: full only).")
 _LORA_BASE_DTYPE = flags.DEFINE_string("lora_base_dtype", "bfloat16",
                                        "Storage dtype of the frozen base under LoRA.")
@@ -72,10 +74,12 @@ def _set_devices():
 
 
 def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_rows, seq_len,
-         rollout_rows, rollout_len, remat, lora_rank=0, lora_base_dtype="bfloat16") -> dict:
+         rollout_rows, rollout_len, remat, lora_rank=0, lora_base_dtype="bfloat16",
+         compile_step=True) -> dict:
   """The full fine-tuning plan; with lora_rank > 0 the LoRA plan under the key "lora"."""
   kw = dict(dtype=dtype, guide_dtype=guide_dtype, train_rows=train_rows, seq_len=seq_len,
-            rollout_rows=rollout_rows, rollout_len=rollout_len, remat=remat)
+            rollout_rows=rollout_rows, rollout_len=rollout_len, remat=remat,
+            compile_step=compile_step)
   out = _plan(hf_config, mesh_shape, param_dtype=param_dtype, lora_rank=0, **kw)
   if lora_rank:
     out["lora"] = _plan(hf_config, mesh_shape, param_dtype=lora_base_dtype, lora_rank=lora_rank,
@@ -84,7 +88,7 @@ def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_
 
 
 def _plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_rows, seq_len,
-          rollout_rows, rollout_len, remat, lora_rank) -> dict:
+          rollout_rows, rollout_len, remat, lora_rank, compile_step) -> dict:
   import dataclasses
   import types
 
@@ -147,7 +151,7 @@ def _plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train
       compiled = step.lower(sharding.abstract(st, st_sh), batch).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  t1, t2 = step_temp(1), step_temp(2)
+  t1, t2 = (step_temp(1), step_temp(2)) if compile_step else (0, 0)
   act_b = t1 + (config.num_layers - 1) * (t2 - t1)
   per_device = {"params": params_b, "optimizer": opt_b, "base": base_b, "guide": guide_b,
                 "kv_cache": kv_b, "step_temp": act_b}
@@ -170,7 +174,7 @@ def main(argv):
              guide_dtype=_GUIDE_DTYPE.value, train_rows=_TRAIN_ROWS.value,
              seq_len=_SEQ_LEN.value, rollout_rows=_ROLLOUT_ROWS.value,
              rollout_len=_ROLLOUT_LEN.value, remat=_REMAT.value, lora_rank=_LORA_RANK.value,
-             lora_base_dtype=_LORA_BASE_DTYPE.value)
+             lora_base_dtype=_LORA_BASE_DTYPE.value, compile_step=_COMPILE.value)
   budget = _MEMORY.value * GIB
   plans = [out] + ([out["lora"]] if "lora" in out else [])
   for p in plans:
@@ -184,7 +188,7 @@ def main(argv):
   for k in out["per_device"]:
     print(f"  {k:<12}" + "".join(f"{p['per_device'][k] / GIB:12.2f}" for p in plans))
   print(f"  {'total':<12}" + "".join(f"{p['total'] / GIB:12.2f}" for p in plans)
-        + f"   of {_MEMORY.value:g} GiB")
+        + f"   of {_MEMORY.value:g} GiB" + ("" if _COMPILE.value else " (step_temp not compiled)"))
   print(f"  {'fits':<12}" + "".join(f"{'yes' if p['fits'] else 'NO':>12}" for p in plans))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
