@@ -1,11 +1,18 @@
 r"""Per-device memory plan of an RL run for a Hugging Face config.json and a mesh; no weights.
 
   python experiments/memory_plan.py --config=experiments/configs/hf/qwen2.5-7b.json \
-      --mesh=1,16,1 --device_memory_gib=16
+      --mesh=1,16,1 --device_memory_gib=16 [--lora_rank=16]
+
+With --lora_rank=r > 0 (default 16) the LoRA plan is reported next to the full one: the frozen
+base in --lora_base_dtype (`base`), rank-r float32 adapters on every block projection as the
+trained `params` with their AdamW `optimizer` state, the same guide / KV cache, and the step's
+temporaries compiled with adapters (no base weight gradients). θ_old scoring and a KL reference
+(the base with adapters off) reuse the base: nothing extra.
 
 How each figure is obtained (nothing is allocated at model size):
   params / optimizer / guide  nnx.eval_shape of the model and jax.eval_shape of optimizer.init,
                               each leaf's shard shape under sharding.PARAM_RULES on the mesh;
+  base (LoRA)                 the frozen base's shard shapes under the same rules;
   kv_cache                    eval_shape of CausalLM.init_cache(rollout_rows, rollout_len)
                               sharded by sharding.KV_LBKSH;
   step_temp (activations)     temp_size_in_bytes of the compiled, sharded train_step
@@ -42,6 +49,11 @@ _ROLLOUT_ROWS = flags.DEFINE_integer("rollout_rows", 0, "Rows generated at once 
 _ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "KV-cache length (0: seq_len).")
 _REMAT = flags.DEFINE_bool("remat", True, "Rematerialise each layer in the backward pass.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the plan as JSON here.")
+_COMPILE = flags.DEFINE_bool("compile", True, "Compile the step for step_temp (slow at 7B+); "
+                             "--nocompile reports the other figures only (step_temp 0).")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "Also plan LoRA at this rank (0: full only).")
+_LORA_BASE_DTYPE = flags.DEFINE_string("lora_base_dtype", "bfloat16",
+                                       "Storage dtype of the frozen base under LoRA.")
 
 GIB = 2**30
 
@@ -62,7 +74,21 @@ def _set_devices():
 
 
 def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_rows, seq_len,
-         rollout_rows, rollout_len, remat) -> dict:
+         rollout_rows, rollout_len, remat, lora_rank=0, lora_base_dtype="bfloat16",
+         compile_step=True) -> dict:
+  """The full fine-tuning plan; with lora_rank > 0 the LoRA plan under the key "lora"."""
+  kw = dict(dtype=dtype, guide_dtype=guide_dtype, train_rows=train_rows, seq_len=seq_len,
+            rollout_rows=rollout_rows, rollout_len=rollout_len, remat=remat,
+            compile_step=compile_step)
+  out = _plan(hf_config, mesh_shape, param_dtype=param_dtype, lora_rank=0, **kw)
+  if lora_rank:
+    out["lora"] = _plan(hf_config, mesh_shape, param_dtype=lora_base_dtype, lora_rank=lora_rank,
+                        **kw)
+  return out
+
+
+def _plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_rows, seq_len,
+          rollout_rows, rollout_len, remat, lora_rank, compile_step) -> dict:
   import dataclasses
   import types
 
@@ -72,7 +98,7 @@ def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_
 
   from mixpo import sharding, train
   from mixpo.batch import Batch
-  from mixpo.models import CausalLM, from_hf_config
+  from mixpo.models import CausalLM, from_hf_config, lora
 
   mesh = sharding.make_mesh(mesh_shape)
   shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
@@ -85,7 +111,10 @@ def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_
   optimizer = train.make_optimizer(train.OptimConfig())
 
   def abstract_state(cfg):
-    model = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    def build():
+      model = CausalLM(cfg, rngs=nnx.Rngs(0))
+      return lora.apply(model, lora.LoraConfig(rank=lora_rank)) if lora_rank else model
+    model = nnx.eval_shape(build)
     policy = train.Policy(model)
     state = jax.eval_shape(lambda p: train.init_state(types.SimpleNamespace(params=p), optimizer,
                                                       0), policy.params)
@@ -95,14 +124,18 @@ def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_
   state_sh = sharding.train_state_shardings(state, mesh)
   params_b = sharding.bytes_per_device(state.params, state_sh.params)
   opt_b = sharding.bytes_per_device(state.opt_state, state_sh.opt_state)
+  base = policy.base if lora_rank else None  # LoRA's frozen base; else `params` is the model
+  base_b = 0 if base is None else sharding.bytes_per_device(
+      base, sharding.tree_shardings(base, mesh))
   guide_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(guide_dtype)),
-                              state.params)
+                              state.params if base is None else base)
   guide_b = sharding.bytes_per_device(guide_params, sharding.tree_shardings(guide_params, mesh))
   cache = jax.eval_shape(lambda: model.init_cache(rollout_rows, rollout_len))
   kv_sh = jax.sharding.NamedSharding(mesh, sharding.fit_spec(sharding.KV_LBKSH, cache.k.shape,
                                                              mesh))
   kv_b = 2 * sharding.bytes_per_device(cache.k, kv_sh)
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.params, base)))
+  num_trained = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
 
   def step_temp(num_layers):
     cfg = dataclasses.replace(config, num_layers=num_layers)
@@ -118,11 +151,12 @@ def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_
       compiled = step.lower(sharding.abstract(st, st_sh), batch).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  t1, t2 = step_temp(1), step_temp(2)
+  t1, t2 = (step_temp(1), step_temp(2)) if compile_step else (0, 0)
   act_b = t1 + (config.num_layers - 1) * (t2 - t1)
-  per_device = {"params": params_b, "optimizer": opt_b, "guide": guide_b, "kv_cache": kv_b,
-                "step_temp": act_b}
-  return {"mesh": shape, "num_params": num_params, "train_rows": train_rows, "seq_len": seq_len,
+  per_device = {"params": params_b, "optimizer": opt_b, "base": base_b, "guide": guide_b,
+                "kv_cache": kv_b, "step_temp": act_b}
+  return {"mesh": shape, "num_params": num_params, "num_trained_params": num_trained,
+          "lora_rank": lora_rank, "train_rows": train_rows, "seq_len": seq_len,
           "rollout_rows": rollout_rows, "rollout_len": rollout_len,
           "step_temp_per_layer": t2 - t1, "step_temp_1_layer": t1,
           "per_device": per_device, "total": sum(per_device.values())}
@@ -139,16 +173,23 @@ def main(argv):
   out = plan(hf_config, _mesh_shape(), param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value,
              guide_dtype=_GUIDE_DTYPE.value, train_rows=_TRAIN_ROWS.value,
              seq_len=_SEQ_LEN.value, rollout_rows=_ROLLOUT_ROWS.value,
-             rollout_len=_ROLLOUT_LEN.value, remat=_REMAT.value)
+             rollout_len=_ROLLOUT_LEN.value, remat=_REMAT.value, lora_rank=_LORA_RANK.value,
+             lora_base_dtype=_LORA_BASE_DTYPE.value, compile_step=_COMPILE.value)
   budget = _MEMORY.value * GIB
-  out.update(config=_CONFIG.value, device_memory_gib=_MEMORY.value, fits=out["total"] <= budget,
+  plans = [out] + ([out["lora"]] if "lora" in out else [])
+  for p in plans:
+    p["fits"] = p["total"] <= budget
+  out.update(config=_CONFIG.value, device_memory_gib=_MEMORY.value,
              peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
   print(f"{os.path.basename(_CONFIG.value)}  mesh {out['mesh']}  "
-        f"({out['num_params'] / 1e9:.2f}B params)")
-  for k, v in out["per_device"].items():
-    print(f"  {k:<12} {v / GIB:8.2f} GiB")
-  print(f"  {'total':<12} {out['total'] / GIB:8.2f} GiB of {_MEMORY.value:g} GiB: "
-        f"{'fits' if out['fits'] else 'does NOT fit'}")
+        f"({out['num_params'] / 1e9:.2f}B params)  GiB per device")
+  names = ["full"] + [f"LoRA r={p['lora_rank']}" for p in plans[1:]]
+  print(f"  {'':<12}" + "".join(f"{n:>12}" for n in names))
+  for k in out["per_device"]:
+    print(f"  {k:<12}" + "".join(f"{p['per_device'][k] / GIB:12.2f}" for p in plans))
+  print(f"  {'total':<12}" + "".join(f"{p['total'] / GIB:12.2f}" for p in plans)
+        + f"   of {_MEMORY.value:g} GiB" + ("" if _COMPILE.value else " (step_temp not compiled)"))
+  print(f"  {'fits':<12}" + "".join(f"{'yes' if p['fits'] else 'NO':>12}" for p in plans))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(out, f, indent=1)

@@ -3,6 +3,7 @@
 Layout of `directory`:
 ```
 fingerprint.json           the run config that wrote these checkpoints (a different run is refused)
+base.json                  LoRA runs: path + checksum of the frozen base the adapters belong to
 <step>/                    one orbax step directory; orbax only renames it into place once complete
   state/                   the TrainState pytree (ocp.args.StandardSave)
   extra/                   JSON dict: data position, run config, counters (ocp.args.JsonSave)
@@ -32,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 FINGERPRINT_FILE = "fingerprint.json"
+BASE_FILE = "base.json"
 MANIFEST_FILE = "mixpo_manifest.json"
 DEFAULT_MIN_FREE_BYTES = 256 * 2**20  # Refuse to start below this much free disk.
 
@@ -45,6 +47,10 @@ class CheckpointDirectoryError(OSError):
 
 class FingerprintMismatchError(ValueError):
   """The directory holds checkpoints of a run with a different config."""
+
+
+class BaseMismatchError(FingerprintMismatchError):
+  """The directory holds LoRA adapters trained on a different frozen base model."""
 
 
 class NoValidCheckpointError(RuntimeError):
@@ -253,11 +259,23 @@ class Checkpointer:
                    and os.path.isdir(os.path.join(self.directory, n))),
                   key=lambda n: (int(re.match(r"\d+", n).group()), n))
 
-  def _check_fingerprint(self, fingerprint, overwrite: bool) -> None:
+  def check_base(self, base: dict, overwrite: bool = False) -> None:
+    """Refuses (BaseMismatchError) a directory whose checkpoints hold LoRA adapters of another
+    frozen base; `base` identifies this run's (path, `lora.fingerprint`). Checkpoints of an
+    adapter run hold adapters + optimizer only, so they are meaningless on any other base.
+    overwrite: delete those checkpoints instead, as for a different config."""
+    self._check_fingerprint(base, overwrite, BASE_FILE, BaseMismatchError,
+                            "LoRA adapters trained on a different base model",
+                            "Resume onto the original base weights")
+    self._mngr.reload()
+
+  def _check_fingerprint(self, fingerprint, overwrite: bool, file: str = FINGERPRINT_FILE,
+                         error=FingerprintMismatchError, what="a run with a different config",
+                         hint="Resume with the original config") -> None:
     if fingerprint is None:
       return
     new = _canonical(fingerprint, f"Checkpointer({self.directory!r}) fingerprint")
-    path = os.path.join(self.directory, FINGERPRINT_FILE)
+    path = os.path.join(self.directory, file)
     entries = self._step_entries()
     old = None
     if os.path.exists(path):
@@ -265,19 +283,18 @@ class Checkpointer:
         with open(path) as f:
           old = json.load(f)
       except (OSError, ValueError) as e:
-        old = f"<unreadable {FINGERPRINT_FILE}: {e}>"
+        old = f"<unreadable {file}: {e}>"
     if old == new:
       return
     if entries:  # A fingerprint without checkpoints protects nothing: just replace it.
       if old is None:
-        why = f"checkpoints {entries} but no {FINGERPRINT_FILE} (written by an unknown run)"
+        why = f"checkpoints {entries} but no {file} (written by an unknown run)"
       else:
-        why = "checkpoints of a run with a different config; differing keys: " + "; ".join(
-            fingerprint_diff(old, new))
+        why = f"checkpoints of {what}; differing keys: " + "; ".join(fingerprint_diff(old, new))
       if not overwrite:
-        raise FingerprintMismatchError(
-            f"checkpoint directory {self.directory!r} holds {why}. Resume with the original "
-            "config, use another directory, or pass overwrite=True to delete them.")
+        raise error(
+            f"checkpoint directory {self.directory!r} holds {why}. {hint}, use another "
+            "directory, or pass overwrite=True to delete them.")
       if _is_primary():
         logging.warning("Checkpoint directory %s: overwrite=True, deleting %s (it held %s).",
                         self.directory, entries, why)

@@ -21,6 +21,7 @@ from absl import logging
 from mixpo import builtin, checkpoint, models, rl, sharding, train
 from mixpo import logging as mlog
 from mixpo.data import task_options
+from mixpo.models import lora
 from mixpo.rewards import RewardRunner, custom
 from mixpo.rewards.overlong import OverlongConfig
 from mixpo.rollout import SampleSpec
@@ -65,10 +66,33 @@ def model_options(config, guide: bool = False) -> dict:
           "attention_impl": config.model.attention_impl}
 
 
+def lora_config(config) -> lora.LoraConfig | None:
+  """`config.lora` as a LoraConfig (checked before any compute), None when rank is 0."""
+  c = config.get("lora")
+  if c is None or not c.rank:
+    return None
+  return lora.LoraConfig(rank=int(c.rank), alpha=float(c.alpha), targets=c.targets,
+                         dropout=float(c.dropout))
+
+
+def _apply_lora(config, cfg: lora.LoraConfig | None, model) -> None:
+  """Fresh adapters (A random, B = 0) on the policy, or config.lora.init_from's PEFT adapter."""
+  if cfg is None:
+    return
+  if not config.lora.init_from:
+    lora.apply(model, cfg, rng=config.seed)
+    return
+  got = models.load_adapter(model, config.lora.init_from)
+  if got.rank != cfg.rank:
+    raise ValueError(f"config.lora.init_from={config.lora.init_from!r} holds rank-{got.rank} "
+                     f"adapters but config.lora.rank={cfg.rank}; set config.lora.rank={got.rank}.")
+
+
 def setup(config, workdir: str):
   """Returns (experiment, initial TrainState, Checkpointer, eval examples)."""
   checkpoint.check_directory(workdir)  # creates it; a clear error if unwritable or full.
   rl.validate(config)
+  lora_cfg = lora_config(config)
   if (jax.default_backend() == "gpu" and config.model.dtype == "float32"
       and jax.config.jax_default_matmul_precision in (None, "default")):
     # Measured on an H200 (jax 0.11.2): logits 3.8e-4 from transformers' instead of < 1e-4, and
@@ -116,7 +140,11 @@ def setup(config, workdir: str):
                               cache_len=config.overlong_cache, mask_truncated=config.mask_truncated)
   spec = SampleSpec(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                     top_p=config.top_p, top_k=config.top_k, overlong=overlong)
+  _apply_lora(config, lora_cfg, model)
   policy = train.Policy(model)
+  if policy.base is not None:  # the checkpoints hold adapters only: tie them to this base.
+    ckpt.check_base({"path": os.path.abspath(policy_path), **lora.fingerprint(policy.base)},
+                    overwrite=config.overwrite)
   optimizer = train.make_optimizer(train.OptimConfig(
       learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
       weight_decay=config.weight_decay, grad_clip=config.grad_clip))
@@ -267,13 +295,19 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str) -> dict:
   if rows:
     summary["final_eval_accuracy"] = rows[-1]["eval/accuracy"]
     summary.setdefault("initial_eval_accuracy", rows[0]["eval/accuracy"])
-  export_params = state.params
+  export_params, export_base = state.params, exp.policy.base
   if jax.process_count() > 1 and config.export_hf and not summary["preempted"]:
     # A collective: every process joins; process 0 then holds the full (host) weights and writes.
-    export_params = sharding.to_host(state.params)
+    export_params, export_base = sharding.to_host((state.params, exp.policy.base))
   if is_main and not summary["preempted"]:
     if config.export_hf:
-      models.save_pretrained(exp.policy.merge(export_params), os.path.join(workdir, "export"))
+      export = exp.policy.merge(export_params, export_base)
+      if export_base is not None:  # LoRA: the adapters alone (PEFT), then the merged weights.
+        with open(os.path.join(ckpt.directory, checkpoint.BASE_FILE)) as f:
+          base_path = json.load(f)["path"]
+        models.save_adapter(export, os.path.join(workdir, "export_adapter"), base_path)
+        export = lora.merged(export)
+      models.save_pretrained(export, os.path.join(workdir, "export"))
       exp.tokenizer.save_pretrained(os.path.join(workdir, "export"))
     summary["plots"] = mlog.plot_run(workdir)
     with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -49,6 +49,10 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"norm/scale$", P(None)),  # [D] or [H]: tiny, replicated.
 )
 
+# LoRA adapters (mixpo/models/lora.py) of the Linear at `<module>`: `<module>/lora/a` [in, r] is
+# split like its kernel's input dim, `<module>/lora/b` [r, out] like the output; r never is.
+_ADAPTER = re.compile(r"^(.*)/lora/([ab])$")
+
 ACT_BTD = P(BATCH_AXES, None, None)  # activations at layer borders.
 KV_LBKSH = P(None, BATCH_AXES, "tensor", None, None)  # KVCache.k / .v (head-major)
 ROWS_B = P(BATCH_AXES)  # anything with a leading batch dim (Batch fields, prompts).
@@ -122,9 +126,18 @@ def spec_for(path: str, shape: Sequence[int], mesh, rules=PARAM_RULES) -> P:
   """The fitted spec of one parameter (or optimizer-state leaf) named by its path."""
   if len(shape) == 0:
     return P()
+  adapter = _ADAPTER.search(path)
+  if adapter:
+    kernel = list(_rule(adapter[1] + "/kernel", shape, rules)) + [None, None]
+    return fit_spec(P(kernel[0], None) if adapter[2] == "a" else P(None, kernel[1]), shape, mesh)
+  return fit_spec(_rule(path, shape, rules), shape, mesh)
+
+
+def _rule(path: str, shape: Sequence[int], rules) -> P:
+  """The spec of the first rule whose regex is found in `path` (not yet fitted to a mesh)."""
   for pattern, spec in rules:
     if re.search(pattern, path):
-      return fit_spec(spec, shape, mesh)
+      return spec
   raise ValueError(f"no partition rule matches parameter path {path!r} (shape {tuple(shape)}); "
                    "add a (regex, PartitionSpec) entry to sharding.PARAM_RULES or the rules "
                    "passed in.")

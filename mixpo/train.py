@@ -2,12 +2,15 @@
 
 The policy is an NNX module split once into a static `graphdef` and its parameters; the jitted
 steps close over the graphdef and see only arrays (`TrainState`, `Batch`). The guide never enters
-this module: its parameters cannot be updated by construction.
+this module: its parameters cannot be updated by construction. With LoRA adapters on the model
+(mixpo/models/lora.py) the trained parameters are the adapters alone; the frozen base is held by
+`Policy.base` and passed to the jitted steps as a separate, never-differentiated argument.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import chex
@@ -18,13 +21,15 @@ from flax import nnx
 
 from mixpo import objectives
 from mixpo import sampling
+from mixpo import sharding
+from mixpo.models import lora
 from mixpo.batch import Batch
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-  params: Any  # nnx.State of the policy's nnx.Param variables.
+  params: Any  # nnx.State of the trained nnx.Params: all of them, or the LoRA adapters only.
   opt_state: Any  # optax state.
   step: jax.Array  # int32 scalar: number of RL (or SFT) steps taken.
   rng: jax.Array  # uint32 raw PRNG key data (jax.random.key_data), advanced every step.
@@ -73,24 +78,67 @@ class StepConfig:
 
 
 class Policy:
-  """The policy's static graphdef and its initial parameters (`nnx.split`).
+  """The policy's static graphdef, its initial trained parameters and (LoRA) its frozen base.
 
-  Every variable of the model must be an `nnx.Param`: the whole state is what gets trained, and
-  `(policy.graphdef, state.params)` is the pair `sampling.generate` / `sampling.score` accept.
+  Every variable of the model must be an `nnx.Param`. Without adapters the whole state is
+  trained (`base` is None); with LoRA adapters (`lora.apply`) `params` holds the adapters only and
+  `base` every other parameter. `pair(state.params)` is what `sampling.generate` /
+  `sampling.score` accept: with LoRA that is base + current adapters (θ_old at no extra memory).
   """
 
   def __init__(self, model: nnx.Module):
-    self.graphdef, self.params = nnx.split(model)
-    others = [p for p, v in nnx.to_flat_state(self.params) if not isinstance(v, nnx.Param)]
+    _, state = nnx.split(model)
+    others = [p for p, v in nnx.to_flat_state(state) if not isinstance(v, nnx.Param)]
     if others:
       raise ValueError(f"Policy: non-parameter variables {others[:3]} in the model; the trainer "
                        "treats the whole model state as trainable parameters.")
+    self.base, self.reference_graphdef = None, None
+    if lora.has_adapters(model):
+      self.graphdef, self.params, self.base = lora.split(model)
+      self.reference_graphdef = nnx.graphdef(lora.without_adapters(model))
+    else:
+      self.graphdef, self.params = nnx.split(model)
 
-  def merge(self, params) -> nnx.Module:
-    return nnx.merge(self.graphdef, params)
+  def merge(self, params, base=None) -> nnx.Module:
+    """The model from trained `params` (+ the frozen base: `base`, default `self.base`)."""
+    if self.base is None:
+      return nnx.merge(self.graphdef, params)
+    # New Variables at the caller's trace level: under grad w.r.t. `params` the base's would
+    # belong to the outer trace, and nnx.remat refuses to write back into those.
+    base = jax.tree.map(lambda x: x, self.base if base is None else base)
+    return nnx.merge(self.graphdef, params, base)
 
   def pair(self, params) -> tuple:
-    return (self.graphdef, params)
+    if self.base is None:
+      return (self.graphdef, params)
+    return (self.graphdef, nnx.merge_state(self.base, params))
+
+  def reference_pair(self) -> tuple | None:
+    """(graphdef, state) of the base alone, adapters off: the KL reference of a LoRA policy,
+    scored by the same `sampling.score` and sharing the base's arrays. None without LoRA (a
+    full fine-tuning reference needs its own copy of the initial weights)."""
+    if self.base is None:
+      return None
+    return (self.reference_graphdef, self.base)
+
+
+class BoundStep:
+  """`step(state, batch)`: a jitted `step(state, batch, base)` with the policy's frozen LoRA base
+  bound (None without LoRA). Closed over instead, jit would embed the base's arrays in the
+  program as constants; as an argument they are used in place."""
+
+  def __init__(self, jitted, base):
+    self.jitted, self.base = jitted, base
+
+  def __call__(self, state: TrainState, batch: Batch):
+    return self.jitted(state, batch, self.base)
+
+  def lower(self, state, batch, base=None):
+    """jit's `lower` (e.g. abstract inputs for a memory plan); base: default the bound one."""
+    return self.jitted.lower(state, batch, self.base if base is None else base)
+
+  def _cache_size(self) -> int:
+    return self.jitted._cache_size()
 
 
 def init_state(policy: Policy, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
@@ -124,7 +172,8 @@ def _guarded_update(optimizer, params, opt_state, grads, loss):
 def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg: StepConfig,
                     donate: bool = True, shardings: tuple | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """Returns `train_step(state, batch) -> (state, metrics)`, jitted once with donated state.
+  """Returns `train_step(state, batch) -> (state, metrics)`, jitted once with donated state
+  (a `BoundStep`: the LoRA base, if any, is a separate jit argument, placed by the rules).
 
   shardings: None (default: placement follows the inputs), or (state_shardings, batch_sharding)
   from `mixpo.sharding` (a TrainState of NamedShardings and one NamedSharding for every Batch
@@ -137,8 +186,8 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
   """
   ocfg = cfg.objective
 
-  def micro_loss(params, mb: Batch, denoms):
-    model = policy.merge(params)
+  def micro_loss(params, mb: Batch, denoms, base):
+    model = policy.merge(params, base)
     logp, ent = sampling.token_logp(model, mb.tokens_BxT, mb.mask_BxT, mb.positions_BxT,
                                     temperature=cfg.temperature, chunk_size=cfg.score_chunk,
                                     return_entropy=True)
@@ -149,21 +198,21 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-  def minibatch_update(carry, mb: Batch):
+  def minibatch_update(carry, mb: Batch, base):
     params, opt_state, skipped = carry
     denoms = objectives.denominators(mb.kind_B, mb.loss_mask_BxT)
     micro = jax.tree.map(
         lambda x: x.reshape((cfg.num_micro_batches, -1) + x.shape[1:]), mb)
 
     def accumulate(acc, m):
-      (loss, metrics), grads = grad_fn(params, m, denoms)
+      (loss, metrics), grads = grad_fn(params, m, denoms, base)
       acc_loss, acc_grads, acc_metrics = acc
       return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads),
               jax.tree.map(jnp.add, acc_metrics, metrics)), None
 
     # params passed in, not closed over: nnx.remat inside eval_shape rejects outer-trace values.
-    zero_metrics = jax.eval_shape(lambda p, m, d: micro_loss(p, m, d)[1], params,
-                                  jax.tree.map(lambda x: x[0], micro), denoms)
+    zero_metrics = jax.eval_shape(lambda p, m, d, b: micro_loss(p, m, d, b)[1], params,
+                                  jax.tree.map(lambda x: x[0], micro), denoms, base)
     init = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
     (loss, grads, metrics), _ = jax.lax.scan(accumulate, init, micro)
@@ -174,7 +223,7 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
     metrics["update_ok"] = ok.astype(jnp.float32)
     return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
 
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, batch: Batch, base):
     b = batch.tokens_BxT.shape[0]
     cfg.check(b)
     key = jax.random.wrap_key_data(state.rng)
@@ -185,7 +234,7 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
       perm = jax.random.permutation(ek, b)
       mbs = jax.tree.map(
           lambda x: x[perm].reshape((cfg.num_minibatches, -1) + x.shape[1:]), batch)
-      carry, metrics = jax.lax.scan(minibatch_update, carry, mbs)
+      carry, metrics = jax.lax.scan(functools.partial(minibatch_update, base=base), carry, mbs)
       all_metrics.append(metrics)
     params, opt_state, skipped = carry
     metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.concatenate(xs)), *all_metrics)
@@ -197,11 +246,14 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
 
   donate_argnums = (0,) if donate else ()
   if shardings is None:
-    return jax.jit(train_step, donate_argnums=donate_argnums)
+    return BoundStep(jax.jit(train_step, donate_argnums=donate_argnums), policy.base)
   state_sh, batch_sh = shardings
   metrics_sh = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(train_step, donate_argnums=donate_argnums, in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, metrics_sh))
+  base_sh = (None if policy.base is None else
+             sharding.tree_shardings(policy.base, batch_sh.mesh))
+  return BoundStep(jax.jit(train_step, donate_argnums=donate_argnums,
+                           in_shardings=(state_sh, batch_sh, base_sh),
+                           out_shardings=(state_sh, metrics_sh)), policy.base)
 
 
 def make_sft_step(policy: Policy, optimizer: optax.GradientTransformation, score_chunk=None,
@@ -211,23 +263,23 @@ def make_sft_step(policy: Policy, optimizer: optax.GradientTransformation, score
   Used to make the built-in guide and the weak starting policy from reference solutions.
   """
 
-  def loss_fn(params, batch: Batch):
-    model = policy.merge(params)
+  def loss_fn(params, batch: Batch, base):
+    model = policy.merge(params, base)
     logp = sampling.token_logp(model, batch.tokens_BxT, batch.mask_BxT, batch.positions_BxT,
                                chunk_size=score_chunk)
     nll, _ = objectives.masked_mean(-logp, batch.loss_mask_BxT)
     return nll
 
-  def sft_step(state: TrainState, batch: Batch):
+  def sft_step(state: TrainState, batch: Batch, base):
     chex.assert_rank(batch.tokens_BxT, 2)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, base)
     params, opt_state, ok = _guarded_update(optimizer, state.params, state.opt_state, grads, loss)
     new_state = dataclasses.replace(state, params=params, opt_state=opt_state,
                                     step=state.step + 1,
                                     skipped=state.skipped + (~ok).astype(jnp.int32))
     return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
-  return jax.jit(sft_step, donate_argnums=(0,) if donate else ())
+  return BoundStep(jax.jit(sft_step, donate_argnums=(0,) if donate else ()), policy.base)
 
 
 class NonFiniteUpdateError(RuntimeError):

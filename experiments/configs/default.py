@@ -113,6 +113,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.export_hf = True  # write the final policy in Hugging Face format to workdir/export.
   c.overwrite = False  # allow a workdir holding a different run's checkpoints (deletes them).
   c.progress = True
+  # --- LoRA (docs/scaling.md): train low-rank adapters on a frozen base instead of every weight.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # adapter rank r; 0 = off (full fine-tuning).
+  c.lora.alpha = 32.0  # the update x·A·B is scaled by alpha / r.
+  # Regex over Linear kernel paths (mixpo/models/hf_io.py): every decoder-block projection.
+  c.lora.targets = r"layers/\d+/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$"
+  c.lora.dropout = 0.0  # only 0: a stochastic forward breaks ratio = 1 at θ = θ_old.
+  # A PEFT adapter directory to start from ("" = fresh: A random, B = 0); its alpha and target
+  # modules replace the two above, its r must equal rank. The final adapter is exported to
+  # workdir/export_adapter (PEFT) next to the merged weights in workdir/export.
+  c.lora.init_from = ""
   # --- scale-out (docs/scaling.md)
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor) device mesh; -1 = the remaining devices.
   return c

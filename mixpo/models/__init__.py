@@ -5,14 +5,19 @@
   attention.py  the attention kernels, chosen by backend (attention_impl="auto")
   model.py   CausalLM (forward, hidden_states, logits_from_hidden, init_cache, decode), KVCache
   hf_io.py   from_pretrained / save_pretrained / load_tokenizer and the HF <-> mixpo name table
+  lora.py    LoRA adapters on the Linear layers (apply, merged, without_adapters)
+  peft_io.py LoRA adapters in and out in PEFT's layout (save_adapter / load_adapter)
 """
 
 from mixpo.models import attention
 from mixpo.models.config import ModelConfig, from_hf_config
 from mixpo.models.hf_io import HF_NAME_TABLE, from_pretrained, load_tokenizer, save_pretrained
+from mixpo.models.lora import LoraConfig
 from mixpo.models.model import CausalLM, KVCache, check_tokens, init_from_config
+from mixpo.models.peft_io import load_adapter, save_adapter
 
 __all__ = [
     "ModelConfig", "CausalLM", "KVCache", "init_from_config", "from_pretrained", "save_pretrained",
-    "load_tokenizer", "from_hf_config", "check_tokens", "HF_NAME_TABLE",
+    "load_tokenizer", "from_hf_config", "check_tokens", "HF_NAME_TABLE", "LoraConfig",
+    "save_adapter", "load_adapter",
 ]

@@ -66,9 +66,15 @@ class Linear(nnx.Module):
     init = jax.nn.initializers.normal(init_std)
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), config.param_dtype))
     self.bias = (nnx.Param(jnp.zeros((out_features,), config.param_dtype)) if use_bias else None)
+    self.lora = nnx.data(None)  # optional low-rank adapter (mixpo/models/lora.py).
 
   def __call__(self, x_xI: jax.Array) -> jax.Array:
-    return self.add_bias(matmul(x_xI.astype(self.dtype), self.kernel[...].astype(self.dtype)))
+    x_xI = x_xI.astype(self.dtype)
+    return self.add_bias(self.add_adapter(x_xI, matmul(x_xI, self.kernel[...].astype(self.dtype))))
+
+  def add_adapter(self, x_xI: jax.Array, y_xO: jax.Array) -> jax.Array:
+    """y + the LoRA update of x (see mixpo/models/lora.py); y unchanged without an adapter."""
+    return y_xO if self.lora is None else y_xO + self.lora(x_xI)
 
   def add_bias(self, y_xO: jax.Array) -> jax.Array:
     """y + bias (broadcast over the leading axes); y unchanged without a bias."""
@@ -91,11 +97,12 @@ def fused_linear(projections, x_xI: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(p(x_xI) for p in projections)
   dtype = projections[0].dtype
   kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=1)
-  y = matmul(x_xI.astype(dtype), kernel)
+  x_xI = x_xI.astype(dtype)
+  y = matmul(x_xI, kernel)
   outs, start = [], 0
   for p in projections:
     width = p.kernel.shape[1]
-    outs.append(p.add_bias(y[..., start:start + width]))
+    outs.append(p.add_bias(p.add_adapter(x_xI, y[..., start:start + width])))
     start += width
   return tuple(outs)
 
