@@ -43,6 +43,9 @@ EXTRAS = {
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
+        # The LoRA adapter round trip is checked against PEFT itself (mixpo writes the format
+        # without importing it).
+        "peft>=0.21,<1",
     ],
     "bench": ["torch>=2.5"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.12"],  # NVIDIA, CUDA 12 wheels (driver >= 525).
