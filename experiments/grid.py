@@ -14,9 +14,10 @@ import time
 
 from absl import logging
 
-_BASE_SCHEME_ALGOS = ("grpo", "dapo", "luffy")  # always under the "dapo" partition scheme.
-GRIDS = {"main": ("grpo", "dapo", "luffy", "mix1", "mix2"), "gamma": ("mix2",),
-         "scheme": ("mix1", "mix2")}
+from mixpo import algorithms
+
+# {grid: algorithms}, from each table entry's `grids` (mixpo/algorithms.py).
+GRIDS = algorithms.grids()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,8 @@ def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gamma
       if grid == "scheme":
         schemes = ["paper", "dapo"]
       else:
-        schemes = ["dapo" if algo in _BASE_SCHEME_ALGOS else base.scheme]
+        # The baselines run under the scheme their papers' losses use (the entry's grid_scheme).
+        schemes = [algorithms.get(algo).grid_scheme or base.scheme]
       for scheme in schemes:
         for gamma in gammas:
           cells.extend(Cell(grid, regime, int(table[regime]), algo, scheme, gamma, int(s))

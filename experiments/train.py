@@ -1,4 +1,4 @@
-r"""RL training binary: GRPO / DAPO / LUFFY / Mix-1 / Mix-2 on a task, with resume.
+r"""RL training binary: any algorithm of mixpo/algorithms.py's table on a task, with resume.
 
   python experiments/train.py --config=default --workdir=workdir/default
   python experiments/train.py --config=experiments/configs/smoke.py --workdir=/tmp/s --algo=dapo
@@ -20,12 +20,12 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mixpo import cli  # noqa: E402
+from mixpo import algorithms  # noqa: E402  (the table only: no jax computation at import)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (or a short "
                                           "name: default, smoke, qwen2.5-math-1.5b).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, plots).")
-_ALGO = flags.DEFINE_enum("algo", None, ["grpo", "dapo", "luffy", "mix1", "mix2"],
-                          "Shortcut for --config.algo.")
+_ALGO = flags.DEFINE_enum("algo", None, list(algorithms.names()), "Shortcut for --config.algo.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
                                  "(multi-host TPU pods / GPU clusters).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port "

@@ -14,11 +14,13 @@ from mixpo.objectives import OFF, ON, ZERO
 SCHEMES = ("paper", "dapo")
 
 
-def group_advantages(rewards, group_ids, pool_mask, eps=1e-6):
+def group_advantages(rewards, group_ids, pool_mask, eps=1e-6, std_normalize=True):
   """(R − mean) / (std + eps) within each group, over the members where `pool_mask` is true.
 
   The std is the sample std (ddof=1). Members outside the pool, and every member of a group with
-  fewer than 2 pool members, get 0. All arguments are [B]; returns float32 [B].
+  fewer than 2 pool members, get 0. With `std_normalize=False` the advantage is R − mean (Dr. GRPO,
+  arXiv 2503.20783: dividing by the std up-weights groups that are almost all right or all wrong).
+  All arguments are [B]; returns float32 [B].
   """
   chex.assert_rank([rewards, group_ids, pool_mask], 1)
   chex.assert_equal_shape([rewards, group_ids, pool_mask])
@@ -30,7 +32,7 @@ def group_advantages(rewards, group_ids, pool_mask, eps=1e-6):
   mean_B = (w_BxB @ r) / jnp.maximum(count_B, 1.0)
   sq_BxB = jnp.square(r[None, :] - mean_B[:, None]) * w_BxB
   var_B = jnp.sum(sq_BxB, axis=1) / jnp.maximum(count_B - 1.0, 1.0)
-  adv = (r - mean_B) / (jnp.sqrt(var_B) + eps)
+  adv = (r - mean_B) / (jnp.sqrt(var_B) + eps) if std_normalize else r - mean_B
   return jnp.where(pool & (count_B >= 2), adv, 0.0)
 
 
@@ -70,25 +72,21 @@ def partition(rewards, group_ids, is_guide, scheme):
   return jnp.where(guide, OFF, kind).astype(jnp.int32)
 
 
-def advantages_for(rewards, group_ids, kind, algo, scheme):
-  """Advantages of every sample, normalised over the pool its algorithm uses (per prompt group).
+def pooled_advantages(rewards, group_ids, kind, pools, real_B=None, std_normalize=True):
+  """Σ over `pools` of the group advantages normalised over each pool (per prompt group).
 
-  grpo / dapo: over the whole on-policy group (ON ∪ ZERO); ZERO groups have no variance → 0.
-  mix1: A over ON, B over OFF (paper eqs. 1-2).
-  mix2: A over ON, B and C jointly over OFF ∪ ZERO (paper eqs. 6-7).
-  luffy: jointly over all on- and off-policy samples of the group (LUFFY's mixed normalisation).
-  `scheme` only decides `kind` upstream (see `partition`); it is accepted here so that callers
-  state which partition produced `kind`, and validated.
+  pools: a tuple of pools, each a tuple of set kinds (e.g. ((ON,), (OFF, ZERO)) is Mix-2's: A over
+  ON, B and C jointly over OFF ∪ ZERO); a sample outside every pool gets 0. The algorithm table
+  (mixpo/algorithms.py) names each algorithm's pools. real_B: bool [B], False on padding rows,
+  which then never enter a pool (their advantage is 0 and they move no group's mean or std).
   """
-  if scheme not in SCHEMES:
-    raise ValueError(f"advantages scheme={scheme!r}: expected one of {SCHEMES}.")
-  on, zero, off = kind == ON, kind == ZERO, kind == OFF
-  if algo in ("grpo", "dapo"):
-    return group_advantages(rewards, group_ids, on | zero)
-  if algo == "luffy":
-    return group_advantages(rewards, group_ids, on | zero | off)
-  if algo == "mix1":
-    return group_advantages(rewards, group_ids, on) + group_advantages(rewards, group_ids, off)
-  if algo == "mix2":
-    return group_advantages(rewards, group_ids, on) + group_advantages(rewards, group_ids, off | zero)
-  raise ValueError(f"advantages algo={algo!r}: expected grpo, dapo, luffy, mix1 or mix2.")
+  chex.assert_equal_shape([rewards, group_ids, kind])
+  real = jnp.ones(kind.shape, bool) if real_B is None else real_B.astype(bool)
+  total = None
+  for pool in pools:
+    member = kind == pool[0]
+    for k in pool[1:]:
+      member = member | (kind == k)
+    a = group_advantages(rewards, group_ids, member & real, std_normalize=std_normalize)
+    total = a if total is None else total + a
+  return jnp.zeros(rewards.shape, jnp.float32) if total is None else total

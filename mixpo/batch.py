@@ -26,7 +26,12 @@ class Batch:
   guide_logp_BxT: jax.Array  # float32 log-probs under the guide ϕ (0 when πϕ ≡ 1).
   adv_B: jax.Array  # float32 advantage per sequence.
   kind_B: jax.Array  # int32 ON=0 / ZERO=1 / OFF=2.
-  group_B: jax.Array  # int32 prompt-group id.
+  group_B: jax.Array  # int32 prompt-group id (the row's slot in the batch).
+  # bool, False on padding rows (unfilled static slots): they enter no advantage pool, and their
+  # loss mask is 0, so they enter no loss term.
+  real_B: jax.Array
+  # float32 log-probs under the frozen KL reference; None when the KL penalty is off.
+  ref_logp_BxT: jax.Array | None = None
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -38,7 +43,11 @@ class Batch:
     chex.assert_shape(
         [self.tokens_BxT, self.mask_BxT, self.positions_BxT, self.loss_mask_BxT,
          self.old_logp_BxT, self.guide_logp_BxT], (b, t))
-    chex.assert_shape([self.adv_B, self.kind_B, self.group_B], (b,))
+    chex.assert_shape([self.adv_B, self.kind_B, self.group_B, self.real_B], (b,))
+    chex.assert_type(self.real_B, jnp.bool_)
+    if self.ref_logp_BxT is not None:
+      chex.assert_shape(self.ref_logp_BxT, (b, t))
+      chex.assert_type(self.ref_logp_BxT, jnp.float32)
     chex.assert_type([self.tokens_BxT, self.positions_BxT, self.kind_B, self.group_B], jnp.int32)
     chex.assert_type([self.loss_mask_BxT, self.old_logp_BxT, self.guide_logp_BxT, self.adv_B],
                      jnp.float32)
@@ -56,9 +65,10 @@ def positions_from_mask(mask_BxT):
 
 def make_batch(prompt_BxP, prompt_mask_BxP, response_BxN, response_mask_BxN, *,
                old_logp_BxN=None, guide_logp_BxN=None, adv_B=None, kind_B=None,
-               group_B=None) -> Batch:
+               group_B=None, real_B=None) -> Batch:
   """Concatenates prompts and responses into a `Batch`; response-aligned log-probs are padded
-  on the left with P zeros so that they align with the full token row."""
+  on the left with P zeros so that they align with the full token row. real_B (bool [B], default
+  all True) marks padding rows False; their loss mask is zeroed here."""
   prompt_BxP = np.asarray(prompt_BxP, np.int32)
   response_BxN = np.asarray(response_BxN, np.int32)
   b, p = prompt_BxP.shape
@@ -72,7 +82,9 @@ def make_batch(prompt_BxP, prompt_mask_BxP, response_BxN, response_mask_BxN, *,
     return np.concatenate([np.full((b, p), fill, np.float32), x], axis=1)
 
   tokens = np.concatenate([prompt_BxP, response_BxN], axis=1)
-  resp_mask = np.asarray(response_mask_BxN, np.float32)
+  real = np.ones(b, bool) if real_B is None else np.asarray(real_B, bool)
+  chex.assert_shape(real, (b,))
+  resp_mask = np.asarray(response_mask_BxN, np.float32) * real[:, None]
   mask = np.concatenate([np.asarray(prompt_mask_BxP, np.int32), resp_mask.astype(np.int32)], 1)
   return Batch(
       tokens_BxT=jnp.asarray(tokens),
@@ -84,4 +96,5 @@ def make_batch(prompt_BxP, prompt_mask_BxP, response_BxN, response_mask_BxN, *,
       adv_B=jnp.asarray(np.zeros(b, np.float32) if adv_B is None else adv_B, jnp.float32),
       kind_B=jnp.asarray(np.zeros(b, np.int32) if kind_B is None else kind_B, jnp.int32),
       group_B=jnp.asarray(np.arange(b) if group_B is None else group_B, jnp.int32),
+      real_B=jnp.asarray(real),
   ).check()

@@ -230,9 +230,9 @@ def check_task(task: str, options, knobs: str, flag: Callable[[str], str],
 
 def check_config(config) -> None:
   """Every check that needs no model: UserError naming `--config.<field>` and the fix."""
-  from mixpo import advantages, objectives, rl
+  from mixpo import advantages, algorithms, rl
   from mixpo.rewards import custom
-  _enum("--config.algo", config.algo, objectives.ALGOS)
+  _enum("--config.algo", config.algo, algorithms.names())
   _enum("--config.scheme", config.scheme, advantages.SCHEMES)
   _enum("--config.guide_logp", config.guide_logp, ("model", "one"))
   _enum("--config.shaping_grad", config.shaping_grad, ("exact", "paper_step"))
@@ -258,7 +258,7 @@ def check_config(config) -> None:
                     ">= 1 or -1 for the remaining devices, e.g. --config.mesh_shape='(-1,1,1)'.")
   if config.policy != "builtin":
     _checkpoint_dir("--config.policy", config.policy)
-  if config.guide not in ("builtin", "") and rl.num_guide(config):
+  if config.guide not in ("builtin", "") and algorithms.get(config.algo).guided:
     _checkpoint_dir("--config.guide", config.guide)
   check_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
              lambda o: "--config." + (o if o in ("task", "task_knobs") else f"task_kwargs.{o}"))

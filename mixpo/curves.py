@@ -56,12 +56,15 @@ def clip_curve(ratio, adv: float, eps_low: float = 0.2, eps_high: float = 0.28):
   return np.asarray(value), np.asarray(grad)
 
 
-def partition_example(rewards, group_ids, is_guide, algos=("mix1", "mix2"),
+def partition_example(rewards, group_ids, is_guide, algos=None,
                       schemes=advantages.SCHEMES) -> list[dict]:
   """Rows {sample, group, guide, reward, kind/<scheme>, adv/<algo>/<scheme>} of a sample batch.
 
-  rewards, group_ids, is_guide: [B] sequences; kind is the set name (ON / ZERO / OFF).
+  rewards, group_ids, is_guide: [B] sequences; kind is the set name (ON / ZERO / OFF). algos:
+  names in mixpo/algorithms.py's table (default: those of the partition-scheme grid).
   """
+  from mixpo import algorithms  # noqa: PLC0415
+  algos = algorithms.grids()["scheme"] if algos is None else algos
   names = {objectives.ON: "ON", objectives.ZERO: "ZERO", objectives.OFF: "OFF"}
   r = jnp.asarray(rewards, jnp.float32)
   g = jnp.asarray(group_ids, jnp.int32)
@@ -73,7 +76,7 @@ def partition_example(rewards, group_ids, is_guide, algos=("mix1", "mix2"),
     for i, k in enumerate(np.asarray(kind)):
       rows[i][f"kind/{scheme}"] = names[int(k)]
     for algo in algos:
-      adv = np.asarray(advantages.advantages_for(r, g, kind, algo, scheme))
+      adv = np.asarray(advantages.pooled_advantages(r, g, kind, algorithms.get(algo).pools))
       for i, a in enumerate(adv):
         rows[i][f"adv/{algo}/{scheme}"] = round(float(a), 3)
   return rows

@@ -23,8 +23,6 @@ from mixpo import logging as mlog
 from mixpo.data import task_options
 from mixpo.models import lora
 from mixpo.rewards import RewardRunner, custom
-from mixpo.rewards.overlong import OverlongConfig
-from mixpo.rollout import SampleSpec
 
 # Config fields that may change between a run and its resumption (they do not change results
 # of the steps already taken).
@@ -89,9 +87,15 @@ def _apply_lora(config, cfg: lora.LoraConfig | None, model) -> None:
 
 
 def setup(config, workdir: str):
-  """Returns (experiment, initial TrainState, Checkpointer, eval examples)."""
+  """Returns (experiment, initial TrainState, Checkpointer, eval examples).
+
+  The config is resolved once into `exp.spec` (`rl.resolve`, which validates it before anything
+  is built). The (data, fsdp, tensor) mesh is `exp.mesh`: every tensor is read straight onto its
+  shards and the train step is jitted with explicit shardings; `run` enters it with
+  `jax.set_mesh` for the run's duration (nothing here sets it process-wide).
+  """
   checkpoint.check_directory(workdir)  # creates it; a clear error if unwritable or full.
-  rl.validate(config)
+  spec = rl.resolve(config)
   lora_cfg = lora_config(config)
   if (jax.default_backend() == "gpu" and config.model.dtype == "float32"
       and jax.config.jax_default_matmul_precision in (None, "default")):
@@ -104,26 +108,21 @@ def setup(config, workdir: str):
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  fingerprint=fingerprint(config), overwrite=config.overwrite)
   policy_path, guide_path = resolve_models(config, workdir)
-  # One code path for 1 device and a pod: a (data, fsdp, tensor) mesh set globally; every
-  # tensor is read straight onto its shards. A 1-device mesh leaves the numbers unchanged.
-  mesh = sharding.make_mesh(tuple(config.get("mesh_shape", (-1, 1, 1))))
-  jax.set_mesh(mesh)
+  # One code path for 1 device and a pod; a 1-device mesh leaves the numbers unchanged.
+  mesh = sharding.make_mesh(spec.mesh_shape)
   sharding.log_layout(mesh)
-  rows, batch_shards = rl.batch_rows(config), mesh.shape["data"] * mesh.shape["fsdp"]
-  per_update = config.num_minibatches * config.num_micro_batches
-  if rows % (per_update * batch_shards):
-    raise ValueError(f"config.mesh_shape={tuple(config.mesh_shape)}: the {rows} train rows per "
-                     f"step, split into {per_update} micro-batches, do not divide over data × "
-                     f"fsdp = {batch_shards} devices; change config.groups / n / m or the mesh.")
   on_shards = sharding.path_shardings(mesh)
   tokenizer = models.load_tokenizer(policy_path)
   model = models.from_pretrained(policy_path, shardings=on_shards, **model_options(config))
-  guide = None
-  if rl.num_guide(config):
+  guide = reference = None
+  if spec.guide.source == "model":
     guide_model = models.from_pretrained(guide_path, shardings=on_shards,
                                          **model_options(config, guide=True))
-    rl.validate(config, model.config.vocab_size, guide_model.config.vocab_size)
+    rl.check_vocabularies(model.config.vocab_size, guide_model.config.vocab_size)
     guide = _frozen(guide_model)
+  if spec.keeps_reference:  # the KL reference: the starting policy, frozen (no remat, no grads).
+    reference = _frozen(models.from_pretrained(policy_path, shardings=on_shards,
+                                               **model_options(config, guide=True)))
   # Real datasets: the policy's tokenizer renders / filters the file task's prompts.
   task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
                                 tokenizer=tokenizer)
@@ -134,12 +133,6 @@ def setup(config, workdir: str):
                         on_error=config.reward_on_error, split_across_processes=True,
                         batch_timeout_s=config.get("reward_batch_timeout_s", 0) or None)
   logging.info("reward workers: %s", runner.sandbox)
-  overlong = None
-  if config.overlong_shaping or config.mask_truncated:
-    overlong = OverlongConfig(shaping=config.overlong_shaping, max_len=config.max_new_tokens,
-                              cache_len=config.overlong_cache, mask_truncated=config.mask_truncated)
-  spec = SampleSpec(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                    top_p=config.top_p, top_k=config.top_k, overlong=overlong)
   _apply_lora(config, lora_cfg, model)
   policy = train.Policy(model)
   if policy.base is not None:  # the checkpoints hold adapters only: tie them to this base.
@@ -148,17 +141,14 @@ def setup(config, workdir: str):
   optimizer = train.make_optimizer(train.OptimConfig(
       learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
       weight_decay=config.weight_decay, grad_clip=config.grad_clip))
-  step_cfg = train.StepConfig(objective=rl.objective_config(config), epochs=config.epochs,
-                              num_minibatches=config.num_minibatches,
-                              num_micro_batches=config.num_micro_batches,
-                              temperature=config.temperature)
   state = train.init_state(policy, optimizer, config.seed)
   state_sh = sharding.train_state_shardings(state, mesh)
   state = jax.device_put(state, state_sh)
-  train_step = train.make_train_step(policy, optimizer, step_cfg,
+  train_step = train.make_train_step(policy, optimizer, spec.step,
                                      shardings=(state_sh, sharding.batch_sharding(mesh)))
-  exp = rl.Experiment(config=config, policy=policy, guide=guide, tokenizer=tokenizer, task=task,
-                      reward_runner=runner, train_step=train_step, spec=spec)
+  exp = rl.Experiment(config=config, spec=spec, policy=policy, guide=guide, tokenizer=tokenizer,
+                      task=task, reward_runner=runner, train_step=train_step,
+                      reference=reference, mesh=mesh)
   return exp, state, ckpt, task.eval_examples(config.eval_size)
 
 
@@ -215,11 +205,16 @@ def _evaluate(exp, params, examples) -> dict:
 
 
 def run(config, workdir: str) -> dict:
-  """Runs (or resumes) the experiment in `workdir`; returns the final summary dict."""
+  """Runs (or resumes) the experiment in `workdir`; returns the final summary dict.
+
+  The run's mesh is entered here and left on return, so two runs in one process (notebooks,
+  tests) cannot leak layouts into each other.
+  """
   mlog.CompileCounter.install()
   exp, state, ckpt, eval_examples = setup(config, workdir)
   try:
-    return _run(exp, state, ckpt, eval_examples, config, workdir)
+    with jax.set_mesh(exp.mesh):
+      return _run(exp, state, ckpt, eval_examples, config, workdir)
   finally:
     exp.reward_runner.close()
 

@@ -172,18 +172,33 @@ def reward_groups(prompts, answers, k, prompt_BxP, prompt_mask_BxP, tokens, mask
   return groups, result.metrics()
 
 
-def dynamic_sample(draw, groups: int, zero_groups: int, max_num_gen_batches: int,
-                   enabled: bool = True) -> tuple[Groups, Groups, dict]:
-  """DAPO dynamic sampling over `draw() -> Groups` (one generation batch of `groups` prompts).
+@dataclasses.dataclass(frozen=True)
+class Collected:
+  """What dynamic sampling drew in one step."""
 
-  Returns (kept, zero, stats): `kept` has exactly `groups` groups, variance groups first and, if
-  the cap is reached, zero groups after them; `zero` has up to `zero_groups` further zero groups
-  (Mix-2's ZERO set). With `enabled=False` one batch is drawn and used as it is.
+  kept: Groups  # exactly `groups` groups: variance groups first, zero groups filling the rest.
+  zero: Groups | None  # up to `zero_groups` further zero-variance groups (Mix-2's ZERO set).
+  stats: dict  # dynamic/* counters.
+  draws: int  # generation batches drawn.
+  tokens: int  # response tokens generated over all of them.
+  reward_metrics: dict  # the reward runner's metrics of the last generation batch.
+
+
+def dynamic_sample(draw, groups: int, zero_groups: int, max_num_gen_batches: int,
+                   enabled: bool = True) -> Collected:
+  """DAPO dynamic sampling over `draw(i) -> (Groups, reward metrics)`, generation batch i of
+  `groups` prompts, i = 0, 1, ...
+
+  Draws until `groups` groups with reward variance are collected or `max_num_gen_batches`
+  batches were drawn; the kept groups are the variance groups first and, if the cap is reached,
+  zero groups after them; up to `zero_groups` further zero groups are returned as `zero`. With
+  `enabled=False` one batch is drawn and used as it is.
   """
-  var_parts, zero_parts, n_var, n_zero, n_batches = [], [], 0, 0, 0
+  var_parts, zero_parts, n_var, n_zero, n_batches, tokens = [], [], 0, 0, 0, 0
   while True:
-    g = draw()
+    g, reward_metrics = draw(n_batches)
     n_batches += 1
+    tokens += int(g.lengths_B.sum())
     has_var = g.has_variance()
     var_idx, zero_idx = np.flatnonzero(has_var), np.flatnonzero(~has_var)
     if not enabled:
@@ -204,4 +219,5 @@ def dynamic_sample(draw, groups: int, zero_groups: int, max_num_gen_batches: int
   stats = {"dynamic/gen_batches": n_batches, "dynamic/variance_groups": n_var,
            "dynamic/filled_with_zero_groups": max(fill, 0),
            "dynamic/zero_groups_seen": n_zero}
-  return kept, rest, stats
+  return Collected(kept=kept, zero=rest, stats=stats, draws=n_batches, tokens=tokens,
+                   reward_metrics=reward_metrics)

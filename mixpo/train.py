@@ -61,6 +61,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 class StepConfig:
   """Static shape of one RL update; hashable."""
 
+  # The resolved objective (mixpo.rl.resolve builds it from the algorithm table and the config).
   objective: objectives.ObjectiveConfig = objectives.ObjectiveConfig()
   epochs: int = 1  # passes over the batch (PPO epochs).
   num_minibatches: int = 1  # optimizer updates per epoch.
@@ -68,13 +69,21 @@ class StepConfig:
   score_chunk: int | None = None  # time-chunk of the logp computation (None: automatic).
   temperature: float = 1.0  # sampling temperature; log-probs are taken under logits / T.
 
-  def check(self, batch_rows: int):
+  def check(self, batch_rows: int, batch_shards: int = 1):
+    """The one divisibility rule: rows split into minibatches × micro-batches, and each
+    micro-batch over the `batch_shards` = data · fsdp devices of the mesh."""
     per_update = self.num_minibatches * self.num_micro_batches
     if batch_rows % per_update:
       raise ValueError(
-          f"train batch of {batch_rows} rows is not divisible by num_minibatches × "
-          f"num_micro_batches = {self.num_minibatches} × {self.num_micro_batches}; change "
-          "config.num_minibatches / config.num_micro_batches or the group sizes.")
+          f"train batch of {batch_rows} rows ((groups + zero groups) × (n + m)) is not divisible "
+          f"by num_minibatches × num_micro_batches = {self.num_minibatches} × "
+          f"{self.num_micro_batches}; change config.num_minibatches / config.num_micro_batches "
+          "or the group sizes.")
+    if batch_rows % (per_update * batch_shards):
+      raise ValueError(
+          f"config.mesh_shape: the {batch_rows} train rows per step, split into {per_update} "
+          f"micro-batches, do not divide over data × fsdp = {batch_shards} devices; change "
+          "config.groups / n / m or the mesh.")
 
 
 class Policy:
@@ -181,7 +190,8 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
 
   One call: `cfg.epochs` passes, each a shuffle of the rows into `cfg.num_minibatches` optimizer
   updates; each minibatch's gradient is accumulated over `cfg.num_micro_batches` chunks with the
-  minibatch's token counts as the normaliser (`objectives.denominators`), so accumulation is exact.
+  minibatch's normalisers (`objectives.denominators`: token and sequence counts per set), so
+  accumulation is exact for every `loss_agg`.
   Metrics are means over the updates (token-count weighting is not applied to diagnostics).
   """
   ocfg = cfg.objective
@@ -192,7 +202,8 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
                                     temperature=cfg.temperature, chunk_size=cfg.score_chunk,
                                     return_entropy=True)
     loss, metrics = objectives.objective(logp, mb.old_logp_BxT, mb.guide_logp_BxT, mb.adv_B,
-                                         mb.kind_B, mb.loss_mask_BxT, ocfg, denoms=denoms)
+                                         mb.kind_B, mb.loss_mask_BxT, ocfg, denoms=denoms,
+                                         ref_logp=mb.ref_logp_BxT, entropy=ent)
     metrics["entropy"] = objectives.masked_mean(ent, mb.loss_mask_BxT)[0]
     return loss, metrics
 

@@ -6,18 +6,25 @@ import numpy as np
 import pytest
 
 from mixpo import advantages as adv_lib
+from mixpo import algorithms
 from mixpo.objectives import OFF, ON, ZERO
 
 
-def ref_group_adv(r, g, pool, eps=1e-6):
+def ref_group_adv(r, g, pool, eps=1e-6, std_normalize=True):
   out = np.zeros(len(r), np.float32)
   for gid in np.unique(g):
     idx = np.where((g == gid) & pool)[0]
     if len(idx) < 2:
       continue
     vals = r[idx]
-    out[idx] = (vals - vals.mean()) / (vals.std(ddof=1) + eps)
+    out[idx] = vals - vals.mean()
+    if std_normalize:
+      out[idx] /= vals.std(ddof=1) + eps
   return out
+
+
+def advantages_for(r, g, kind, algo, real=None, std_normalize=True):
+  return adv_lib.pooled_advantages(r, g, kind, algorithms.get(algo).pools, real, std_normalize)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -75,30 +82,53 @@ def _batch():
   return r, g, guide
 
 
-@pytest.mark.parametrize("scheme", ["paper", "dapo"])
-@pytest.mark.parametrize("algo", ["grpo", "dapo", "luffy", "mix1", "mix2"])
-def test_advantages_for_uses_the_algorithms_pool(algo, scheme):
-  r, g, guide = _batch()
-  kind = np.asarray(adv_lib.partition(jnp.asarray(r), jnp.asarray(g), jnp.asarray(guide), scheme))
-  got = np.asarray(adv_lib.advantages_for(jnp.asarray(r), jnp.asarray(g), jnp.asarray(kind), algo,
-                                          scheme))
+def ref_pools(algo, kind):
+  """Each algorithm's pools written out by hand (paper eqs. 1-2, 6-7; LUFFY's joint one)."""
   on, zero, off = kind == ON, kind == ZERO, kind == OFF
-  pools = {
+  return {
       "grpo": [on | zero], "dapo": [on | zero], "luffy": [on | zero | off],
       "mix1": [on, off], "mix2": [on, off | zero],
   }[algo]
-  expect = sum(ref_group_adv(r, g, p) for p in pools)
+
+
+@pytest.mark.parametrize("std_normalize", [True, False])
+@pytest.mark.parametrize("scheme", ["paper", "dapo"])
+@pytest.mark.parametrize("algo", algorithms.names())
+def test_pooled_advantages_use_the_algorithms_pools(algo, scheme, std_normalize):
+  r, g, guide = _batch()
+  kind = np.asarray(adv_lib.partition(jnp.asarray(r), jnp.asarray(g), jnp.asarray(guide), scheme))
+  got = np.asarray(advantages_for(jnp.asarray(r), jnp.asarray(g), jnp.asarray(kind), algo,
+                                  std_normalize=std_normalize))
+  expect = sum(ref_group_adv(r, g, p, std_normalize=std_normalize) for p in ref_pools(algo, kind))
   np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", algorithms.names())
+def test_padding_rows_enter_no_pool(algo):
+  """A padding row (real_B False) in a real group changes nobody's advantage and gets 0."""
+  r, g, guide = _batch()
+  kind = np.asarray(adv_lib.partition(jnp.asarray(r), jnp.asarray(g), jnp.asarray(guide), "dapo"))
+  base = np.asarray(advantages_for(jnp.asarray(r), jnp.asarray(g), jnp.asarray(kind), algo))
+  # The same batch plus padding rows in group 0 with rewards that would move its mean and std.
+  pad = 3
+  r2 = np.concatenate([r, np.full(pad, 5.0, np.float32)])
+  g2 = np.concatenate([g, np.zeros(pad, np.int32)])
+  kind2 = np.concatenate([kind, np.array([ON, ZERO, OFF], np.int32)])
+  real = np.concatenate([np.ones(len(r), bool), np.zeros(pad, bool)])
+  got = np.asarray(advantages_for(jnp.asarray(r2), jnp.asarray(g2), jnp.asarray(kind2), algo,
+                                  jnp.asarray(real)))
+  np.testing.assert_array_equal(got[:len(r)], base)
+  np.testing.assert_array_equal(got[len(r):], 0.0)
 
 
 def test_paper_scheme_on_pool_is_degenerate_under_binary_rewards():
   """The trap the `dapo` scheme exists for: literal ON = {R > 0} has zero variance."""
   r, g, guide = _batch()
   kind = adv_lib.partition(jnp.asarray(r), jnp.asarray(g), jnp.asarray(guide), "paper")
-  a = np.asarray(adv_lib.advantages_for(jnp.asarray(r), jnp.asarray(g), kind, "mix2", "paper"))
+  a = np.asarray(advantages_for(jnp.asarray(r), jnp.asarray(g), kind, "mix2"))
   assert np.all(a[np.asarray(kind) == ON] == 0.0)
   kind_d = adv_lib.partition(jnp.asarray(r), jnp.asarray(g), jnp.asarray(guide), "dapo")
-  a_d = np.asarray(adv_lib.advantages_for(jnp.asarray(r), jnp.asarray(g), kind_d, "mix2", "dapo"))
+  a_d = np.asarray(advantages_for(jnp.asarray(r), jnp.asarray(g), kind_d, "mix2"))
   assert np.any(a_d[np.asarray(kind_d) == ON] != 0.0)
 
 
@@ -109,7 +139,7 @@ def test_advantage_functions_jit_once():
   def f(r, g, guide):
     traces.append(1)
     kind = adv_lib.partition(r, g, guide, "dapo")
-    return adv_lib.advantages_for(r, g, kind, "mix2", "dapo")
+    return advantages_for(r, g, kind, "mix2")
 
   for seed in range(3):
     rng = np.random.default_rng(seed)

@@ -27,7 +27,7 @@ def test_make_batch_layout_and_positions():
 def test_batch_is_a_pytree_and_take_selects_rows():
   b = make_batch(np.ones((4, 2)), np.ones((4, 2)), np.ones((4, 3)), np.ones((4, 3)))
   leaves = jax.tree.leaves(b)
-  assert len(leaves) == 9
+  assert len(leaves) == 10  # ref_logp_BxT is None (no KL reference): not a leaf.
   sub = b.take(np.array([1, 3]))
   assert sub.shape == (2, 5) and sub.adv_B.shape == (2,)
   doubled = jax.jit(lambda x: jax.tree.map(lambda a: a * 2, x))(b)
@@ -42,6 +42,13 @@ def test_batch_check_rejects_bad_shapes_and_dtypes():
   bad = Batch(**{**b.__dict__, "tokens_BxT": b.tokens_BxT.astype(jnp.float32)})
   with pytest.raises(AssertionError):
     bad.check()
+
+
+def test_padding_rows_have_no_loss_tokens():
+  b = make_batch(np.ones((3, 2)), np.ones((3, 2)), np.ones((3, 3)), np.ones((3, 3)),
+                 real_B=[True, False, True])
+  np.testing.assert_array_equal(b.real_B, [True, False, True])
+  np.testing.assert_array_equal(b.loss_mask_BxT.sum(axis=1), [3, 0, 3])
 
 
 def test_positions_from_mask_left_padding():

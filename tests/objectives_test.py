@@ -1,12 +1,19 @@
-"""objectives.py against a plain numpy reference, per algo and per piece."""
+"""objectives.py against a plain numpy reference, per algorithm (the table's entries) and piece."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mixpo import algorithms
 from mixpo import objectives as obj
-from mixpo.objectives import OFF, ON, ZERO, ObjectiveConfig
+from mixpo.objectives import OFF, ON, ZERO, ObjectiveConfig, Term
+
+
+def cfg_for(algo, **fields):
+  """The table entry's ObjectiveConfig; the exact shaping gradient unless asked otherwise."""
+  fields.setdefault("shaping_grad", "exact")
+  return algorithms.get(algo).objective_config(**fields)
 
 
 # ---------------------------------------------------------------- numpy reference
@@ -27,7 +34,9 @@ def ref_mean(x, m):
   return (x * m).sum() / m.sum() if m.sum() > 0 else 0.0
 
 
-def ref_objective(logp, old, guide, adv, kind, mask, cfg):
+def ref_objective(logp, old, guide, adv, kind, mask, algo, cfg):
+  """−J of `algo` written out by hand, one branch per algorithm of the table (adding an entry
+  means adding its branch: test_every_table_entry_has_a_reference fails otherwise)."""
   m_on = mask * (kind == ON)[:, None]
   m_zero = mask * (kind == ZERO)[:, None]
   m_off = mask * (kind == OFF)[:, None]
@@ -40,18 +49,20 @@ def ref_objective(logp, old, guide, adv, kind, mask, cfg):
   denom = m_off.sum() + m_zero.sum()
   j_mix = ((shaped * m_off).sum() + (clip_zero * m_zero).sum()) / denom if denom else 0.0
   w = cfg.on_weight
-  if cfg.algo == "dapo":
+  if algo == "dapo":
     return -j_on
-  if cfg.algo == "grpo":
+  if algo == "grpo":
     sym = ref_clip(logp - old, adv, cfg.eps_low, cfg.eps_low, cfg.dual_clip)
     per_seq = [ref_mean(sym[i], m_on[i]) for i in range(len(adv)) if m_on[i].sum() > 0]
     return -(np.mean(per_seq) if per_seq else 0.0)
-  if cfg.algo == "mix1":
+  if algo == "mix1":
     return -(w * j_on + (1 - w) * j_off)
-  if cfg.algo == "mix2":
+  if algo == "mix2":
     return -(w * j_on + (1 - w) * j_mix)
-  n = m_on.sum() + m_off.sum()
-  return -(((clip_on * m_on).sum() + (shaped * m_off).sum()) / n if n else 0.0)
+  if algo == "luffy":
+    n = m_on.sum() + m_off.sum()
+    return -(((clip_on * m_on).sum() + (shaped * m_off).sum()) / n if n else 0.0)
+  raise KeyError(algo)
 
 
 def random_batch(seed, b=6, t=7, scale=0.5):
@@ -65,25 +76,33 @@ def random_batch(seed, b=6, t=7, scale=0.5):
   return logp, old, guide, adv, kind, mask
 
 
-ALL_CFGS = [ObjectiveConfig(algo=a) for a in obj.ALGOS] + [
-    ObjectiveConfig(algo="mix2", on_weight=0.3, gamma=0.5, dual_clip=3.0),
-    ObjectiveConfig(algo="dapo", eps_low=0.1, eps_high=0.4, dual_clip=2.0),
-    ObjectiveConfig(algo="mix2", zero_ratio="old"),
+ALGOS = algorithms.names()
+ALL_CFGS = [(a, {}) for a in ALGOS] + [(a, {"dual_clip": None}) for a in ALGOS] + [
+    ("mix2", dict(on_weight=0.3, gamma=0.5, dual_clip=3.0)),
+    ("dapo", dict(eps_low=0.1, eps_high=0.4, dual_clip=2.0)),
+    ("mix2", dict(zero_ratio="old")),
 ]
 
 
-@pytest.mark.parametrize("cfg", ALL_CFGS, ids=lambda c: f"{c.algo}-{c.on_weight}-{c.dual_clip}-{c.zero_ratio}")
+def test_every_table_entry_has_a_reference():
+  args = random_batch(0)
+  for algo in ALGOS:
+    ref_objective(*args, algo, cfg_for(algo))  # KeyError: write the new entry's reference.
+
+
+@pytest.mark.parametrize("algo,fields", ALL_CFGS, ids=lambda x: str(x))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_objective_matches_numpy_reference(cfg, seed):
+def test_objective_matches_numpy_reference(algo, fields, seed):
   args = random_batch(seed)
+  cfg = cfg_for(algo, **fields)
   loss, metrics = obj.objective(*map(jnp.asarray, args), cfg)
-  np.testing.assert_allclose(loss, ref_objective(*args, cfg), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, ref_objective(*args, algo, cfg), rtol=1e-5, atol=1e-6)
   assert np.isfinite(float(metrics["loss"]))
 
 
 def test_pieces_match_reference():
   logp, old, guide, adv, kind, mask = random_batch(3)
-  cfg = ObjectiveConfig(algo="mix2", dual_clip=3.0)
+  cfg = cfg_for("mix2", dual_clip=3.0)
   o, clipped = obj.clip_objective(jnp.asarray(logp - old), jnp.asarray(adv), 0.2, 0.28, 3.0)
   np.testing.assert_allclose(o, ref_clip(logp - old, adv, 0.2, 0.28, 3.0), rtol=1e-6)
   assert set(np.unique(np.asarray(clipped))) <= {0.0, 1.0}
@@ -91,13 +110,13 @@ def test_pieces_match_reference():
   np.testing.assert_allclose(f, ref_f(logp - guide, 0.1), rtol=1e-5)
   np.testing.assert_allclose(s, ref_f(logp - guide, 0.1) * adv[:, None], rtol=1e-5, atol=1e-7)
   a = list(map(jnp.asarray, (logp, old, guide, adv, kind, mask)))
-  jon, _ = obj.j_on(a[0], a[1], a[3], a[4], a[5], cfg)
+  _, met = obj.objective(*a, cfg)
+  jon, jmix = met["j_on"], met["j_mix"]
   m_on = mask * (kind == ON)[:, None]
   np.testing.assert_allclose(jon, ref_mean(ref_clip(logp - old, adv, .2, .28, 3.0), m_on), 1e-5)
-  joff, _ = obj.j_off(a[0], a[2], a[3], a[4], a[5], cfg)
+  joff = obj.objective(*a, cfg_for("mix1"))[1]["j_off"]
   m_off = mask * (kind == OFF)[:, None]
   np.testing.assert_allclose(joff, ref_mean(ref_f(logp - guide, .1) * adv[:, None], m_off), 1e-5)
-  jmix, met = obj.j_mix(a[0], a[2], a[3], a[4], a[5], cfg)
   m_zero = mask * (kind == ZERO)[:, None]
   expect = ((ref_f(logp - guide, .1) * adv[:, None] * m_off).sum()
             + (ref_clip(logp - guide, adv, .2, .28, 3.0) * m_zero).sum()) / (m_off.sum() + m_zero.sum())
@@ -114,11 +133,11 @@ def test_clip_fraction_counts_only_active_clips():
   np.testing.assert_array_equal(clipped_neg, [[1.0, 0.0, 0.0]])
 
 
-@pytest.mark.parametrize("algo", obj.ALGOS)
+@pytest.mark.parametrize("algo", ALGOS)
 def test_empty_sets_give_zero_not_nan(algo):
   b, t = 4, 5
   z = jnp.zeros((b, t))
-  cfg = ObjectiveConfig(algo=algo)
+  cfg = cfg_for(algo)
   # All rows masked out.
   loss, metrics = obj.objective(z, z, z, jnp.ones(b), jnp.zeros(b, jnp.int32), z, cfg)
   assert float(loss) == 0.0
@@ -131,11 +150,11 @@ def test_empty_sets_give_zero_not_nan(algo):
   assert np.all(np.isfinite(np.asarray(g)))
 
 
-@pytest.mark.parametrize("algo", obj.ALGOS)
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("big", [1e4, -1e4])
 def test_extreme_log_ratios_keep_loss_and_grads_finite(algo, big):
   logp, old, guide, adv, kind, mask = map(jnp.asarray, random_batch(5))
-  cfg = ObjectiveConfig(algo=algo)
+  cfg = cfg_for(algo)
   old = old.at[:, 2].add(big)
   guide = guide.at[:, 3].add(-big)
   loss_fn = lambda lp: obj.objective(lp, old, guide, adv, kind, mask, cfg)[0]
@@ -146,7 +165,7 @@ def test_extreme_log_ratios_keep_loss_and_grads_finite(algo, big):
 
 def test_masked_garbage_does_not_leak():
   logp, old, guide, adv, kind, mask = map(jnp.asarray, random_batch(7))
-  cfg = ObjectiveConfig(algo="mix2")
+  cfg = cfg_for("mix2")
   poisoned = jnp.where(mask > 0, old, jnp.inf)
   loss_clean, _ = obj.objective(logp, old, guide, adv, kind, mask, cfg)
   loss_fn = lambda lp: obj.objective(lp, poisoned, jnp.where(mask > 0, guide, -jnp.inf),
@@ -160,9 +179,9 @@ def test_j_off_gradient_carries_the_ratio_factor():
   """d J_off / d logp = γ r̂/(r̂+γ)² · A / n_tokens: the r̂ factor the paper's argument drops."""
   logp, _, guide, adv, _, mask = random_batch(11)
   kind = np.full(len(adv), OFF, np.int32)
-  cfg = ObjectiveConfig(algo="mix1", gamma=0.1)
-  fn = lambda lp: obj.j_off(lp, jnp.asarray(guide), jnp.asarray(adv), jnp.asarray(kind),
-                            jnp.asarray(mask), cfg)[0]
+  cfg = ObjectiveConfig(terms=(Term(sets=(OFF,)),), gamma=0.1, shaping_grad="exact")
+  fn = lambda lp: -obj.objective(lp, lp, jnp.asarray(guide), jnp.asarray(adv), jnp.asarray(kind),
+                                 jnp.asarray(mask), cfg)[0]
   g = np.asarray(jax.grad(fn)(jnp.asarray(logp)))
   r = np.exp(logp - guide)
   expect = cfg.gamma * r / (r + cfg.gamma) ** 2 * adv[:, None] * mask / mask.sum()
@@ -177,15 +196,32 @@ def test_f_is_computed_in_log_space():
 
 def test_config_is_hashable_and_validates():
   assert hash(ObjectiveConfig()) == hash(ObjectiveConfig())
-  for bad in [dict(algo="ppo"), dict(gamma=0.0), dict(on_weight=1.5), dict(dual_clip=0.5),
-              dict(eps_low=1.0), dict(max_log_ratio=0.0), dict(zero_ratio="new")]:
+  assert hash(cfg_for("mix2")) == hash(cfg_for("mix2"))
+  for bad in [dict(terms=()), dict(gamma=0.0), dict(on_weight=1.5), dict(dual_clip=0.5),
+              dict(eps_low=1.0), dict(max_log_ratio=0.0), dict(zero_ratio="new"),
+              dict(loss_agg="sum"), dict(ratio_level="row"), dict(kl_estimator="k4"),
+              dict(kl_coef=-1.0), dict(cispo_eps_high=-0.1)]:
     with pytest.raises(ValueError, match=next(iter(bad))):
       ObjectiveConfig(**bad)
+  with pytest.raises(ValueError, match="loss_agg_tokens"):
+    ObjectiveConfig(loss_agg="seq-mean-token-sum-norm")
 
 
-@pytest.mark.parametrize("algo", obj.ALGOS)
+def test_library_defaults_agree_with_the_experiment_config():
+  """The experiment config and ObjectiveConfig name the same defaults (one source of truth)."""
+  from experiments.configs import default
+  c = default.get_config()
+  d = ObjectiveConfig()
+  for field in ("eps_low", "eps_high", "gamma", "on_weight", "dual_clip", "max_log_ratio",
+                "zero_ratio", "shaping_grad", "ratio_level", "seq_eps_low", "seq_eps_high",
+                "cispo", "cispo_eps_low", "cispo_eps_high", "kl_coef", "kl_estimator",
+                "entropy_coef"):
+    assert getattr(d, field) == c[field], field
+
+
+@pytest.mark.parametrize("algo", ALGOS)
 def test_jit_compiles_once_per_shape(algo):
-  cfg = ObjectiveConfig(algo=algo)
+  cfg = cfg_for(algo)
   traces = []
 
   @jax.jit
@@ -198,10 +234,10 @@ def test_jit_compiles_once_per_shape(algo):
   assert len(traces) == 1
 
 
-@pytest.mark.parametrize("algo", obj.ALGOS)
+@pytest.mark.parametrize("algo", ALGOS)
 def test_micro_batch_sum_with_shared_denominators_equals_full_batch(algo):
   args = list(map(jnp.asarray, random_batch(13)))
-  cfg = ObjectiveConfig(algo=algo)
+  cfg = cfg_for(algo)
   kind, mask = args[4], args[5]
   d = obj.denominators(kind, mask)
   full_fn = lambda lp: obj.objective(lp, *args[1:], cfg)[0]
@@ -224,7 +260,7 @@ def test_nan_from_non_finite_logp_on_real_tokens_is_not_clipped_away(algo):
   kind = jnp.full_like(kind, ON)
   mask = jnp.ones_like(mask)
   loss, _ = obj.objective(logp, old.at[0, 0].set(-jnp.inf), guide, adv, kind, mask,
-                          ObjectiveConfig(algo=algo))
+                          cfg_for(algo))
   assert np.isnan(float(loss))
 
 
@@ -232,10 +268,11 @@ def test_paper_step_gradient_is_f_prime_without_the_ratio_factor():
   """shaping_grad="paper_step": same loss, gradient γ/(r̂+γ)²·A (up to 1/γ for r̂ → 0)."""
   logp, _, guide, adv, _, mask = random_batch(12)
   kind = np.full(len(adv), OFF, np.int32)
-  exact = ObjectiveConfig(algo="mix1", gamma=0.1)
-  step = ObjectiveConfig(algo="mix1", gamma=0.1, shaping_grad="paper_step")
-  fn = lambda cfg: lambda lp: obj.j_off(lp, jnp.asarray(guide), jnp.asarray(adv),
-                                        jnp.asarray(kind), jnp.asarray(mask), cfg)[0]
+  off = (Term(sets=(OFF,)),)
+  exact = ObjectiveConfig(terms=off, gamma=0.1, shaping_grad="exact")
+  step = ObjectiveConfig(terms=off, gamma=0.1, shaping_grad="paper_step")
+  fn = lambda cfg: lambda lp: -obj.objective(lp, lp, jnp.asarray(guide), jnp.asarray(adv),
+                                             jnp.asarray(kind), jnp.asarray(mask), cfg)[0]
   np.testing.assert_allclose(fn(step)(jnp.asarray(logp)), fn(exact)(jnp.asarray(logp)), rtol=1e-6)
   g = np.asarray(jax.grad(fn(step))(jnp.asarray(logp)))
   r = np.exp(logp - guide)

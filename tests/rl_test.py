@@ -1,6 +1,7 @@
 """rl.py / rollout.py / loop.py: every algo and scheme end to end on tiny models."""
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 
 from experiments.configs import smoke
-from mixpo import builtin, loop, models, rl, train
+from mixpo import algorithms, builtin, loop, models, objectives, rl, train
 from mixpo import logging as mlog
 from mixpo.logging import PhaseTimer
-from mixpo.rollout import Groups, dynamic_sample
+from mixpo.rollout import Collected, Groups, dynamic_sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,31 +40,40 @@ def _leaves(tree):
   return [np.array(x, copy=True) for x in jax.tree.leaves(tree)]  # copies: state is donated.
 
 
-@pytest.mark.parametrize("scheme", ["paper", "dapo"])
-@pytest.mark.parametrize("algo", ["grpo", "dapo", "luffy", "mix1", "mix2"])
-def test_every_algo_and_scheme_runs_two_steps_and_changes_params(builtin_dir, tmp_path, algo,
-                                                                 scheme):
-  # The smoke models solve nothing yet: the dense partial-credit reward gives groups variance
-  # (and R > 0 for the paper scheme's ON set) so every algorithm has a non-zero gradient.
-  config = smoke_config(builtin_dir, algo=algo, scheme=scheme)
-  config.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}
-  exp, state, ckpt, _ = loop.setup(config, str(tmp_path))
+def run_two_steps(config, workdir):
+  """setup + two rl_steps under the run's mesh; returns (exp, last metrics, last samples)."""
+  exp, state, ckpt, _ = loop.setup(config, workdir)
   ckpt.close()
   guide_before = _leaves(exp.guide[1]) if exp.guide else []
   params0 = _leaves(state.params)
   pos, timer = 0, PhaseTimer()
-  for _ in range(2):
-    state, pos, metrics, samples = rl.rl_step(exp, state, pos, timer)
+  with jax.set_mesh(exp.mesh):
+    for _ in range(2):
+      state, pos, metrics, samples = rl.rl_step(exp, state, pos, timer)
   exp.reward_runner.close()
   assert int(state.step) == 2 and pos >= 2 * config.groups
   assert any(np.abs(a - b).max() > 0 for a, b in zip(params0, _leaves(state.params)))
   assert metrics["loss/skipped_updates"] == 0
   for a, b in zip(guide_before, _leaves(exp.guide[1]) if exp.guide else []):
     np.testing.assert_array_equal(a, b)  # the guide is frozen.
+  return exp, metrics, samples
+
+
+@pytest.mark.parametrize("scheme", ["paper", "dapo"])
+@pytest.mark.parametrize("algo", algorithms.names())
+def test_every_algo_and_scheme_runs_two_steps_and_changes_params(builtin_dir, tmp_path, algo,
+                                                                 scheme):
+  # The smoke models solve nothing yet: the dense partial-credit reward gives groups variance
+  # (and R > 0 for the paper scheme's ON set) so every algorithm has a non-zero gradient.
+  config = smoke_config(builtin_dir, algo=algo, scheme=scheme)
+  config.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}
+  exp, metrics, samples = run_two_steps(config, str(tmp_path))
+  entry = algorithms.get(algo)
   sets = {s["set"] for s in samples}
-  assert ("OFF" in sets) == (algo in rl.GUIDED)
-  assert rl.batch_rows(config) == metrics["train/rows_on"] + metrics["train/rows_zero"] + \
-      metrics["train/rows_off"] or algo == "mix2"  # mix2 may pad unfilled ZERO slots.
+  assert ("OFF" in sets) == entry.guided
+  real_rows = metrics["train/rows_on"] + metrics["train/rows_zero"] + metrics["train/rows_off"]
+  # Only a ZERO set's slots may stay unfilled (padding rows are not counted).
+  assert exp.spec.sizes.rows == real_rows or entry.zero_set
 
 
 def _fake_groups(has_var_per_group, k=2):
@@ -78,10 +88,13 @@ def _fake_groups(has_var_per_group, k=2):
 
 
 def test_dynamic_sampling_fills_the_batch_then_stops():
-  draws = iter([_fake_groups([True, False, False, True]), _fake_groups([True, True, True, False]),
-                _fake_groups([True] * 4)])
-  kept, zero, stats = dynamic_sample(lambda: next(draws), groups=4, zero_groups=2,
-                                     max_num_gen_batches=5)
+  draws = [_fake_groups([True, False, False, True]), _fake_groups([True, True, True, False]),
+           _fake_groups([True] * 4)]
+  got = dynamic_sample(lambda i: (draws[i], {"i": i}), groups=4, zero_groups=2,
+                       max_num_gen_batches=5)
+  kept, zero, stats = got.kept, got.zero, got.stats
+  assert got.draws == 2 and got.reward_metrics == {"i": 1}
+  assert got.tokens == 2 * 4 * 2 * 3  # two batches of 4 groups × 2 rows × 3 tokens.
   assert stats["dynamic/gen_batches"] == 2  # 2 + 3 variance groups ≥ 4 after two batches.
   assert stats["dynamic/variance_groups"] == 4 and stats["dynamic/filled_with_zero_groups"] == 0
   assert kept.has_variance().all() and len(kept.prompts) == 4
@@ -91,11 +104,13 @@ def test_dynamic_sampling_fills_the_batch_then_stops():
 def test_dynamic_sampling_stops_at_the_cap_and_fills_with_zero_groups():
   calls = []
 
-  def draw():
-    calls.append(1)
-    return _fake_groups([True, False, False, False])
+  def draw(i):
+    calls.append(i)
+    return _fake_groups([True, False, False, False]), {}
 
-  kept, zero, stats = dynamic_sample(draw, groups=4, zero_groups=1, max_num_gen_batches=2)
+  got = dynamic_sample(draw, groups=4, zero_groups=1, max_num_gen_batches=2)
+  kept, zero, stats = got.kept, got.zero, got.stats
+  assert calls == [0, 1]
   assert len(calls) == 2 and stats["dynamic/gen_batches"] == 2
   assert stats["dynamic/variance_groups"] == 2
   assert stats["dynamic/filled_with_zero_groups"] == 2
@@ -104,15 +119,18 @@ def test_dynamic_sampling_stops_at_the_cap_and_fills_with_zero_groups():
 
 
 def test_dynamic_sampling_disabled_uses_one_batch():
-  kept, _, stats = dynamic_sample(lambda: _fake_groups([False, True]), groups=2, zero_groups=0,
-                                  max_num_gen_batches=3, enabled=False)
-  assert stats["dynamic/gen_batches"] == 1 and len(kept.prompts) == 2
+  got = dynamic_sample(lambda i: (_fake_groups([False, True]), {}), groups=2, zero_groups=0,
+                       max_num_gen_batches=3, enabled=False)
+  assert got.stats["dynamic/gen_batches"] == 1 and len(got.kept.prompts) == 2
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("algo", "ppo", "algo"), ("n", 1, "config.n"), ("scheme", "x", "scheme"),
     ("guide", "", "config.guide"), ("num_minibatches", 7, "num_minibatches"),
     ("guide_logp", "maybe", "guide_logp"), ("max_num_gen_batches", 0, "max_num_gen_batches"),
+    ("loss_agg", "sum", "loss_agg"), ("kl_estimator", "k9", "kl_estimator"),
+    ("ratio_level", "row", "ratio_level"), ("eps_low", 1.5, "config.eps_low"),
+    ("mesh_shape", (3, 1, 1), "mesh_shape"),
 ])
 def test_inconsistent_configs_fail_before_compute(tmp_path, field, value, match):
   config = smoke.get_config()
@@ -125,7 +143,7 @@ def test_inconsistent_configs_fail_before_compute(tmp_path, field, value, match)
 def test_guide_with_a_different_vocabulary_is_refused():
   config = smoke.get_config()
   with pytest.raises(ValueError, match="vocabulary"):
-    rl.validate(config, policy_vocab=22, guide_vocab=151936)
+    rl.check_vocabularies(policy_vocab=22, guide_vocab=151936)
 
 
 def _rows(workdir):
@@ -166,7 +184,7 @@ def test_run_exports_a_hugging_face_policy_and_plots(builtin_dir, tmp_path):
                                      "time/score", "time/update", "policy_tokens"))
 
 
-@pytest.mark.parametrize("algo", ["grpo", "dapo", "luffy", "mix1", "mix2"])
+@pytest.mark.parametrize("algo", algorithms.names())
 def test_smoke_config_runs_from_the_command_line(builtin_dir, tmp_path, algo):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "experiments/train.py", "--config=smoke", f"--workdir={tmp_path}",
@@ -185,3 +203,58 @@ def test_no_recompilation_after_the_first_step(builtin_dir, tmp_path):
             if "compile/count" in r}
   # Step 1 compiles generate / score / train_step; step 2 adds the first checkpoint's programs.
   assert counts[2] == counts[5], counts
+
+
+def test_padding_rows_enter_no_pool_and_no_loss():
+  """Mix-2 with Z = 2 zero slots but no zero group drawn: 2 slots are padding (policy and guide
+  rows). Their rewards are poisoned here; still no advantage, no loss token, no gradient."""
+  config = smoke.get_config()
+  config.groups, config.zero_groups, config.n, config.m = 2, 2, 2, 2
+  spec = rl.resolve(config)
+  kept = _fake_groups([True, True])
+  policy_rows, n_groups = rl.policy_block(
+      Collected(kept=kept, zero=None, stats={}, draws=1, tokens=0, reward_metrics={}), spec.sizes)
+  assert n_groups == 2 and len(policy_rows.rewards_B) == spec.sizes.slots * spec.sizes.n
+  guide = _fake_groups([True, False])
+  policy_rows.rewards_B[n_groups * 2:] = [7.0, 3.0, 7.0, 3.0]  # a pool would normalise these.
+  asm = rl.assemble(spec, policy_rows, n_groups, guide)
+  real = np.asarray(asm.batch.real_B)
+  np.testing.assert_array_equal(real, [1, 1, 1, 1, 0, 0, 0, 0] + [1, 1, 1, 1, 0, 0, 0, 0])
+  assert np.all(np.asarray(asm.batch.adv_B)[~real] == 0.0)
+  assert np.all(np.asarray(asm.batch.loss_mask_BxT)[~real] == 0.0)
+  clean = rl.kinds_and_advantages(
+      asm.rows.rewards_B[real], np.asarray(asm.batch.group_B)[real], asm.is_guide_B[real],
+      np.ones(real.sum(), bool), algo=spec.algorithm, scheme=spec.scheme, std_normalize=True)[1]
+  np.testing.assert_array_equal(np.asarray(asm.batch.adv_B)[real], clean)
+  b = asm.batch
+  shape = b.loss_mask_BxT.shape
+  rng = np.random.default_rng(0)
+  old = rng.normal(size=shape).astype(np.float32)
+  kl_cfg = dataclasses.replace(spec.objective, kl_coef=0.1, entropy_coef=0.1)
+  for cfg in (spec.objective, kl_cfg):
+    grads = jax.grad(lambda lp, ent: objectives.objective(
+        lp, old, old - 1.0, b.adv_B, b.kind_B, b.loss_mask_BxT, cfg, ref_logp=old + 0.5,
+        entropy=ent)[0], argnums=(0, 1))(old + 0.3, np.ones(shape, np.float32))
+    for g in grads if cfg is kl_cfg else grads[:1]:
+      assert np.all(np.asarray(g)[~real] == 0.0) and np.any(np.asarray(g)[real] != 0.0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(algo="mix2", loss_agg="seq-mean-token-sum-norm", std_normalize=False, kl_coef=0.05,
+         kl_estimator="k2", entropy_coef=0.01, ratio_level="sequence"),
+    dict(algo="luffy", loss_agg="seq-mean-token-mean", cispo=True, kl_coef=0.05),
+], ids=["mix2-drgrpo-kl-entropy-gspo", "luffy-seqmean-cispo-kl"])
+def test_switches_train_end_to_end(builtin_dir, tmp_path, overrides):
+  config = smoke_config(builtin_dir, **overrides)
+  config.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}
+  exp, metrics, _ = run_two_steps(config, str(tmp_path))
+  assert exp.reference is not None  # kl_coef > 0 keeps the frozen starting policy.
+  assert np.isfinite(metrics["loss/kl"]) and metrics["loss/kl"] >= 0.0
+  assert ("loss/entropy_bonus" in metrics) == ("entropy_coef" in overrides)
+
+
+def test_no_reference_policy_without_kl(builtin_dir, tmp_path):
+  exp, _, ckpt, _ = loop.setup(smoke_config(builtin_dir, algo="dapo"), str(tmp_path))
+  ckpt.close()
+  exp.reward_runner.close()
+  assert exp.reference is None and not exp.spec.keeps_reference

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from mixpo import models, objectives, sharding, train
+from mixpo import algorithms, models, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
@@ -95,7 +95,7 @@ def test_one_device_mesh_is_bit_identical_to_no_mesh():
          "max_position_embeddings": 32, "tie_word_embeddings": True}
   policy = train.Policy(models.init_from_config(cfg, rng=0))
   opt = optax.adam(1e-2)
-  step_cfg = train.StepConfig(objective=objectives.ObjectiveConfig(algo="grpo"))
+  step_cfg = train.StepConfig(objective=algorithms.get("grpo").objective_config())
   rng = np.random.default_rng(0)
   from mixpo.batch import make_batch  # noqa: PLC0415
   batch = make_batch(rng.integers(1, 32, (4, 3)), np.ones((4, 3)), rng.integers(1, 32, (4, 4)),

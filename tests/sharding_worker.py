@@ -23,7 +23,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import optax  # noqa: E402
 
-from mixpo import checkpoint, models, objectives, sampling, sharding, train  # noqa: E402
+from mixpo import algorithms, checkpoint, models, sampling, sharding, train  # noqa: E402
 from mixpo.batch import make_batch  # noqa: E402
 
 TINY = {
@@ -33,7 +33,7 @@ TINY = {
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
 }
 OPT = optax.adam(1e-2)
-CFG = train.StepConfig(objective=objectives.ObjectiveConfig(algo="mix2"), num_minibatches=2)
+CFG = train.StepConfig(objective=algorithms.get("mix2").objective_config(), num_minibatches=2)
 
 
 def rl_batch(seed=0, b=8, p=4, n=6):
