@@ -283,3 +283,195 @@ def test_paper_step_gradient_is_f_prime_without_the_ratio_factor():
   gw = jax.grad(lambda x: obj.shaped_offpolicy(x, jnp.ones(1), 0.1, "paper_step")[0].sum())(
       jnp.array([[-30.0]]))
   np.testing.assert_allclose(gw, [[10.0]], rtol=1e-4)
+
+
+# ---------------------------------------------------------------- switches
+TRAINED = {"grpo": (ON,), "dapo": (ON,), "luffy": (ON, OFF), "mix1": (ON, OFF),
+           "mix2": (ON, ZERO, OFF)}
+
+
+def ref_switched(logp, old, guide, adv, kind, mask, algo, cfg, ref=None, ent=None):
+  """−J of `algo` under cfg's switches, in float64 numpy (independent of objectives.py)."""
+  logp, old, guide = (np.asarray(x, np.float64) for x in (logp, old, guide))
+  masks = {k: mask * (kind == k)[:, None] for k in (ON, ZERO, OFF)}
+
+  def clipped(lr, m):
+    el, eh = cfg.eps_low, cfg.eps_high
+    if cfg.ratio_level == "sequence":
+      lr = np.broadcast_to(((lr * m).sum(1) / np.maximum(m.sum(1), 1))[:, None], lr.shape)
+      el, eh = cfg.seq_eps_low, cfg.seq_eps_high
+    if cfg.cispo:  # the value: clipped weight · A.
+      return np.clip(np.exp(lr), 1 - cfg.cispo_eps_low, 1 + cfg.cispo_eps_high) * adv[:, None]
+    return ref_clip(lr, adv, el, eh, cfg.dual_clip)
+
+  per_token = {ON: clipped(logp - old, masks[ON]),
+               ZERO: clipped(logp - (old if cfg.zero_ratio == "old" else guide), masks[ZERO]),
+               OFF: ref_f(logp - guide, cfg.gamma) * adv[:, None]}
+
+  def num(x, m):
+    if cfg.loss_agg == "token-mean":
+      return (x * m).sum()
+    if cfg.loss_agg == "seq-mean-token-mean":
+      return ((x * m).sum(1) / np.maximum(m.sum(1), 1)).sum()
+    return (x * m).sum() / cfg.loss_agg_tokens
+
+  def den(k):
+    m = masks[k]
+    return m.sum() if cfg.loss_agg == "token-mean" else (m.sum(1) > 0).sum()
+
+  def j(sets, norm=None):
+    d = sum(den(k) for k in (norm or sets))
+    return sum(num(per_token[k], masks[k]) for k in sets) / max(d, 1)
+
+  w = cfg.on_weight
+  jj = {"grpo": lambda: j((ON,)), "dapo": lambda: j((ON,)),
+        "luffy": lambda: j((ON,), (ON, OFF)) + j((OFF,), (ON, OFF)),
+        "mix1": lambda: w * j((ON,)) + (1 - w) * j((OFF,)),
+        "mix2": lambda: w * j((ON,)) + (1 - w) * j((OFF, ZERO))}[algo]()
+  loss = -jj
+  m_all = sum(masks[k] for k in TRAINED[algo])
+  d_all = max(sum(den(k) for k in TRAINED[algo]), 1)
+  if cfg.kl_coef:
+    x = np.asarray(ref, np.float64) - logp
+    kl = {"k1": -x, "k2": x ** 2 / 2, "k3": np.exp(x) - 1 - x}[cfg.kl_estimator]
+    loss += cfg.kl_coef * num(kl, m_all) / d_all
+  if cfg.entropy_coef:
+    loss -= cfg.entropy_coef * num(np.asarray(ent, np.float64), m_all) / d_all
+  return loss
+
+
+def numeric_grad(fn, x, h=1e-4):
+  g = np.zeros_like(x, np.float64)
+  for idx in np.ndindex(x.shape):
+    xp, xm = x.astype(np.float64), x.astype(np.float64)
+    xp[idx] += h
+    xm[idx] -= h
+    g[idx] = (fn(xp) - fn(xm)) / (2 * h)
+  return g
+
+
+SWITCHES = [
+    dict(loss_agg="token-mean"), dict(loss_agg="seq-mean-token-mean"),
+    dict(loss_agg="seq-mean-token-sum-norm", loss_agg_tokens=9),
+    dict(ratio_level="sequence", seq_eps_low=0.05, seq_eps_high=0.08),
+    dict(kl_coef=0.3, kl_estimator="k1"), dict(kl_coef=0.3, kl_estimator="k2"),
+    dict(kl_coef=0.3, kl_estimator="k3"), dict(entropy_coef=0.2),
+    dict(loss_agg="seq-mean-token-mean", ratio_level="sequence", kl_coef=0.1, entropy_coef=0.1),
+]
+
+
+@pytest.mark.parametrize("switch", SWITCHES, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("algo", ALGOS)
+def test_switches_match_numpy_reference_loss_and_gradient(algo, switch):
+  logp, old, guide, adv, kind, mask = random_batch(21, scale=0.05)
+  rng = np.random.default_rng(4)
+  ref = (logp + 0.3 * rng.standard_normal(logp.shape)).astype(np.float32)
+  ent = rng.uniform(0.5, 2.0, logp.shape).astype(np.float32)
+  cfg = cfg_for(algo, dual_clip=None, **switch)
+  fn = lambda lp, e: obj.objective(lp, jnp.asarray(old), jnp.asarray(guide), jnp.asarray(adv),
+                                   jnp.asarray(kind), jnp.asarray(mask), cfg,
+                                   ref_logp=jnp.asarray(ref), entropy=e)[0]
+  loss, (g_logp, g_ent) = jax.value_and_grad(fn, argnums=(0, 1))(jnp.asarray(logp),
+                                                                 jnp.asarray(ent))
+  ref_fn = lambda lp, e=ent: ref_switched(lp, old, guide, adv, kind, mask, algo, cfg, ref, e)
+  np.testing.assert_allclose(loss, ref_fn(logp), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g_logp, numeric_grad(ref_fn, logp), rtol=2e-3, atol=2e-5)
+  np.testing.assert_allclose(g_ent, numeric_grad(lambda e: ref_fn(logp, e), ent), rtol=2e-3,
+                             atol=2e-5)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_cispo_weight_is_clipped_and_stop_gradient(algo):
+  """CISPO: value sg(ŵ)·A, gradient sg(ŵ)·A·∇log π / N on every ON (and ZERO) token."""
+  logp, old, guide, adv, kind, mask = random_batch(22, scale=0.5)
+  cfg = cfg_for(algo, cispo=True, cispo_eps_low=0.5, cispo_eps_high=0.2)
+  args = [jnp.asarray(x) for x in (old, guide, adv, kind, mask)]
+  loss, g = jax.value_and_grad(lambda lp: obj.objective(lp, *args, cfg)[0])(jnp.asarray(logp))
+  np.testing.assert_allclose(loss, ref_switched(logp, old, guide, adv, kind, mask, algo, cfg),
+                             rtol=1e-5, atol=1e-6)
+  if algo == "dapo":  # J = token mean over ON: the gradient in closed form.
+    m_on = mask * (kind == ON)[:, None]
+    w = np.clip(np.exp(logp - old), 0.5, 1.2)
+    np.testing.assert_allclose(g, -w * adv[:, None] * m_on / m_on.sum(), rtol=1e-5, atol=1e-7)
+    clipped = ((np.exp(logp - old) < 0.5) | (np.exp(logp - old) > 1.2)) & (m_on > 0)
+    assert clipped.any() and np.all(np.asarray(g)[clipped] != 0.0)  # clipped tokens still learn.
+
+
+def test_kl_estimators_on_hand_made_log_probs():
+  """x = log π_ref − log πθ = (−1, 0, 1): k1 = −x, k2 = x²/2, k3 = eˣ − 1 − x; d/dlogp likewise."""
+  logp = jnp.array([[-1.0, -2.0, -3.0]])
+  ref = jnp.array([[-2.0, -2.0, -2.0]])
+  x = np.array([-1.0, 0.0, 1.0])
+  want = {"k1": (-x, np.ones(3)), "k2": (x ** 2 / 2, -x), "k3": (np.exp(x) - 1 - x, 1 - np.exp(x))}
+  for est, (value, grad) in want.items():
+    np.testing.assert_allclose(obj.kl_penalty(logp, ref, est)[0], value, rtol=1e-6, atol=1e-7)
+    g = jax.grad(lambda lp: obj.kl_penalty(lp, ref, est).sum())(logp)
+    np.testing.assert_allclose(g[0], grad, rtol=1e-6, atol=1e-7)
+  # k3 >= 0 everywhere and 0 only at x = 0; k1 can be negative.
+  assert np.all(np.asarray(obj.kl_penalty(logp, ref, "k3")) >= 0)
+  assert float(obj.kl_penalty(logp, ref, "k1")[0, 2]) < 0
+
+
+def test_gspo_sequence_ratio_and_clipping():
+  """s_i = exp(mean_t log r_t) over the row's tokens, clipped to [1 − 3e-4, 1 + 4e-4]."""
+  lr = jnp.array([[0.1, 0.3, 9.0], [-0.2, 0.0, 0.0], [0.0, 0.0, 0.0]])
+  mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+  s = obj.sequence_log_ratio(lr, mask)
+  np.testing.assert_allclose(s, [[0.2] * 3, [-0.2 / 3] * 3, [0.0] * 3], rtol=1e-6, atol=1e-7)
+  cfg = ObjectiveConfig(ratio_level="sequence", dual_clip=None)
+  adv = jnp.array([1.0, -1.0, 1.0])
+  kind = jnp.zeros(3, jnp.int32)
+  old = jnp.zeros((3, 3))
+  loss, m = obj.objective(lr, old, old, adv, kind, mask, cfg)
+  # Row 0: s = e^0.2 > 1 + 4e-4 with A > 0 → clipped at 1.0004; row 1: s = e^-0.067 < 1 − 3e-4
+  # with A < 0 → clipped at 0.9997; every token of a row carries its row's value.
+  want = -(2 * 1.0004 * 1.0 + 3 * 0.9997 * -1.0) / 5
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  assert float(m["clipfrac_on"]) == 1.0
+  g = jax.grad(lambda x: obj.objective(x, old, old, adv, kind, mask, cfg)[0])(lr)
+  np.testing.assert_array_equal(g, np.zeros((3, 3)))  # both rows clipped: no gradient.
+  # Inside the range the gradient of a row's objective is spread as A·s/|y_i| per token.
+  small = lr * 1e-4
+  g = jax.grad(lambda x: obj.objective(x, old, old, adv, kind, mask, cfg)[0])(small)
+  s0 = float(np.exp(np.asarray(obj.sequence_log_ratio(small, mask))[0, 0]))
+  np.testing.assert_allclose(g[0, :2], [-s0 / 2 * 2 / 5] * 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("switch", [
+    dict(loss_agg="token-mean"), dict(loss_agg="seq-mean-token-mean"),
+    dict(loss_agg="seq-mean-token-sum-norm", loss_agg_tokens=7),
+    dict(loss_agg="seq-mean-token-mean", ratio_level="sequence", kl_coef=0.2, entropy_coef=0.1)],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_accumulation_over_micro_batches_equals_the_minibatch(algo, switch, micro):
+  logp, old, guide, adv, kind, mask = random_batch(13, b=8)
+  kind = np.array([ON, ZERO, OFF, ON, OFF, ZERO, ON, OFF], np.int32)
+  rng = np.random.default_rng(5)
+  ref = jnp.asarray(logp + 0.2 * rng.standard_normal(logp.shape), jnp.float32)
+  ent = jnp.asarray(rng.uniform(0.5, 2.0, logp.shape), jnp.float32)
+  args = list(map(jnp.asarray, (logp, old, guide, adv, kind, mask)))
+  cfg = cfg_for(algo, **switch)
+  d = obj.denominators(args[4], args[5])
+  full_fn = lambda lp: obj.objective(lp, *args[1:], cfg, ref_logp=ref, entropy=ent)[0]
+
+  def split_fn(lp):
+    total, rows = 0.0, 8 // micro
+    for i in range(micro):
+      idx = slice(i * rows, (i + 1) * rows)
+      a = [x[idx] for x in [lp] + args[1:]]
+      total = total + obj.objective(*a, cfg, denoms=d, ref_logp=ref[idx], entropy=ent[idx])[0]
+    return total
+
+  np.testing.assert_allclose(split_fn(args[0]), full_fn(args[0]), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(jax.grad(split_fn)(args[0]), jax.grad(full_fn)(args[0]),
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_denominators_are_named():
+  kind = jnp.array([ON, ZERO, OFF, ON], jnp.int32)
+  mask = jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+  d = obj.denominators(kind, mask)
+  assert (float(d.tokens_on), float(d.tokens_zero), float(d.tokens_off)) == (2.0, 1.0, 2.0)
+  assert (float(d.seqs_on), float(d.seqs_zero), float(d.seqs_off)) == (1.0, 1.0, 1.0)
+  assert float(d.of(OFF)) == 2.0 and float(d.of(OFF, "seq-mean-token-mean")) == 1.0
