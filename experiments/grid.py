@@ -51,15 +51,16 @@ class Cell:
 
 def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gammas=None):
   """The cells of `grid` (order: regime, algo, scheme / γ, seed) for the base config `base`."""
-  if grid not in GRIDS:
-    raise ValueError(f"--grid={grid!r}: expected one of {sorted(GRIDS)}.")
+  grids = algorithms.grids()  # read now: an entry registered after import counts too.
+  if grid not in grids:
+    raise ValueError(f"--grid={grid!r}: expected one of {sorted(grids)}.")
   table = dict(base.compare.regimes)
   regimes = list(regimes or table)
   unknown = [r for r in regimes if r not in table]
   if unknown:
     raise ValueError(f"--regimes: {unknown} not in config.compare.regimes {sorted(table)}; add "
                      "them there (name → builtin.policy_steps).")
-  algos = list(algos or GRIDS[grid])
+  algos = list(algos or grids[grid])
   gammas = [float(g) for g in (gammas or base.compare.gammas)] if grid == "gamma" else [base.gamma]
   cells = []
   for regime in regimes:

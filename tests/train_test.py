@@ -43,15 +43,21 @@ def _params_close(a, b, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("algo", algorithms.names())
-def test_train_step_micro_batch_accumulation_equals_one_big_batch(algo):
+@pytest.mark.parametrize("algo,switch", [(a, {}) for a in algorithms.names()] + [
+    ("mix2", dict(loss_agg="seq-mean-token-mean")),
+    ("mix2", dict(loss_agg="seq-mean-token-sum-norm", loss_agg_tokens=5)),
+    ("mix2", dict(ratio_level="sequence", entropy_coef=0.1, kl_coef=0.1, kl_estimator="k3"))],
+    ids=str)
+def test_train_step_micro_batch_accumulation_equals_one_big_batch(algo, switch):
   policy = tiny_policy()
   # Plain SGD: the update is the gradient itself (Adam's g/|g| would hide or amplify noise).
   opt = optax.sgd(1.0)
   batch = random_rl_batch(1)
+  if switch.get("kl_coef"):
+    batch = dataclasses.replace(batch, ref_logp_BxT=batch.old_logp_BxT - 0.3)
   results = []
   for micro in (1, 4):
-    cfg = train.StepConfig(objective=algorithms.get(algo).objective_config(),
+    cfg = train.StepConfig(objective=algorithms.get(algo).objective_config(**switch),
                            num_micro_batches=micro)
     step = train.make_train_step(policy, opt, cfg, donate=False)
     state, metrics = step(train.init_state(policy, opt, 0), batch)
