@@ -6,13 +6,14 @@ The mesh has three named axes:
   tensor  Megatron-style model parallelism over heads / the MLP width / the vocabulary.
 Activations [B, T, D] are split over data × fsdp at layer borders (`constrain`).
 
-Usage (what `loop.setup` does):
+Usage (what `loop.setup` and `loop.run` do):
 ```
 mesh = sharding.make_mesh(config.mesh_shape)          # e.g. (-1, 1, 1): all devices on `data`
-jax.set_mesh(mesh)                                    # model hooks see it; no-op code without it
 state_sh = sharding.train_state_shardings(state, mesh)
 state = jax.device_put(state, state_sh)
 train_step = train.make_train_step(policy, opt, cfg, shardings=(state_sh, sharding.batch_sharding(mesh)))
+with jax.set_mesh(mesh):                              # scoped: model hooks see it inside only
+  state, metrics = train_step(state, batch)
 ```
 Parameter shardings come from regex rules over parameter paths ("layers/3/attn/q_proj/kernel",
 see mixpo/models/hf_io.py); the optimizer state reuses them (its paths end in the parameter
@@ -87,7 +88,8 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices=None) -> jax.shard
 
 
 def current_mesh():
-  """The mesh set by `jax.set_mesh`, or None (then every hook in this module is a no-op)."""
+  """The mesh of the enclosing `with jax.set_mesh(...)`, or None (then every hook in this module
+  is a no-op)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(AXES) <= set(mesh.axis_names):
     return None

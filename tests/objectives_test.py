@@ -360,7 +360,8 @@ SWITCHES = [
 ]
 
 
-@pytest.mark.parametrize("switch", SWITCHES, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("switch", SWITCHES,
+                         ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
 @pytest.mark.parametrize("algo", ALGOS)
 def test_switches_match_numpy_reference_loss_and_gradient(algo, switch):
   logp, old, guide, adv, kind, mask = random_batch(21, scale=0.05)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import smoke
-from mixpo import algorithms, builtin, loop, models, objectives, rl, train
+from mixpo import algorithms, builtin, loop, models, objectives, rl, sharding, train
 from mixpo import logging as mlog
 from mixpo.logging import PhaseTimer
 from mixpo.rollout import Collected, Groups, dynamic_sample
@@ -165,6 +165,7 @@ def test_resume_equals_uninterrupted_run(builtin_dir, tmp_path):
 
 def test_workdir_with_a_different_runs_checkpoint_is_refused(builtin_dir, tmp_path):
   loop.run(smoke_config(builtin_dir, num_steps=2), str(tmp_path))
+  assert sharding.current_mesh() is None  # the run's mesh is scoped to the run.
   other = smoke_config(builtin_dir, num_steps=2, seed=7)
   with pytest.raises(ValueError, match="seed"):
     loop.run(other, str(tmp_path))

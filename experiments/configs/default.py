@@ -51,14 +51,18 @@ def get_config() -> ml_collections.ConfigDict:
   # others token-mean) | "token-mean" (DAPO) | "seq-mean-token-mean" (GRPO) |
   # "seq-mean-token-sum-norm" (Dr. GRPO, arXiv 2503.20783; constant = max_new_tokens).
   c.loss_agg = "default"
-  c.std_normalize = True  # divide every advantage pool by its std; False = Dr. GRPO / LUFFY's R − mean.
-  c.kl_coef = 0.0  # KL(πθ ‖ π_ref) penalty to the starting policy over trained tokens; 0 = none (no ref kept).
-  c.kl_estimator = "k3"  # "k1" (−x), "k2" (x²/2), "k3" (exp(x) − 1 − x, verl's low_var_kl), x = log π_ref − log πθ.
+  c.std_normalize = True  # divide every advantage pool by its std; False = Dr. GRPO's R − mean.
+  # KL(πθ ‖ π_ref) penalty to the frozen starting policy over trained tokens; 0 = none (no
+  # reference is loaded).
+  c.kl_coef = 0.0
+  # x = log π_ref − log πθ: "k1" (−x), "k2" (x²/2), "k3" (exp(x) − 1 − x, verl's low_var_kl).
+  c.kl_estimator = "k3"
   c.entropy_coef = 0.0  # entropy bonus on trained tokens (TRL / verl's entropy_coeff).
   c.ratio_level = "token"  # ON / ZERO ratio: "token" (PPO) or "sequence" (GSPO, arXiv 2507.18071).
   c.seq_eps_low = 3e-4  # GSPO's clip range below 1 (its paper's value).
   c.seq_eps_high = 4e-4  # GSPO's clip range above 1.
-  c.cispo = False  # ON / ZERO: CISPO's sg(clipped IS weight)·A·log π (MiniMax-M1, arXiv 2506.13585).
+  # ON / ZERO: CISPO's sg(clipped IS weight)·A·log π (MiniMax-M1, arXiv 2506.13585).
+  c.cispo = False
   c.cispo_eps_low = 1.0  # CISPO weight >= 1 − this (1.0: no lower bound).
   c.cispo_eps_high = 0.28  # CISPO weight <= 1 + this.
   # --- models
