@@ -5,7 +5,7 @@ All functions are pure and jittable; nothing branches in Python on array values.
 float [B, T] (mask 1 on response tokens that enter the loss), `adv_B` float [B], `kind_B` int32
 [B] with ON=0, ZERO=1, OFF=2.
 
-Conventions (arXiv 2507.12931 and DESIGN.md's "The objective, precisely"):
+Conventions (arXiv 2507.12931):
   ratio_on  r  = exp(logp - old_logp)           (on-policy importance ratio, PPO's r)
   ratio_gd  r̂  = exp(logp - guide_logp)         (the paper's r̂ and r^(2), guide ϕ is frozen)
   CLIP(r,A)    = min(r·A, clip(r, 1-eps_low, 1+eps_high)·A)  (DAPO clip-higher, optional dual clip)
