@@ -145,7 +145,8 @@ def _plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train
     f32, i32 = jnp.float32, jnp.int32
     bt = lambda d: jax.ShapeDtypeStruct((train_rows, seq_len), d, sharding=batch_sh)
     b_ = lambda d: jax.ShapeDtypeStruct((train_rows,), d, sharding=batch_sh)
-    batch = Batch(bt(i32), bt(i32), bt(i32), bt(f32), bt(f32), bt(f32), b_(f32), b_(i32), b_(i32))
+    batch = Batch(bt(i32), bt(i32), bt(i32), bt(f32), bt(f32), bt(f32), b_(f32), b_(i32), b_(i32),
+                  b_(jnp.bool_))
     step = train.make_train_step(pol, optimizer, train.StepConfig(), shardings=(st_sh, batch_sh))
     with jax.set_mesh(mesh):
       compiled = step.lower(sharding.abstract(st, st_sh), batch).compile()
