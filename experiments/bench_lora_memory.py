@@ -74,7 +74,8 @@ def one_mode(mode: str) -> dict:
   import numpy as np
   import optax
 
-  from mixpo import models, objectives, train
+  from experiments.configs import default
+  from mixpo import algorithms, models, train
   from mixpo.batch import make_batch
   from mixpo.models import lora
 
@@ -97,7 +98,7 @@ def one_mode(mode: str) -> dict:
                      adv_B=rng.standard_normal(b).astype(np.float32),
                      kind_B=np.arange(b, dtype=np.int32) % 3, group_B=np.arange(b) // 2)
   step = train.make_train_step(policy, optimizer, train.StepConfig(
-      objective=objectives.ObjectiveConfig(algo="mix2")))
+      objective=algorithms.get(default.get_config().algo).objective_config()))
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mixpo import models, objectives, sampling, train
+from mixpo import algorithms, models, objectives, sampling, train
 from mixpo.batch import make_batch
 from mixpo.models import lora
 from mixpo.objectives import OFF, ON, ZERO
@@ -24,7 +24,7 @@ TINY = {
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
 }
 OPT = optax.adam(1e-2)
-CFG = train.StepConfig(objective=objectives.ObjectiveConfig(algo="mix2"))
+CFG = train.StepConfig(objective=algorithms.get("mix2").objective_config())
 
 
 def _tokens(seed=0, b=3, t=9):

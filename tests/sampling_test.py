@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from mixpo import models
+from mixpo import algorithms, models
 from mixpo import sampling
 
 VOCAB = 96
@@ -366,7 +366,7 @@ def test_bf16_training_ratios_come_from_f32_logp(tmp_path):
     logp = sampling.token_logp(nnx.merge(graphdef, params, rest), jnp.asarray(tokens),
                                jnp.asarray(mask))
     j, metrics = objectives.j_on(logp, old_logp, adv_B, kind_B, resp_mask,
-                                 objectives.ObjectiveConfig(algo="grpo"))
+                                 algorithms.get("grpo").objective_config())
     return -j, (logp, metrics)
 
   (neg_j, (logp, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
