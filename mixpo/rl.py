@@ -165,8 +165,11 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
 def validate(config) -> RunSpec:
   """`resolve` without touching the devices (a -1 mesh axis counts as 1): the binaries' early
   config check, safe before jax.distributed.initialize."""
-  fixed = math.prod(abs(int(d)) for d in config.get("mesh_shape", (-1, 1, 1)))
-  return resolve(config, num_devices=fixed)
+  mesh = tuple(config.get("mesh_shape", (-1, 1, 1)))
+  if len(mesh) != 3 or not all(isinstance(d, int) for d in mesh):
+    raise ValueError(f"config.mesh_shape={mesh}: expected 3 integers (data, fsdp, tensor), each "
+                     ">= 1 or -1 for the remaining devices, e.g. --config.mesh_shape='(-1,1,1)'.")
+  return resolve(config, num_devices=math.prod(abs(d) for d in mesh))
 
 
 def check_vocabularies(policy_vocab: int, guide_vocab: int):
