@@ -21,6 +21,7 @@ from absl import logging
 from mixpo import builtin, checkpoint, models, rl, sharding, train
 from mixpo import logging as mlog
 from mixpo.data import task_options
+from mixpo.guide_source import TraceSource
 from mixpo.models import lora
 from mixpo.rewards import RewardRunner, custom
 
@@ -115,7 +116,7 @@ def setup(config, workdir: str):
   tokenizer = models.load_tokenizer(policy_path)
   model = models.from_pretrained(policy_path, shardings=on_shards, **model_options(config))
   guide = reference = None
-  if spec.guide.source == "model":
+  if spec.guide.needs_model:
     guide_model = models.from_pretrained(guide_path, shardings=on_shards,
                                          **model_options(config, guide=True))
     rl.check_vocabularies(model.config.vocab_size, guide_model.config.vocab_size)
@@ -126,6 +127,12 @@ def setup(config, workdir: str):
   # Real datasets: the policy's tokenizer renders / filters the file task's prompts.
   task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
                                 tokenizer=tokenizer)
+  traces = None
+  if spec.guide.source == "traces":  # the trace file is the train set; the task evaluates.
+    traces = TraceSource.from_options(spec.guide.traces, tokenizer,
+                                      max_new_tokens=config.max_new_tokens,
+                                      temperature=config.temperature)
+    logging.info("guide traces: %s; %s", traces.summary, traces.report())
   # Every process holds the same rollouts (see rl.py); each scores 1/P of them.
   runner = RewardRunner(custom.reward_fns(config.get("rewards", ""),
                                           config.get("reward_weights", ""), task.reward_fn),
@@ -148,7 +155,7 @@ def setup(config, workdir: str):
                                      shardings=(state_sh, sharding.batch_sharding(mesh)))
   exp = rl.Experiment(config=config, spec=spec, policy=policy, guide=guide, tokenizer=tokenizer,
                       task=task, reward_runner=runner, train_step=train_step,
-                      reference=reference, mesh=mesh)
+                      reference=reference, mesh=mesh, traces=traces)
   return exp, state, ckpt, task.eval_examples(config.eval_size)
 
 
@@ -230,7 +237,10 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str) -> dict:
   # A fresh start drops every row (-1): rows there came from an attempt that crashed before its
   # first checkpoint and will be logged again.
   logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else -1)
-  summary = {"start_step": start, "preempted": False}
+  summary = {"start_step": start, "preempted": False, "guide_source": exp.spec.guide.source,
+             "guide_logp": exp.spec.guide.logp}
+  if exp.traces is not None:  # what was read and dropped, by reason (also in the log above).
+    summary.update(exp.traces.report())
   health = mlog.RunHealth(config.get("max_skip_ratio", 1.0), config.get("no_signal_steps", 0))
   # Logged at WARNING when the task read its files; listed again where a person looks last.
   health.warnings += task_options.dropped_rows_warnings(exp.task)

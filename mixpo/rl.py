@@ -2,6 +2,7 @@
 
   collect_policy  θ_old's prompt groups with DAPO dynamic sampling        → rollout.Collected
   collect_guide   the guide's rows for the same prompts (guided algorithms) → Groups | None
+                  (guide_source="traces": collect_traces, the stored responses, + their real_B)
   assemble        padded rows, ON / ZERO / OFF, advantages, padding mask  → Assembled (a Batch)
   score           log-probs under θ_old, the guide, the KL reference      → Batch
   update          the jitted train_step                                   → (TrainState, metrics)
@@ -25,6 +26,7 @@ import numpy as np
 
 from mixpo import advantages, algorithms, objectives, sampling, sharding, train
 from mixpo.batch import Batch, make_batch
+from mixpo.guide_source import TraceOptions, TraceSource, reward_rows
 from mixpo.rewards.overlong import OverlongConfig
 from mixpo.rollout import (Collected, Groups, SampleSpec, concat_groups, dynamic_sample,
                            empty_rows, sample_groups)
@@ -55,13 +57,22 @@ class Sizes:
 
 @dataclasses.dataclass(frozen=True)
 class GuideSpec:
-  """Where the guide's rows come from. Today a model (`path`, sampled every step) or none; the
-  offline-traces work adds a trace file here. logp: "model" (score with the guide) or "one"
-  (πϕ ≡ 1, as LUFFY does without guide probabilities)."""
+  """Where the OFF rows come from and how their πϕ is known (mixpo/guide_source.py).
 
-  source: str  # "model" or "none".
+  source: "model" (m samples of the checkpoint `path` per prompt, every step), "traces" (the
+  trace file `traces.path` is the train set; its stored responses are the OFF rows; an unguided
+  algorithm only draws its prompts from it) or "none". logp: "model" (score with the checkpoint),
+  "one" (πϕ ≡ 1, LUFFY), "file" (the trace's stored per-token log-probs), "none" (unguided)."""
+
+  source: str
   path: str
   logp: str
+  traces: TraceOptions | None = None
+
+  @property
+  def needs_model(self) -> bool:
+    """The guide checkpoint is loaded: it samples the OFF rows or scores them."""
+    return self.source == "model" or (self.source == "traces" and self.logp == "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,19 +135,13 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
                      "per prompt; set --config.n=2 or more.")
   if config.groups < 1:
     raise ValueError(f"config.groups={config.groups}: need at least one prompt per batch.")
-  if algo.guided:
-    if not config.guide:
-      raise ValueError(f"config.algo={algo.name} needs a guide policy: set config.guide to a "
-                       "checkpoint directory (or 'builtin').")
-    if config.m < 1:
-      raise ValueError(f"config.algo={algo.name} needs guide samples: set config.m >= 1.")
+  guide = _guide_spec(config, algo)
+  if algo.guided and config.m < 1:
+    raise ValueError(f"config.algo={algo.name} needs guide rows: set config.m >= 1.")
   if config.zero_groups < 0:
     raise ValueError(f"config.zero_groups={config.zero_groups}: must be >= 0.")
   if config.max_num_gen_batches < 1:
     raise ValueError(f"config.max_num_gen_batches={config.max_num_gen_batches}: must be >= 1.")
-  if config.guide_logp not in ("model", "one"):
-    raise ValueError(f"config.guide_logp={config.guide_logp!r}: 'model' (score with the guide) or "
-                     "'one' (πϕ ≡ 1, as LUFFY does without guide probabilities).")
   sizes = Sizes(n=int(config.n), m=int(config.m) if algo.guided else 0, groups=int(config.groups),
                 zero_groups=int(config.zero_groups) if algo.zero_set else 0)
   mesh_shape = sharding.resolve_mesh_shape(
@@ -153,8 +158,6 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
                               cache_len=config.overlong_cache, mask_truncated=config.mask_truncated)
   sample = SampleSpec(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                       top_p=config.top_p, top_k=config.top_k, overlong=overlong)
-  guide = GuideSpec(source="model" if algo.guided else "none", path=config.guide or "",
-                    logp=config.guide_logp)
   return RunSpec(algorithm=algo, scheme=config.scheme, std_normalize=bool(config.std_normalize),
                  sizes=sizes, step=step, sample=sample, guide=guide,
                  dynamic_sampling=bool(config.dynamic_sampling),
@@ -170,6 +173,49 @@ def validate(config) -> RunSpec:
     raise ValueError(f"config.mesh_shape={mesh}: expected 3 integers (data, fsdp, tensor), each "
                      ">= 1 or -1 for the remaining devices, e.g. --config.mesh_shape='(-1,1,1)'.")
   return resolve(config, num_devices=math.prod(abs(d) for d in mesh))
+
+
+def _guide_spec(config, algo: algorithms.Algorithm) -> GuideSpec:
+  source = config.get("guide_source", "model")
+  if source not in ("model", "traces"):
+    raise ValueError(f"config.guide_source={source!r}: 'model' (sample config.guide online) or "
+                     "'traces' (the guide's responses from config.traces_path).")
+  logp = config.guide_logp
+  if not algo.guided:  # no OFF rows: a trace file only supplies the prompts.
+    logp = "none"
+  elif source == "model" and logp not in ("model", "one"):
+    raise ValueError(f"config.guide_logp={logp!r}: 'model' (score with the guide) or 'one' "
+                     "(πϕ ≡ 1, as LUFFY does without guide probabilities); 'file' needs "
+                     "config.guide_source='traces'.")
+  traces = None
+  if source == "traces":
+    t = config.traces
+    chat = {"auto": None, "always": True, "never": False}
+    if t.chat_template not in chat:
+      raise ValueError(f"config.traces.chat_template={t.chat_template!r}: 'auto', 'always' or "
+                       "'never'.")
+    traces = TraceOptions(
+        path=config.traces_path, guide_logp="one" if logp == "none" else logp, fmt=t.format, fields=dict(t.fields) or None,
+        chat_template=chat[t.chat_template], only_correct=bool(t.only_correct),
+        overlong=t.overlong, max_prompt_tokens=int(t.max_prompt_tokens) or None,
+        skip_bad_rows=bool(t.skip_bad_rows))
+    try:
+      traces.validate()
+    except ValueError as e:
+      raise ValueError(f"config.guide_source='traces': {e} (config.traces_path, "
+                       "config.guide_logp, config.traces.*)") from None
+  spec = GuideSpec(source=source if algo.guided else ("traces" if traces else "none"),
+                   path=config.guide or "", logp=logp, traces=traces)
+  if algo.zero_set and source == "traces" and logp == "file" and config.zero_ratio == "guide":
+    raise ValueError(
+        f"config.algo={algo.name} with guide_logp='file': its ZERO rows are the policy's own "
+        "samples, whose πϕ a trace file cannot hold; set config.zero_ratio='old' (πθ/πθ_old), or "
+        "guide_logp='model' to score them with config.guide.")
+  if algo.guided and spec.needs_model and not config.guide:
+    raise ValueError(f"config.algo={algo.name} with guide_source={source!r} and guide_logp="
+                     f"{logp!r} needs a guide policy: set config.guide to a checkpoint directory "
+                     "(or 'builtin').")
+  return spec
 
 
 def check_vocabularies(policy_vocab: int, guide_vocab: int):
@@ -193,6 +239,7 @@ class Experiment:
   reward_runner: Any
   train_step: Any
   reference: tuple | None = None  # (graphdef, state) of the frozen KL reference (kl_coef > 0).
+  traces: TraceSource | None = None  # guide_source="traces": the train stream and OFF rows.
   mesh: Any = None  # jax.sharding.Mesh the state and train_step are laid out on.
 
 
@@ -214,8 +261,10 @@ def collect_policy(exp: Experiment, policy, key, data_pos: int, timer) -> Collec
   G variance groups (and Z zero groups) or hits its cap. Draw i uses `draw_key(key, i)`."""
   spec, G = exp.spec, exp.spec.sizes.groups
 
+  source = exp.task if exp.traces is None else exp.traces  # traces: the file is the train set.
+
   def draw(i: int):
-    exs = train_examples(exp.task, spec.seed, data_pos + i * G, G)
+    exs = train_examples(source, spec.seed, data_pos + i * G, G)
     return sample_groups(policy, exp.tokenizer, [e.prompt for e in exs], [e.answer for e in exs],
                          spec.sizes.n, draw_key(key, i), spec.sample, exp.reward_runner,
                          {"metadata": [e.metadata for e in exs]}, timer=timer,
@@ -248,6 +297,16 @@ def collect_guide(exp: Experiment, prompts, answers, key, timer) -> Groups | Non
   return rows
 
 
+def collect_traces(exp: Experiment, prompts, answers, timer) -> tuple[Groups, np.ndarray]:
+  """(rows, real_B): up to m stored guide responses of each real group's prompt, rewarded; a
+  prompt with fewer has padding rows (real_B False). πϕ of "file" rides in rows.guide_logp_BxN."""
+  with timer("reward"):
+    rows = exp.traces.guide_rows([exp.traces.index_of(p, a) for p, a in zip(prompts, answers)],
+                                 exp.spec.sizes.m)
+    groups, _ = reward_rows(rows, exp.spec.sample, exp.reward_runner)
+  return groups, rows.real_B
+
+
 @dataclasses.dataclass(frozen=True)
 class Assembled:
   """The step's rows: the padded `Batch` (advantages and sets filled, log-probs not yet) and the
@@ -271,18 +330,21 @@ def kinds_and_advantages(rewards_B, group_B, is_guide_B, real_B, *, algo: algori
   return kind, adv
 
 
-def assemble(spec: RunSpec, policy_rows: Groups, n_groups: int, guide_rows: Groups | None
-             ) -> Assembled:
+def assemble(spec: RunSpec, policy_rows: Groups, n_groups: int, guide_rows: Groups | None,
+             guide_real_B: np.ndarray | None = None) -> Assembled:
   """Pads the guide block to the G + Z slots, labels sets, computes advantages, builds the Batch.
 
   Group id of a row = its slot (0 .. G+Z−1, policy and guide rows of a prompt share it); padding
-  rows are marked by `real_B`, so they enter no advantage pool and no loss term.
+  rows are marked by `real_B`, so they enter no advantage pool and no loss term. guide_real_B
+  ([n_groups·m], traces) marks guide rows of real groups that are padding too. Stored guide
+  log-probs (guide_rows.guide_logp_BxN) go into the batch's guide_logp_BxT.
   """
   n, m, slots = spec.sizes.n, spec.sizes.m, spec.sizes.slots
   group_B = np.repeat(np.arange(slots), n)
   real_B = np.arange(slots * n) < n_groups * n
   row_prompt = [policy_rows.prompts[i // n] for i in range(n_groups * n)]
   parts, is_guide = [policy_rows], [np.zeros(slots * n, bool)]
+  stored_BxN = None if not m else guide_rows.guide_logp_BxN  # from a trace file ("file")
   if m:
     missing = (slots - n_groups) * m
     if missing:
@@ -290,15 +352,23 @@ def assemble(spec: RunSpec, policy_rows: Groups, n_groups: int, guide_rows: Grou
     parts.append(guide_rows)
     is_guide.append(np.ones(slots * m, bool))
     group_B = np.concatenate([group_B, np.repeat(np.arange(slots), m)])
-    real_B = np.concatenate([real_B, np.arange(slots * m) < n_groups * m])
+    guide_real = np.arange(slots * m) < n_groups * m
+    if guide_real_B is not None:
+      guide_real[:n_groups * m] &= np.asarray(guide_real_B, bool)
+    real_B = np.concatenate([real_B, guide_real])
     row_prompt += [p for p in guide_rows.prompts for _ in range(m)]
   rows = concat_groups(parts, keep_empty=True)
+  guide_logp_BxN = None
+  if stored_BxN is not None:  # 0 on policy rows and padding slots (no OFF / ZERO term reads them)
+    guide_logp_BxN = np.zeros(rows.tokens_BxN.shape, np.float32)
+    guide_logp_BxN[slots * n:slots * n + len(stored_BxN)] = stored_BxN
   is_guide_B = np.concatenate(is_guide)
   kind, adv = kinds_and_advantages(rows.rewards_B, group_B.astype(np.int32), is_guide_B, real_B,
                                    algo=spec.algorithm, scheme=spec.scheme,
                                    std_normalize=spec.std_normalize)
   batch = make_batch(rows.prompt_BxP, rows.prompt_mask_BxP, rows.tokens_BxN, rows.mask_BxN,
-                     adv_B=adv, kind_B=kind, group_B=group_B, real_B=real_B)
+                     adv_B=adv, kind_B=kind, group_B=group_B, real_B=real_B,
+                     guide_logp_BxN=guide_logp_BxN)
   return Assembled(batch=batch, rows=rows, is_guide_B=is_guide_B, real_B=real_B,
                    row_prompt=row_prompt)
 
@@ -313,6 +383,8 @@ def score(exp: Experiment, policy, batch: Batch, timer) -> Batch:
     old_logp = sampling.score(policy, *args, temperature=t)
     if spec.sizes.m and spec.guide.logp == "model":
       guide_logp = sampling.score(exp.guide, *args, temperature=t)
+    elif spec.sizes.m and spec.guide.logp == "file":
+      guide_logp = batch.guide_logp_BxT  # stored in the trace, placed by `assemble`.
     else:
       guide_logp = jnp.zeros_like(old_logp)  # πϕ ≡ 1.
     ref_logp = None
@@ -371,9 +443,13 @@ def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
   policy = exp.policy.pair(state.params)  # θ_old: the parameters before this step's updates.
   collected = collect_policy(exp, policy, key, data_pos, timer)
   policy_rows, n_groups = policy_block(collected, exp.spec.sizes)
-  guide_rows = collect_guide(exp, policy_rows.prompts, policy_rows.answers,
-                             draw_key(key, collected.draws), timer)
-  asm = assemble(exp.spec, policy_rows, n_groups, guide_rows)
+  guide_real_B = None
+  if exp.spec.sizes.m and exp.spec.guide.source == "traces":
+    guide_rows, guide_real_B = collect_traces(exp, policy_rows.prompts, policy_rows.answers, timer)
+  else:
+    guide_rows = collect_guide(exp, policy_rows.prompts, policy_rows.answers,
+                               draw_key(key, collected.draws), timer)
+  asm = assemble(exp.spec, policy_rows, n_groups, guide_rows, guide_real_B)
   batch = score(exp, policy, asm.batch, timer)
   state, step_metrics = update(exp, state, batch, timer)
   metrics, samples = report(exp.spec, collected, asm, step_metrics, guide_rows)

@@ -68,7 +68,22 @@ def get_config() -> ml_collections.ConfigDict:
   # --- models
   c.policy = "builtin"  # HF checkpoint directory of the starting policy, or "builtin".
   c.guide = "builtin"  # HF checkpoint directory of the frozen guide, or "builtin"; "" = none.
-  c.guide_logp = "model"  # "model": score guide samples with the guide; "one": πϕ ≡ 1.
+  # πϕ of the OFF rows: "model" (score with the guide checkpoint), "one" (πϕ ≡ 1, LUFFY), or,
+  # with guide_source="traces", "file" (the per-token log-probs stored in the trace file).
+  c.guide_logp = "model"
+  # Where OFF rows come from (mixpo/guide_source.py): "model" (m samples of config.guide per
+  # prompt, every step) or "traces" (the trace file is the train set; each prompt's stored guide
+  # responses, up to m, are its OFF rows; config.guide is loaded only for guide_logp="model").
+  c.guide_source = "model"
+  c.traces_path = ""  # trace file (.jsonl / .parquet) for guide_source="traces".
+  c.traces = ml_collections.ConfigDict()  # how to read it (mixpo.guide_source.TraceOptions):
+  c.traces.format = "auto"  # "mixpo" | "verl" (LUFFY) | "openr1" | "auto" (from the first row).
+  c.traces.fields = {}  # dotted field paths overriding the format's, e.g. {"responses": "outs"}.
+  c.traces.chat_template = "auto"  # "auto": chat lists rendered; "always": strings too; "never".
+  c.traces.only_correct = False  # keep only responses the file marks correct (dropped: counted).
+  c.traces.overlong = "drop"  # responses over max_new_tokens: "drop" or "truncate" (loss-masked).
+  c.traces.max_prompt_tokens = 0  # longer prompts are bad rows; 0 = no limit.
+  c.traces.skip_bad_rows = False  # count and skip bad rows instead of stopping with DataError.
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators).
   c.model.param_dtype = "float32"  # parameter storage dtype.
