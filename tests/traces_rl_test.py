@@ -217,7 +217,8 @@ def test_readme_two_command_workflow(tmp_path):
                         f"--out={traces}"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  out = subprocess.run(train + [f"--workdir={tmp_path / 'w1'}", "--config.guide_source=traces",
+  out = subprocess.run(train + [f"--workdir={tmp_path / 'w1'}", "--config.algo=mix1",
+                                "--config.guide_source=traces",
                                 f"--config.traces_path={traces}", "--config.guide_logp=file"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
