@@ -213,7 +213,7 @@ def test_readme_two_command_workflow(tmp_path):
   traces = tmp_path / "traces.jsonl"
   out = subprocess.run([sys.executable, "experiments/make_traces.py",
                         f"--guide={models_dir / 'guide'}", "--task=addition",
-                        "--task_knobs=digits=2,terms=2", "--n_prompts=64", "--max_new_tokens=6",
+                        "--digits=2", "--terms=2", "--n_prompts=64", "--max_new_tokens=6",
                         f"--out={traces}"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -3,7 +3,7 @@ r"""LUFFY as published (arXiv 2504.14945): offline guide traces, 7 rollouts + 1 
 Two commands (after the README's default run has built the built-in models in
 workdir/default/models): traces from the built-in guide, then LUFFY's switches on the built-in task
   python experiments/make_traces.py --guide=workdir/default/models/guide --task=addition \
-      --task_knobs=digits=2,terms=2 --n_prompts=4096 --n_per_prompt=1 --max_new_tokens=6 \
+      --digits=2 --terms=2 --n_prompts=4096 --n_per_prompt=1 --max_new_tokens=6 \
       --out=workdir/traces.jsonl
   python experiments/train.py --config=luffy_paper --workdir=workdir/luffy_paper \
       --config.builtin_dir=workdir/default/models --config.traces_path=workdir/traces.jsonl
