@@ -69,3 +69,23 @@ def test_sft_targets_are_the_worked_solutions():
   assert text.startswith("units ") and text.endswith(f"\\boxed{{{exs[0].answer}}}<eos>")
   with pytest.raises(ValueError, match="max_answer_tokens=20"):
     sft_batch(tok, exs, max_answer_tokens=20)
+
+
+@pytest.mark.slow
+def test_reasoning_recipe_guide_solves_and_weak_start_rarely_does(tmp_path):
+  """The built-in models of experiments/configs/reasoning.py: the guide solves >= 90 % of held-out
+  problems greedily, the weak start few (the regime the RL methods are compared in)."""
+  from experiments.configs import reasoning
+  from mixpo import builtin, models, rl
+  from mixpo.rewards import RewardRunner
+  c = reasoning.get_config()
+  guide, policy = builtin.ensure_builtin_models(str(tmp_path), c.builtin)
+  task = get_task(c.task, **c.task_kwargs)
+  examples = task.eval_examples(100)
+  acc = {}
+  with RewardRunner([(task.reward_fn, 1.0)], timeout_s=60) as r:
+    for name, path in (("guide", guide), ("policy", policy)):
+      out = rl.evaluate(models.from_pretrained(path), models.load_tokenizer(path), examples, r,
+                        c.max_new_tokens, batch_size=100)
+      acc[name] = out["accuracy"]
+  assert acc["guide"] >= 0.9 and acc["policy"] <= 0.2, acc
