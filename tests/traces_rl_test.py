@@ -224,3 +224,41 @@ def test_readme_two_command_workflow(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.load(open(tmp_path / "w1" / "summary.json"))
   assert summary["final_step"] == 2 and summary["guide_source"] == "traces"
+
+
+@pytest.mark.parametrize("fmt", ["verl", "openr1"])
+def test_luffy_trains_from_the_other_trace_formats(tiny, tmp_path, fmt):
+  """The same traces written as a verl / LUFFY parquet (chat-list prompt, target_lst) or an
+  OpenR1 parquet (problem, answer, generations): prompts and OFF rows reach training."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  groups = read_trace_prompts(tiny["traces"])[0]
+  if fmt == "verl":
+    rows = [{"data_source": "addition", "prompt": [{"role": "user", "content": g.prompt}],
+             "reward_model": {"ground_truth": g.answer},
+             "target_lst": [[{"role": "assistant", "content": r.text}] for r in g.responses]}
+            for g in groups]
+  else:
+    rows = [{"problem": g.prompt, "answer": g.answer,
+             "generations": [r.text for r in g.responses],
+             "correctness_math_verify": [True] * len(g.responses)} for g in groups]
+  path = str(tmp_path / f"{fmt}.parquet")
+  pq.write_table(pa.Table.from_pylist(rows), path)
+  config = traces_config(tiny, algo="luffy", guide_logp="one", traces_path=path)
+  config.traces.format = fmt
+  if fmt == "verl":  # chat-list prompts need the policy tokenizer's chat template
+    with pytest.raises(ValueError, match="has none.*chat_template=never"):
+      loop.setup(config, str(tmp_path / "refused"))
+    import shutil
+    policy = str(tmp_path / "policy_with_template")
+    shutil.copytree(tiny["policy"], policy)
+    tok = models.load_tokenizer(policy)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(policy)
+    config.policy = policy
+  exp, state, ckpt, _ = loop.setup(config, str(tmp_path / "run"))
+  ckpt.close()
+  with jax.set_mesh(exp.mesh):
+    state, _, metrics, _ = rl.rl_step(exp, state, 0, PhaseTimer())
+  exp.reward_runner.close()
+  assert metrics["train/rows_off"] > 0 and metrics["loss/skipped_updates"] == 0, metrics

@@ -302,6 +302,11 @@ def render_prompt(value: Any, field: str, where: str, tokenizer=None, chat_templ
     return as_text(value, field, where)
   if tokenizer is None:
     raise ValueError("chat_template=True needs a tokenizer")
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError(f"{where}: field {field!r} is to be rendered with a chat template, but the "
+                     "policy's tokenizer has none (tokenizer_config.json 'chat_template'); use a "
+                     "tokenizer with one, or turn chat rendering off (--config.traces."
+                     "chat_template=never for traces, chat_template=False for datasets)")
   msgs = value if is_chat else [{"role": "user", "content": as_text(value, field, where)}]
   if not msgs or not any(str(m.get("content", "")).strip() for m in msgs):
     raise DataError(f"{where}: field {field!r} is an empty conversation", "empty")
