@@ -365,9 +365,9 @@ def test_bf16_training_ratios_come_from_f32_logp(tmp_path):
   def loss(params):
     logp = sampling.token_logp(nnx.merge(graphdef, params, rest), jnp.asarray(tokens),
                                jnp.asarray(mask))
-    j, metrics = objectives.j_on(logp, old_logp, adv_B, kind_B, resp_mask,
-                                 algorithms.get("grpo").objective_config())
-    return -j, (logp, metrics)
+    loss, metrics = objectives.objective(logp, old_logp, old_logp, adv_B, kind_B, resp_mask,
+                                         algorithms.get("grpo").objective_config())
+    return loss, (logp, metrics)
 
   (neg_j, (logp, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   assert logp.dtype == jnp.float32 and old_logp.dtype == jnp.float32
