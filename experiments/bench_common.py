@@ -74,3 +74,30 @@ def device_peak_flops(device_kind: str, cpu_peak_flops: float | None = None) -> 
 
 def median(xs) -> float:
   return float(np.median(np.asarray(xs, np.float64)))
+
+
+def adamw_stepper(model, loss_fn, tokens_BxT, learning_rate: float):
+  """step() that runs one jitted AdamW update of `model` (state donated) and waits for it.
+
+  loss_fn(model, tokens_BxT) -> scalar loss. Both frameworks' benchmarks time this call.
+  """
+  import jax  # noqa: PLC0415 — only the jax-side benchmarks need it
+  import optax  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  opt = optax.adamw(learning_rate, weight_decay=0.01)
+
+  def update(state, tokens_BxT):
+    loss, grads = jax.value_and_grad(
+        lambda p: loss_fn(nnx.merge(graphdef, p, rest), tokens_BxT))(state["params"])
+    updates, opt_state = opt.update(grads, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, loss
+
+  update = jax.jit(update, donate_argnums=0)
+  holder = [{"params": params, "opt": opt.init(params)}]
+
+  def step():
+    holder[0], loss = update(holder[0], tokens_BxT)
+    return loss.block_until_ready()
+
+  return step

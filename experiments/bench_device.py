@@ -21,8 +21,6 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from experiments import bench_common  # noqa: E402
 from mixpo import models, sampling  # noqa: E402
@@ -51,27 +49,12 @@ def _timed(fn, repeats):
 
 
 def _train_stepper(model, tokens_BxT):
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  opt = optax.adamw(1e-5, weight_decay=0.01)
-  state = {"params": params, "opt": opt.init(params)}
   mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
 
-  def step(state, tokens_BxT):
-    def loss_fn(params):
-      logp_BxT = sampling.token_logp(nnx.merge(graphdef, params, rest), tokens_BxT, mask_BxT)
-      return -jnp.mean(logp_BxT[:, 1:])
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = opt.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, loss
+  def loss_fn(model, tokens_BxT):
+    return -jnp.mean(sampling.token_logp(model, tokens_BxT, mask_BxT)[:, 1:])
 
-  step = jax.jit(step, donate_argnums=0)
-  holder = [state]
-
-  def run():
-    holder[0], loss = step(holder[0], tokens_BxT)
-    return loss.block_until_ready()
-
-  return run
+  return bench_common.adamw_stepper(model, loss_fn, tokens_BxT, 1e-5)
 
 
 def main(argv):

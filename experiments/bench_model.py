@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,28 +62,13 @@ def mixpo_stepper(tokens_BxT):
   model = models.init_from_config(hf_config_dict(), 0, remat=FLAGS.remat,
                                   attention_impl=FLAGS.attention_impl,
                                   dtype=jnp.dtype(FLAGS.dtype), param_dtype=jnp.float32)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  opt = optax.adamw(1e-4, weight_decay=0.01)
-  state = {"params": params, "opt": opt.init(params)}
   tokens_BxT = jnp.asarray(tokens_BxT)
 
-  def train_step(state, tokens_BxT):
-    def loss_fn(params):
-      logits_BxTxV = nnx.merge(graphdef, params, rest)(tokens_BxT[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits_BxTxV, tokens_BxT[:, 1:]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = opt.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, loss
+  def loss_fn(model, tokens_BxT):
+    logits_BxTxV = model(tokens_BxT[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT[:, 1:]).mean()
 
-  train_step = jax.jit(train_step, donate_argnums=0)
-  holder = [state]
-
-  def step():
-    holder[0], loss = train_step(holder[0], tokens_BxT)
-    return loss.block_until_ready()
-
-  return step
+  return bench_common.adamw_stepper(model, loss_fn, tokens_BxT, 1e-4)
 
 
 def torch_stepper(tokens_BxT):
