@@ -14,7 +14,7 @@ import time
 
 from absl import logging
 
-from mixpo import algorithms
+from mixpo import advantages, algorithms
 
 # {grid: algorithms}, from each table entry's `grids` (mixpo/algorithms.py).
 GRIDS = algorithms.grids()
@@ -66,7 +66,7 @@ def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gamma
   for regime in regimes:
     for algo in algos:
       if grid == "scheme":
-        schemes = ["paper", "dapo"]
+        schemes = list(advantages.SCHEMES)
       else:
         # The baselines run under the scheme their papers' losses use (the entry's grid_scheme).
         schemes = [algorithms.get(algo).grid_scheme or base.scheme]
