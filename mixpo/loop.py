@@ -120,10 +120,11 @@ def setup(config, workdir: str):
     guide_model = models.from_pretrained(guide_path, shardings=on_shards,
                                          **model_options(config, guide=True))
     rl.check_vocabularies(model.config.vocab_size, guide_model.config.vocab_size)
-    guide = _frozen(guide_model)
+    guide = rl.rollout_view(spec, _frozen(guide_model))  # held in the rollout dtype only.
+    del guide_model
   if spec.keeps_reference:  # the KL reference: the starting policy, frozen (no remat, no grads).
-    reference = _frozen(models.from_pretrained(policy_path, shardings=on_shards,
-                                               **model_options(config, guide=True)))
+    reference = rl.rollout_view(spec, _frozen(models.from_pretrained(
+        policy_path, shardings=on_shards, **model_options(config, guide=True))))
   # Real datasets: the policy's tokenizer renders / filters the file task's prompts.
   task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
                                 tokenizer=tokenizer)

@@ -5,6 +5,7 @@
                   (guide_source="traces": collect_traces, the stored responses, + their real_B)
   assemble        padded rows, ON / ZERO / OFF, advantages, padding mask  → Assembled (a Batch)
   score           log-probs under θ_old, the guide, the KL reference      → Batch
+                  (rollout and scoring in spec.rollout_dtype: `rollout_view`)
   update          the jitted train_step                                   → (TrainState, metrics)
   report          scalar metrics and logged samples                       → (dict, list)
 `rl_step` chains them. `resolve(config)` turns the experiment config into a frozen `RunSpec` once
@@ -90,6 +91,10 @@ class RunSpec:
   max_num_gen_batches: int
   seed: int
   mesh_shape: tuple[int, int, int]  # (data, fsdp, tensor), -1 resolved.
+  # Parameter + compute dtype of rollout and scoring (θ_old, guide, KL reference): "model" (the
+  # models as loaded, config.model.*) or a dtype name the f32 master weights are cast to each step
+  # (`rollout_view`); the update always uses the trained parameters as they are.
+  rollout_dtype: str = "model"
 
   @property
   def objective(self) -> objectives.ObjectiveConfig:
@@ -162,7 +167,34 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
                  sizes=sizes, step=step, sample=sample, guide=guide,
                  dynamic_sampling=bool(config.dynamic_sampling),
                  max_num_gen_batches=int(config.max_num_gen_batches), seed=int(config.seed),
-                 mesh_shape=mesh_shape)
+                 mesh_shape=mesh_shape, rollout_dtype=_rollout_dtype(config))
+
+
+ROLLOUT_DTYPES = ("model", "float32", "bfloat16")
+
+
+def _rollout_dtype(config) -> str:
+  dtype = config.get("rollout_dtype", "model")
+  if dtype not in ROLLOUT_DTYPES:
+    raise ValueError(f"config.rollout_dtype={dtype!r}: expected one of {ROLLOUT_DTYPES} ('model': "
+                     "roll out and score with the models as loaded; 'bfloat16': cast copies).")
+  lora = config.get("lora")
+  if dtype != "model" and lora is not None and lora.get("rank", 0):
+    raise ValueError(f"config.rollout_dtype={dtype!r} with config.lora.rank={lora.rank}: a cast "
+                     "rollout copy of a LoRA policy is not supported; store the frozen base in "
+                     "that dtype instead (config.model.param_dtype) and set "
+                     "config.rollout_dtype='model'.")
+  return dtype
+
+
+def rollout_view(spec: RunSpec, model):
+  """`model` ((graphdef, state) or CausalLM) as rollout and scoring use it: itself for
+  rollout_dtype "model", else its parameters stored and computed in that dtype
+  (`sampling.with_dtype`: one jitted cast; a model already in the dtype is not copied). Log-probs
+  come out float32 either way; the update never sees the view."""
+  if spec.rollout_dtype == "model":
+    return model
+  return sampling.with_dtype(model, jnp.dtype(spec.rollout_dtype))
 
 
 def validate(config) -> RunSpec:
@@ -440,7 +472,9 @@ def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
   update. The state's rng drives sampling (via fold_in) and train_step (its own split).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
-  policy = exp.policy.pair(state.params)  # θ_old: the parameters before this step's updates.
+  # θ_old (the parameters before this step's updates) in the rollout dtype: it samples and scores
+  # old_logp; train_step differentiates the float32 master parameters in `state`.
+  policy = rollout_view(exp.spec, exp.policy.pair(state.params))
   collected = collect_policy(exp, policy, key, data_pos, timer)
   policy_rows, n_groups = policy_block(collected, exp.spec.sizes)
   guide_real_B = None

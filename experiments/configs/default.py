@@ -89,6 +89,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # parameter storage dtype.
   c.model.remat = False  # rematerialise each decoder layer in the backward pass.
   c.model.attention_impl = "auto"  # auto (by backend) | xla | dot_product_attention | cudnn | pallas
+  # Parameter + compute dtype of rollout and scoring (policy and guide generation; θ_old, guide
+  # and KL-reference log-probs): "model" (the models as loaded, config.model.*), "bfloat16" (θ_old
+  # cast from the float32 master weights every step, the guide and reference stored in bf16) or
+  # "float32". The update keeps the master weights, AdamW and the objective in float32: its ratios
+  # are from float32 log-probs of the trained policy, against the rollout dtype's θ_old log-probs
+  # (float32 numbers of bf16 compute). Eval uses the trained policy as loaded. Not with LoRA.
+  c.rollout_dtype = "model"
   c.builtin = builtin_models()
   c.builtin_dir = ""  # where built-in models are made / reused; "" = workdir/models.
   # --- task and rewards
