@@ -146,3 +146,18 @@ def test_a_registered_entry_runs_end_to_end(tmp_path):
   assert "OFF" in {s["set"] for s in samples}
   assert any(np.abs(a - np.asarray(b)).max() > 0
              for a, b in zip(params0, jax.tree.leaves(state.params)))
+
+
+def test_readme_shows_the_table():
+  """README's excerpt of the table has every entry, with its flags as the table holds them."""
+  rows = {}
+  for line in open(os.path.join(REPO, "README.md"), encoding="utf-8"):
+    m = re.match(r"\| `([\w-]+)` \| (yes|no) \| (yes|no) \| (yes|no) \| .* \| ([\w-]+) \| "
+                 r"(symmetric|clip-higher) \|$", line.strip())
+    if m:
+      rows[m.group(1)] = m.groups()[1:]
+  assert set(rows) == set(algorithms.names())
+  yes = lambda b: "yes" if b else "no"
+  for name, a in algorithms.TABLE.items():
+    assert rows[name] == (yes(a.guided), yes(a.zero_set), yes(a.zero_to_on), a.loss_agg,
+                          "symmetric" if a.symmetric_clip else "clip-higher"), name
