@@ -22,6 +22,8 @@ Resumable: a cell with summary.json and policy_tokens ≥ the budget is skipped;
 resumes from its checkpoint (a larger budget continues finished cells). A cell whose saved config
 differs from the current one is refused (name it in the error) unless --overwrite.
 Writes <out_dir>/<grid>.csv, <grid>_accuracy_vs_{step,tokens}.png, <grid>_summary.md.
+Reproducing a committed grid: rerun some of its cells into another --out_dir with
+--check_against=experiments/results/<grid>.csv (BUILD_NOTES "Reproducing the committed grids").
 """
 
 import os
@@ -34,7 +36,8 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments.configs import resolve_config_path  # noqa: E402
-from experiments.grid import GRIDS, collect_rows, grid_cells, run_cells  # noqa: E402
+from experiments.grid import (GRIDS, check_rows, collect_rows, grid_cells,  # noqa: E402
+                              run_cells)
 
 _DEFAULT_CONFIG = resolve_config_path("compare")
 
@@ -71,6 +74,9 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "CSV / PNG / summary directory (
                                "experiments/results; <workroot>/results with --small).")
 _SMALL = flags.DEFINE_bool("small", False, "Seconds-scale mode for tests (smoke-sized models).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rerun cells whose saved config differs.")
+_CHECK = flags.DEFINE_string("check_against", None, "A committed <grid>.csv: after the run, every "
+                              "row written is compared with its row there (all columns but "
+                              "wall_s, as printed); exit status 1 on any difference.")
 _KEEP_GOING = flags.DEFINE_bool("keep_going", True, "A failing cell is logged and the grid goes "
                                 "on (exit status 1 at the end); false: stop at the first.")
 
@@ -126,6 +132,13 @@ def main(argv):
   check_workroot(workroot)
   out_dir = _OUT_DIR.value or (os.path.join(workroot, "results") if small else os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results"))
+  if _CHECK.value and not os.path.isfile(_CHECK.value):
+    raise app.UsageError(f"--check_against={_CHECK.value}: no such file (a <grid>.csv, e.g. "
+                         "experiments/results/main.csv).")
+  if _CHECK.value and os.path.realpath(_CHECK.value) == os.path.realpath(
+      os.path.join(out_dir, f"{_GRID.value}.csv")):
+    raise app.UsageError(f"--check_against={_CHECK.value} is the CSV this run writes; pass "
+                         "another --out_dir.")
   try:
     seeds = [int(s) for s in _SEEDS.value]
     cells = grid_cells(_GRID.value, base, _ALGOS.value, seeds, _REGIMES.value, _GAMMAS.value)
@@ -141,7 +154,13 @@ def main(argv):
   for label, err in done["failed"].items():
     print(f"  FAILED {label}: {err}")
   print("wrote:", *paths, sep="\n  ")
-  if done["failed"]:
+  mismatched = False
+  if _CHECK.value:
+    matched, problems = check_rows(paths[0], _CHECK.value)
+    print(f"check against {_CHECK.value}: {matched} rows identical (wall_s aside), "
+          f"{len(problems)} differences", *problems, sep="\n  ")
+    mismatched = bool(problems)
+  if done["failed"] or mismatched:
     sys.exit(1)
 
 

@@ -172,3 +172,43 @@ def collect_rows(cells, workroot: str) -> list[dict]:
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
       rows.extend(analysis.cell_rows(mlog.read_metrics(workdir), cell.meta()))
   return rows
+
+
+def check_rows(rows_csv: str, reference_csv: str, ignore=("wall_s",)) -> tuple[int, list[str]]:
+  """(rows matched, problems): every row of `rows_csv` (a rerun's <grid>.csv) against the row of
+  `reference_csv` (a committed one) with the same grid, regime, cell and step, field by field as
+  written (to the last printed digit), except the `ignore`d columns (wall-clock time). A cell's
+  steps must be the same in both; cells of the reference that were not rerun are not checked."""
+  import csv  # noqa: PLC0415
+
+  def load(path):
+    with open(path, newline="") as f:
+      return [r for r in csv.DictReader(f)]
+
+  key = lambda r: (r["grid"], r["regime"], r["cell"])
+  ref: dict[tuple, dict[str, dict]] = {}
+  for r in load(reference_csv):
+    ref.setdefault(key(r), {})[r["step"]] = r
+  new: dict[tuple, dict[str, dict]] = {}
+  for r in load(rows_csv):
+    new.setdefault(key(r), {})[r["step"]] = r
+  matched, problems = 0, []
+  for cell, steps in new.items():
+    name = "/".join(cell)
+    if cell not in ref:
+      problems.append(f"{name}: not in {reference_csv}")
+      continue
+    if list(steps) != list(ref[cell]):
+      problems.append(f"{name}: steps {list(steps)} vs {list(ref[cell])} in {reference_csv}")
+    for step, row in steps.items():
+      want = ref[cell].get(step)
+      if want is None:
+        continue
+      diff = [f"{c}={row[c]!r} (reference {want.get(c)!r})" for c in row
+              if c not in ignore and row[c] != want.get(c)]
+      if diff:
+        problems.append(f"{name} step {step}: " + ", ".join(diff))
+      else:
+        matched += 1
+  return matched, problems
+

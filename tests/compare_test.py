@@ -81,8 +81,10 @@ def test_compare_small_grid_equal_budget_resume_and_reports(tmp_path):
   assert "| weak | mix2 | 1 |" in (out / "main_summary.md").read_text()
 
   before = (out / "main.csv").read_bytes()
-  assert "ran 0 cells, skipped 2 finished" in _compare(tmp_path)  # nothing reruns.
-  assert (out / "main.csv").read_bytes() == before
+  stdout = _compare(tmp_path, f"--out_dir={tmp_path / 'out2'}", f"--check_against={out}/main.csv")
+  assert "ran 0 cells, skipped 2 finished" in stdout  # nothing reruns.
+  assert f"check against {out}/main.csv: 4 rows identical (wall_s aside), 0 differences" in stdout
+  assert (tmp_path / "out2" / "main.csv").read_bytes() == before
 
   # A cell run under another config is refused by name rather than silently reused.
   config = grid.cell_config(compare_config.get_config("small"), grid.grid_cells(
@@ -93,6 +95,25 @@ def test_compare_small_grid_equal_budget_resume_and_reports(tmp_path):
   config.learning_rate *= 2
   with pytest.raises(ValueError, match="mix2-dapo-s0.*learning_rate"):
     grid.cell_state(str(cell), config, budget=1)
+
+
+def test_check_rows_reports_every_difference_but_wall_time(tmp_path):
+  meta = {"grid": "main", "regime": "weak", "policy_steps": 120, "variant": "mix2", "algo": "mix2",
+          "scheme": "dapo", "gamma": 0.1, "seed": 0, "cell": "mix2-dapo-s0"}
+  rows = [{**meta, "step": s, "policy_tokens": 100 * s, "eval_accuracy": 0.1 + s / 3,
+           "wall_s": 1.5 * s} for s in (0, 5, 9)]
+  ref = analysis.write_csv(rows, str(tmp_path / "ref.csv"))
+  rerun = lambda rs: analysis.write_csv(rs, str(tmp_path / "new.csv"))
+  assert grid.check_rows(rerun([{**r, "wall_s": 7.0} for r in rows]), ref) == (3, [])
+  changed = [dict(r) for r in rows]
+  changed[1]["eval_accuracy"] += 1e-15  # a last-digit change of the printed float.
+  matched, problems = grid.check_rows(rerun(changed), ref)
+  assert matched == 2 and len(problems) == 1 and "step 5: eval_accuracy=" in problems[0], problems
+  matched, problems = grid.check_rows(rerun(rows[:2]), ref)  # the trajectory ends elsewhere.
+  assert matched == 2 and problems == [f"main/weak/mix2-dapo-s0: steps ['0', '5'] vs "
+                                       f"['0', '5', '9'] in {ref}"]
+  other = [{**r, "cell": "mix2-dapo-s1", "seed": 1} for r in rows]
+  assert grid.check_rows(rerun(other), ref) == (0, [f"main/weak/mix2-dapo-s1: not in {ref}"])
 
 
 def test_config_overrides_work_without_an_explicit_config():
