@@ -290,22 +290,30 @@ TRAINED = {"grpo": (ON,), "dapo": (ON,), "luffy": (ON, OFF), "mix1": (ON, OFF),
            "mix2": (ON, ZERO, OFF)}
 
 
-def ref_switched(logp, old, guide, adv, kind, mask, algo, cfg, ref=None, ent=None):
-  """−J of `algo` under cfg's switches, in float64 numpy (independent of objectives.py)."""
+def ref_switched(logp, old, guide, adv, kind, mask, algo, cfg, ref=None, ent=None, sg_logp=None):
+  """−J of `algo` under cfg's switches, in float64 numpy (independent of objectives.py).
+
+  CISPO's weight is a constant: computed from `sg_logp` (default `logp`), its term is
+  w·A·exp(log r − log r_sg), whose value at logp = sg_logp is w·A and whose derivative there is
+  w·A, so a finite difference in `logp` at fixed `sg_logp` is CISPO's gradient."""
   logp, old, guide = (np.asarray(x, np.float64) for x in (logp, old, guide))
+  sg_logp = logp if sg_logp is None else np.asarray(sg_logp, np.float64)
   masks = {k: mask * (kind == k)[:, None] for k in (ON, ZERO, OFF)}
 
-  def clipped(lr, m):
+  def clipped(lr, sg_lr, m):
     el, eh = cfg.eps_low, cfg.eps_high
     if cfg.ratio_level == "sequence":
-      lr = np.broadcast_to(((lr * m).sum(1) / np.maximum(m.sum(1), 1))[:, None], lr.shape)
+      seq = lambda x: np.broadcast_to(((x * m).sum(1) / np.maximum(m.sum(1), 1))[:, None], x.shape)
+      lr, sg_lr = seq(lr), seq(sg_lr)
       el, eh = cfg.seq_eps_low, cfg.seq_eps_high
-    if cfg.cispo:  # the value: clipped weight · A.
-      return np.clip(np.exp(lr), 1 - cfg.cispo_eps_low, 1 + cfg.cispo_eps_high) * adv[:, None]
+    if cfg.cispo:
+      w = np.clip(np.exp(sg_lr), 1 - cfg.cispo_eps_low, 1 + cfg.cispo_eps_high)
+      return w * adv[:, None] * np.exp(lr - sg_lr)
     return ref_clip(lr, adv, el, eh, cfg.dual_clip)
 
-  per_token = {ON: clipped(logp - old, masks[ON]),
-               ZERO: clipped(logp - (old if cfg.zero_ratio == "old" else guide), masks[ZERO]),
+  zero_ref = old if cfg.zero_ratio == "old" else guide
+  per_token = {ON: clipped(logp - old, sg_logp - old, masks[ON]),
+               ZERO: clipped(logp - zero_ref, sg_logp - zero_ref, masks[ZERO]),
                OFF: ref_f(logp - guide, cfg.gamma) * adv[:, None]}
 
   def num(x, m):
@@ -357,6 +365,9 @@ SWITCHES = [
     dict(kl_coef=0.3, kl_estimator="k1"), dict(kl_coef=0.3, kl_estimator="k2"),
     dict(kl_coef=0.3, kl_estimator="k3"), dict(entropy_coef=0.2),
     dict(loss_agg="seq-mean-token-mean", ratio_level="sequence", kl_coef=0.1, entropy_coef=0.1),
+    dict(cispo=True, cispo_eps_low=0.03, cispo_eps_high=0.02),
+    dict(cispo=True, cispo_eps_low=0.03, cispo_eps_high=0.02, loss_agg="seq-mean-token-mean",
+         kl_coef=0.1),
 ]
 
 
@@ -374,7 +385,8 @@ def test_switches_match_numpy_reference_loss_and_gradient(algo, switch):
                                    ref_logp=jnp.asarray(ref), entropy=e)[0]
   loss, (g_logp, g_ent) = jax.value_and_grad(fn, argnums=(0, 1))(jnp.asarray(logp),
                                                                  jnp.asarray(ent))
-  ref_fn = lambda lp, e=ent: ref_switched(lp, old, guide, adv, kind, mask, algo, cfg, ref, e)
+  ref_fn = lambda lp, e=ent: ref_switched(lp, old, guide, adv, kind, mask, algo, cfg, ref, e,
+                                          sg_logp=logp)
   np.testing.assert_allclose(loss, ref_fn(logp), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_logp, numeric_grad(ref_fn, logp), rtol=2e-3, atol=2e-5)
   np.testing.assert_allclose(g_ent, numeric_grad(lambda e: ref_fn(logp, e), ent), rtol=2e-3,
