@@ -177,7 +177,8 @@ def _rollout_dtype(config) -> str:
   dtype = config.get("rollout_dtype", "model")
   if dtype not in ROLLOUT_DTYPES:
     raise ValueError(f"config.rollout_dtype={dtype!r}: expected one of {ROLLOUT_DTYPES} ('model': "
-                     "roll out and score with the models as loaded; 'bfloat16': cast copies).")
+                     "roll out and score with the models as loaded; 'bfloat16' / 'float32': "
+                     "with copies cast to that dtype).")
   lora = config.get("lora")
   if dtype != "model" and lora is not None and lora.get("rank", 0):
     raise ValueError(f"config.rollout_dtype={dtype!r} with config.lora.rank={lora.rank}: a cast "
