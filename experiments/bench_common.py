@@ -9,6 +9,8 @@ Shapes are Hugging Face config.json dicts with random weights (nothing is downlo
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 _QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
@@ -70,6 +72,36 @@ def device_peak_flops(device_kind: str, cpu_peak_flops: float | None = None) -> 
     if name in kind:
       return peak
   return cpu_peak_flops
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+  """Host memory copy bandwidth in bytes/s: `nbytes` copied (read once, written once) by one
+  np.copyto between preallocated, already-touched arrays, best of `repeats`. The roofline that
+  decode's achieved bytes/s is reported against (decode reads each weight once per step)."""
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.empty_like(src)
+  np.copyto(dst, src)  # touch every page of both before timing
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - start)
+  return src.nbytes / best
+
+
+def decode_step_bytes(config: dict, batch: int, context: float, dtype_bytes: int) -> float:
+  """Bytes one decode step must read at least: every weight once (the layers, the final norm
+  and the LM head, which is the embedding table when tied; the input embedding reads only B
+  rows) plus the KV cache over `context` slots, all stored in `dtype_bytes` per element."""
+  d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+  n, k = config["num_attention_heads"], config["num_key_value_heads"]
+  h = config.get("head_dim") or d // n
+  layers = config["num_hidden_layers"]
+  qkv_bias = (n + 2 * k) * h if config.get("model_type") == "qwen2" else 0
+  layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + 2 * d + qkv_bias  # + the 2 norms
+  weights = layers * layer + d + d * v
+  kv_cache = layers * 2 * batch * k * h * context
+  return float(weights + kv_cache) * dtype_bytes
 
 
 def median(xs) -> float:

@@ -43,6 +43,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (medi
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", bench_common.DTYPES,
                            "Compute and weight dtype of both frameworks.")
+_DECODE = flags.DEFINE_bool(
+    "decode", True, "Also time mixpo's decode steps alone (generate of N tokens minus generate "
+    "of 1: prefill cancels) and report bytes/s against the measured copy bandwidth; with "
+    "--dtype=bfloat16 also mixpo's float32 decode, for the bf16 / f32 ratio.")
 
 # The tiny config used across the model and rollout benchmarks.
 TINY = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
@@ -128,6 +132,19 @@ def main(argv):
   t_mx_score = median_seconds(mixpo_score, _REPEATS.value)
   agree = np.abs(np.asarray(mixpo_score())[:, 1:] - hf_score().numpy()).max()
 
+  decode = {}
+  if _DECODE.value and n > 1:
+    dtypes = [_DTYPE.value] + (["float32"] if _DTYPE.value != "float32" else [])
+    for name in dtypes:
+      gd, st = sampling.with_dtype(model, jax.numpy.dtype(name))
+      run = lambda k: (lambda: jax.block_until_ready(sampling.generate(
+          (gd, st), prompt_BxP, mask_BxP, jax.random.key(next(calls)), k,
+          temperature=_TEMP.value)))
+      t_steps = median_seconds(run(n), _REPEATS.value) - median_seconds(run(1), _REPEATS.value)
+      decode[name] = t_steps / (n - 1)  # seconds per decode step (B tokens)
+      del gd, st
+    bandwidth = bench_common.copy_bandwidth()
+
   gen_tokens, score_tokens = b * n, b * (p + n)
   print(f"config: {_SHAPE.value} ({bench_common.describe(hf.config.to_dict())}), B={b} P={p} "
         f"N={n} T={_TEMP.value} {_DTYPE.value}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
@@ -138,6 +155,16 @@ def main(argv):
   print(f"score     transformers {score_tokens / t_hf_score:9.0f} tok/s  ({t_hf_score:.3f} s)")
   print(f"score     mixpo        {score_tokens / t_mx_score:9.0f} tok/s  ({t_mx_score:.3f} s)  "
         f"ratio {t_hf_score / t_mx_score:.2f}x  (max |Δ logp| vs transformers {agree:.1e})")
+  for name, step_s in decode.items():
+    nbytes = bench_common.decode_step_bytes(hf.config.to_dict(), b, p + n / 2,
+                                            jax.numpy.dtype(name).itemsize)
+    print(f"decode    mixpo {name:8s} {b / step_s:9.1f} tok/s  ({step_s * 1e3:.1f} ms/step, "
+          f"{nbytes / 1e9:.2f} GB/step read: {nbytes / step_s / 1e9:.1f} GB/s = "
+          f"{nbytes / step_s / bandwidth:.0%} of the measured copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s)")
+  if len(decode) == 2:
+    print(f"decode    mixpo {_DTYPE.value} / float32: "
+          f"{decode['float32'] / decode[_DTYPE.value]:.2f}x")
 
 
 if __name__ == "__main__":
