@@ -181,6 +181,7 @@ def _generate_program(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, tempera
   cache = model.init_cache(b, p + n - 1)
   h_BxPxD, cache = model.decode(prompt_BxP, positions_BxP, prompt_mask_BxP, cache)
   logits_Bx1xV = model.logits_from_hidden(h_BxPxD[:, -1:])
+  head_DxV = model.decode_head()  # loop-invariant: built once per call, read by every step
   is_eos = lambda tok: jnp.any(tok[..., None] == eos_E.reshape((1,) * tok.ndim + (-1,)), axis=-1)
   seeds_Nx4 = jax.random.bits(rng, (n, 4), jnp.uint32)  # one Philox key per step
   tok_B, logp_B = sample(logits_Bx1xV[:, 0], seeds_Nx4[0])
@@ -197,7 +198,7 @@ def _generate_program(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, tempera
     i, cache, prev_B, done_B, tokens_BxN, logp_BxN = carry
     pos_Bx1 = (next_pos_B + i - 1)[:, None]
     h_Bx1xD, cache = model.decode(prev_B[:, None], pos_Bx1, ones_Bx1, cache)
-    logits_Bx1xV = model.logits_from_hidden(h_Bx1xD)
+    logits_Bx1xV = model.logits_from_hidden(h_Bx1xD, head_DxV)
     tok_B, logp_B = sample(logits_Bx1xV[:, 0], seeds_Nx4[i])
     tok_B = jnp.where(done_B, pad_id, tok_B)
     logp_B = jnp.where(done_B, 0.0, logp_B)

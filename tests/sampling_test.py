@@ -400,3 +400,28 @@ def test_decode_loop_reads_each_layer_cache_in_place(llama):
   assert not copies, copies[:3]
   stacked = rf"f32\[{c.num_layers},{b},{c.num_kv_heads},{p + n - 1},{c.head_dim}\]"
   assert not re.search(stacked, hlo)
+
+
+def test_decode_steps_read_a_tied_head_laid_out_d_by_v(llama):
+  """On XLA:CPU the decode loop reads the tied LM head from one [D, V] copy made before the
+  loop (a few-row GEMM against the [V, D] embedding re-packs it at every step), and the logits
+  through that copy equal the stored head's."""
+  _, model = llama
+  c = model.config
+  assert model.lm_head is None  # the fixture is tied
+  h_BxD = jax.random.normal(jax.random.key(1), (3, c.hidden_size))
+  np.testing.assert_allclose(model.logits_from_hidden(h_BxD, model.decode_head()),
+                             model.logits_from_hidden(h_BxD), rtol=1e-5, atol=1e-5)
+  graphdef, state = sampling.split_model(model)
+  b, p, n = 4, 16, 24
+  hlo = sampling._generate_program.lower(
+      graphdef, state, jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32),
+      jax.random.key(0), np.float32(1), np.float32(1), np.full((1,), -1, np.int32), np.int32(0),
+      max_new_tokens=n, greedy=False, top_k=0, use_top_p=False).compile().as_text()
+  head_dots = re.findall(
+      rf"= f32\[{b},{c.vocab_size}\]\S* dot\([^\n]*rhs_contracting_dims=\{{(\d)\}}", hlo)
+  assert head_dots and "0" in head_dots, head_dots  # the loop's head dot contracts [D, V]'s dim 0
+  # Ops writing a [D, V] array (a fusion's ROOT is part of its fusion op, not another copy).
+  copies = [line for line in hlo.splitlines() if "ROOT" not in line and re.search(
+      rf"= f32\[{c.hidden_size},{c.vocab_size}\]\{{1,0\}} (copy|fusion)\(", line)]
+  assert len(copies) == 1, copies  # one transposed copy per call, none per step

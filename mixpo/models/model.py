@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mixpo import sharding
+from mixpo.models import attention
 from mixpo.models.config import ModelConfig, from_hf_config
 from mixpo.models.layers import DecoderLayer, Embed, RMSNorm, Linear, rope_cos_sin
 
@@ -127,9 +128,30 @@ class CausalLM(nnx.Module):
       x = sharding.constrain(call(layer, x, cos, sin, key_valid_BxT))
     return self.final_norm(x)
 
-  def logits_from_hidden(self, h_xD: jax.Array) -> jax.Array:
-    """Logits [..., V] float32 from hidden states [..., D] (chunk over T to bound memory)."""
+  def decode_head(self) -> jax.Array | None:
+    """The LM head as a [D, V] array laid out for a decode loop's `logits_from_hidden`, or None.
+
+    On XLA:CPU a tied head ([V, D] embedding) costs a few-row GEMM a third more CPU time than
+    the same weights stored [D, V] (its kernel re-packs the transposed operand at every call;
+    measured figures in BUILD_NOTES): a decode loop takes this transposed copy once, outside
+    the loop, and passes it to every step (memory: one extra V × D array in config.dtype).
+    Elsewhere, and for an untied head (already [D, V]), None: the head is read as stored.
+    """
+    if self.lm_head is not None or attention.platform() != "cpu":
+      return None
+    w_DxV = self.embed.embedding[...].astype(self.config.dtype).T
+    # The barrier keeps XLA from folding the transpose back into the dot (a copy is the point).
+    return jax.lax.optimization_barrier(w_DxV)
+
+  def logits_from_hidden(self, h_xD: jax.Array, head_DxV: jax.Array | None = None) -> jax.Array:
+    """Logits [..., V] float32 from hidden states [..., D] (chunk over T to bound memory).
+
+    head_DxV: `decode_head()`'s copy of the head (a decode loop), or None (read as stored).
+    """
     dtype = self.config.dtype
+    if head_DxV is not None:
+      return jnp.einsum("...d,dv->...v", h_xD.astype(dtype), head_DxV,
+                        preferred_element_type=jnp.float32)
     if self.lm_head is None:
       w_VxD = self.embed.embedding[...].astype(dtype)
       return jnp.einsum("...d,vd->...v", h_xD.astype(dtype), w_VxD,
