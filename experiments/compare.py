@@ -36,8 +36,8 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments.configs import resolve_config_path  # noqa: E402
-from experiments.grid import (GRIDS, check_rows, collect_rows, grid_cells,  # noqa: E402
-                              run_cells)
+from experiments.grid import (GRIDS, REASONING_GRIDS, check_rows, collect_rows,  # noqa: E402
+                              grid_cells, run_cells)
 
 _DEFAULT_CONFIG = resolve_config_path("compare")
 
@@ -56,8 +56,10 @@ def _fix_argv(argv: list[str]) -> list[str]:
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base run config with a `compare` field (default experiments/configs/"
     "compare.py; with --small, compare.py:small). --config.<field>=v overrides.")
-_GRID = flags.DEFINE_enum("grid", "main", list(GRIDS), "Which grid to run (module docstring).")
-_ALGOS = flags.DEFINE_list("algos", None, "Override the grid's algorithms (e.g. dapo,mix2).")
+_GRID = flags.DEFINE_string("grid", "main", f"Which grid to run (module docstring): {list(GRIDS)}, "
+                            f"or with --config=compare_reasoning {list(REASONING_GRIDS)}.")
+_ALGOS = flags.DEFINE_list("algos", None, "Override the grid's algorithms (e.g. dapo,mix2); in a "
+                           "reasoning grid, variant labels or algorithms (e.g. dapo,mix2-step).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "RL seeds (config.seed) of every variant.")
 _REGIMES = flags.DEFINE_list("regimes", None, "Regime names (keys of config.compare.regimes; "
                              "default: all of them).")
@@ -131,7 +133,8 @@ def main(argv):
   workroot = os.path.abspath(_WORKROOT.value or default_workroot(small))
   check_workroot(workroot)
   out_dir = _OUT_DIR.value or (os.path.join(workroot, "results") if small else os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "results"))
+      os.path.dirname(os.path.abspath(__file__)), "results",
+      base.compare.get("results_subdir", "")))
   if _CHECK.value and not os.path.isfile(_CHECK.value):
     raise app.UsageError(f"--check_against={_CHECK.value}: no such file (a <grid>.csv, e.g. "
                          "experiments/results/main.csv).")
@@ -139,6 +142,13 @@ def main(argv):
       os.path.join(out_dir, f"{_GRID.value}.csv")):
     raise app.UsageError(f"--check_against={_CHECK.value} is the CSV this run writes; pass "
                          "another --out_dir.")
+  # Every cell compiles the same functions again (its jit caches are cleared between cells): a
+  # persistent compilation cache in the work root turns all but the first into disk reads.
+  import jax  # noqa: PLC0415
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workroot, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   try:
     seeds = [int(s) for s in _SEEDS.value]
     cells = grid_cells(_GRID.value, base, _ALGOS.value, seeds, _REGIMES.value, _GAMMAS.value)
@@ -148,7 +158,9 @@ def main(argv):
                budget, workroot)
   done = run_cells(cells, base, workroot, budget, _OVERWRITE.value, _KEEP_GOING.value)
   paths = analysis.write_reports(collect_rows(cells, workroot), out_dir, _GRID.value,
-                                 _THRESHOLD.value, base.compare.threshold_delta)
+                                 _THRESHOLD.value, base.compare.threshold_delta,
+                                 # reasoning grids: intervals and paired differences to DAPO.
+                                 baseline="dapo" if base.compare.get("kind") else None)
   print(f"compare: ran {len(done['ran'])} cells, skipped {len(done['skipped'])} finished, "
         f"failed {len(done['failed'])}")
   for label, err in done["failed"].items():

@@ -3,6 +3,13 @@
 No absl flags here, so tests and notebooks import it freely. A cell is one `loop.run` in
 <workroot>/<grid>/<regime>/<algo>-<scheme>[-g<γ>]-s<seed>/; the rules (which algos, schemes and
 γ each grid holds) are in experiments/compare.py's docstring.
+
+The reasoning grids (a config whose `compare.kind` is "reasoning",
+experiments/configs/compare_reasoning.py) are lists of *variants*: an algorithm of the table, or
+"sft" (experiments/sft_baseline.py), plus config overrides (shaping_grad, the guide's style, the
+guide source). Their cells live in <workroot>/<grid>/<regime>/<variant>-s<seed>/ and share models
+built once by `prepare_reasoning`: one weak start per regime (<workroot>/models/<regime>), one
+guide per style (<workroot>/models/guide-<style>) and one trace file of the same-style guide.
 """
 
 import copy
@@ -31,14 +38,20 @@ class Cell:
   scheme: str
   gamma: float
   seed: int
+  label: str = ""  # reasoning grids: the variant's name (REASONING_GRIDS).
+  overrides: tuple = ()  # reasoning grids: ((dotted config field, value), ...) of the variant.
 
   @property
   def name(self) -> str:
+    if self.label:
+      return f"{self.label}-s{self.seed}"
     g = f"-g{self.gamma:g}" if self.grid == "gamma" else ""
     return f"{self.algo}-{self.scheme}{g}-s{self.seed}"
 
   @property
   def variant(self) -> str:
+    if self.label:
+      return self.label
     if self.grid == "gamma":
       return f"{self.algo} γ={self.gamma:g}"
     if self.grid == "scheme":
@@ -46,11 +59,237 @@ class Cell:
     return self.algo
 
   def meta(self) -> dict:
-    return {**dataclasses.asdict(self), "variant": self.variant, "cell": self.name}
+    meta = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("label", "overrides")}
+    return {**meta, "variant": self.variant, "cell": self.name}
+
+  @property
+  def guide_style(self) -> str:
+    return dict(self.overrides).get(GUIDE_STYLE, "same")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reasoning grids.
+
+GUIDE_STYLE = "_guide_style"  # pseudo-field of a variant's overrides: which guide it learns from.
+SFT = "sft"  # the off-policy baseline's "algorithm": SFT on the guide's traces, no RL.
+SHAPING_LABELS = {"paper_step": "step", "exact": "exact"}  # config.shaping_grad → label suffix.
+REASONING_GRIDS = ("main", "style", "source")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def luffy_paper_overrides() -> dict:
+  """The fields experiments/configs/luffy_paper.py sets away from the default config (LUFFY's
+  published switches), minus the trace path (each grid sets its own) and shaping_grad (a grid
+  axis)."""
+  from experiments.configs import default, luffy_paper  # noqa: PLC0415
+  base, paper = _flat(default.get_config().to_dict()), _flat(luffy_paper.get_config().to_dict())
+  return {k: v for k, v in paper.items()
+          if base.get(k) != v and k not in ("traces_path", "shaping_grad")}
+
+
+def reasoning_variants(grid: str) -> list[tuple[str, str, dict]]:
+  """[(label, algo, overrides)] of a reasoning grid, algorithm names read from the table.
+
+  main:   the table's main-grid entries (GRPO, DAPO, LUFFY, Mix-1, Mix-2), the guided ones under
+          both shaping_grad modes, LUFFY as published (offline traces, πϕ ≡ 1, its switches)
+          under both modes, and SFT on the guide's traces;
+  style:  the guided entries, each with the same-style guide and the words-style one;
+  source: Mix-1 and Mix-2 with the online guide, its offline traces with πϕ ≡ 1, and the traces
+          with their stored log-probs.
+  """
+  table = algorithms.grids()["main"]
+  guided = [a for a in table if algorithms.get(a).guided]
+  out = []
+  if grid == "main":
+    for algo in table:
+      modes = SHAPING_LABELS if algo in guided else {None: ""}
+      for mode, suffix in modes.items():
+        over = {"shaping_grad": mode} if mode else {}
+        out.append((f"{algo}-{suffix}" if suffix else algo, algo, over))
+    paper = luffy_paper_overrides()
+    for mode, suffix in SHAPING_LABELS.items():
+      out.append((f"luffy_paper-{suffix}", paper["algo"],
+                  {**paper, "shaping_grad": mode, "traces.only_correct": True}))
+    out.append((SFT, SFT, {"traces.only_correct": True}))
+  elif grid == "style":
+    for algo in guided:
+      for style in ("same", "words"):
+        out.append((f"{algo}-{style}", algo, {GUIDE_STYLE: style}))
+  elif grid == "source":
+    for algo in [a for a in guided if algorithms.get(a).name.startswith("mix")]:
+      out.append((f"{algo}-online", algo, {}))
+      for logp in ("one", "file"):
+        out.append((f"{algo}-traces-{logp}", algo,
+                    {"guide_source": "traces", "guide_logp": logp}))
+  else:
+    raise ValueError(f"--grid={grid!r}: the reasoning grids are {REASONING_GRIDS}.")
+  return out
+
+
+def reasoning_cells(grid: str, base, variants=None, seeds=(0,), regimes=None) -> list[Cell]:
+  """The cells of reasoning grid `grid` (order: regime, variant, seed). `variants` keeps those
+  whose label or algorithm is listed; `regimes` defaults to config.compare.grid_regimes[grid]."""
+  all_variants = reasoning_variants(grid)
+  if variants:
+    unknown = [v for v in variants if not any(v in (lab, algo) for lab, algo, _ in all_variants)]
+    if unknown:
+      raise ValueError(f"--algos: {unknown} match no variant of the {grid} grid; expected labels "
+                       f"or algorithms of {[lab for lab, _, _ in all_variants]}.")
+    all_variants = [x for x in all_variants if x[0] in variants or x[1] in variants]
+  table = dict(base.compare.regimes)
+  regimes = list(regimes or base.compare.grid_regimes[grid])
+  unknown = [r for r in regimes if r not in table]
+  if unknown:
+    raise ValueError(f"--regimes: {unknown} not in config.compare.regimes {sorted(table)}.")
+  return [Cell(grid, regime, int(table[regime]), algo, base.scheme, base.gamma, int(s), label,
+               tuple(sorted(over.items())))
+          for regime in regimes for label, algo, over in all_variants for s in seeds]
+
+
+def reasoning_paths(workroot: str, regime: str, style: str) -> dict:
+  """The shared models of a reasoning cell: weak start, guide of `style`, the guide's traces."""
+  models_dir = os.path.join(workroot, "models")
+  guide_dir = os.path.join(models_dir, f"guide-{style}")
+  return {"policy_dir": os.path.join(models_dir, regime),
+          "policy": os.path.join(models_dir, regime, "policy_init"),
+          "guide_dir": guide_dir, "guide": os.path.join(guide_dir, "guide"),
+          "traces": os.path.join(guide_dir, "traces.jsonl"),
+          "traces_meta": os.path.join(guide_dir, "traces_meta.json")}
+
+
+def _set(config, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def _style_builtin(base, style: str):
+  """builtin recipe of the guide of `style`; a longer style gets longer SFT targets."""
+  b = copy.deepcopy(base.builtin)
+  b.guide_task_kwargs = dict(base.compare.guide_styles[style])
+  if b.guide_task_kwargs:
+    b.max_answer_tokens = max(int(b.max_answer_tokens), int(base.compare.style_max_new_tokens))
+  return b
+
+
+def reasoning_config(base, cell: Cell, workroot: str, budget: int):
+  """The run config of a reasoning cell: base minus `compare`, the variant's overrides, the
+  shared models (explicit paths: nothing is built inside the cell)."""
+  c = copy.deepcopy(base)
+  g = base.compare
+  with c.unlocked():
+    del c["compare"]
+  c.algo, c.scheme, c.gamma, c.seed = cell.algo, cell.scheme, cell.gamma, cell.seed
+  c.builtin.policy_steps = cell.policy_steps
+  paths = reasoning_paths(workroot, cell.regime, cell.guide_style)
+  c.policy, c.guide, c.builtin_dir = paths["policy"], paths["guide"], ""
+  c.max_policy_tokens = int(budget)
+  c.progress = False
+  if cell.grid == "style":  # the words style is longer: every variant of the grid gets its room.
+    c.max_new_tokens = int(g.style_max_new_tokens)
+  for field, value in cell.overrides:
+    if field != GUIDE_STYLE:
+      _set(c, field, value)
+  if c.guide_source == "traces" or cell.algo == SFT:
+    c.traces_path = paths["traces"]
+  if not g.only_correct:  # the smoke grid's guide solves nothing: train on what it wrote.
+    c.traces.only_correct = False
+  if cell.algo == SFT:  # supervised steps take a larger step than the RL learning rate.
+    c.learning_rate = float(g.sft_learning_rate)
+  return c
+
+
+def prepare_reasoning(cells, base, workroot: str) -> dict:
+  """Builds (or reuses) the models and the trace file the reasoning `cells` share.
+
+  Returns {what: seconds spent building it now (0 when reused)}. The trace file holds
+  config.compare.trace_per_prompt samples of the same-style guide for each of the first
+  config.compare.trace_prompts train prompts (seed 0), with their log-probs; its generation time
+  and tokens go to traces_meta.json, so the reports charge each trace-fed cell its share.
+  """
+  import time  # noqa: PLC0415
+
+  from mixpo import builtin  # noqa: PLC0415
+  g, spent = base.compare, {}
+  for regime in dict.fromkeys(c.regime for c in cells):
+    paths = reasoning_paths(workroot, regime, "same")
+    b = copy.deepcopy(base.builtin)
+    b.policy_steps = int(g.regimes[regime])
+    t0 = time.time()
+    builtin.ensure_builtin_models(paths["policy_dir"], b, only=("policy_init",))
+    spent[f"weak start {regime}"] = time.time() - t0
+  styles = dict.fromkeys(c.guide_style for c in cells)
+  needs_traces = any(dict(c.overrides).get("guide_source") == "traces" or c.algo == SFT
+                     for c in cells)
+  if needs_traces:
+    styles.setdefault("same")
+  for style in styles:
+    paths = reasoning_paths(workroot, cells[0].regime, style)
+    t0 = time.time()
+    builtin.ensure_builtin_models(paths["guide_dir"], _style_builtin(base, style), only=("guide",))
+    spent[f"guide {style}"] = time.time() - t0
+  if needs_traces:
+    paths = reasoning_paths(workroot, cells[0].regime, "same")
+    spent["traces"] = _ensure_traces(base, paths)
+  return spent
+
+
+def _ensure_traces(base, paths: dict) -> float:
+  """Samples the same-style guide into paths["traces"] unless a file of this recipe exists."""
+  import time  # noqa: PLC0415
+
+  from experiments.make_traces import make_traces  # noqa: PLC0415
+  from mixpo.data import get_task  # noqa: PLC0415
+  from mixpo.data.traces import write_trace_prompts  # noqa: PLC0415
+  g = base.compare
+  recipe = {"guide": json.load(open(os.path.join(paths["guide"], "mixpo_recipe.json"))),
+            "task": base.task, "task_kwargs": dict(base.task_kwargs),
+            "prompts": int(g.trace_prompts), "per_prompt": int(g.trace_per_prompt),
+            "max_new_tokens": int(base.max_new_tokens), "temperature": float(base.temperature)}
+  if os.path.exists(paths["traces_meta"]):
+    with open(paths["traces_meta"]) as f:
+      if json.load(f).get("recipe") == recipe:
+        return 0.0
+  t0 = time.time()
+  task = get_task(base.task, **dict(base.task_kwargs))
+  examples = task.examples("train", recipe["prompts"], seed=0)
+  prompts, counts = make_traces(paths["guide"], examples, recipe["per_prompt"],
+                                recipe["max_new_tokens"], recipe["temperature"], batch_size=64,
+                                seed=0, with_logp=True, reward_fn=task.reward_fn)
+  write_trace_prompts(paths["traces"], prompts)
+  seconds = time.time() - t0
+  responses = [r for p in prompts for r in p.responses]
+  meta = {"recipe": recipe, "seconds": seconds, "counts": counts,
+          "responses": len(responses), "correct": sum(bool(r.correct) for r in responses),
+          "guide_tokens": sum(len(r.tokens) for r in responses)}
+  with open(paths["traces_meta"], "w") as f:  # written last: a crash before it means "redo".
+    json.dump(meta, f, indent=1)
+  logging.info("guide traces: %d responses (%d correct) for %d prompts in %.0f s → %s",
+               meta["responses"], meta["correct"], len(prompts), seconds, paths["traces"])
+  return seconds
+  workroot = os.path.dirname(os.path.dirname(os.path.dirname(cell_dir("/", cells[0]))))
+  del workroot  # (cells carry no workroot; the caller passes it to reasoning_paths)
+  return {}
 
 
 def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gammas=None):
-  """The cells of `grid` (order: regime, algo, scheme / γ, seed) for the base config `base`."""
+  """The cells of `grid` (order: regime, algo, scheme / γ, seed) for the base config `base`.
+
+  A reasoning config (`compare.kind == "reasoning"`) has its own grids: `reasoning_cells`.
+  """
+  if base.compare.get("kind") == "reasoning":
+    return reasoning_cells(grid, base, algos, seeds, regimes)
   grids = algorithms.grids()  # read now: an entry registered after import counts too.
   if grid not in grids:
     raise ValueError(f"--grid={grid!r}: expected one of {sorted(grids)}.")
@@ -79,6 +318,8 @@ def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gamma
 
 def cell_config(base, cell: Cell, workroot: str, budget: int):
   """The run config of `cell`: base minus `compare`, the cell's fields, the shared models."""
+  if cell.label:
+    return reasoning_config(base, cell, workroot, budget)
   c = copy.deepcopy(base)
   with c.unlocked():  # config_flags locks the config it parses.
     del c["compare"]
@@ -130,6 +371,9 @@ def run_cells(cells, base, workroot: str, budget: int, overwrite=False, keep_goi
 
   from mixpo import loop  # noqa: PLC0415
   done = {"ran": [], "skipped": [], "failed": {}}
+  if any(c.label for c in cells):
+    for what, seconds in prepare_reasoning(cells, base, workroot).items():
+      logging.info("reasoning grid: %s ready (%.0f s)", what, seconds)
   bar = tqdm(cells, desc="cells", unit="cell", dynamic_ncols=True)
   for cell in bar:
     label = f"{cell.regime}/{cell.name}"
@@ -146,7 +390,11 @@ def run_cells(cells, base, workroot: str, budget: int, overwrite=False, keep_goi
       json.dump(loop.fingerprint(config), f, sort_keys=True, indent=1, default=str)
     t0 = time.time()
     try:
-      summary = loop.run(config, workdir)
+      if cell.algo == SFT:
+        from experiments import sft_baseline  # noqa: PLC0415
+        summary = sft_baseline.run(config, workdir)
+      else:
+        summary = loop.run(config, workdir)
     except Exception as e:  # noqa: BLE001 — one bad cell must not lose a night's grid.
       if not keep_going:
         raise
@@ -170,14 +418,18 @@ def collect_rows(cells, workroot: str) -> list[dict]:
   for cell in cells:
     workdir = cell_dir(workroot, cell)
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      rows.extend(analysis.cell_rows(mlog.read_metrics(workdir), cell.meta()))
+      cell_rows = analysis.cell_rows(mlog.read_metrics(workdir), cell.meta())
+      if cell.label:
+        _charge_offline_guide(cell_rows, cell, workroot)
+      rows.extend(cell_rows)
   return rows
 
 
-def check_rows(rows_csv: str, reference_csv: str, ignore=("wall_s",)) -> tuple[int, list[str]]:
+def check_rows(rows_csv: str, reference_csv: str,
+               ignore=("wall_s", "guide_gen_s")) -> tuple[int, list[str]]:
   """(rows matched, problems): every row of `rows_csv` (a rerun's <grid>.csv) against the row of
   `reference_csv` (a committed one) with the same grid, regime, cell and step, field by field as
-  written (to the last printed digit), except the `ignore`d columns (wall-clock time). A cell's
+  written (to the last printed digit), except the `ignore`d columns (wall-clock times). A cell's
   steps must be the same in both; cells of the reference that were not rerun are not checked."""
   import csv  # noqa: PLC0415
 
@@ -212,3 +464,20 @@ def check_rows(rows_csv: str, reference_csv: str, ignore=("wall_s",)) -> tuple[i
         matched += 1
   return matched, problems
 
+
+def _charge_offline_guide(rows: list[dict], cell: Cell, workroot: str) -> None:
+  """Trace-fed cells did not pay for their guide's generation inside the run: charge each row
+  the trace file's generation seconds in proportion to the guide tokens the cell used up to it
+  (an online guide's generation is already inside wall_s)."""
+  meta_file = reasoning_paths(workroot, cell.regime, "same")["traces_meta"]
+  overrides = dict(cell.overrides)
+  offline = overrides.get("guide_source") == "traces" or cell.algo == SFT
+  meta = None
+  if offline and os.path.exists(meta_file):
+    with open(meta_file) as f:
+      meta = json.load(f)
+  for r in rows:
+    # A trace drawn twice (a second epoch over the file) was generated once.
+    share = (min(1.0, r["guide_tokens"] / meta["guide_tokens"])
+             if meta and meta["guide_tokens"] else 0.0)
+    r["guide_gen_s"] = meta["seconds"] * share if meta else 0.0

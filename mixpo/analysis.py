@@ -25,7 +25,10 @@ METRIC_KEYS = {
     "eval_accuracy": "eval/accuracy", "response_length": "train/response_length",
     "entropy": "train/entropy", "wall_s": "wall_s",
 }
-COLUMNS = META_COLUMNS + ("step",) + tuple(METRIC_KEYS)
+# Seconds of offline guide generation charged to the cell up to the row (its share of its trace
+# file's generation time; 0 for an online guide, whose generation is inside wall_s).
+GUIDE_GEN_COLUMN = "guide_gen_s"
+COLUMNS = META_COLUMNS + ("step",) + tuple(METRIC_KEYS) + (GUIDE_GEN_COLUMN,)
 _INT_COLUMNS = ("policy_steps", "seed", "step", "policy_tokens", "guide_tokens")
 _STR_COLUMNS = ("grid", "regime", "variant", "algo", "scheme", "cell")
 
@@ -118,11 +121,41 @@ def _runs(rows: list[dict]) -> dict:
   return out
 
 
-def aggregate(seed_runs: dict, x_key: str, y_key: str = "eval_accuracy"):
-  """Mean, min and max over seeds of y on a common x grid; returns (x, mean, lo, hi).
+def bootstrap_ci(values, level: float = 0.95, n_boot: int = 10_000, seed: int = 0):
+  """Percentile bootstrap interval of the mean of `values` (NaNs dropped): (mean, lo, hi).
+
+  Resamples the values with replacement `n_boot` times (a fixed `seed`: the same table every
+  time). Fewer than 2 values: (mean, NaN, NaN), no interval. With n seeds the interval only
+  reflects the spread those seeds show (5 seeds: a rough interval, narrower than a t interval).
+  """
+  v = np.asarray([x for x in values if not math.isnan(x)], np.float64)
+  if not len(v):
+    return math.nan, math.nan, math.nan
+  if len(v) < 2:
+    return float(v.mean()), math.nan, math.nan
+  rng = np.random.default_rng(seed)
+  means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+  alpha = (1 - level) / 2
+  return float(v.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def paired_differences(values: dict, baseline: dict) -> list[float]:
+  """values[s] − baseline[s] for every seed s both hold with a number (seed order of `values`).
+
+  A seed is the pairing unit: the same seed draws the same train prompts and eval problems in
+  both variants, so the difference removes what the seed alone decides.
+  """
+  return [values[s] - baseline[s] for s in values
+          if s in baseline and not (math.isnan(values[s]) or math.isnan(baseline[s]))]
+
+
+def aggregate(seed_runs: dict, x_key: str, y_key: str = "eval_accuracy", band: str = "minmax"):
+  """Mean and a band over seeds of y on a common x grid; returns (x, mean, lo, hi).
 
   Each seed's curve is linearly interpolated onto the union of the seeds' x values up to the
   smallest final x (so every point averages every seed; equal budgets end at about the same x).
+  band: "minmax" (lo, hi = min and max over seeds) or "ci" (the 95 % bootstrap interval of the
+  mean at each x, `bootstrap_ci`; NaN with one seed).
   """
   curves = []
   for rows in seed_runs.values():
@@ -136,12 +169,18 @@ def aggregate(seed_runs: dict, x_key: str, y_key: str = "eval_accuracy"):
   end = min(x.max() for x, _ in curves)
   grid = np.unique(np.concatenate([x[x <= end] for x, _ in curves]))
   ys = np.stack([np.interp(grid, x, y) for x, y in curves])
+  if band == "ci":
+    cis = np.asarray([bootstrap_ci(ys[:, j], n_boot=2000)[1:] for j in range(len(grid))])
+    return grid, ys.mean(0), cis[:, 0], cis[:, 1]
+  if band != "minmax":
+    raise ValueError(f"aggregate: band={band!r}; expected 'minmax' or 'ci'.")
   return grid, ys.mean(0), ys.min(0), ys.max(0)
 
 
 def plot_grid(rows: list[dict], x_key: str = "step", y_key: str = "eval_accuracy",
-              title: str = ""):
-  """Figure with one panel per regime: per variant the seed mean (line) and min–max (band)."""
+              title: str = "", band: str = "minmax"):
+  """Figure with one panel per regime: per variant the seed mean (line) and a band: min–max over
+  seeds ("minmax") or the 95 % bootstrap interval of the mean ("ci")."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # Lazy: slow import.
   from matplotlib.figure import Figure
 
@@ -154,14 +193,15 @@ def plot_grid(rows: list[dict], x_key: str = "step", y_key: str = "eval_accuracy
     for (reg, variant), seeds in runs.items():
       if reg != regime:
         continue
-      x, mean, lo, hi = aggregate(seeds, x_key, y_key)
+      x, mean, lo, hi = aggregate(seeds, x_key, y_key, band)
       line, = ax.plot(x, mean, marker="." if len(x) < 30 else None,
                       label=f"{variant} (n={len(seeds)})")
       if len(seeds) > 1:
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_title(f"{title} {regime}".strip())
     ax.set_xlabel("generated policy tokens" if x_key == "policy_tokens" else x_key)
-    ax.set_ylabel(y_key.replace("_", " ") + " (seed mean, band min–max)")
+    ax.set_ylabel(y_key.replace("_", " ") + (" (seed mean, band min–max)" if band == "minmax"
+                                              else " (seed mean, 95% bootstrap CI)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
   fig.tight_layout()
@@ -223,20 +263,133 @@ def summary_table(rows: list[dict], threshold: float | None = None,
   return head + "\n".join(lines) + "\n"
 
 
+def _fmt_ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
+  if math.isnan(mean):
+    return "—"
+  m = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+  return m if math.isnan(lo) else f"{m} [{lo:+.3f}, {hi:+.3f}]" if signed else \
+      f"{m} [{lo:.3f}, {hi:.3f}]"
+
+
+def _threshold(runs: dict, regime: str, threshold: float | None, threshold_delta: float) -> float:
+  if threshold is not None:
+    return threshold
+  inits = [s[0]["eval_accuracy"] for (reg, _), seeds in runs.items() if reg == regime
+           for s in seeds.values() if s and s[0]["step"] == 0]
+  return float(np.mean(inits)) + threshold_delta if inits else math.nan
+
+
+def _wall_with_guide(rows: list[dict]) -> float:
+  """The cell's final wall_s plus the offline guide generation charged to it (0 if none)."""
+  if not rows:
+    return math.nan
+  gen = rows[-1].get(GUIDE_GEN_COLUMN, 0.0)
+  return rows[-1]["wall_s"] + (0.0 if gen is None or math.isnan(gen) else gen)
+
+
+def _nanmean(values: list[float]) -> float:
+  v = [x for x in values if not math.isnan(x)]
+  return float(np.mean(v)) if v else math.nan
+
+
+def interval_table(rows: list[dict], baseline: str = "dapo", threshold: float | None = None,
+                   threshold_delta: float = 0.2, n_boot: int = 10_000) -> str:
+  """Markdown table per (regime, variant) with 95 % bootstrap intervals over seeds.
+
+  Columns: final eval accuracy, mean [95 % CI]; its paired difference to the `baseline` variant
+  of the same regime (same seeds), mean [95 % CI] ("—" where the regime has no baseline or no
+  common seed); policy tokens to the threshold accuracy (mean over the seeds that reached it,
+  k/n); final policy and guide tokens (means; a method that reads twice the guide tokens shows
+  it here); wall-clock seconds including the guide's generation (online guides generate inside
+  the run; a trace-fed cell is charged its share of the trace file's generation, the CSV's
+  guide_gen_s), mean over seeds.
+  """
+  runs = _runs(rows)
+  head = (f"| regime | variant | seeds | final eval accuracy [95% CI] | Δ vs {baseline} (paired) "
+          "[95% CI] | policy tokens to threshold | policy tokens | guide tokens | wall s incl. "
+          "guide |\n|---|---|---|---|---|---|---|---|---|\n")
+  lines = []
+  for regime in _ordered(r for r, _ in runs):
+    thr = _threshold(runs, regime, threshold, threshold_delta)
+    base = {s: _last(c, "eval_accuracy") for s, c in runs.get((regime, baseline), {}).items()}
+    for (reg, variant), seeds in runs.items():
+      if reg != regime:
+        continue
+      final = {s: _last(c, "eval_accuracy") for s, c in seeds.items()}
+      acc = bootstrap_ci(list(final.values()), n_boot=n_boot)
+      diffs = paired_differences(final, base) if base and variant != baseline else []
+      diff = bootstrap_ci(diffs, n_boot=n_boot) if diffs else (math.nan,) * 3
+      cells = list(seeds.values())
+      reached = [t for t in (tokens_to_threshold(c, thr) for c in cells) if not math.isnan(t)]
+      to_thr = f"{np.mean(reached):,.0f} ({len(reached)}/{len(cells)})" if reached else \
+          f"— (0/{len(cells)})"
+      wall = [_wall_with_guide(c) for c in cells]
+      lines.append(
+          f"| {regime} | {variant} | {len(cells)} | {_fmt_ci(*acc)} | "
+          f"{_fmt_ci(*diff, signed=True) if diffs else '—'} | {to_thr} (≥ {thr:.3f}) | "
+          f"{np.mean([_last(c, 'policy_tokens') for c in cells]):,.0f} | "
+          f"{np.mean([_last(c, 'guide_tokens') for c in cells]):,.0f} | "
+          f"{_nanmean(wall):,.0f} |")
+  return head + "\n".join(lines) + "\n"
+
+
+def plot_final(rows: list[dict], title: str = ""):
+  """Figure with one panel per regime: each variant's final eval accuracy, seed mean with its
+  95 % bootstrap interval (error bar) and the seeds as dots."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # Lazy: slow import.
+  from matplotlib.figure import Figure
+
+  runs = _runs(rows)
+  regimes = _ordered(r for r, _ in runs)
+  width = max([sum(1 for r, _ in runs if r == reg) for reg in regimes] + [1])
+  fig = Figure(figsize=(max(4.0, 0.6 * width + 1.5) * max(len(regimes), 1), 4), dpi=100)
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, max(len(regimes), 1), squeeze=False)[0]
+  for ax, regime in zip(axes, regimes):
+    variants = [v for r, v in runs if r == regime]
+    for i, variant in enumerate(variants):
+      finals = [_last(c, "eval_accuracy") for c in runs[(regime, variant)].values()]
+      mean, lo, hi = bootstrap_ci(finals)
+      ax.scatter([i] * len(finals), finals, s=10, color="grey", alpha=0.6, zorder=2)
+      err = None if math.isnan(lo) else [[mean - lo], [hi - mean]]
+      ax.errorbar([i], [mean], yerr=err, fmt="o", color="C0", capsize=4, zorder=3)
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels(variants, rotation=45, ha="right", fontsize="small")
+    ax.set_title(f"{title} {regime}".strip())
+    ax.set_ylabel("final eval accuracy (mean, 95% bootstrap CI; dots: seeds)")
+    ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  return fig
+
+
 def write_reports(rows: list[dict], out_dir: str, grid: str, threshold: float | None = None,
-                  threshold_delta: float = 0.2) -> list[str]:
+                  threshold_delta: float = 0.2, baseline: str | None = None) -> list[str]:
   """<grid>.csv, <grid>_accuracy_vs_step.png, <grid>_accuracy_vs_tokens.png and
-  <grid>_summary.md in `out_dir`; returns their paths."""
+  <grid>_summary.md in `out_dir`; returns their paths.
+
+  With a `baseline` variant (e.g. "dapo"), the summary adds `interval_table` (bootstrap
+  intervals, paired differences to the baseline, wall-clock with the guide's generation), the
+  curves' bands are 95 % bootstrap intervals of the mean instead of min–max, and
+  <grid>_final_accuracy.png shows each variant's final accuracy with its interval.
+  """
   os.makedirs(out_dir, exist_ok=True)
+  band = "ci" if baseline else "minmax"
   paths = [write_csv(rows, os.path.join(out_dir, f"{grid}.csv"))]
   for x_key, name in (("step", "step"), ("policy_tokens", "tokens")):
     path = os.path.join(out_dir, f"{grid}_accuracy_vs_{name}.png")
-    plot_grid(rows, x_key, title=f"{grid}:").savefig(path)
+    plot_grid(rows, x_key, title=f"{grid}:", band=band).savefig(path)
+    paths.append(path)
+  if baseline:
+    path = os.path.join(out_dir, f"{grid}_final_accuracy.png")
+    plot_final(rows, title=f"{grid}:").savefig(path)
     paths.append(path)
   path = os.path.join(out_dir, f"{grid}_summary.md")
   with open(path, "w") as f:
     f.write(f"# {grid} grid: eval accuracy at equal policy-token budgets\n\n")
     f.write(summary_table(rows, threshold, threshold_delta))
+    if baseline:
+      f.write(f"\n## 95 % bootstrap intervals over seeds; paired differences to {baseline}\n\n")
+      f.write(interval_table(rows, baseline, threshold, threshold_delta))
   paths.append(path)
   return paths
 

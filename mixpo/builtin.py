@@ -78,8 +78,12 @@ def sft(model, tokenizer, task, *, steps: int, batch_size: int, learning_rate: f
   return policy.merge(state.params)
 
 
-def ensure_builtin_models(directory: str, cfg) -> tuple[str, str]:
+def ensure_builtin_models(directory: str, cfg,
+                          only=("guide", "policy_init")) -> tuple[str, str]:
   """Makes (or reuses) `directory`/{guide,policy_init}; returns their paths.
+
+  `only` names the models to make (the comparison grids share one guide between weak starts);
+  both paths are returned either way.
 
   `cfg` is the config's `builtin` ConfigDict (model size, SFT steps of guide and policy). Both
   models share one char tokenizer and one architecture; the weak policy is the same recipe with
@@ -97,6 +101,8 @@ def ensure_builtin_models(directory: str, cfg) -> tuple[str, str]:
                             ("policy_init", cfg.policy_steps, cfg.seed + 2)):
     path = os.path.join(directory, name)
     paths[name] = path
+    if name not in only:
+      continue
     recipe_file = os.path.join(path, "mixpo_recipe.json")
     if os.path.exists(recipe_file) and open(recipe_file).read() == recipe:
       continue
