@@ -51,12 +51,37 @@ def test_verifier_boxed_answers():
       "\\boxed{7} then \\boxed{861}": 1.0,
       "2+9=11 c1\n7+8+1=16 c1\n4+3+1=8 c0\n\\boxed{86": 0.0,  # truncated (overlong)
       "": 0.0,
+      "steps\n\\boxed{\\frac{1722}{2}}": 1.0,  # equivalent, another form
+      "steps\n\\boxed{0861}": 1.0,
+      "steps\n\\boxed{860+1}": 1.0,
+      "steps\n\\boxed{-861}": 0.0,
+      "steps\n\\boxed{}": 0.0,  # an empty box is no answer
   }
   got = t.reward_fn(["p"] * len(cases), list(cases), answer=["861"] * len(cases))
   assert dict(zip(cases, got)) == cases
   with_format = get_task("cot_arithmetic", digits=3, format_weight=0.1)
   assert with_format.reward_fn(["p"] * 2, ["\\boxed{5}", "\\boxed{861}"], answer=["861"] * 2) == \
       pytest.approx([0.1, 1.1])
+
+
+def test_truncated_chain_is_penalised_by_overlong_shaping_and_solutions_are_not():
+  """The reward path of the reasoning config: a chain cut off at max_new_tokens (no EOS, no
+  closed box) scores 0 and takes the full overlong penalty; the longest correct solution ends
+  before the overlong window and keeps its reward 1."""
+  from experiments.configs import reasoning
+  from mixpo.rewards.overlong import OverlongConfig, shape_rewards
+  c = reasoning.get_config()
+  t = get_task(c.task, **c.task_kwargs)
+  tok = char_tokenizer(COT_ALPHABET)
+  longest = solution(999, 999, "+", "columns")
+  cut = ("2+9=11 c1\n" * 40)[:c.max_new_tokens]  # rambles until the budget runs out.
+  texts = [longest, cut]
+  lengths = [len(tok(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts[:1]]
+  lengths.append(c.max_new_tokens)
+  rewards = t.reward_fn(["999+999=?"] * 2, texts, answer=["1998"] * 2)
+  shaped, _ = shape_rewards(rewards, lengths, [True, False], OverlongConfig(
+      shaping=c.overlong_shaping, max_len=c.max_new_tokens, cache_len=c.overlong_cache))
+  assert rewards == [1.0, 0.0] and shaped.tolist() == [1.0, -1.0]
 
 
 def test_sft_targets_are_the_worked_solutions():
