@@ -24,6 +24,20 @@ differs from the current one is refused (name it in the error) unless --overwrit
 Writes <out_dir>/<grid>.csv, <grid>_accuracy_vs_{step,tokens}.png, <grid>_summary.md.
 Reproducing a committed grid: rerun some of its cells into another --out_dir with
 --check_against=experiments/results/<grid>.csv (BUILD_NOTES "Reproducing the committed grids").
+
+Reasoning grids (chain-of-thought arithmetic; experiments/configs/compare_reasoning.py):
+  python experiments/compare.py --config=compare_reasoning --grid=main --seeds=0,1,2,3,4
+  python experiments/compare.py --config=compare_reasoning --grid=style --seeds=0,1,2,3,4
+  python experiments/compare.py --config=compare_reasoning --grid=source --seeds=0,1,2,3,4
+  main:   GRPO, DAPO, LUFFY / Mix-1 / Mix-2 under both shaping_grad modes, LUFFY as published
+          (offline traces, πϕ ≡ 1) under both modes, SFT on the guide's traces; weak + moderate.
+  style:  LUFFY, Mix-1, Mix-2 × a guide of the policy's solution style or the words style.
+  source: Mix-1, Mix-2 × online guide, offline traces with πϕ ≡ 1, traces with stored log-probs.
+Cells: <workroot>/<grid>/<regime>/<variant>-s<seed>/ (variants: experiments/grid.py's
+reasoning_variants; --algos keeps variant labels or algorithms). Output goes to
+experiments/results/reasoning/, the summary with 95 % bootstrap intervals over seeds, paired
+differences to DAPO and wall-clock including the guide's generation (offline traces: each
+trace-fed cell is charged its share of the file's generation time).
 """
 
 import os
