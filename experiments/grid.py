@@ -66,12 +66,17 @@ class Cell:
   def guide_style(self) -> str:
     return dict(self.overrides).get(GUIDE_STYLE, "same")
 
+  @property
+  def runner(self) -> str:
+    return dict(self.overrides).get(RUNNER, "rl")
+
 
 # ------------------------------------------------------------------------------------------------
 # Reasoning grids.
 
 GUIDE_STYLE = "_guide_style"  # pseudo-field of a variant's overrides: which guide it learns from.
-SFT = "sft"  # the off-policy baseline's "algorithm": SFT on the guide's traces, no RL.
+RUNNER = "_runner"  # pseudo-field: what runs the cell, "rl" (mixpo.loop, the default) or SFT.
+SFT = "sft"  # the off-policy baseline: SFT on the guide's traces (experiments/sft_baseline.py).
 SHAPING_LABELS = {"paper_step": "step", "exact": "exact"}  # config.shaping_grad → label suffix.
 REASONING_GRIDS = ("main", "style", "source")
 
@@ -111,7 +116,7 @@ def reasoning_variants(grid: str) -> list[tuple[str, str, dict]]:
   out = []
   if grid == "main":
     for algo in table:
-      modes = SHAPING_LABELS if algo in guided else {None: ""}
+      modes = SHAPING_LABELS if algorithms.get(algo).guided else {None: ""}
       for mode, suffix in modes.items():
         over = {"shaping_grad": mode} if mode else {}
         out.append((f"{algo}-{suffix}" if suffix else algo, algo, over))
@@ -119,13 +124,15 @@ def reasoning_variants(grid: str) -> list[tuple[str, str, dict]]:
     for mode, suffix in SHAPING_LABELS.items():
       out.append((f"luffy_paper-{suffix}", paper["algo"],
                   {**paper, "shaping_grad": mode, "traces.only_correct": True}))
-    out.append((SFT, SFT, {"traces.only_correct": True}))
+    out.append((SFT, SFT, {RUNNER: SFT, "traces.only_correct": True}))
   elif grid == "style":
     for algo in guided:
       for style in ("same", "words"):
         out.append((f"{algo}-{style}", algo, {GUIDE_STYLE: style}))
   elif grid == "source":
-    for algo in [a for a in guided if algorithms.get(a).name.startswith("mix")]:
+    # The paper's methods: the entries weighting J_on by w against an off-policy term.
+    paper = [a for a in guided if any(t.weight == "on" for t in algorithms.get(a).terms)]
+    for algo in paper:
       out.append((f"{algo}-online", algo, {}))
       for logp in ("one", "file"):
         out.append((f"{algo}-traces-{logp}", algo,
@@ -199,13 +206,13 @@ def reasoning_config(base, cell: Cell, workroot: str, budget: int):
   if cell.grid == "style":  # the words style is longer: every variant of the grid gets its room.
     c.max_new_tokens = int(g.style_max_new_tokens)
   for field, value in cell.overrides:
-    if field != GUIDE_STYLE:
+    if field not in (GUIDE_STYLE, RUNNER):
       _set(c, field, value)
-  if c.guide_source == "traces" or cell.algo == SFT:
+  if c.guide_source == "traces" or cell.runner == SFT:
     c.traces_path = paths["traces"]
   if not g.only_correct:  # the smoke grid's guide solves nothing: train on what it wrote.
     c.traces.only_correct = False
-  if cell.algo == SFT:  # supervised steps take a larger step than the RL learning rate.
+  if cell.runner == SFT:  # supervised steps take a larger step than the RL learning rate.
     c.learning_rate = float(g.sft_learning_rate)
   return c
 
@@ -230,7 +237,7 @@ def prepare_reasoning(cells, base, workroot: str) -> dict:
     builtin.ensure_builtin_models(paths["policy_dir"], b, only=("policy_init",))
     spent[f"weak start {regime}"] = time.time() - t0
   styles = dict.fromkeys(c.guide_style for c in cells)
-  needs_traces = any(dict(c.overrides).get("guide_source") == "traces" or c.algo == SFT
+  needs_traces = any(dict(c.overrides).get("guide_source") == "traces" or c.runner == SFT
                      for c in cells)
   if needs_traces:
     styles.setdefault("same")
@@ -390,7 +397,7 @@ def run_cells(cells, base, workroot: str, budget: int, overwrite=False, keep_goi
       json.dump(loop.fingerprint(config), f, sort_keys=True, indent=1, default=str)
     t0 = time.time()
     try:
-      if cell.algo == SFT:
+      if cell.runner == SFT:
         from experiments import sft_baseline  # noqa: PLC0415
         summary = sft_baseline.run(config, workdir)
       else:
@@ -471,7 +478,7 @@ def _charge_offline_guide(rows: list[dict], cell: Cell, workroot: str) -> None:
   (an online guide's generation is already inside wall_s)."""
   meta_file = reasoning_paths(workroot, cell.regime, "same")["traces_meta"]
   overrides = dict(cell.overrides)
-  offline = overrides.get("guide_source") == "traces" or cell.algo == SFT
+  offline = overrides.get("guide_source") == "traces" or cell.runner == SFT
   meta = None
   if offline and os.path.exists(meta_file):
     with open(meta_file) as f:

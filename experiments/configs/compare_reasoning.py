@@ -28,7 +28,7 @@ def compare_settings(small: bool = False) -> ml_collections.ConfigDict:
   g.guide_styles = {"same": {}, "words": {"style": "words"}}
   # Offline traces (grid "source", the LUFFY preset, the SFT baseline): guide samples per train
   # prompt, drawn once per guide at the rollout temperature.
-  g.trace_prompts = 64 if small else 1536
+  g.trace_prompts = 16 if small else 1536
   g.trace_per_prompt = 2 if small else 4
   # The style grid's words-style guide writes up to 125 characters (3 digits): its own widths.
   g.style_max_new_tokens = 48 if small else 144
