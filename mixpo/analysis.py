@@ -355,8 +355,9 @@ def plot_final(rows: list[dict], title: str = ""):
       ax.errorbar([i], [mean], yerr=err, fmt="o", color="C0", capsize=4, zorder=3)
     ax.set_xticks(range(len(variants)))
     ax.set_xticklabels(variants, rotation=45, ha="right", fontsize="small")
-    ax.set_title(f"{title} {regime}".strip())
-    ax.set_ylabel("final eval accuracy (mean, 95% bootstrap CI; dots: seeds)")
+    ax.set_title(f"{title} {regime}: mean, 95% bootstrap CI; dots = seeds".strip(),
+                 fontsize="medium")
+    ax.set_ylabel("final eval accuracy")
     ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   return fig
