@@ -109,7 +109,7 @@ def reasoning_variants(grid: str) -> list[tuple[str, str, dict]]:
           under both modes, and SFT on the guide's traces;
   style:  the guided entries, each with the same-style guide and the words-style one;
   source: Mix-1 and Mix-2 with the online guide, its offline traces with πϕ ≡ 1, and the traces
-          with their stored log-probs.
+          with their stored log-probs (Mix-2's ZERO rows then use πθ/πθ_old: zero_ratio="old").
   """
   table = algorithms.grids()["main"]
   guided = [a for a in table if algorithms.get(a).guided]
@@ -135,8 +135,12 @@ def reasoning_variants(grid: str) -> list[tuple[str, str, dict]]:
     for algo in paper:
       out.append((f"{algo}-online", algo, {}))
       for logp in ("one", "file"):
-        out.append((f"{algo}-traces-{logp}", algo,
-                    {"guide_source": "traces", "guide_logp": logp}))
+        over = {"guide_source": "traces", "guide_logp": logp}
+        if logp == "file" and algorithms.get(algo).zero_set:
+          # A trace file holds πϕ of the guide's responses only, not of the policy's ZERO
+          # samples: their ratio falls back to πθ/πθ_old (rl.py refuses anything else).
+          over["zero_ratio"] = "old"
+        out.append((f"{algo}-traces-{logp}", algo, over))
   else:
     raise ValueError(f"--grid={grid!r}: the reasoning grids are {REASONING_GRIDS}.")
   return out

@@ -116,8 +116,10 @@ def test_reasoning_cell_configs():
   assert c.guide == "/w/models/guide-words/guide"
   assert c.max_new_tokens == base.compare.style_max_new_tokens
   _, c = config("source", "mix2-traces-file")
-  assert (c.guide_source, c.guide_logp, c.guide) == ("traces", "file",
-                                                    "/w/models/guide-same/guide")
+  assert (c.guide_source, c.guide_logp, c.guide, c.zero_ratio) == (
+      "traces", "file", "/w/models/guide-same/guide", "old")  # no stored πϕ for ZERO rows.
+  _, c = config("source", "mix1-traces-file")
+  assert c.zero_ratio == base.zero_ratio
   _, c = config("source", "mix2-online")
   assert c.guide_source == "model" and c.traces_path == ""
 
