@@ -31,8 +31,9 @@ Reasoning grids (chain-of-thought arithmetic; experiments/configs/compare_reason
   python experiments/compare.py --config=compare_reasoning --grid=source --seeds=0,1,2,3,4
   main:   GRPO, DAPO, LUFFY / Mix-1 / Mix-2 under both shaping_grad modes, LUFFY as published
           (offline traces, πϕ ≡ 1) under both modes, SFT on the guide's traces; weak + moderate.
-  style:  LUFFY, Mix-1, Mix-2 × a guide of the policy's solution style or the words style.
-  source: Mix-1, Mix-2 × online guide, offline traces with πϕ ≡ 1, traces with stored log-probs.
+  style:  DAPO; LUFFY, Mix-1, Mix-2 × a guide of the policy's solution style or the words style.
+  source: DAPO; Mix-1, Mix-2 × online guide, offline traces with πϕ ≡ 1, traces with stored
+          log-probs (config.compare.baseline, DAPO, opens every grid: paired differences).
 Cells: <workroot>/<grid>/<regime>/<variant>-s<seed>/ (variants: experiments/grid.py's
 reasoning_variants; --algos keeps variant labels or algorithms). Output goes to
 experiments/results/reasoning/, the summary with 95 % bootstrap intervals over seeds, paired
@@ -173,8 +174,8 @@ def main(argv):
   done = run_cells(cells, base, workroot, budget, _OVERWRITE.value, _KEEP_GOING.value)
   paths = analysis.write_reports(collect_rows(cells, workroot), out_dir, _GRID.value,
                                  _THRESHOLD.value, base.compare.threshold_delta,
-                                 # reasoning grids: intervals and paired differences to DAPO.
-                                 baseline="dapo" if base.compare.get("kind") else None)
+                                 # reasoning grids: intervals, paired differences to DAPO.
+                                 baseline=base.compare.get("baseline") or None)
   print(f"compare: ran {len(done['ran'])} cells, skipped {len(done['skipped'])} finished, "
         f"failed {len(done['failed'])}")
   for label, err in done["failed"].items():

@@ -101,8 +101,11 @@ def luffy_paper_overrides() -> dict:
           if base.get(k) != v and k not in ("traces_path", "shaping_grad")}
 
 
-def reasoning_variants(grid: str) -> list[tuple[str, str, dict]]:
+def reasoning_variants(grid: str, baseline: str = "") -> list[tuple[str, str, dict]]:
   """[(label, algo, overrides)] of a reasoning grid, algorithm names read from the table.
+
+  `baseline` (config.compare.baseline, an unguided entry) opens the style and source grids too,
+  so that every grid reports paired differences to it on its own widths and seeds.
 
   main:   the table's main-grid entries (GRPO, DAPO, LUFFY, Mix-1, Mix-2), the guided ones under
           both shaping_grad modes, LUFFY as published (offline traces, πϕ ≡ 1, its switches)
@@ -126,10 +129,12 @@ def reasoning_variants(grid: str) -> list[tuple[str, str, dict]]:
                   {**paper, "shaping_grad": mode, "traces.only_correct": True}))
     out.append((SFT, SFT, {RUNNER: SFT, "traces.only_correct": True}))
   elif grid == "style":
+    out += [(baseline, baseline, {})] if baseline else []
     for algo in guided:
       for style in ("same", "words"):
         out.append((f"{algo}-{style}", algo, {GUIDE_STYLE: style}))
   elif grid == "source":
+    out += [(baseline, baseline, {})] if baseline else []
     # The paper's methods: the entries weighting J_on by w against an off-policy term.
     paper = [a for a in guided if any(t.weight == "on" for t in algorithms.get(a).terms)]
     for algo in paper:
@@ -149,7 +154,7 @@ def reasoning_variants(grid: str) -> list[tuple[str, str, dict]]:
 def reasoning_cells(grid: str, base, variants=None, seeds=(0,), regimes=None) -> list[Cell]:
   """The cells of reasoning grid `grid` (order: regime, variant, seed). `variants` keeps those
   whose label or algorithm is listed; `regimes` defaults to config.compare.grid_regimes[grid]."""
-  all_variants = reasoning_variants(grid)
+  all_variants = reasoning_variants(grid, base.compare.get("baseline", ""))
   if variants:
     unknown = [v for v in variants if not any(v in (lab, algo) for lab, algo, _ in all_variants)]
     if unknown:

@@ -82,9 +82,9 @@ def test_reasoning_grids_hold_the_issue_variants():
   assert set(labels) == ({"grpo", "dapo", "sft", "luffy_paper-step", "luffy_paper-exact"}
                          | {f"{a}-{m}" for a in guided for m in ("step", "exact")})
   assert {c.regime for c in main} == {"weak", "moderate"} and len(main) == len(labels) * 2 * 5
-  assert [c.variant for c in grid.grid_cells("style", base, seeds=[0])] == [
+  assert [c.variant for c in grid.grid_cells("style", base, seeds=[0])] == ["dapo"] + [
       f"{a}-{s}" for a in guided for s in ("same", "words")]
-  assert [c.variant for c in grid.grid_cells("source", base, seeds=[0])] == [
+  assert [c.variant for c in grid.grid_cells("source", base, seeds=[0])] == ["dapo"] + [
       f"mix{i}-{s}" for i in (1, 2) for s in ("online", "traces-one", "traces-file")]
   with pytest.raises(ValueError, match="match no variant"):
     grid.grid_cells("main", base, algos=["mix3"])

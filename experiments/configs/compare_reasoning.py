@@ -23,6 +23,8 @@ def compare_settings(small: bool = False) -> ml_collections.ConfigDict:
                                         {"weak": 180, "moderate": 230})
   g.grid_regimes = {"main": ("weak", "moderate"), "style": ("weak",), "source": ("weak",)}
   g.gammas = (0.1,)
+  # Every grid holds this unguided entry; the summaries give paired differences to it.
+  g.baseline = "dapo"
   g.threshold_delta = 0.1  # "tokens to threshold" = first eval accuracy ≥ initial + this.
   # Guide styles of the style grid: label → builtin.guide_task_kwargs of that guide.
   g.guide_styles = {"same": {}, "words": {"style": "words"}}
