@@ -292,7 +292,7 @@ def _nanmean(values: list[float]) -> float:
   return float(np.mean(v)) if v else math.nan
 
 
-def interval_table(rows: list[dict], baseline: str = "dapo", threshold: float | None = None,
+def interval_table(rows: list[dict], baseline: str, threshold: float | None = None,
                    threshold_delta: float = 0.2, n_boot: int = 10_000) -> str:
   """Markdown table per (regime, variant) with 95 % bootstrap intervals over seeds.
 
