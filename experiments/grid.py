@@ -196,6 +196,7 @@ def _style_builtin(base, style: str):
   b.guide_task_kwargs = dict(base.compare.guide_styles[style])
   if b.guide_task_kwargs:
     b.max_answer_tokens = max(int(b.max_answer_tokens), int(base.compare.style_max_new_tokens))
+    b.guide_steps = int(base.compare.get("style_guide_steps") or b.guide_steps)
   return b
 
 

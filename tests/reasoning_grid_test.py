@@ -115,6 +115,10 @@ def test_reasoning_cell_configs():
   _, c = config("style", "mix1-words")
   assert c.guide == "/w/models/guide-words/guide"
   assert c.max_new_tokens == base.compare.style_max_new_tokens
+  words = grid._style_builtin(base, "words")
+  assert dict(words.guide_task_kwargs) == {"style": "words"} and words.max_answer_tokens == 144
+  assert words.guide_steps == base.compare.style_guide_steps
+  assert grid._style_builtin(base, "same").to_dict() == base.builtin.to_dict()
   _, c = config("source", "mix2-traces-file")
   assert (c.guide_source, c.guide_logp, c.guide, c.zero_ratio) == (
       "traces", "file", "/w/models/guide-same/guide", "old")  # no stored πϕ for ZERO rows.

@@ -34,6 +34,9 @@ def compare_settings(small: bool = False) -> ml_collections.ConfigDict:
   g.trace_per_prompt = 2 if small else 4
   # The style grid's words-style guide writes up to 125 characters (3 digits): its own widths.
   g.style_max_new_tokens = 96 if small else 144
+  # SFT steps of a guide of another style (its chains are ~3x longer: it learns more slowly; the
+  # words-style curve is in BUILD_NOTES). 0 = builtin.guide_steps.
+  g.style_guide_steps = 0 if small else 1000
   # LUFFY as published and the SFT baseline keep only the traces the verifier marks correct
   # (LUFFY's data are verified solutions); False in the smoke grid, whose guide solves nothing.
   g.only_correct = not small
