@@ -84,6 +84,24 @@ def test_truncated_chain_is_penalised_by_overlong_shaping_and_solutions_are_not(
   assert rewards == [1.0, 0.0] and shaped.tolist() == [1.0, -1.0]
 
 
+def test_saved_char_tokenizer_keeps_spaces_and_newlines(tmp_path):
+  """A built-in model directory (Qwen2 config.json + the char tokenizer) reloads a tokenizer that
+  encodes a chain like the one it was trained with: trace responses and SFT targets are text
+  re-encoded by the loaded tokenizer, and chains hold spaces and newlines."""
+  import json
+
+  from mixpo import builtin, models
+  tok = char_tokenizer(COT_ALPHABET)
+  tok.save_pretrained(tmp_path)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(builtin.tiny_hf_config(tok), f)
+  loaded = models.load_tokenizer(str(tmp_path))
+  text = solution(472, 389, "+", "words") + "\n" + solution(472, 389, "+", "columns")
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert loaded(text, add_special_tokens=False)["input_ids"] == ids
+  assert loaded.decode(ids) == text and loaded.eos_token_id == tok.eos_token_id
+
+
 def test_sft_targets_are_the_worked_solutions():
   tok = char_tokenizer(COT_ALPHABET)
   t = get_task("cot_arithmetic", digits=3, style="words")

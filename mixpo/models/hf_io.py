@@ -414,4 +414,13 @@ def load_tokenizer(path: str):
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist.")
   import transformers  # Local import: the model itself does not need transformers.
+  # A tokenizer saved from a `tokenizers` object (mixpo's char tokenizer) names no class of its
+  # own; AutoTokenizer then builds the model type's (Qwen2Tokenizer from config.json), whose
+  # pre-tokenizer drops spaces and newlines: load it as the generic fast tokenizer it was saved as.
+  cfg_file = os.path.join(path, "tokenizer_config.json")
+  if os.path.exists(cfg_file):
+    with open(cfg_file) as f:
+      saved_class = json.load(f).get("tokenizer_class")
+    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+      return transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
   return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
