@@ -187,6 +187,11 @@ def main(argv):
     print(f"check against {_CHECK.value}: {matched} rows identical (wall_s aside), "
           f"{len(problems)} differences", *problems, sep="\n  ")
     mismatched = bool(problems)
+  if "preempted" in done:
+    label, signame = done["preempted"]
+    print(f"compare: stopped by {signame} in cell {label} (checkpointed); rerun the same command "
+          "to resume it and the cells after it")
+    sys.exit(130 if signame == "SIGINT" else 143)
   if done["failed"] or mismatched:
     sys.exit(1)
 

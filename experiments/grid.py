@@ -382,7 +382,9 @@ def cell_state(workdir: str, config, budget: int, overwrite: bool = False) -> st
 
 
 def run_cells(cells, base, workroot: str, budget: int, overwrite=False, keep_going=True) -> dict:
-  """Runs every unfinished cell; returns {"ran": [...], "skipped": [...], "failed": {name: err}}."""
+  """Runs every unfinished cell; returns {"ran": [...], "skipped": [...], "failed": {name: err}}
+  and, when a cell was stopped by SIGTERM / Ctrl-C, "preempted": (cell label, signal name): the
+  grid stops there and a rerun of the same command resumes that cell from its checkpoint."""
   import jax  # noqa: PLC0415
   from tqdm import tqdm  # noqa: PLC0415
 
@@ -424,6 +426,11 @@ def run_cells(cells, base, workroot: str, budget: int, overwrite=False, keep_goi
                  summary["final_step"], summary["policy_tokens"], summary["guide_tokens"],
                  summary.get("final_eval_accuracy", float("nan")), time.time() - t0)
     done["ran"].append(label)
+    if summary.get("preempted"):
+      # The cell caught SIGTERM / Ctrl-C and checkpointed; the signal was meant for the grid,
+      # so stop here rather than start the next cell (whose own handler would swallow it).
+      done["preempted"] = (label, summary.get("preempted_by", "a signal"))
+      break
   return done
 
 

@@ -127,3 +127,22 @@ def test_config_overrides_work_without_an_explicit_config():
   argv = ast.literal_eval(out.strip().splitlines()[-1])
   assert argv[1].startswith("--config=") and argv[1].endswith("compare.py:small"), argv
   assert argv[2:] == ["--config.m=4", "--small", "--grid=main"]
+
+
+def test_a_preempted_cell_stops_the_grid(tmp_path, monkeypatch):
+  # loop.run catches SIGTERM, checkpoints and returns preempted; the grid must not go on to the
+  # next cell (whose own handler would swallow the scheduler's signal for good).
+  from mixpo import loop
+  base = compare_config.get_config("small")
+  cells = grid.grid_cells("main", base, ["dapo", "mix2"], [0], ["weak"])
+  started = []
+
+  def fake_run(config, workdir):
+    started.append(workdir)
+    return {"final_step": 1, "policy_tokens": 1, "guide_tokens": 0, "preempted": True,
+            "preempted_by": "SIGTERM"}
+
+  monkeypatch.setattr(loop, "run", fake_run)
+  done = grid.run_cells(cells, base, str(tmp_path), budget=1)
+  assert len(started) == 1 and done["preempted"][1] == "SIGTERM"
+  assert done["preempted"][0].startswith("weak/") and len(done["ran"]) == 1
