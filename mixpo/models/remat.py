@@ -2,18 +2,19 @@
 
 `layer_remat(fn)` wraps `fn(layer, x, *consts)` (an NNX module and activations) like `nnx.remat`:
 only the layer's inputs are saved for the backward pass and the layer's forward is recomputed
-there. Two ordering constraints are added, both with `jax.lax.optimization_barrier` (a no-op
-(see `after`):
+there. Two ordering constraints are added as data dependencies (see `after`):
 
-* the recomputation waits for the cotangent of the layer's output, so XLA cannot hoist every
-  layer's recomputed forward to the start of the backward pass, and
+* the forward uses the weights only once the layer's input exists and the recomputation only
+  once the cotangent of the layer's output does, so XLA cannot hoist work on every layer's
+  weights (casts, concatenations, all-gathers: loop-invariant for a frozen LoRA base) or every
+  layer's recomputed forward to the start of the step or of the backward pass, and
 * the cotangent of the layer's input is released only together with the gradients of the
   layer's trained parameters, so the weight / adapter gradient matmuls cannot be deferred to the
   end of the backward pass, keeping each layer's recomputed activations alive until then.
 
-Without them XLA:CPU's scheduler did both (`jax.checkpoint` bars CSE, not early scheduling): the
-LoRA step held every layer's MLP activations at once and per-layer remat saved nothing (figures
-in BUILD_NOTES.md, LoRA section).
+Without them XLA did all of it (`jax.checkpoint` bars CSE, not early scheduling): the LoRA step
+held every layer's MLP activations at once and per-layer remat saved nothing (figures in
+BUILD_NOTES.md, LoRA section).
 
 Only the inputs JAX actually differentiates (`symbolic_zeros`: the trained parameters and the
 activations) get cotangents, so a frozen LoRA base costs no weight-gradient work or memory.
@@ -51,7 +52,13 @@ def layer_remat(fn):
     # perturbed input is marked (), another None): bwd must know it statically.
     marks = tuple(() if p.perturbed else None for p in flat)
     leaves = jax.tree.unflatten(treedef, values)
-    return _call(graphdef, leaves), (leaves, marks)
+    state, args = leaves
+    # The weights enter the computation only once the layer's input exists: otherwise work on
+    # them alone (a dtype cast, the fused-projection concatenation, an fsdp all-gather) is
+    # loop-invariant for a frozen base, and XLA hoists it out of the train step's scans for every
+    # layer at once.
+    y = _call(graphdef, (after(state, args[:1]), args))
+    return y, (leaves, marks)  # the inputs themselves are the residuals: no copies saved.
 
   def bwd(graphdef, res, g):
     leaves, marks = res
