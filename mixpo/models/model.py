@@ -26,6 +26,7 @@ from flax import nnx
 
 from mixpo import sharding
 from mixpo.models import attention
+from mixpo.models import remat
 from mixpo.models.config import ModelConfig, from_hf_config
 from mixpo.models.layers import DecoderLayer, Embed, RMSNorm, Linear, rope_cos_sin
 
@@ -81,7 +82,7 @@ def _layer_call(layer, x, cos, sin, key_valid):
   return layer(x, cos, sin, key_valid)[0]
 
 
-_remat_layer_call = nnx.remat(_layer_call)
+_remat_layer_call = remat.layer_remat(_layer_call)
 
 
 class CausalLM(nnx.Module):
