@@ -50,7 +50,7 @@ class ModelConfig:
   tie_word_embeddings: bool = False  # logits use embed/embedding^T instead of lm_head/kernel.
   dtype: Any = jnp.float32  # compute dtype of activations and matmuls (float32 or bfloat16).
   param_dtype: Any = jnp.float32  # storage dtype of the parameters.
-  remat: bool = False  # rematerialise each decoder block in the backward pass (nnx.remat).
+  remat: bool = False  # rematerialise each decoder block in the backward pass (models/remat.py).
   # "auto" (by backend) | "xla" | "dot_product_attention" | "cudnn" | "pallas": see
   # mixpo/models/attention.py.
   attention_impl: str = "auto"
