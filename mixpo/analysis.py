@@ -181,20 +181,26 @@ def plot_grid(rows: list[dict], x_key: str = "step", y_key: str = "eval_accuracy
               title: str = "", band: str = "minmax"):
   """Figure with one panel per regime: per variant the seed mean (line) and a band: min–max over
   seeds ("minmax") or the 95 % bootstrap interval of the mean ("ci")."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # Lazy: slow import.
-  from matplotlib.figure import Figure
+  import matplotlib  # noqa: PLC0415  Lazy: slow import.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
 
   runs = _runs(rows)
   regimes = _ordered(r for r, _ in runs)
   fig = Figure(figsize=(5.5 * max(len(regimes), 1), 4), dpi=100)
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, max(len(regimes), 1), squeeze=False)[0]
+  # One colour per variant, the same in every panel; tab10 repeats after ten variants.
+  variants = _ordered(v for _, v in runs)
+  palette = [f"C{i}" for i in range(10)] if len(variants) <= 10 else [
+      matplotlib.colormaps["tab20"](i) for i in range(20)]
+  color = {v: palette[i % len(palette)] for i, v in enumerate(variants)}
   for ax, regime in zip(axes, regimes):
     for (reg, variant), seeds in runs.items():
       if reg != regime:
         continue
       x, mean, lo, hi = aggregate(seeds, x_key, y_key, band)
-      line, = ax.plot(x, mean, marker="." if len(x) < 30 else None,
+      line, = ax.plot(x, mean, marker="." if len(x) < 30 else None, color=color[variant],
                       label=f"{variant} (n={len(seeds)})")
       if len(seeds) > 1:
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)

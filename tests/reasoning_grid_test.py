@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import matplotlib.colors
 import numpy as np
 import pytest
 
@@ -62,6 +63,18 @@ def test_interval_table_paired_difference_and_wall_with_guide():
   assert mix2.endswith("| 1,000 | 500 | 25 |")  # wall 20 s + 5 s of offline guide generation.
   dapo = next(line for line in table.splitlines() if "| dapo |" in line)
   assert "| 0.300 [0.200, 0.400] | — |" in dapo and "(2/3)" in dapo
+
+
+def test_curves_of_eleven_variants_get_eleven_colours():
+  # The main reasoning grid has 11 variants: matplotlib's default cycle repeats after 10, which
+  # drew GRPO and the SFT baseline in the same colour.
+  variants = [f"v{i}" for i in range(11)]
+  rows = [r for v in variants for r in _rows(v, [0.2, 0.3]) + _rows(v, [0.2], regime="moderate")]
+  fig = analysis.plot_grid(rows, "policy_tokens")
+  for ax in fig.axes:
+    colours = {tuple(np.round(matplotlib.colors.to_rgba(line.get_color()), 4))
+               for line in ax.get_lines()}
+    assert len(ax.get_lines()) == 11 and len(colours) == 11
 
 
 def test_reports_with_a_baseline_write_intervals_and_the_final_accuracy_plot(tmp_path):
