@@ -108,6 +108,9 @@ def after(tree, deps):
            if d.size and jnp.issubdtype(d.dtype, jnp.inexact)]
   if not picks:
     return tree
-  zero = sum(picks) * 0.0
+  # The sqrt (an op XLA deems expensive, so never duplicated into consumer fusions) makes
+  # `zero` one materialised scalar; a bare chain of adds was copied into the fusion of every
+  # leaf of `tree`: O(len(tree) · len(deps)) instructions per layer and minutes of compile time.
+  zero = jnp.sqrt(jnp.abs(sum(picks))) * 0.0
   return jax.tree.map(
       lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
