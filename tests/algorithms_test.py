@@ -12,7 +12,7 @@ import pytest
 from experiments import grid
 from experiments.configs import compare as compare_config
 from experiments.configs import smoke
-from mixpo import algorithms, builtin, loop, rl
+from mixpo import algorithms, loop, rl
 from mixpo.logging import PhaseTimer
 from mixpo.objectives import OFF, ON, ZERO, Term
 
@@ -123,9 +123,7 @@ def test_the_literal_scan_sees_a_misplaced_name(tmp_path, monkeypatch):
       os.path.join("mixpo", "rl.py") + ":2: 'mix2'"]
 
 
-def test_a_registered_entry_runs_end_to_end(tmp_path):
-  builtin_dir = str(tmp_path / "builtin")
-  builtin.ensure_builtin_models(builtin_dir, smoke.get_config().builtin)
+def test_a_registered_entry_runs_end_to_end(builtin_dir, tmp_path):
   config = smoke.get_config()
   config.builtin_dir, config.export_hf, config.algo = builtin_dir, False, "fakejoint"
   config.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}

@@ -22,3 +22,13 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long runs, excluded from the default suite (-m slow to run)")
+
+
+@pytest.fixture(scope="session")
+def builtin_dir(tmp_path_factory):
+  """The smoke config's built-in policy / guide / tokenizer, built once for the whole run."""
+  from experiments.configs import smoke  # noqa: PLC0415
+  from mixpo import builtin  # noqa: PLC0415
+  d = str(tmp_path_factory.mktemp("builtin"))
+  builtin.ensure_builtin_models(d, smoke.get_config().builtin)
+  return d

@@ -16,6 +16,7 @@ from mixpo import algorithms, models, objectives, sampling, train
 from mixpo.batch import make_batch
 from mixpo.models import lora
 from mixpo.objectives import OFF, ON, ZERO
+from rl_test import smoke_config  # the smoke config on the session's built-in models
 
 TINY = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 32,
@@ -385,20 +386,8 @@ def test_lora_resume_is_bit_identical_and_another_base_is_refused(tmp_path):
 # -- config.lora through loop ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def builtin_dir(tmp_path_factory):
-  from experiments.configs import smoke
-  from mixpo import builtin
-  d = str(tmp_path_factory.mktemp("builtin"))
-  builtin.ensure_builtin_models(d, smoke.get_config().builtin)
-  return d
-
-
 def _smoke(builtin_dir, **overrides):
-  from experiments.configs import smoke
-  c = smoke.get_config()
-  c.builtin_dir = builtin_dir
-  c.export_hf = False
+  c = smoke_config(builtin_dir)
   c.lora.rank = 4
   c.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}  # gives groups reward variance
   c.warmup_steps = 0  # the first update already moves the adapters.

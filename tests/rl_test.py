@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import smoke
-from mixpo import algorithms, builtin, loop, models, objectives, rl, sharding, train
+from mixpo import algorithms, loop, models, objectives, rl, sharding, train
 from mixpo import logging as mlog
 from mixpo.logging import PhaseTimer
 from mixpo.rollout import Collected, Groups, dynamic_sample
@@ -21,14 +21,8 @@ from mixpo.rollout import Collected, Groups, dynamic_sample
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def builtin_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("builtin"))
-  builtin.ensure_builtin_models(d, smoke.get_config().builtin)
-  return d
-
-
 def smoke_config(builtin_dir, **overrides):
+  """The smoke config on the session's built-in models (conftest `builtin_dir`), no export."""
   c = smoke.get_config()
   c.builtin_dir = builtin_dir
   c.export_hf = False

@@ -418,13 +418,20 @@ def _flash_backward(q, k, v, key_valid, q_start, scale, block, out, lse, dout):
       q_i, dout_i, lse_i, delta_i = sl(q_p), sl(dout_p), sl(lse_p), sl(delta_p)
       scores, allowed = _block_scores(q_i, k_j, valid_j, q_start + i * bq, j * bk, scale)
       p = jnp.exp(scores - lse_i[..., None])
-      dv_j = dv_j + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(dout.dtype), dout_i,
+      # The G query heads of a KV head and the block's queries as one axis m = G·bq (free
+      # reshapes): the sums over both become one contraction, which XLA:CPU's GEMM reads in
+      # place, where contracting (g, q) as two axes made it transpose each [m, bk] block first.
+      as_m = lambda x: x.reshape(b, kv, g * bq, x.shape[-1])
+      dout_m = as_m(dout_i)
+      dv_j = dv_j + jnp.einsum("bkms,bkmh->bksh", as_m(p.astype(dout.dtype)), dout_m,
                                preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bkgqh,bksh->bkgqs", dout_i, v_j, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bkmh,bksh->bkms", dout_m, v_j, preferred_element_type=jnp.float32)
+      dp = dp.reshape(p.shape)
       # Masked scores get no gradient (only rows with no visible key have p > 0 there).
-      ds = jnp.where(allowed, p * (dp - delta_i[..., None]) * scale, 0.0).astype(q.dtype)
-      dk_j = dk_j + jnp.einsum("bkgqs,bkgqh->bksh", ds, q_i, preferred_element_type=jnp.float32)
-      dq_i = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_j, preferred_element_type=jnp.float32)
+      ds = as_m(jnp.where(allowed, p * (dp - delta_i[..., None]) * scale, 0.0).astype(q.dtype))
+      dk_j = dk_j + jnp.einsum("bkms,bkmh->bksh", ds, as_m(q_i), preferred_element_type=jnp.float32)
+      dq_i = jnp.einsum("bkms,bksh->bkmh", ds, k_j, preferred_element_type=jnp.float32)
+      dq_i = dq_i.reshape(b, kv, g, bq, h)
       dq = jax.lax.dynamic_update_slice_in_dim(dq, sl(dq) + dq_i, i * bq, axis=3)
       return dq, dk_j, dv_j
 
