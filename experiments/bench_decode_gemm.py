@@ -16,13 +16,17 @@ bf16 path is the kernel's own speed (see BUILD_NOTES.md, "bf16 decode").
   python experiments/bench_decode_gemm.py --rows=64
 """
 
+import os
 import statistics
+import sys
 import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _ROWS = flags.DEFINE_integer("rows", 8, "B: activation rows (sequences decoded at once).")
 _HIDDEN = flags.DEFINE_integer("hidden", 896, "D.")
