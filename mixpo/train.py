@@ -23,6 +23,7 @@ from mixpo import objectives
 from mixpo import sampling
 from mixpo import sharding
 from mixpo.models import lora
+from mixpo.models import remat
 from mixpo.batch import Batch
 
 
@@ -161,20 +162,18 @@ def init_state(policy: Policy, optimizer: optax.GradientTransformation, seed: in
 
 
 def _all_finite(tree) -> jax.Array:
-  """True iff every floating entry of `tree` is finite, as one materialised scalar.
+  """True iff every floating entry of `tree` is finite, as one scalar computed once.
 
-  Σ x·0 over all entries is 0, or NaN if any entry is ±inf or NaN (no overflow, unlike a norm).
-  The per-leaf scalars are combined by a chain of elementwise ops; ending the chain in a sqrt
-  (an op XLA deems expensive, hence never duplicates into consumer fusions) stops XLA:CPU's
-  fusion from copying the whole chain into the `where` of every parameter and moment leaf. With
-  a `jnp.all` over stacked flags it did exactly that: O(leaves²) instructions, and a 24-layer
-  LoRA step took 11 minutes to compile and held 7 GiB of compiled program (BUILD_NOTES.md).
+  Σ x·0 over a leaf is 0, or NaN if any entry is ±inf or NaN (no overflow, unlike a norm). The
+  flag feeds the `where` of every parameter and moment leaf; combined by `jnp.all` over stacked
+  per-leaf flags, XLA:CPU copied the whole chain into each of them: O(leaves²) instructions, and
+  a 24-layer LoRA step took 11 minutes to compile and held 7 GiB of program (BUILD_NOTES.md).
   """
   sums = [jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32) for x in jax.tree.leaves(tree)
           if jnp.issubdtype(x.dtype, jnp.inexact)]
   if not sums:
     return jnp.array(True)
-  return jnp.isfinite(jnp.sqrt(sum(sums)))
+  return jnp.isfinite(remat.finite_zero(sums))
 
 
 def _guarded_update(optimizer, params, opt_state, grads, loss):

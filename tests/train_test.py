@@ -137,26 +137,24 @@ def test_zero_samples_reach_the_loss_only_where_a_term_trains_them(algo):
   assert (zero_grad > 0) == (algo == "mix2")  # of the published algorithms, only Mix-2.
 
 
-@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
-def test_compiled_train_step_grows_linearly_with_depth(use_lora):
-  """The step's optimised program is O(layers): 4× the layers, under 4× the instructions.
+def test_compiled_train_step_grows_linearly_with_depth():
+  """The step's optimised program is O(layers): 3× the layers, under 3× the instructions.
 
   Scalars combined by chains of cheap ops (the NaN guard's all-finite flag over every leaf, the
   remat ordering ties over a layer's cotangents) used to be copied by XLA:CPU's fusion into the
-  consumer of every leaf: quadratic in the leaves, 8× at 4× depth here, and an 11-minute compile
-  holding 7 GiB of program for a 24-layer model.
+  consumer of every leaf: quadratic in the leaves (LoRA, 2 → 8 layers: 10× the instructions),
+  and an 11-minute compile holding 7 GiB of program for a 24-layer model.
   """
   from mixpo.models import lora  # noqa: PLC0415
 
   def lines(layers):
     model = models.init_from_config({**TINY, "num_hidden_layers": layers}, rng=0, remat=True)
-    if use_lora:
-      lora.apply(model, lora.LoraConfig(rank=2, alpha=4.0))
+    lora.apply(model, lora.LoraConfig(rank=2, alpha=4.0))  # adapters: more leaves per layer
     policy, opt = train.Policy(model), optax.adamw(1e-3)
     step = train.make_train_step(policy, opt, train.StepConfig(
         objective=algorithms.get("mix2").objective_config()), donate=False)
     text = step.lower(train.init_state(policy, opt, 0), random_rl_batch(0)).compile().as_text()
     return text.count("\n")
 
-  small, large = lines(2), lines(8)
-  assert large < 4 * small, (small, large)
+  small, large = lines(2), lines(6)
+  assert large < 3 * small, (small, large)

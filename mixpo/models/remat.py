@@ -108,9 +108,17 @@ def after(tree, deps):
            if d.size and jnp.issubdtype(d.dtype, jnp.inexact)]
   if not picks:
     return tree
-  # The sqrt (an op XLA deems expensive, so never duplicated into consumer fusions) makes
-  # `zero` one materialised scalar; a bare chain of adds was copied into the fusion of every
-  # leaf of `tree`: O(len(tree) · len(deps)) instructions per layer and minutes of compile time.
-  zero = jnp.sqrt(jnp.abs(sum(picks))) * 0.0
+  zero = finite_zero(picks)
   return jax.tree.map(
       lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
+def finite_zero(scalars) -> jax.Array:
+  """0 if every scalar in `scalars` is finite, else NaN: one scalar XLA computes once.
+
+  Ends the chain of adds in a sqrt, an op XLA deems expensive and so never duplicates into
+  consumer fusions. A bare chain of cheap ops was copied by XLA:CPU's fusion into the fusion of
+  every consumer: O(consumers · len(scalars)) instructions, and minutes of compile time for a
+  train step (remat's ties over a layer's cotangents; the NaN guard over every parameter leaf).
+  """
+  return jnp.sqrt(jnp.abs(sum(scalars))) * 0.0
