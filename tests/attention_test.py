@@ -144,11 +144,13 @@ def test_pallas_splash_equals_reference_in_interpret_mode():
 # ------------------------------------------------------------------------------ blockwise kernel
 
 
-@pytest.mark.parametrize("t,block", [(40, 16), (200, 64), (96, 512)])
-def test_flash_equals_reference(monkeypatch, t, block):
-  """Forward and gradient; T not a multiple of the block, rows with left and right padding."""
+@pytest.mark.parametrize("t,block,backward_block", [(40, 16, 16), (200, 64, 24), (96, 512, 256)])
+def test_flash_equals_reference(monkeypatch, t, block, backward_block):
+  """Forward and gradient; T not a multiple of the blocks, forward and backward blocks of their
+  own lengths, rows with left and right padding."""
   monkeypatch.setattr(attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
   monkeypatch.setattr(attention, "_FLASH_BLOCK", block)
+  monkeypatch.setattr(attention, "_FLASH_BACKWARD_BLOCK", backward_block)
   _check_against_reference(lambda q, k, v, valid: attention.attend(q, k, v, valid, "xla"), t=t)
 
 

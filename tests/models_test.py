@@ -232,10 +232,12 @@ def test_remat_gives_equal_gradients(checkpoints):
 def test_gradients_match_transformers(checkpoints, monkeypatch, family, t, flash_block):
   """The hand-written attention backward (and the matmul VJP) against torch autograd; T = 80
   takes the causal query-chunked path; with flash_block, the blockwise (flash) kernel with
-  query / key blocks of that length (T = 300: a partial last block)."""
+  query / key blocks of that length in the forward and half that in the backward (T = 300: a
+  partial last block)."""
   if flash_block:
     monkeypatch.setattr(models.attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
     monkeypatch.setattr(models.attention, "_FLASH_BLOCK", flash_block)
+    monkeypatch.setattr(models.attention, "_FLASH_BACKWARD_BLOCK", flash_block // 2)
   path, torch_model = checkpoints[family]
   tokens, positions, mask = _batch(seed=8, t=t)
   model = models.from_pretrained(path)
