@@ -113,9 +113,7 @@ class Policy:
     """The model from trained `params` (+ the frozen base: `base`, default `self.base`)."""
     if self.base is None:
       return nnx.merge(self.graphdef, params)
-    # New Variables at the caller's trace level: under grad w.r.t. `params` the base's would
-    # belong to the outer trace, and nnx.remat refuses to write back into those.
-    base = jax.tree.map(lambda x: x, self.base if base is None else base)
+    base = self.base if base is None else base
     return nnx.merge(self.graphdef, params, base)
 
   def pair(self, params) -> tuple:
@@ -231,7 +229,7 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
       return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads),
               jax.tree.map(jnp.add, acc_metrics, metrics)), None
 
-    # params passed in, not closed over: nnx.remat inside eval_shape rejects outer-trace values.
+    # The metrics' structure and shapes, so the accumulation starts from zeros.
     zero_metrics = jax.eval_shape(lambda p, m, d, b: micro_loss(p, m, d, b)[1], params,
                                   jax.tree.map(lambda x: x[0], micro), denoms, base)
     init = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params),
