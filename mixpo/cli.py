@@ -234,7 +234,7 @@ def check_config(config) -> None:
   from mixpo.rewards import custom
   _enum("--config.algo", config.algo, algorithms.names())
   _enum("--config.scheme", config.scheme, advantages.SCHEMES)
-  _enum("--config.guide_logp", config.guide_logp, ("model", "one"))
+  _enum("--config.guide_logp", config.guide_logp, ("model", "one", "file"))
   _enum("--config.shaping_grad", config.shaping_grad, ("exact", "paper_step"))
   _enum("--config.zero_ratio", config.zero_ratio, ("guide", "old"))
   _enum("--config.reward_on_error", config.reward_on_error, ("raise", "zero"))

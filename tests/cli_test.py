@@ -104,6 +104,20 @@ def test_more_bad_values_name_the_flag(overrides, expected):
     assert text.lower() in str(e.value).lower(), (text, str(e.value))
 
 
+def test_guide_logp_file_is_accepted_with_traces_and_refused_without(tmp_path):
+  """README's trace workflow passes --config.guide_logp=file: the front door must let it through
+  to the trace reader (and name the missing trace source when there is none)."""
+  traces = tmp_path / "traces.jsonl"
+  traces.write_text("")
+  config = default.get_config()
+  config.algo, config.guide_logp = "mix1", "file"
+  config.guide_source, config.traces_path = "traces", str(traces)
+  cli.check_config(config)
+  config.guide_source = "model"
+  with pytest.raises(cli.UserError, match=r"guide_logp='file'.*guide_source='traces'"):
+    cli.check_config(config)
+
+
 def test_fingerprint_mismatch_names_overwrite_flag(tmp_path):
   os.makedirs(tmp_path / "checkpoints" / "5")  # a step of some other run, no fingerprint.json.
   out = _train(["--config=smoke", f"--config.builtin_dir={tmp_path / 'models'}"], tmp_path)
