@@ -353,8 +353,7 @@ def _block_scores(q_i, k_j, valid_j, q_slot0, k_slot0, scale):
   q_slot = q_slot0 + jnp.arange(bq, dtype=jnp.int32)
   k_slot = k_slot0 + jnp.arange(bk, dtype=jnp.int32)
   allowed_Bxbqxbk = (k_slot[None, :] <= q_slot[:, None])[None] & valid_j[:, None, :]
-  allowed = allowed_Bxbqxbk[:, None, None]
-  return jnp.where(allowed, s, _MASK_VALUE), allowed
+  return jnp.where(allowed_Bxbqxbk[:, None, None], s, _MASK_VALUE)
 
 
 def _flash_forward(q, k, v, key_valid, q_start, scale, block):
@@ -377,7 +376,7 @@ def _flash_forward(q, k, v, key_valid, q_start, scale, block):
       k_j = jax.lax.dynamic_slice_in_dim(k_p, j * bk, bk, axis=2)
       v_j = jax.lax.dynamic_slice_in_dim(v_p, j * bk, bk, axis=2)
       valid_j = jax.lax.dynamic_slice_in_dim(valid_p, j * bk, bk, axis=1)
-      scores, _ = _block_scores(q_i, k_j, valid_j, q_slot0, j * bk, scale)
+      scores = _block_scores(q_i, k_j, valid_j, q_slot0, j * bk, scale)
       m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
       alpha = jnp.exp(m - m_new)
       p = jnp.exp(scores - m_new[..., None])
