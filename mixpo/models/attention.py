@@ -320,7 +320,8 @@ def flash_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS, q_start, s
   Query i (slot q_start + i) sees key s iff s ≤ q_start + i and key_valid[b, s]. The forward
   loops over query blocks and, inside each, over the key blocks up to the causal diagonal only,
   keeping a running (max, sum, output); the backward recomputes each block's probabilities
-  from the saved log-sum-exp. Memory, with Bq = Bk = _FLASH_BLOCK and N = K·G query heads:
+  from the saved log-sum-exp. Memory, with Bq = Bk the block (_FLASH_BLOCK forward,
+  _FLASH_BACKWARD_BLOCK backward) and N = K·G query heads:
   residuals q, k, v, out and the float32 dq accumulator, O(B·T·N·H), and log-sum-exp
   O(B·N·T) — linear in T — plus a few float32 score blocks of B·N·Bq·Bk elements at a time
   (independent of T). block: Bq = Bk of forward and backward (default _FLASH_BLOCK forward,
@@ -404,7 +405,7 @@ def _flash_backward(q, k, v, key_valid, q_start, scale, block, out, lse, dout):
   one axis: sᵀ = k·qᵀ, dpᵀ = v·doutᵀ, dv += pᵀ·dout, dk += dsᵀ·q and dqᵀ += kᵀ·dsᵀ (dq is
   accumulated transposed, [H, T·G] per kv head, and transposed once at the end). Each GEMM then
   reads both operands in the layout it wants: no per-block transposes, and XLA:CPU's GEMMs run
-  at their best rate (query-major products took 1.6× as long at T = 8192).
+  at their best rate (query-major products, same 512 blocks, T = 8192: 0.96 s vs 0.56-0.61 s).
   """
   b, kv, g, t, h = q.shape
   s = k.shape[2]
