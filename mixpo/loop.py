@@ -9,9 +9,12 @@ naming the step.
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import signal
+import sys
+import threading
 import time
 
 import jax
@@ -167,13 +170,20 @@ def _frozen(model) -> tuple:
   return nnx.split(model)
 
 
+class _StopNow(KeyboardInterrupt):
+  """A second Ctrl-C: stop without finishing the step."""
+
+
 class _Preemption:
   """Turns SIGTERM and Ctrl-C (SIGINT) into a flag checked between steps.
 
   Schedulers send SIGTERM, often to the whole process group, before evicting a job; the reward
   workers are in a session of their own (mixpo.rewards.sandbox), so the step in flight finishes,
   rewards included, and a forced checkpoint follows. A second Ctrl-C raises KeyboardInterrupt at
-  once (the last checkpoint stays valid: orbax writes atomically).
+  once (the last checkpoint stays valid: orbax writes atomically). If that lands inside a gc
+  callback or a `__del__` (jax registers `_xla_gc_callback`), Python would print "Exception
+  ignored" and carry on; `sys.unraisablehook` catches ours there and the interrupt is delivered
+  again until it lands in plain code.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -181,6 +191,9 @@ class _Preemption:
   def __init__(self):
     self.requested = None  # the name of the signal that asked to stop
     self._previous = {}
+    self._unraisable_hook = None
+    self._in_hook = False
+    self._redelivery = None
 
   def __enter__(self):
     for sig in self.SIGNALS:
@@ -188,22 +201,49 @@ class _Preemption:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread (e.g. a notebook worker): no handler.
         pass
+    if self._previous:
+      self._unraisable_hook = sys.unraisablehook
+      sys.unraisablehook = self._unraisable
     return self
 
   def _handle(self, signum, frame):
     del frame
     name = signal.Signals(signum).name
     if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt(f"second {name}: stopping without finishing the step")
+      if self._in_hook:  # raised here it would be swallowed again
+        self._redeliver()
+        return
+      raise _StopNow(f"second {name}: stopping without finishing the step")
     if not self.requested:
       self.requested = name
       how = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
       logging.warning("%s received: finishing the step, then a final checkpoint and exit%s.",
                       name, how)
 
+  def _unraisable(self, info):
+    if not isinstance(info.exc_value, _StopNow):
+      self._unraisable_hook(info)
+      return
+    self._in_hook = True
+    try:
+      self._redeliver()
+    finally:
+      self._in_hook = False
+
+  def _redeliver(self):
+    # From another thread, a little later: the handler then runs in the main thread's plain
+    # code, not in this collection (a swallowed one comes back here and is sent again).
+    self._redelivery = threading.Timer(0.01, _thread.interrupt_main, args=(signal.SIGINT,))
+    self._redelivery.daemon = True
+    self._redelivery.start()
+
   def __exit__(self, *exc):
+    if self._redelivery is not None:  # the block ended first: nothing left to interrupt
+      self._redelivery.cancel()
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
+    if self._unraisable_hook is not None:
+      sys.unraisablehook = self._unraisable_hook
 
 
 def _evaluate(exp, params, examples) -> dict:
