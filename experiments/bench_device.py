@@ -68,7 +68,7 @@ def main(argv):
       device.device_kind, None if _CPU_PEAK.value is None else _CPU_PEAK.value * 1e9)
   b, p, n = _BATCH.value, _PROMPT.value, _NEW.value
   print(f"device {device.platform} ({device.device_kind}), peak "
-        f"{'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; shape {_SHAPE.value} "
+        f"{'n/a' if peak is None else f'{peak / 1e12:.3g} TFLOP/s'}; shape {_SHAPE.value} "
         f"({bench_common.describe(config)}), {_DTYPE.value}; load {os.getloadavg()[0]:.1f}")
   master = models.init_from_config(config, 0, dtype=dtype, param_dtype=jnp.float32,
                                    remat=_REMAT.value)
