@@ -1,0 +1,38 @@
+"""The benchmark scripts behind BUILD_NOTES' figures still run (smallest sizes; -m slow).
+
+Figures in BUILD_NOTES and the README name these commands: a script broken by a refactor would
+leave them unrepeatable without any test failing. Each runs once at toy sizes and must print
+the line its figures are read from. (bench_device.py's CPU smoke run is in the default suite,
+tests/bench_common_test.py: it is the one run where minutes of device time are at stake.)
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = ["--hidden=64", "--intermediate=128", "--layers=2"]
+
+CASES = {
+    "bench_model": (["--batch=2", "--seq=16", "--steps=1", "--rounds=1", "--warmup=1"],
+                    "ratio mixpo / transformers:"),
+    "bench_rollout": (["--batch=2", "--prompt_len=8", "--new_tokens=8", "--repeats=1"],
+                      "of the measured copy bandwidth"),
+    "bench_scaling": (["--lengths=16,32", "--tokens=64"], "| 32 | 2 | transformers |"),
+    "bench_decode_gemm": (TOY + ["--rows=2", "--repeats=1"], "bf16 [out, in]"),
+    "bench_lora_memory": (TOY + ["--heads=4", "--kv_heads=2", "--vocab=512", "--rows=2",
+                                 "--prompt_len=8", "--response_len=8", "--steps=1"],
+                          "LoRA / full: step peak RSS"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_script_runs_at_toy_size(script):
+  args, expected = CASES[script]
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{script}.py"), *args],
+                       capture_output=True, text=True, timeout=900, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert expected in out.stdout, out.stdout[-3000:]
