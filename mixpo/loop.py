@@ -261,13 +261,15 @@ def run(config, workdir: str) -> dict:
   mlog.CompileCounter.install()
   exp, state, ckpt, eval_examples = setup(config, workdir)
   try:
-    with jax.set_mesh(exp.mesh):
-      return _run(exp, state, ckpt, eval_examples, config, workdir)
+    # Signals are handled up to the summary: a Ctrl-C in the export and plots after the last
+    # step (gc-heavy) is caught like one during a step.
+    with jax.set_mesh(exp.mesh), _Preemption() as preempt:
+      return _run(exp, state, ckpt, eval_examples, config, workdir, preempt)
   finally:
     exp.reward_runner.close()
 
 
-def _run(exp, state, ckpt, eval_examples, config, workdir: str) -> dict:
+def _run(exp, state, ckpt, eval_examples, config, workdir: str, preempt: _Preemption) -> dict:
   extra = {"data_pos": 0, "policy_tokens": 0, "guide_tokens": 0, "consecutive_skips": 0}
   restored = ckpt.restore_latest(state)
   if restored is not None:
@@ -286,7 +288,7 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str) -> dict:
   # Logged at WARNING when the task read its files; listed again where a person looks last.
   health.warnings += task_options.dropped_rows_warnings(exp.task)
   t_start = time.time()
-  with ckpt, logger, _Preemption() as preempt, mlog.Progress(
+  with ckpt, logger, mlog.Progress(
       config.num_steps, initial=start, disable=not (config.progress and is_main)) as bar:
     if start == 0:
       first = _evaluate(exp, state.params, eval_examples)
