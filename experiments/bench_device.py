@@ -9,6 +9,12 @@ weights, --dtype compute). On CPU MFU is "n/a" unless --cpu_peak_gflops states a
   python experiments/bench_device.py --shape=qwen2.5-0.5b --dtype=bfloat16      # on a GPU / TPU
   python experiments/bench_device.py --shape=tiny --dtype=float32 --batch=4 --new_tokens=16 \
       --train_batch=2 --seq=64                                                  # CPU smoke run
+
+On a lent accelerator with minutes of budget, both geometries in one call (each prints its
+table as soon as it is done; the imports need only jax, flax, optax, chex, absl, safetensors):
+
+  for s in qwen2.5-0.5b qwen2.5-1.5b; do timeout 280 python experiments/bench_device.py \
+      --shape=$s --dtype=bfloat16 | tee -a "${OUT:-.}/bench_device.txt"; done
 """
 
 import os

@@ -1,4 +1,5 @@
-"""The benchmark scripts behind BUILD_NOTES' figures still run (smallest sizes; -m slow).
+"""The benchmark scripts behind BUILD_NOTES' figures still run (toy sizes, -m slow; overhead.py
+on a written metrics file, in the default suite).
 
 Figures in BUILD_NOTES and the README name these commands: a script broken by a refactor would
 leave them unrepeatable without any test failing. Each runs once at toy sizes and must print
@@ -36,3 +37,22 @@ def test_benchmark_script_runs_at_toy_size(script):
                        capture_output=True, text=True, timeout=900, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   assert expected in out.stdout, out.stdout[-3000:]
+
+
+def test_overhead_reports_phase_shares_of_plain_steps(tmp_path):
+  # Its figure (the RL overhead of the default run) is read from a finished run's metrics.jsonl:
+  # step 1 (compiles) and steps that evaluate or checkpoint are left out.
+  from mixpo import logging as mlog
+  rows = {1: {"time/step": 9.0, "time/update": 9.0},
+          2: {"time/step": 1.0, "time/update": 0.5, "time/score": 0.25, "time/reward": 0.25},
+          3: {"time/step": 1.0, "time/update": 0.5, "time/score": 0.25, "time/reward": 0.25},
+          4: {"time/step": 5.0, "time/update": 0.5, "time/eval": 4.5}}
+  with mlog.MetricLogger(str(tmp_path), tensorboard=False) as logger:
+    for step, metrics in rows.items():
+      logger.write(step, metrics)
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "overhead.py"),
+                        f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "2 steps, mean step 1.000 s" in out.stdout, out.stdout
+  assert "outside model compute (generate / score / update): 25.0 %" in out.stdout, out.stdout
