@@ -2,8 +2,11 @@
 
 One step = forward + backward + AdamW update on a [batch, seq] next-token loss. --dtype=bfloat16:
 mixpo computes in bf16 from float32 master weights and optimizer state; torch runs under
-bf16 autocast (float32 weights). Both sides are warmed up, then timed in alternating rounds (the
-median round is reported) so a machine shared with other jobs disturbs both alike.
+bf16 autocast (float32 weights). Both sides are warmed up in alternation, then timed in
+alternating rounds (the median round is reported) so a machine shared with other jobs disturbs
+both alike. The warm-up alternates too: the process's heap reaches the layout the timed rounds
+run in (after a warm-up of each side in turn, mixpo's first timed round page-faulted ~1 GB back
+in, 240k minor faults, and ran at two thirds of its later rounds).
 
   python experiments/bench_model.py
   python experiments/bench_model.py --batch=64 --seq=128 --steps=5 --rounds=3
@@ -116,8 +119,9 @@ def main(_):
     steppers["transformers"] = torch_stepper(tokens_BxT)
     print(f"torch {torch.__version__} threads={torch.get_num_threads()}")
   print(f"jax {jax.__version__} devices={jax.devices()}")
-  for name, step in steppers.items():
-    timed(step, FLAGS.warmup)
+  for _ in range(FLAGS.warmup):
+    for step in steppers.values():
+      timed(step, 1)
   rates = {name: [] for name in steppers}
   for _ in range(FLAGS.rounds):
     for name, step in steppers.items():

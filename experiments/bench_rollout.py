@@ -8,8 +8,8 @@ are medians over --repeats. Generation counts exactly B × N new tokens on both 
 (transformers: do_sample, min_new_tokens = max_new_tokens; mixpo: eos_id=None); scoring
 counts B × (P + N) tokens (transformers: forward + log_softmax + gather).
 
-  /work/venv/bin/python experiments/bench_rollout.py
-  /work/venv/bin/python experiments/bench_rollout.py --arch=qwen2 --batch=64 --repeats=5
+  python experiments/bench_rollout.py --repeats=5
+  python experiments/bench_rollout.py --arch=qwen2 --batch=64 --repeats=5
   python experiments/bench_rollout.py --shape=qwen2.5-0.5b --batch=8 --prompt_len=64 --new_tokens=64
 """
 
