@@ -2,11 +2,11 @@
 
 One step = forward + backward + AdamW update on a [batch, seq] next-token loss. --dtype=bfloat16:
 mixpo computes in bf16 from float32 master weights and optimizer state; torch runs under
-bf16 autocast (float32 weights). Both sides are warmed up in alternation, then timed in
-alternating rounds (the median round is reported) so a machine shared with other jobs disturbs
-both alike. The warm-up alternates too: the process's heap reaches the layout the timed rounds
-run in (after a warm-up of each side in turn, mixpo's first timed round page-faulted ~1 GB back
-in, 240k minor faults, and ran at two thirds of its later rounds).
+bf16 autocast (float32 weights). Both sides are warmed up and timed in alternating rounds (the
+median round is reported) so a machine shared with other jobs disturbs both alike; the warm-up
+alternates step by step so that the process's heap is already in the layout the timed rounds
+run in (BUILD_NOTES: with one side warmed up after the other, mixpo's first timed round paged
+its buffers back in).
 
   python experiments/bench_model.py
   python experiments/bench_model.py --batch=64 --seq=128 --steps=5 --rounds=3
