@@ -230,14 +230,14 @@ def check_task(task: str, options, knobs: str, flag: Callable[[str], str],
 
 def check_config(config) -> None:
   """Every check that needs no model: UserError naming `--config.<field>` and the fix."""
-  from mixpo import advantages, algorithms, rl
-  from mixpo.rewards import custom
+  from mixpo import advantages, algorithms, guide_source, objectives, rl
+  from mixpo.rewards import custom, runner
   _enum("--config.algo", config.algo, algorithms.names())
   _enum("--config.scheme", config.scheme, advantages.SCHEMES)
-  _enum("--config.guide_logp", config.guide_logp, ("model", "one", "file"))
-  _enum("--config.shaping_grad", config.shaping_grad, ("exact", "paper_step"))
-  _enum("--config.zero_ratio", config.zero_ratio, ("guide", "old"))
-  _enum("--config.reward_on_error", config.reward_on_error, ("raise", "zero"))
+  _enum("--config.guide_logp", config.guide_logp, guide_source.GUIDE_LOGP)
+  _enum("--config.shaping_grad", config.shaping_grad, objectives.SHAPING_GRADS)
+  _enum("--config.zero_ratio", config.zero_ratio, objectives.ZERO_RATIOS)
+  _enum("--config.reward_on_error", config.reward_on_error, runner.ON_ERROR)
   for field in ("dtype", "param_dtype"):
     _enum(f"--config.model.{field}", config.model[field], ("float32", "bfloat16", "float16"))
   try:

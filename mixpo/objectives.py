@@ -65,6 +65,8 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
 WEIGHTS = ("one", "on", "other")
+SHAPING_GRADS = ("exact", "paper_step")
+ZERO_RATIOS = ("guide", "old")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +140,9 @@ class ObjectiveConfig:
       raise ValueError(f"ObjectiveConfig.on_weight={self.on_weight}: must lie in [0, 1].")
     if self.dual_clip is not None and not self.dual_clip > 1.0:
       raise ValueError(f"ObjectiveConfig.dual_clip={self.dual_clip}: must be > 1 or None.")
-    if self.shaping_grad not in ("exact", "paper_step"):
+    if self.shaping_grad not in SHAPING_GRADS:
       raise ValueError(f"ObjectiveConfig.shaping_grad={self.shaping_grad!r}: 'exact' or 'paper_step'.")
-    if self.zero_ratio not in ("guide", "old"):
+    if self.zero_ratio not in ZERO_RATIOS:
       raise ValueError(f"ObjectiveConfig.zero_ratio={self.zero_ratio!r}: 'guide' (paper) or 'old'.")
     if not self.max_log_ratio > 0.0:
       raise ValueError(f"ObjectiveConfig.max_log_ratio={self.max_log_ratio}: must be > 0.")

@@ -46,6 +46,7 @@ _PRELOAD = ["mixpo.rewards.worker_init", "mixpo.rewards.math_answer"]
 # A new worker's first item gets its deadline once the worker has started (forking, unpickling
 # the reward fns and hardening take well under a second, several on a loaded machine).
 WORKER_START_TIMEOUT_S = 60.0
+ON_ERROR = ("raise", "zero")  # what a reward function that raises does to the call
 
 # Per-item status codes. UNVERIFIABLE: the reward fn raised an exception marked
 # `untrusted_input = True` (e.g. math-verify failing on a completion): the completion's fault, not
@@ -202,7 +203,7 @@ class RewardRunner:
                num_workers: int | None = None, backend: str = "auto",
                split_across_processes: bool = False, batch_timeout_s: float | None = None,
                limits: sandbox.WorkerLimits = sandbox.WorkerLimits(), guard: bool = True):
-    if on_error not in ("raise", "zero"):
+    if on_error not in ON_ERROR:
       raise ValueError(f"RewardRunner(on_error={on_error!r}): use 'raise' or 'zero'")
     if not timeout_s > 0:
       raise ValueError(f"RewardRunner(timeout_s={timeout_s}): must be > 0 seconds")
