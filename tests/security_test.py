@@ -337,7 +337,7 @@ def read_environ(prompts, completions, **kw):
 
 
 if __name__ == "__main__":
-  targets = json.loads(sys.argv[1])
+  targets = [t.replace("TRAINER", str(os.getpid())) for t in json.loads(sys.argv[1])]
   out = {}
   for guard in (True, False):
     with RewardRunner([(read_file, 1.0), (read_environ, 1.0)], timeout_s=60, on_error="zero",
@@ -359,8 +359,8 @@ def test_reward_workers_cannot_read_the_trainers_secrets(tmp_path):
   (home / ".netrc").write_text("machine example.com password hunter2\n")
   (run / "secrets.env").write_text("TOKEN=hunter2\n")
   (tmp_path / "probe.py").write_text(ENV_PROBE)
-  targets = ["/proc/self/environ", "ppid", f"/proc/{os.getpid()}/environ",
-             str(home / ".netrc"), str(run / "secrets.env")]
+  targets = ["/proc/self/environ", "ppid", "/proc/TRAINER/environ", str(home / ".netrc"),
+             str(run / "secrets.env")]
   env = dict(os.environ, MIXPO_TEST_SECRET="hunter2", HOME=str(home),
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
   out = subprocess.run([sys.executable, str(tmp_path / "probe.py"), json.dumps(targets)],
@@ -372,8 +372,8 @@ def test_reward_workers_cannot_read_the_trainers_secrets(tmp_path):
   assert guarded["environ"] == bare["environ"] == [0.0] * 5
   assert guarded["sandbox"]["environ"] == "scrubbed"
   # Unguarded (RewardRunner(guard=False), trusted reward code): the start-up blocks hold no
-  # secret, whereas another process's environ and the user's files are theirs to read.
-  assert bare["file"][:2] == [0.0, 0.0] and bare["blocked"] == 0, bare
+  # secret, whereas the trainer's environ and the user's files are theirs to read.
+  assert bare["file"] == [0.0, 0.0, 1.0, 1.0, 1.0] and bare["blocked"] == 0, bare
 
 
 def test_guard_read_allow_list(tmp_path):
