@@ -245,7 +245,9 @@ class RewardRunner:
       score 0 and are counted (`batch_timeouts`). A call returns within about this time plus the
       time to replace the workers it stops (tens of ms each).
     on_error: "raise" — a function that raises (or returns a non-float / non-finite value) raises
-      RewardError naming it after the batch finishes; "zero" — scored 0 and counted.
+      RewardError naming it after the batch finishes; "zero" — scored 0 and counted. Exceptions
+      the completion caused (`untrusted_input`: VerifierError, ScorerError) are counted zeros
+      under either.
     num_workers: worker processes (default min(2, cpu count)).
     backend: "process", "signal" (in-process, main thread only) or "auto" (process when every
       fn pickles, else signal).
@@ -255,7 +257,8 @@ class RewardRunner:
       collective; no-op with one process.
     limits: the workers' `sandbox.WorkerLimits` (memory, CPU backstop, unprivileged user).
     guard: run each item under `sandbox.guarded()` (refuses code built from text, process
-      spawning, file writes, sockets). Turn off only for trusted reward fns that need those.
+      spawning, file writes, sockets, reads outside an allow-list). Turn off only for trusted
+      reward fns that need those.
   """
 
   def __init__(self, fns_with_weights, timeout_s: float = 5.0, on_error: str = "raise",
