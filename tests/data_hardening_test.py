@@ -178,6 +178,19 @@ def test_reference_digit_groups_that_are_not_one_number_name_file_line_field(tmp
   assert len(ex) == 1 and summary.skipped == {"answer_misread": 1}
 
 
+def test_trace_file_references_follow_the_same_rules(tmp_path):
+  from mixpo.data.traces import read_traces
+  rows = [{"prompt": "q0", "answer": "2 500 000", "response": "a"},
+          {"prompt": "q1", "answer": "1 2", "response": "b"}]
+  path = write_lines(tmp_path / "t.jsonl", [json.dumps(r) for r in rows])
+  with pytest.raises(DataError, match=r"t\.jsonl:line 2: field 'answer'.*not one number") as err:
+    read_traces(path)
+  assert err.value.reason == "answer_misread"
+  traces, summary = read_traces(path, skip_bad_rows=True)
+  assert [t.answer for t in traces] == ["2 500 000"] and summary.skipped == {"answer_misread": 1}
+  assert verify_answer("\\boxed{2500000}", traces[0].answer) == 1.0
+
+
 @pytest.mark.parametrize("answer,reason", [
     ("2^{\\sum_{k=1}^{1000000000000} 1/k}", "answer_too_slow"),
     ("2^{\\sum_{k=1}^{10^{12}} 1/k}", "answer_too_large"),  # 10^{12} in an exponent: a tower
