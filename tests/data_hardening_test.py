@@ -154,8 +154,8 @@ def test_latex_reference_without_dollars_is_parsed_whole(answer, right, wrong):
 # --- round 2: references are read as the number their text means, or refused ----------------
 
 def test_reference_text_in_exponent_and_grouped_forms_reads_as_its_number(tmp_path):
-  """As strings (JSON numbers are handled above): math-verify read "1e-7" as e − 7, "3e8" as 3·e·8
-  and "10\\,000", "1 000", "2 500 000" as products with 0."""
+  """As strings (JSON numbers are handled above): math-verify read "1e-7" as e − 7, "3e8" as
+  3·e·8 and "10\\,000", "1 000", "2 500 000" as products with 0."""
   texts = {"1e-7": "0.0000001", "3e8": "300000000", "10\\,000": "10000", "1 000": "1000",
            "2 500 000": "2500000", "1\u202f000": "1000"}
   path = write_lines(tmp_path / "s.jsonl", [json.dumps({"prompt": f"q{i}", "answer": t})

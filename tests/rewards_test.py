@@ -244,13 +244,16 @@ def test_worker_scores_integrals_and_number_forms_as_their_text_means(patient_ru
   10\\,000 or 2 500 000 as 0, so the right answer scored 0 and \\boxed{0} scored 1."""
   cases = [  # (completion, reference, want)
       ("\\boxed{\\int_0^1 x\\,dx}", "1/2", 1), ("\\boxed{\\frac12}", "\\int_0^1 x^2\\,dx", 0),
-      ("\\boxed{\\frac{x^2}{2}}", "\\int x\\,dx", 1), ("\\boxed{\\int_0^{\\pi}\\sin x\\,dx}", "2", 1),
+      ("\\boxed{\\frac{x^2}{2}}", "\\int x\\,dx", 1),
+      ("\\boxed{\\int_0^{\\pi}\\sin x\\,dx}", "2", 1),
       ("\\boxed{0.0000001}", "1e-7", 1), ("\\boxed{10^{-7}}", "1e-7", 1), ("\\boxed{0}", "1e-7", 0),
-      ("\\boxed{300000000}", "3e8", 1), ("\\boxed{3\\times 10^8}", "3e8", 1), ("\\boxed{0}", "3e8", 0),
-      ("\\boxed{10000}", "10\\,000", 1), ("\\boxed{0}", "10\\,000", 0), ("\\boxed{1000}", "1 000", 1),
-      ("\\boxed{0}", "1 000", 0), ("\\boxed{2500000}", "2 500 000", 1), ("\\boxed{0}", "2 500 000", 0),
+      ("\\boxed{300000000}", "3e8", 1), ("\\boxed{3\\times 10^8}", "3e8", 1),
+      ("\\boxed{0}", "3e8", 0), ("\\boxed{10000}", "10\\,000", 1), ("\\boxed{0}", "10\\,000", 0),
+      ("\\boxed{1000}", "1 000", 1), ("\\boxed{0}", "1 000", 0),
+      ("\\boxed{2500000}", "2 500 000", 1), ("\\boxed{0}", "2 500 000", 0),
       ("\\boxed{10\\,000}", "10000", 1), ("The answer is 2 500 000", "2500000", 1),
-      ("so 10\u2009000", "10000", 1), ("\\boxed{1.5e3}", "1500", 1), ("\\boxed{3e8}", "300000000", 1),
+      ("so 10\u2009000", "10000", 1), ("\\boxed{1.5e3}", "1500", 1),
+      ("\\boxed{3e8}", "300000000", 1),
       ("\\boxed{1 2}", "2", 0),  # not one number: no reading of it is the answer
   ]
   res = patient_runner(["p"] * len(cases), [c for c, _, _ in cases],

@@ -15,7 +15,8 @@ _EXPORTS = {
     "extract_answer": "math_answer", "format_reward": "math_answer",
     "math_answer_reward": "math_answer", "parse_gold": "math_answer",
     "verify_answer": "math_answer", "OverlongConfig": "overlong", "overlong_penalty": "overlong",
-    "shape_rewards": "overlong", "truncation_loss_mask": "overlong", "RewardError": "runner", "RewardResult": "runner",
+    "shape_rewards": "overlong", "truncation_loss_mask": "overlong", "RewardError": "runner",
+    "RewardResult": "runner",
     "RewardRunner": "runner", "ScorerError": "runner",
 }
 

@@ -134,7 +134,8 @@ def huge_exponent(text: str) -> bool:
 
 
 def _core(text: str) -> str:
-  """`text` without surrounding $...$, \\(...\\) and one \\boxed{...}: what a plain number would be."""
+  """`text` without surrounding $...$ or \\(...\\) and one \\boxed{...}: where a plain number
+  would be."""
   t = text.strip()
   for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
     if len(t) >= len(a) + len(b) and t.startswith(a) and t.endswith(b):
@@ -378,9 +379,10 @@ def probe_reference(answer: str, timeout_s: float) -> None:
       math_verify.verify(list(gold), math_verify.parse("$0$", parsing_timeout=None),
                          timeout_seconds=None)
   except DeadlineExceeded:
-    raise ReferenceTooSlow(f"reference answer {str(answer)[:80]!r}: comparing an answer with it "
-                           f"takes over {timeout_s} s (the per-item reward deadline), so every "
-                           "completion would time out; state the answer in evaluated form") from None
+    raise ReferenceTooSlow(
+        f"reference answer {str(answer)[:80]!r}: comparing an answer with it takes over "
+        f"{timeout_s} s (the per-item reward deadline), so every completion would time out; "
+        "state the answer in evaluated form") from None
 
 
 def _parse_pred(ans: str) -> list:
