@@ -390,16 +390,32 @@ class RunHealth:
   - skipped updates (non-finite loss / gradients): a WARNING per step; more than `max_skip_ratio`
     of the steps (once `min_steps` are done) raises `RunHealthError`;
   - reward timeouts / errors scored 0: a WARNING per step that had them;
+  - rewards that say nothing about the answers: a step where more than `reward_failure_ratio` of
+    the reward items (`reward/items`) were blocked by the sandbox, errors, unverifiable, scorer
+    errors or timeouts; one WARNING at the first such step, the others counted (their zeros are
+    the reward code's or the sandbox's verdict, not the answers': a broken scorer would
+    otherwise train on a reward of 0 everywhere with no sign);
   - no learning signal: a step whose loss is exactly 0, or that had no prompt group with reward
     variance and no guide (OFF) rows; after `no_signal_steps` such steps in a row, one WARNING
     per streak (0 = never).
   Counts cover this invocation (a resumed run counts from its restart).
   """
 
-  def __init__(self, max_skip_ratio: float = 1.0, no_signal_steps: int = 0, min_steps: int = 10):
+  # Reward counters of items scored 0 for a reason other than the answer being judged wrong.
+  REWARD_FAILURES = ("reward/blocked", "reward/errors", "reward/unverifiable",
+                     "reward/scorer_errors", "reward/timeouts")
+
+  def __init__(self, max_skip_ratio: float = 1.0, no_signal_steps: int = 0, min_steps: int = 10,
+               reward_failure_ratio: float = 0.5):
     self.max_skip_ratio, self.no_signal_steps, self.min_steps = (
         float(max_skip_ratio), int(no_signal_steps), int(min_steps))
+    self.reward_failure_ratio = float(reward_failure_ratio)
+    if not 0 <= self.reward_failure_ratio <= 1:
+      raise ValueError(f"config.reward_failure_warn_ratio={reward_failure_ratio}: a share of the "
+                       "reward items, in [0, 1]")
     self.steps = self.skipped_steps = self.no_signal_total = self.timeouts = self.errors = 0
+    self.reward_failure_steps = self.reward_items = 0
+    self.reward_failures = {k: 0 for k in self.REWARD_FAILURES}
     self._streak = 0
     self.warnings: list[str] = []
 
@@ -425,6 +441,7 @@ class RunHealth:
     if timeouts or errors:
       self.warn(f"step {step}: {timeouts} reward timeouts and {errors} reward errors scored 0 "
                 "(config.reward_timeout_s / reward_on_error)")
+    self._observe_reward_failures(step, metrics)
     if metrics.get("loss/skipped_updates", 0) > 0:
       self.skipped_steps += 1
       self.warn(f"step {step}: update skipped (non-finite loss or gradients; parameters "
@@ -446,10 +463,32 @@ class RunHealth:
     else:
       self._streak = 0
 
+  def _observe_reward_failures(self, step: int, metrics: dict[str, Any]) -> None:
+    items = int(metrics.get("reward/items", 0) or 0)
+    counts = {k: int(metrics.get(k, 0) or 0) for k in self.REWARD_FAILURES}
+    self.reward_items += items
+    for k, v in counts.items():
+      self.reward_failures[k] += v
+    failed = sum(counts.values())
+    if not items or failed <= self.reward_failure_ratio * items:
+      return
+    self.reward_failure_steps += 1
+    if self.reward_failure_steps == 1:
+      parts = ", ".join(f"{v} {k.split('/')[1]}" for k, v in counts.items() if v)
+      self.warn(f"step {step}: {failed} of {items} reward items scored 0 without a verdict on the "
+                f"answer ({parts}), more than config.reward_failure_warn_ratio="
+                f"{self.reward_failure_ratio:g}: the rewards are mostly the reward code's or the "
+                "sandbox's failures; see the reward workers' log lines and docs/rewards.md "
+                "(later such steps are counted in summary.json, not logged)")
+
   def summary(self) -> dict[str, Any]:
     return {"warnings": list(self.warnings), "skipped_update_steps": self.skipped_steps,
             "no_signal_steps": self.no_signal_total, "reward_timeouts": self.timeouts,
-            "reward_errors": self.errors}
+            "reward_errors": self.errors, "reward_items": self.reward_items,
+            "reward_blocked": self.reward_failures["reward/blocked"],
+            "reward_unverifiable": self.reward_failures["reward/unverifiable"],
+            "reward_scorer_errors": self.reward_failures["reward/scorer_errors"],
+            "reward_failure_steps": self.reward_failure_steps}
 
 
 class RunHealthError(RuntimeError):

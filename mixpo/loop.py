@@ -284,7 +284,8 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str, preempt: _Preemp
              "guide_logp": exp.spec.guide.logp}
   if exp.traces is not None:  # what was read and dropped, by reason (also in the log above).
     summary.update(exp.traces.report())
-  health = mlog.RunHealth(config.get("max_skip_ratio", 1.0), config.get("no_signal_steps", 0))
+  health = mlog.RunHealth(config.get("max_skip_ratio", 1.0), config.get("no_signal_steps", 0),
+                          reward_failure_ratio=config.get("reward_failure_warn_ratio", 0.5))
   # Logged at WARNING when the task read its files; listed again where a person looks last.
   health.warnings += task_options.dropped_rows_warnings(exp.task)
   t_start = time.time()

@@ -77,3 +77,49 @@ def test_verl_prefix_and_empty_spec(user_dir):
 def test_bad_specs_say_what_is_wrong(user_dir, spec, weights, match):
   with pytest.raises(custom.RewardSpecError, match=match):
     custom.reward_fns(spec, weights, math_answer_reward)
+
+
+WRITER_MODULE = '''
+import os
+
+# Top-level code: records which process imported the module.
+open(os.path.join({marks!r}, f"imported-{{os.getpid()}}"), "w").close()
+
+
+def writes_a_file(prompts, completions, **columns):
+  open(os.path.join({marks!r}, "written-by-a-call"), "w").close()
+  return [1.0] * len(completions)
+'''
+
+
+def _writer(tmp_path):
+  marks = tmp_path / "marks"
+  marks.mkdir()
+  (tmp_path / "writer.py").write_text(WRITER_MODULE.format(marks=str(marks)))
+  return f"{tmp_path}/writer.py:writes_a_file", marks
+
+
+def test_reward_module_is_trusted_code_and_only_its_calls_are_guarded(tmp_path):
+  """What docs/rewards.md says: loading the spec runs the module's top-level code in this (the
+  trainer's) process, unsandboxed; each worker imports it again before its guard is armed; a
+  call on a completion that writes a file is refused and counted."""
+  spec, marks = _writer(tmp_path)
+  fns = custom.reward_fns(spec, "", math_answer_reward)
+  assert (marks / f"imported-{os.getpid()}").exists()
+  with RewardRunner(fns, timeout_s=60.0) as r:
+    res = r(["p"], ["x"])
+  assert res.blocked == 1 and res.rewards.tolist() == [0.0]
+  assert not (marks / "written-by-a-call").exists()
+  assert len(list(marks.glob("imported-*"))) >= 2  # the trainer and at least one worker
+
+
+def test_a_run_whose_rewards_are_all_blocked_says_so(builtin_dir, tmp_path):
+  """The run trains on zeros that are the sandbox's verdict, not the answers': summary.json and
+  the log say so at the first step (before: warnings: [])."""
+  from rl_test import smoke_config  # the smoke config on the session's built-in models
+  from mixpo import loop
+  spec, _ = _writer(tmp_path)
+  summary = loop.run(smoke_config(builtin_dir, num_steps=1, rewards=spec), str(tmp_path / "run"))
+  assert summary["reward_blocked"] == summary["reward_items"] > 0
+  assert summary["reward_failure_steps"] == 1
+  assert any(w.startswith("step 1: ") and "without a verdict" in w for w in summary["warnings"])

@@ -151,6 +151,79 @@ def test_latex_reference_without_dollars_is_parsed_whole(answer, right, wrong):
   assert verify_answer(wrong, answer) == 0.0
 
 
+# --- round 2: references are read as the number their text means, or refused ----------------
+
+def test_reference_text_in_exponent_and_grouped_forms_reads_as_its_number(tmp_path):
+  """As strings (JSON numbers are handled above): math-verify read "1e-7" as e − 7, "3e8" as
+  3·e·8 and "10\\,000", "1 000", "2 500 000" as products with 0."""
+  texts = {"1e-7": "0.0000001", "3e8": "300000000", "10\\,000": "10000", "1 000": "1000",
+           "2 500 000": "2500000", "1\u202f000": "1000"}
+  path = write_lines(tmp_path / "s.jsonl", [json.dumps({"prompt": f"q{i}", "answer": t})
+                                            for i, t in enumerate(texts)])
+  ex, summary = read_examples(path)
+  assert [e.answer for e in ex] == list(texts) and summary.kept == len(texts)
+  for e, number in zip(ex, texts.values()):
+    assert verify_answer(f"\\boxed{{{number}}}", e.answer) == 1.0, e.answer
+    assert verify_answer("\\boxed{0}", e.answer) == 0.0, e.answer
+
+
+@pytest.mark.parametrize("answer", ["10 00", "1 2", "1,00,000", "1.000.000"])
+def test_reference_digit_groups_that_are_not_one_number_name_file_line_field(tmp_path, answer):
+  path = write_lines(tmp_path / "g.jsonl", [json.dumps({"prompt": "q0", "answer": "2"}),
+                                            json.dumps({"prompt": "q1", "answer": answer})])
+  with pytest.raises(DataError, match=r"g\.jsonl:line 2: field 'answer'.*not one number") as err:
+    read_examples(path)
+  assert err.value.reason == "answer_misread" and "\n" not in str(err.value)
+  ex, summary = read_examples(path, skip_bad_rows=True)
+  assert len(ex) == 1 and summary.skipped == {"answer_misread": 1}
+
+
+def test_trace_file_references_follow_the_same_rules(tmp_path):
+  from mixpo.data.traces import read_traces
+  rows = [{"prompt": "q0", "answer": "2 500 000", "response": "a"},
+          {"prompt": "q1", "answer": "1 2", "response": "b"}]
+  path = write_lines(tmp_path / "t.jsonl", [json.dumps(r) for r in rows])
+  with pytest.raises(DataError, match=r"t\.jsonl:line 2: field 'answer'.*not one number") as err:
+    read_traces(path)
+  assert err.value.reason == "answer_misread"
+  traces, summary = read_traces(path, skip_bad_rows=True)
+  assert [t.answer for t in traces] == ["2 500 000"] and summary.skipped == {"answer_misread": 1}
+  assert verify_answer("\\boxed{2500000}", traces[0].answer) == 1.0
+
+
+@pytest.mark.parametrize("answer,reason", [
+    ("2^{\\sum_{k=1}^{1000000000000} 1/k}", "answer_too_slow"),
+    ("2^{\\sum_{k=1}^{10^{12}} 1/k}", "answer_too_large"),  # 10^{12} in an exponent: a tower
+])
+def test_reference_slower_to_compare_than_the_reward_deadline_is_refused(tmp_path, monkeypatch,
+                                                                           answer, reason):
+  """Small and quick to parse, but sympy sums 10^12 terms to compare any answer with it: every
+  completion would time out. Refused within the per-item deadline at read time."""
+  from mixpo.data import readers
+  monkeypatch.setattr(readers, "ANSWER_VERIFY_TIMEOUT_S", 1.0)
+  path = write_lines(tmp_path / "s.jsonl", [
+      json.dumps({"prompt": "q0", "answer": "\\frac{\\sqrt{3}}{2}"}),
+      json.dumps({"prompt": "q1", "answer": answer})])
+  with pytest.raises(DataError, match=r"s\.jsonl:line 2: field 'answer'") as err:
+    read_examples(path)
+  assert err.value.reason == reason
+  ex, summary = read_examples(path, skip_bad_rows=True)
+  assert len(ex) == 1 and summary.skipped == {reason: 1}
+
+
+def test_float_exactness_check_ignores_a_lowered_decimal_precision(tmp_path):
+  """reasoning-gym's decimal_arithmetic lowers the thread's decimal precision while it generates
+  a problem; the readers' exactness check must not round with it."""
+  import decimal
+  path = str(tmp_path / "f.parquet")
+  pq.write_table(pa.table({"prompt": ["q"], "answer": pa.array([0.1 + 0.2], pa.float64())}), path)
+  with decimal.localcontext() as ctx:
+    ctx.prec = 6
+    with pytest.raises(DataError, match="float rounding") as err:
+      read_examples(path)
+  assert err.value.reason == "inexact_number"
+
+
 # --- finding 7: unreadable files, non-JSONL input, line caps, counted drops --------------------
 
 def test_empty_parquet_file_names_the_path(tmp_path):

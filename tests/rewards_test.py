@@ -1,5 +1,6 @@
 """Tests for mixpo.rewards: extraction, math-verify equivalence, runner timeouts/errors, overlong."""
 
+import json
 import random
 import sys
 import time
@@ -232,3 +233,174 @@ def test_overlong_dapo_defaults_and_mask():
   np.testing.assert_array_equal(truncation_loss_mask([True, False], mask_truncated=True), [1, 0])
   with pytest.raises(ValueError, match="cache_len"):
     OverlongConfig(max_len=4, cache_len=8)
+
+
+# --- correct answers score 1 inside the real worker sandbox (process workers, guard armed)
+
+
+def test_worker_scores_integrals_and_number_forms_as_their_text_means(patient_runner):
+  """Honest \\int answers were refused by the guard (sympy imports manualintegrate lazily, and its
+  dataclasses are code built from text); references such as 1e-7 read as e − 7, 3e8 as 3·e·8 and
+  10\\,000 or 2 500 000 as 0, so the right answer scored 0 and \\boxed{0} scored 1."""
+  cases = [  # (completion, reference, want)
+      ("\\boxed{\\int_0^1 x\\,dx}", "1/2", 1), ("\\boxed{\\frac12}", "\\int_0^1 x^2\\,dx", 0),
+      ("\\boxed{\\frac{x^2}{2}}", "\\int x\\,dx", 1),
+      ("\\boxed{\\int_0^{\\pi}\\sin x\\,dx}", "2", 1),
+      ("\\boxed{0.0000001}", "1e-7", 1), ("\\boxed{10^{-7}}", "1e-7", 1), ("\\boxed{0}", "1e-7", 0),
+      ("\\boxed{300000000}", "3e8", 1), ("\\boxed{3\\times 10^8}", "3e8", 1),
+      ("\\boxed{0}", "3e8", 0), ("\\boxed{10000}", "10\\,000", 1), ("\\boxed{0}", "10\\,000", 0),
+      ("\\boxed{1000}", "1 000", 1), ("\\boxed{0}", "1 000", 0),
+      ("\\boxed{2500000}", "2 500 000", 1), ("\\boxed{0}", "2 500 000", 0),
+      ("\\boxed{10\\,000}", "10000", 1), ("The answer is 2 500 000", "2500000", 1),
+      ("so 10\u2009000", "10000", 1), ("\\boxed{1.5e3}", "1500", 1),
+      ("\\boxed{3e8}", "300000000", 1),
+      ("\\boxed{1 2}", "2", 0),  # not one number: no reading of it is the answer
+  ]
+  res = patient_runner(["p"] * len(cases), [c for c, _, _ in cases],
+                       answer=[a for _, a, _ in cases])
+  got = dict(zip(cases, res.rewards.tolist()))
+  assert got == {c: float(c[2]) for c in cases}
+  assert res.blocked == res.unverifiable == res.errors == res.timeouts == 0, res.metrics()
+
+
+@pytest.mark.parametrize("reference,value", [
+    ("1e-7", "1/10000000"), ("3e8", "300000000"), ("1.5E+3", "1500"), ("-2.5e-3", "-1/400"),
+    ("10\\,000", "10000"), ("10{,}000", "10000"), ("1 000", "1000"), ("2 500 000", "2500000"),
+    ("1\u2009000\u2009000", "1000000"), ("$10\\,000.25$", "40001/4"), ("1,234", "1234"),
+])
+def test_reference_number_forms_parse_to_their_number(reference, value):
+  import sympy
+  from mixpo.rewards.math_answer import parse_gold
+  assert sympy.nsimplify(parse_gold(reference)[0]) == sympy.Rational(value)
+
+
+@pytest.mark.parametrize("reference", ["1 2", "10 00", "1,00,000", "1.000.000", "1, 000",
+                                       "3.141 592"])
+def test_reference_digit_groups_that_are_not_one_number_are_refused(reference):
+  from mixpo.rewards.math_answer import ReferenceMisread, parse_gold
+  with pytest.raises(ReferenceMisread, match="is not one number"):
+    parse_gold(reference)
+
+
+def prepare_fails_reward(prompts, completions, **_):
+  return [0.0] * len(completions)
+
+
+def _broken_prepare():
+  raise OSError("lookup table missing")
+
+
+prepare_fails_reward.prepare = _broken_prepare
+
+
+def test_a_failing_prepare_stops_the_runner_naming_the_fn():
+  with pytest.raises(RuntimeError, match="prepare_fails_reward.*prepare\\(\\) raised OSError: "
+                                         "lookup table missing"):
+    RewardRunner([(prepare_fails_reward, 1.0)], timeout_s=60.0)
+
+
+# --- reasoning-gym: every accepted dataset's own reference scores 1 in the worker sandbox
+
+# The answer field of these entries is None (many answers are right); the entry's metadata holds
+# one right answer, in the form the scorer reads.
+RG_REFERENCE_IN_METADATA = {
+    "graph_color": lambda md: json.dumps({str(k): v for k, v in md["possible_answer"].items()}),
+    "propositional_logic": lambda md: md["example_answer"],
+    "rubiks_cube": lambda md: md["example_correct_answer"],
+}
+# Datasets whose entries hold no right answer at all: scored (no error, not blocked) but not 1.
+RG_NO_REFERENCE = {
+    "boxnet": "a plan moving boxes to their targets; many are right and the entry holds none",
+    "rush_hour": "a move sequence solving the board; the entry holds only its minimum length",
+}
+# The default suite's sample: eval-guarded scorers, data-file datasets, metadata references,
+# decimal_arithmetic (it sets the decimal precision) and one without a reference.
+RG_SAMPLE = ("countdown", "binary_matrix", "n_queens", "graph_color", "codeio", "arc_agi",
+             "decimal_arithmetic", "prime_factorization", "rubiks_cube", "boxnet")
+
+
+def _rg_references(names, seeds):
+  import decimal
+  import reasoning_gym
+  items = []
+  for name in names:
+    for seed in seeds:
+      with decimal.localcontext():  # decimal_arithmetic changes the precision as it generates
+        entry = reasoning_gym.create_dataset(name, seed=seed, size=1)[0]
+      md = entry["metadata"]
+      answer = RG_REFERENCE_IN_METADATA.get(name, lambda _: entry["answer"])(md)
+      items.append((name, f"<answer>{answer}</answer>", {"rg_entry": entry}))
+  return items
+
+
+@pytest.fixture(scope="module")
+def rg_runner():
+  """The default backend (process workers, guard armed), default on_error ("raise")."""
+  from mixpo.data.rg_tasks import ReasoningGymReward
+  with RewardRunner([(ReasoningGymReward(None), 1.0)], timeout_s=60.0) as r:
+    assert r.backend == "process" and r.guard
+    yield r
+
+
+def _check_rg_references(runner, names, seeds):
+  items = _rg_references(names, seeds)
+  res = runner(["p"] * len(items), [c for _, c, _ in items], metadata=[m for _, _, m in items])
+  m = res.metrics()
+  assert m["reward/blocked"] == m["reward/errors"] == m["reward/timeouts"] == 0, m
+  assert m.get("reward/scorer_errors") == 0, m
+  got = {}
+  for (name, _, _), r in zip(items, res.rewards.tolist()):
+    got[name] = min(got.get(name, 1.0), r)
+  assert {n for n, r in got.items() if r != 1.0} == set(RG_NO_REFERENCE) & set(names), got
+
+
+def test_rg_references_score_one_in_the_worker_sandbox(rg_runner):
+  _check_rg_references(rg_runner, RG_SAMPLE, seeds=(0,))
+
+
+@pytest.mark.slow
+def test_every_accepted_rg_dataset_reference_scores_one_in_the_worker_sandbox(rg_runner):
+  from mixpo.data import rg_tasks
+  accepted = sorted(rg_tasks.SAFE_SCORERS | set(rg_tasks.PREPARSED))
+  assert set(RG_NO_REFERENCE) | set(RG_REFERENCE_IN_METADATA) <= set(accepted)
+  _check_rg_references(rg_runner, accepted, seeds=(0, 1))
+
+
+def test_scorer_exception_on_model_text_is_a_counted_zero_not_a_run_error(rg_runner):
+  """Malformed answers that make accepted scorers raise (ValueError / TypeError / KeyError): 0,
+  counted as reward/scorer_errors, under the default on_error="raise", in workers and in-process."""
+  from mixpo.data.rg_tasks import ReasoningGymReward
+  items = _rg_references(["prime_factorization", "boxnet", "game_of_life"], seeds=(0,))
+  bad = ["<answer>None</answer>", "<answer>0</answer>", "<answer>{}</answer>"]
+  metadata = [m for _, _, m in items]
+  for backend in ("process", "signal"):
+    if backend == "process":
+      res = rg_runner(["p"] * 3, bad, metadata=metadata)
+    else:
+      with RewardRunner([(ReasoningGymReward(None), 1.0)], backend=backend, timeout_s=60.0) as r:
+        res = r(["p"] * 3, bad, metadata=metadata)
+    m = res.metrics()
+    assert res.rewards.tolist() == [0.0] * 3, backend
+    assert (m["reward/errors"], m["reward/blocked"], m.get("reward/scorer_errors")) == (0, 0, 3), m
+
+
+@pytest.mark.slow
+def test_rg_countdown_run_from_the_command_line_has_no_blocked_rewards(tmp_path):
+  """The finding end to end: `train.py --config.task=rg:countdown` logged blocked 16/16 per step
+  (every item, correct ones included) and summary.json said warnings: []."""
+  import os
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "experiments/train.py", "--config=smoke", f"--workdir={tmp_path}",
+         "--config.task=rg:countdown", "--config.algo=grpo", "--config.num_steps=2",
+         "--config.eval_size=4", "--config.eval_batch_size=4",
+         "--config.builtin.max_positions=512"]  # countdown prompts are ~400 characters
+  out = subprocess.run(cmd, cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  steps = [r for r in rows if "reward/items" in r]
+  assert len(steps) == 2 and all(r["reward/items"] == 16 for r in steps), steps
+  assert all(r["reward/blocked"] == r["reward/errors"] == 0 for r in steps), steps
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["reward_blocked"] == 0 and summary["reward_failure_steps"] == 0

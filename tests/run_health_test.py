@@ -40,3 +40,24 @@ def test_skips_and_timeouts_warn_and_the_skip_ratio_fails_the_run():
   assert s["reward_timeouts"] == 2 and s["skipped_update_steps"] == 1 and len(s["warnings"]) == 2
   with pytest.raises(mlog.RunHealthError, match="2 of 4 steps.*max_skip_ratio=0.3"):
     h.observe(4, _step(skipped=1))
+
+
+def test_rewards_mostly_not_verdicts_warn_once_and_reach_the_summary(caplog):
+  """Blocked / errors / unverifiable / scorer errors / timeouts above the ratio: one WARNING at
+  the first such step, every such step counted (a run scoring all-blocked said warnings: [])."""
+  caplog.set_level(logging.WARNING)
+  h = mlog.RunHealth(reward_failure_ratio=0.5)
+  h.observe(1, {**_step(), "reward/items": 16, "reward/blocked": 4, "reward/scorer_errors": 4})
+  assert not caplog.messages  # 8 of 16: not more than half
+  h.observe(2, {**_step(), "reward/items": 16, "reward/blocked": 16})
+  h.observe(3, {**_step(), "reward/items": 16, "reward/unverifiable": 9})
+  assert len(caplog.messages) == 1
+  assert caplog.messages[0].startswith("step 2: 16 of 16 reward items scored 0 without a verdict")
+  assert "16 blocked" in caplog.messages[0]
+  assert "reward_failure_warn_ratio=0.5" in caplog.messages[0]
+  s = h.summary()
+  assert s["warnings"] == caplog.messages and s["reward_failure_steps"] == 2
+  assert (s["reward_items"], s["reward_blocked"], s["reward_unverifiable"],
+          s["reward_scorer_errors"]) == (48, 20, 9, 4)
+  with pytest.raises(ValueError, match="reward_failure_warn_ratio=1.5"):
+    mlog.RunHealth(reward_failure_ratio=1.5)

@@ -6,10 +6,13 @@ The marker-file tests use payloads that would create a file if any scorer evalua
 
 import functools
 import inspect
+import json
 import os
 import re
 import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,6 +26,7 @@ from mixpo.rewards.math_answer import format_reward, math_answer_reward
 
 # A 3x slower machine than the one the deadlines below were chosen on still meets these.
 SLACK_S = 20.0
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _payloads(marker: str) -> list[str]:
@@ -103,7 +107,7 @@ def test_safe_scorers_do_not_evaluate_text(name):
     ("n_queens", ["_ Q _ _\nQ _ _ _", "[['_', 'Q'], ['Q', '_']]"], ["__import__", "[Q()]"]),
     ("string_insertion", ["ABCDEAB", "['A', 'B']"], ["A.B", "print('a')"]),
     ("spiral_matrix", ["1 2 3\n-4 5 6", "[1, 2, 3]"], ["sum([1])", "1;2"]),
-    ("binary_matrix", ["0 1\n1 0", "[[0, 1], [1, 0]]"], ["2", "[[x]]"]),
+    ("binary_matrix", ["0 1\n1 0", "[[0, 1], [1, 2]]", "3 2\n1 0"], ["[[x]]", "1+1", "1;2"]),
 ])
 def test_preparse_grammars(name, good, bad):
   grammar = rg_tasks.PREPARSED[name]
@@ -206,7 +210,8 @@ def test_no_completion_runs_code_through_any_reward(tmp_path):
     elapsed = time.monotonic() - t
   assert not os.path.exists(marker)
   assert elapsed < batch_s + SLACK_S, elapsed
-  assert np.isfinite(res.rewards).all() and res.blocked > 0, res.metrics()
+  # Nothing reaches an evaluating scorer (the grammars stop it) and no scorer fails on its set-up.
+  assert np.isfinite(res.rewards).all() and res.errors == 0, res.metrics()
 
   fns = [(math_answer_reward, 1.0), (exact_integer_reward, 1.0), (format_reward, 1.0)]
   with RewardRunner(fns, timeout_s=2, on_error="zero", batch_timeout_s=batch_s) as r:
@@ -311,3 +316,76 @@ def test_privilege_drop_auto_says_why_it_is_skipped(tmp_path):
   assert sandbox._world_readable_path("/")
   reason = sandbox.privilege_drop_blocker(sandbox.WorkerLimits(drop_privileges=False))
   assert reason and ("disabled" in reason or "not running as root" in reason)
+
+
+# --- the trainer's environment and files stay out of reach of reward code run on model text
+
+ENV_PROBE = '''
+import json, os, sys
+from mixpo.rewards import RewardRunner
+
+
+def read_file(prompts, completions, **kw):
+  """1.0 when the file named by the completion holds the secret ("ppid": the worker's parent)."""
+  path = f"/proc/{os.getppid()}/environ" if completions[0] == "ppid" else completions[0]
+  with open(path, "rb") as f:
+    return [float(b"hunter2" in f.read())]
+
+
+def read_environ(prompts, completions, **kw):
+  return [float(any("hunter2" in v for v in os.environ.values()))]
+
+
+if __name__ == "__main__":
+  targets = [t.replace("TRAINER", str(os.getpid())) for t in json.loads(sys.argv[1])]
+  out = {}
+  for guard in (True, False):
+    with RewardRunner([(read_file, 1.0), (read_environ, 1.0)], timeout_s=60, on_error="zero",
+                      guard=guard) as r:
+      res = r(["p"] * len(targets), targets)
+      out[str(guard)] = {"file": res.per_fn["read_file"].tolist(), "blocked": res.blocked,
+                         "environ": res.per_fn["read_environ"].tolist(), "sandbox": r.sandbox}
+  print(json.dumps(out))
+'''
+
+
+def test_reward_workers_cannot_read_the_trainers_secrets(tmp_path):
+  """A secret in the trainer's environment, home and run directory: the worker's start-up block
+  (/proc/self/environ, inherited from the fork server) and the fork server's own hold none even
+  unguarded, and the guard refuses every read outside its allow-list (the trainer's environ too)."""
+  home, run = tmp_path / "home", tmp_path / "run"
+  home.mkdir()
+  run.mkdir()
+  (home / ".netrc").write_text("machine example.com password hunter2\n")
+  (run / "secrets.env").write_text("TOKEN=hunter2\n")
+  (tmp_path / "probe.py").write_text(ENV_PROBE)
+  targets = ["/proc/self/environ", "ppid", "/proc/TRAINER/environ", str(home / ".netrc"),
+             str(run / "secrets.env")]
+  env = dict(os.environ, MIXPO_TEST_SECRET="hunter2", HOME=str(home),
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+  out = subprocess.run([sys.executable, str(tmp_path / "probe.py"), json.dumps(targets)],
+                       cwd=run, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  guarded, bare = got["True"], got["False"]
+  assert guarded["file"] == [0.0] * 5 and guarded["blocked"] == 5, guarded
+  assert guarded["environ"] == bare["environ"] == [0.0] * 5
+  assert guarded["sandbox"]["environ"] == "scrubbed"
+  # Unguarded (RewardRunner(guard=False), trusted reward code): the start-up blocks hold no
+  # secret, whereas the trainer's environ and the user's files are theirs to read.
+  assert bare["file"] == [0.0, 0.0, 1.0, 1.0, 1.0] and bare["blocked"] == 0, bare
+
+
+def test_guard_read_allow_list(tmp_path):
+  import sympy
+  secret = tmp_path / "secret.txt"
+  secret.write_text("hunter2")
+  for path in ("/proc/self/environ", f"/proc/{os.getppid()}/environ", str(secret),
+               os.path.expanduser("~/.bashrc")):
+    assert _attempt(f"open({path!r}).read()")[0] == "blocked", path
+    assert sandbox.read_refusal(path), path
+  with sandbox.guarded() as g:  # the interpreter's and the libraries' files, this test's source
+    for path in (sympy.__file__, os.__file__, __file__):
+      with open(path, "rb") as f:
+        assert f.read(1)
+  assert g.violation is None

@@ -116,6 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
   # scored by then score 0 and are counted, so a degenerate policy cannot stall a step. 0 = none.
   c.reward_batch_timeout_s = 300.0
   c.reward_on_error = "raise"  # "raise" or "zero" for a reward function that raises.
+  # Warn (log line + summary.json) at the first step where more than this share of reward items
+  # scored 0 as blocked / errors / unverifiable / scorer errors / timeouts, not as wrong answers.
+  c.reward_failure_warn_ratio = 0.5
   c.overlong_shaping = False  # DAPO soft overlong penalty (tokens); off: answers are short.
   c.overlong_cache = 4  # L_cache of the overlong penalty (L_max = max_new_tokens).
   c.mask_truncated = False  # drop samples without EOS from the loss.

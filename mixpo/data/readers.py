@@ -9,6 +9,12 @@ be read as a whole (not Parquet, not JSON Lines) raises DataError whatever skip_
 Numbers become exact decimal text, never exponent notation: math-verify reads "1e-07" as E − 7
 (Euler's number). JSON numbers keep the digits they were written with; a binary float (a Parquet
 double) is used only when its value is known exactly, see `number_text`.
+
+Reference answers (`parse_reference`, also used for trace files) are checked as they are read:
+they must parse with math-verify, within a deadline, to a value small enough to compare against;
+a plain number must read as the number its text means (exponent forms and digit grouping: see
+`mixpo.rewards.math_answer`; "1 2" or "1,00,000" are refused as "answer_misread"); and comparing
+an answer with it must finish within the default per-item reward deadline ("answer_too_slow").
 """
 
 from __future__ import annotations
@@ -22,10 +28,17 @@ import re
 from typing import Any, Iterator
 
 from mixpo.data.tasks import Example
-from mixpo.rewards.math_answer import MAX_REFERENCE_DIGITS, ReferenceTooLarge, parse_gold
+from mixpo.rewards.math_answer import (MAX_REFERENCE_DIGITS, ReferenceMisread, ReferenceTooLarge,
+                                       ReferenceTooSlow, parse_gold, probe_reference)
 
 # Seconds (whole) allowed to parse one reference answer; past it the row is bad ("answer_unparsable").
 ANSWER_PARSE_TIMEOUT_S = 5
+# Seconds allowed to compare an answer with a reference: the default per-item reward deadline
+# (config.reward_timeout_s); a reference slower than that would time out every completion.
+ANSWER_VERIFY_TIMEOUT_S = 5.0
+# DataError reasons of the reference checks, by the ValueError subclass that parse_gold raised.
+_ANSWER_REASONS = ((ReferenceTooLarge, "answer_too_large"), (ReferenceMisread, "answer_misread"),
+                   (ReferenceTooSlow, "answer_too_slow"), (ValueError, "answer_unparsable"))
 
 # Default cap on one JSONL line, in bytes: a real row (a prompt, an answer, a trace with per-token
 # log-probs) is far smaller; without a cap a corrupt file with no newline is read into memory whole
@@ -37,6 +50,7 @@ _EXACT_FLOAT_INT = 2**53
 # A decimal of at most 15 significant digits survives float64 and back (DBL_DIG): the float's
 # shortest repr gives back exactly the written digits. Longer ones may not.
 _FLOAT_DIGITS = 15
+_EXACT = decimal.Context(prec=decimal.MAX_PREC)
 
 
 # An exponent inside an exponent (10^{10^{10}}, x^x^x): sympy may evaluate such a tower to an
@@ -45,16 +59,25 @@ _EXPONENT_TOWER = re.compile(r"\^\s*(\{[^{}]*|\(?\w+\)?\s*)\^")
 
 
 def parse_reference(answer: str) -> tuple:
-  """`parse_gold` with the readers' deadline, so one pathological answer cannot stall a read.
+  """`parse_gold` with the readers' deadline, then `probe_reference` within the per-item reward
+  deadline, so one pathological answer can stall neither the read nor every reward against it.
 
-  Reference answers holding an exponent tower are refused up front (ValueError → the row is
-  "answer_unparsable"): the deadline is a main-thread alarm, which C code never yields to.
+  Reference answers holding an exponent tower are refused up front (ReferenceTooLarge): the
+  deadline is a main-thread alarm, which C code never yields to. Raises ValueError (subclasses:
+  see `answer_reason`).
   """
   if _EXPONENT_TOWER.search(answer):
     raise ReferenceTooLarge(f"reference answer {answer[:40]!r} holds an exponent tower "
                             "(a^{b^c}); refused rather than risk an uninterruptible evaluation "
                             "of its digits")
-  return parse_gold(answer, ANSWER_PARSE_TIMEOUT_S)
+  gold = parse_gold(answer, ANSWER_PARSE_TIMEOUT_S)
+  probe_reference(answer, ANSWER_VERIFY_TIMEOUT_S)
+  return gold
+
+
+def answer_reason(error: ValueError) -> str:
+  """The DataError reason of a reference that `parse_reference` refused."""
+  return next(r for cls, r in _ANSWER_REASONS if isinstance(error, cls))
 
 
 class DataError(ValueError):
@@ -275,7 +298,9 @@ def number_text(value: int | float | decimal.Decimal, field: str, where: str) ->
     d = decimal.Decimal(int(value))
   else:
     d = decimal.Decimal(repr(value))
-    if len(d.normalize().as_tuple().digits) > _FLOAT_DIGITS:
+    # An explicit context: normalize() rounds to the thread's decimal precision, which other
+    # code may have lowered (reasoning-gym's decimal_arithmetic sets it to 6..12 digits).
+    if len(d.normalize(_EXACT).as_tuple().digits) > _FLOAT_DIGITS:
       raise DataError(f"{where}: field {field!r} is the float {value!r}, whose digits past the "
                       f"{_FLOAT_DIGITS}th are float rounding, not data; {store_as_text}",
                       "inexact_number")
@@ -332,8 +357,10 @@ def read_examples(path: str, prompt_field: str = "prompt", answer_field: str = "
     tokenizer, chat_template: render chat prompts (see `render_prompt`).
     max_prompt_tokens: prompts longer than this (in tokens; needs tokenizer) are bad rows
       (reason "too_long"): with skip_bad_rows=True they are dropped and counted.
-    check_answers: the answer must parse with math-verify (else every reward would be 0) and be
-      small enough to compare against (else "answer_too_large", see MAX_REFERENCE_DIGITS).
+    check_answers: the answer must parse with math-verify (else every reward would be 0), be
+      small enough to compare against (else "answer_too_large", see MAX_REFERENCE_DIGITS), read
+      as the number its text means ("answer_misread") and compare within the per-item reward
+      deadline ("answer_too_slow"); see `parse_reference`.
     skip_bad_rows: skip and count bad rows instead of raising DataError. File-level errors (an
       unreadable Parquet file, a JSON document that is not JSON Lines) raise regardless.
     max_line_bytes: a longer JSONL line is a bad row ("line_too_long").
@@ -355,8 +382,7 @@ def read_examples(path: str, prompt_field: str = "prompt", answer_field: str = "
         try:
           parse_reference(answer)
         except ValueError as e:
-          reason = "answer_too_large" if isinstance(e, ReferenceTooLarge) else "answer_unparsable"
-          raise DataError(f"{where}: field {answer_field!r}: {e}", reason) from None
+          raise DataError(f"{where}: field {answer_field!r}: {e}", answer_reason(e)) from None
       if max_prompt_tokens is not None:
         check_prompt_length(tokenizer, prompt, max_prompt_tokens, prompt_field, where)
     except DataError as e:

@@ -13,16 +13,22 @@ for the pinned reasoning-gym version) and `PREPARSED` (scorers that do, reached 
 match a strict grammar of what the task needs: digits and + - * / ( ) for countdown) are accepted;
 every other dataset is refused with the reason. Scoring also runs under
 `mixpo.rewards.sandbox.guarded()`, which refuses to run code built from text, so a scorer wrongly
-listed still cannot execute a completion.
+listed still cannot execute a completion; for the same reason reasoning-gym is imported and the
+dataset's scorer built in `ReasoningGymReward.prepare()`, before the guard is armed (its import
+builds dataclasses from text). A scorer that raises on a completion's answer ("None" for
+prime_factorization, "{}" for game_of_life) gives a wrong answer: `ScorerError`, which the
+RewardRunner scores 0 and counts as `reward/scorer_errors`, never a run error.
 """
 
 from __future__ import annotations
 
+import decimal
 import functools
 import re
 
 from mixpo.data.tasks import Example, check_split, derive_seed, distinct_eval_examples, split_of
 from mixpo.rewards import sandbox
+from mixpo.rewards.runner import ScorerError
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -92,7 +98,8 @@ PREPARSED = {
     "n_queens": _literal("_Q", 2000),
     "string_insertion": _literal("A-Za-z", 2000),
     "spiral_matrix": _literal("\\d\\-", 20_000),
-    "binary_matrix": _literal("01", 20_000),
+    # Its answer is each cell's distance to the nearest 0, not a 0/1 grid: any digits.
+    "binary_matrix": _literal("\\d", 20_000),
 }
 
 
@@ -113,6 +120,14 @@ def _scorer(name: str, knobs: tuple):
   return reasoning_gym.create_dataset(name, seed=0, size=1, **dict(knobs))
 
 
+def _entry(dataset, index: int = 0) -> dict:
+  """dataset[index] in a decimal context of its own: decimal_arithmetic sets the precision of
+  the calling thread's context while generating, which would change every later Decimal
+  computation of the trainer (the readers' exactness checks among them)."""
+  with decimal.localcontext():
+    return dataset[index]
+
+
 def rg_answer(completion: str) -> str:
   """The answer part of a completion: the last <answer>...</answer> if any, else the last line."""
   tags = _ANSWER_TAG.findall(completion)
@@ -129,7 +144,8 @@ class ReasoningGymReward:
     scorer of the dataset named in its entry (`metadata.source_dataset`), default knobs (a mix of
     reasoning-gym tasks in one run).
   An answer longer than MAX_ANSWER_CHARS, or outside the grammar of a PREPARSED dataset, scores 0
-  without reaching the scorer.
+  without reaching the scorer; one the scorer raises on raises `ScorerError` (RewardRunner: 0,
+  counted as `reward/scorer_errors`).
   """
 
   def __init__(self, name: str | None, knobs: dict | None = None):
@@ -137,6 +153,20 @@ class ReasoningGymReward:
     self.__name__ = f"rg_{name or 'any'}"
     if name is not None:
       check_dataset(name)
+
+  def prepare(self) -> None:
+    """Imports reasoning-gym, builds the dataset's scorer and scores its own first reference
+    once, so that what they import happens here, before RewardRunner arms its guard (mixpo.
+    rewards.runner). With name=None only the import: the scorers are built on first use."""
+    import reasoning_gym  # noqa: F401,PLC0415 — the import itself is the point
+    if self.name is None:
+      return
+    ds = _scorer(self.name, self.knobs)
+    entry = _entry(ds)
+    try:
+      ds.score_answer(answer=str(entry["answer"]), entry=entry)
+    except Exception:  # noqa: BLE001,S110 — a reference that does not score still warmed up
+      pass
 
   def __call__(self, prompts, completions, metadata, **_) -> list[float]:
     out = []
@@ -153,8 +183,12 @@ class ReasoningGymReward:
       if not ans or len(ans) > MAX_ANSWER_CHARS or (grammar is not None and not grammar(ans)):
         out.append(0.0)
         continue
-      with sandbox.guarded():
-        out.append(float(ds.score_answer(answer=ans, entry=entry) or 0.0))
+      try:
+        with sandbox.guarded():
+          out.append(float(ds.score_answer(answer=ans, entry=entry) or 0.0))
+      except Exception as e:  # noqa: BLE001 — the answer made the scorer fail: a wrong answer
+        raise ScorerError(f"rg:{name}: score_answer raised {type(e).__name__} ({str(e)[:80]}) on "
+                          f"the answer {ans[:60]!r}; scored 0") from None
     return out
 
 
@@ -176,7 +210,7 @@ class ReasoningGymTask:
     check_split(split, f"{self.name}.example")
     for attempt in range(1000):
       s = derive_seed(self.name, seed, index, attempt)
-      entry = reasoning_gym.create_dataset(self.dataset, seed=s, size=1, **self.knobs)[0]
+      entry = _entry(reasoning_gym.create_dataset(self.dataset, seed=s, size=1, **self.knobs))
       if split_of(f"{self.name}:{entry['question']}", self.eval_fraction) == split:
         return Example(prompt=entry["question"], answer=str(entry["answer"]),
                        metadata={"rg_entry": entry})

@@ -35,8 +35,9 @@ import json
 import math
 from typing import Any
 
-from mixpo.data.readers import (DataError, ReadSummary, as_text, check_prompt_length, get_field,
-                                iter_rows, parse_reference, render_prompt)
+from mixpo.data.readers import (DataError, ReadSummary, answer_reason, as_text,
+                                check_prompt_length, get_field, iter_rows, parse_reference,
+                                render_prompt)
 
 FIELD_KEYS = ("prompt", "answer", "response", "responses", "correct", "tokens", "logp",
               "tokenizer", "logp_temperature", "data_source", "extra_info")
@@ -272,7 +273,7 @@ def parse_row(row: dict, where: str, f: dict, tokenizer=None, chat_template: boo
     try:
       parse_reference(answer)
     except ValueError as e:
-      raise DataError(f"{where}: field {f['answer']!r}: {e}", "answer_unparsable") from None
+      raise DataError(f"{where}: field {f['answer']!r}: {e}", answer_reason(e)) from None
   multi_value = _optional(row, f["responses"], where)
   if multi_value is not None:
     field, multi = f["responses"], True

@@ -1,16 +1,34 @@
-"""Rewards: answer extraction + math-verify, format reward, timed runner, DAPO overlong shaping."""
+"""Rewards: answer extraction + math-verify, format reward, timed runner, DAPO overlong shaping.
 
-from mixpo.rewards.math_answer import (FormatReward, MathAnswerReward, extract_answer,
-                                       format_reward, math_answer_reward, parse_gold,
-                                       verify_answer)
-from mixpo.rewards.overlong import (OverlongConfig, overlong_penalty, shape_rewards,
-                                    truncation_loss_mask)
+The names below are imported on first use (PEP 562): the reward workers' fork server imports
+`mixpo.rewards.worker_init`, which must re-execute the process with a scrubbed environment before
+math-verify and sympy are loaded (a second of imports it would otherwise do twice).
+"""
+
+import importlib
+
+# Eager: the function `combine` shares its name with its module, which a lazy import would bind.
 from mixpo.rewards.combine import Combined, combine
-from mixpo.rewards.runner import RewardError, RewardResult, RewardRunner
 
-__all__ = [
-    "Combined", "FormatReward", "MathAnswerReward", "OverlongConfig", "RewardError",
-    "RewardResult", "RewardRunner", "combine", "extract_answer", "format_reward",
-    "math_answer_reward", "overlong_penalty", "parse_gold", "shape_rewards",
-    "truncation_loss_mask", "verify_answer",
-]
+_EXPORTS = {
+    "FormatReward": "math_answer", "MathAnswerReward": "math_answer",
+    "extract_answer": "math_answer", "format_reward": "math_answer",
+    "math_answer_reward": "math_answer", "parse_gold": "math_answer",
+    "verify_answer": "math_answer", "OverlongConfig": "overlong", "overlong_penalty": "overlong",
+    "shape_rewards": "overlong", "truncation_loss_mask": "overlong", "RewardError": "runner",
+    "RewardResult": "runner",
+    "RewardRunner": "runner", "ScorerError": "runner",
+}
+
+__all__ = sorted([*_EXPORTS, "Combined", "combine"])
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  try:
+    return importlib.import_module(f"{__name__}.{name}")  # a submodule, as after an eager import
+  except ModuleNotFoundError as e:
+    if e.name != f"{__name__}.{name}":
+      raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -12,6 +12,12 @@ class Combined:
     self.fns_with_weights = [(fn, float(w)) for fn, w in fns_with_weights]
     self.__name__ = "+".join(f"{w:g}*{fn_name(fn)}" for fn, w in self.fns_with_weights)
 
+  def prepare(self) -> None:
+    """Each part's `prepare()` (RewardRunner calls this before arming its guard)."""
+    for fn, _ in self.fns_with_weights:
+      if hasattr(fn, "prepare"):
+        fn.prepare()
+
   def __call__(self, prompts, completions, **columns) -> list[float]:
     total = np.zeros(len(completions), np.float64)
     for fn, w in self.fns_with_weights:

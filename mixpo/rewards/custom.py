@@ -11,9 +11,16 @@ Two signatures are accepted (docs/rewards.md):
 A spec is `pkg.module:fn` (imported with the current directory on sys.path) or
 `path/to/file.py:fn`. The loaded callable is wrapped in a small picklable object holding only the
 spec, so the RewardRunner's worker processes re-import it by name instead of pickling the user's
-function (a function loaded from a file path has no importable module name). The import happens
-when a worker starts; each call then runs under the workers' sandbox like every reward (no file
-writes, subprocesses, sockets or code built from text: such a call scores 0, counted as blocked).
+function (a function loaded from a file path has no importable module name).
+
+Trust: the module is trusted code, like a config file. `reward_fns` imports it in the calling
+process (the trainer, when flags are checked: a bad spec fails before any model is built), so
+its top-level code runs there unsandboxed, with the trainer's environment and files; each worker
+imports it again as it starts, before the guard is armed. Only the calls on completions run under
+the workers' sandbox like every reward (no file writes, subprocesses, sockets, code built from
+text or reads outside the allow-list: such a call scores 0, counted as blocked). A `prepare`
+attribute of the function is called once per worker before its first item (`ImportedReward.
+prepare`).
 """
 
 from __future__ import annotations
@@ -117,6 +124,12 @@ class ImportedReward:
     self.__dict__.update(state)
     self._fn = None
     self._load()
+
+  def prepare(self) -> None:
+    """The user function's own `prepare()` when it has one (RewardRunner calls this unguarded)."""
+    prepare = getattr(self._load(), "prepare", None)
+    if prepare is not None:
+      prepare()
 
   def __call__(self, prompts, completions, **columns) -> list[float]:
     fn = self._load()

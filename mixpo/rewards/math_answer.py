@@ -12,13 +12,26 @@ Call them through the runner whenever completions come from a model.
 Trust: a reference answer is data, so one that cannot be used (does not parse, undefined, or so
 large that comparing against it would run for minutes) raises ValueError. A completion is
 untrusted model text: a malformed one scores 0; one on which math-verify itself fails raises
-`VerifierError`, so `RewardRunner` counts it (on_error="zero": scored 0 and counted).
+`VerifierError`, so `RewardRunner` counts it (scored 0, `reward/unverifiable`, never raised).
+
+Numbers are read as their text means, on both sides, before math-verify sees them (it reads
+"1e-7" as e − 7 with Euler's e, "3e8" as 3·e·8 and "10\\,000" or "1 000" as products with 0):
+- exponent forms ("1e-7", "3E8", "1.5e+3") are the decimal numbers they stand for;
+- digit groups joined by one separator used throughout (a space, a LaTeX space \\, \\; \\: \\!
+  "\\ " ~, {,}, a thin / narrow no-break / no-break / figure space) are one number when every
+  group after the first has 3 digits ("2 500 000", "10\\,000"); commas as math-verify reads them
+  ("1,000" is a thousand, "1,2" two answers);
+- text made only of digits and separators that is neither ("1 2", "10 00", "1,00,000",
+  "1.000.000") is refused as a reference (`ReferenceMisread`) and scores 0 as an answer;
+- a reference that is a plain number must parse to exactly that number, else `ReferenceMisread`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import decimal
 import functools
+import importlib
 import math
 import re
 import threading
@@ -49,7 +62,23 @@ MAX_REFERENCE_DIGITS = 10_000
 
 # Math-mode delimiters: text holding one is parsed as written, anything else as LaTeX math.
 _DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
+# One digit-group separator (see the module docstring); a number uses one kind throughout.
+_SEP = r"(?:\\[,;:!]|\\ |~|\{,\}|[ \u00a0\u2007\u2008\u2009\u202f])"
+_GROUPED = re.compile(rf"(?<![\w.\\])\d{{1,3}}(?P<sep>{_SEP})\d{{3}}(?:(?P=sep)\d{{3}})*"
+                      rf"(?!(?P=sep)?\d)")
+_EXPONENT = re.compile(r"(?<![\w.\\])(\d+(?:\.\d*)?|\.\d+)[eE]([+-]?\d+)(?![\w.])")
+_COMMAND_BEFORE = re.compile(r"\\[A-Za-z]+\s*$")  # "\frac 1 2": digits as a command's arguments
+# A plain number after normalisation (comma grouping as math-verify reads it).
+_PLAIN = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_DIGITS_AND_SEPS = re.compile(rf"[+-]?\d(?:\d|\.|,|{_SEP})*")
+_LIST_ITEM = re.compile(r"[+-]?(?:0|[1-9]\d*)(?:\.\d+)?")
+# Exponents beyond this cannot match an accepted reference (MAX_REFERENCE_DIGITS) and would
+# make sympy build a number of that many digits.
+_MAX_EXPONENT = 10_000
+# The last number of a text: comma or space-grouped, exponent form, decimal or fraction.
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?"
+                     r"|-?\d{1,3}(?:(?:\\,|[\u00a0\u2009\u202f])\d{3})+(?:\.\d+)?"
+                     r"|-?\d+(?:\.\d+)?[eE][+-]?\d+|-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
 def _last_boxed(text: str) -> tuple[str | None, bool]:
@@ -71,6 +100,72 @@ def _last_boxed(text: str) -> tuple[str | None, bool]:
       if depth == 0:
         return text[i:j].strip(), True
   return None, True
+
+
+def _plain_decimal(match) -> str:
+  """An exponent form as exact decimal text: 1e-7 → 0.0000001; a long one as m\\times 10^{e}."""
+  d = decimal.Decimal(f"{match.group(1)}e{match.group(2)}")
+  _, digits, exp = d.as_tuple()
+  if abs(exp) > _MAX_EXPONENT:
+    return match.group(0)  # left as written: `huge_exponent` refuses or scores it first
+  if -60 <= exp and len(digits) + exp <= 60:
+    return format(d, "f")
+  return f"{int(''.join(map(str, digits)))}\\times 10^{{{exp}}}"
+
+
+def _join_groups(text: str) -> str:
+  out, last = [], 0
+  for m in _GROUPED.finditer(text):
+    if _COMMAND_BEFORE.search(text, 0, m.start()):
+      continue
+    out += [text[last:m.start()], re.sub(r"\D", "", m.group(0))]
+    last = m.end()
+  return "".join(out) + text[last:]
+
+
+def normalize_numbers(text: str) -> str:
+  """`text` with exponent forms and digit grouping written as plain numbers (module docstring)."""
+  return _join_groups(_EXPONENT.sub(_plain_decimal, text))
+
+
+def huge_exponent(text: str) -> bool:
+  """Whether `text` holds an exponent form beyond ±_MAX_EXPONENT ("1e99999999")."""
+  return any(abs(int(m.group(2))) > _MAX_EXPONENT for m in _EXPONENT.finditer(text))
+
+
+def _core(text: str) -> str:
+  """`text` without surrounding $...$ or \\(...\\) and one \\boxed{...}: where a plain number
+  would be."""
+  t = text.strip()
+  for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+    if len(t) >= len(a) + len(b) and t.startswith(a) and t.endswith(b):
+      t = t[len(a):len(t) - len(b)].strip()
+      break
+  boxed, found = _last_boxed(t)
+  if (found and boxed is not None and len(_BOXED.findall(t)) == 1
+      and t.startswith(("\\boxed", "\\fbox")) and t.endswith("}")):
+    t = boxed
+  return t
+
+
+def grouping_problem(text: str) -> str | None:
+  """Why `text`, made only of digits and separators, is not one number nor a comma list."""
+  core = normalize_numbers(_core(text))
+  if not _DIGITS_AND_SEPS.fullmatch(core) or _PLAIN.fullmatch(core):
+    return None
+  items = core.split(",")
+  if len(items) > 1 and all(_LIST_ITEM.fullmatch(i.strip()) for i in items):
+    return None  # "1,2" / "2, 5": several answers
+  return (f"{core[:40]!r} is not one number: digit groups after the first need 3 digits and one "
+          "separator throughout ('10 000', '10\\,000', '10,000')")
+
+
+def numeral_value(text: str) -> decimal.Decimal | None:
+  """The exact value of `text` when it is a plain number (after `normalize_numbers`), else None."""
+  core = normalize_numbers(_core(text))
+  if not _PLAIN.fullmatch(core):
+    return None
+  return decimal.Decimal(core.replace(",", ""))
 
 
 def extract_answer(text: str) -> str | None:
@@ -99,6 +194,14 @@ class ReferenceTooLarge(ValueError):
 
   See MAX_REFERENCE_DIGITS.
   """
+
+
+class ReferenceMisread(ValueError):
+  """A reference answer that does not read as the number its text means (module docstring)."""
+
+
+class ReferenceTooSlow(ValueError):
+  """A reference answer that takes longer to compare with than the per-item reward deadline."""
 
 
 class VerifierError(RuntimeError):
@@ -216,13 +319,20 @@ def parse_gold(answer: str, timeout_s: int | None = None) -> tuple:
   parsed = []
   if timeout_s is not None and threading.current_thread() is not threading.main_thread():
     timeout_s = None
+  if huge_exponent(text):
+    raise ReferenceTooLarge(f"reference answer {text[:80]!r} has an exponent beyond "
+                            f"±{_MAX_EXPONENT} (limit {MAX_REFERENCE_DIGITS} digits); drop the "
+                            "row or state the answer in a form that needs no evaluation")
+  if (why := grouping_problem(text)) is not None:
+    raise ReferenceMisread(f"reference answer {why}; fix the dataset's answer")
+  norm = normalize_numbers(text)
   if text:
     try:
       with deadline(timeout_s) if timeout_s is not None else contextlib.nullcontext():
-        delimited = _DELIMITED.search(text) is not None
-        parsed = math_verify.parse(text if delimited else f"${text}$", parsing_timeout=None)
-        if not parsed and not delimited and "\\" not in text:
-          parsed = math_verify.parse(text, parsing_timeout=None)  # plain text: "The answer is 5"
+        delimited = _DELIMITED.search(norm) is not None
+        parsed = math_verify.parse(norm if delimited else f"${norm}$", parsing_timeout=None)
+        if not parsed and not delimited and "\\" not in norm:
+          parsed = math_verify.parse(norm, parsing_timeout=None)  # plain text: "The answer is 5"
     except DeadlineExceeded:
       raise ValueError(f"reference answer {text[:80]!r} took over {timeout_s} s to parse "
                        "(pathological LaTeX or a huge power tower?); simplify the dataset's "
@@ -233,10 +343,52 @@ def parse_gold(answer: str, timeout_s: int | None = None) -> tuple:
     raise ValueError(f"reference answer {text[:80]!r} does not parse with math-verify; fix the "
                      "dataset's answer field or use a task-specific exact reward")
   check_reference_size(parsed, text)
+  _check_number(parsed[0], text)
   return tuple(parsed)
 
 
+def _check_number(value, text: str) -> None:
+  """ReferenceMisread unless a plain-number reference parsed to exactly its number."""
+  want = numeral_value(text)
+  if want is None:
+    return
+  exact = sympy.Rational(str(want))
+  if isinstance(value, sympy.Rational):
+    ok = value == exact
+  elif isinstance(value, sympy.Float):  # math-verify keeps some decimals as floats
+    ok = abs(float(value) - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
+  else:
+    ok = False
+  if not ok:
+    raise ReferenceMisread(f"reference answer {text[:80]!r} parses to {str(value)[:40]!r}, not "
+                           f"the number {want} its text means; write it as {want}")
+
+
+def probe_reference(answer: str, timeout_s: float) -> None:
+  """Raises ReferenceTooSlow when comparing a plain wrong answer (\\boxed{0}) with the reference
+  takes over `timeout_s` seconds: every completion would then time out (2^{\\sum_{k=1}^{10^{12}}
+  1/k} parses fast, but sympy sums it to compare). Main thread only (the deadline is SIGALRM);
+  elsewhere, and for plain numbers (always fast), it does nothing.
+  """
+  gold = parse_gold(str(answer))
+  if (threading.current_thread() is not threading.main_thread()
+      or isinstance(gold[0], sympy.Number)):
+    return
+  try:
+    with deadline(timeout_s):
+      math_verify.verify(list(gold), math_verify.parse("$0$", parsing_timeout=None),
+                         timeout_seconds=None)
+  except DeadlineExceeded:
+    raise ReferenceTooSlow(
+        f"reference answer {str(answer)[:80]!r}: comparing an answer with it takes over "
+        f"{timeout_s} s (the per-item reward deadline), so every completion would time out; "
+        "state the answer in evaluated form") from None
+
+
 def _parse_pred(ans: str) -> list:
+  if huge_exponent(ans) or grouping_problem(ans) is not None:
+    return []  # no accepted reference is such a number, and "1 2" is not one
+  ans = normalize_numbers(ans)
   parsed = math_verify.parse(f"\\boxed{{{ans}}}", parsing_timeout=None, raise_on_error=True)
   return parsed or math_verify.parse(ans, parsing_timeout=None, raise_on_error=True)
 
@@ -290,6 +442,10 @@ class MathAnswerReward:
     self.answer_column = answer_column
     self.__name__ = "math_answer"
 
+  def prepare(self) -> None:
+    """Called by RewardRunner before its guard is armed: see `warm_up`."""
+    warm_up()
+
   def __call__(self, prompts, completions, **columns) -> list[float]:
     if self.answer_column not in columns:
       raise KeyError(f"math_answer reward needs the column {self.answer_column!r}; got columns "
@@ -299,6 +455,18 @@ class MathAnswerReward:
 
 
 math_answer_reward = MathAnswerReward()
+
+# Modules math-verify reaches lazily whose import builds functions from text (dataclasses), so
+# the sandbox's guard refuses them when first imported inside a reward call: an honest
+# \int answer would score 0 as blocked. Found by importing every sympy module under the guard.
+LAZY_IMPORTS = ("sympy.integrals.manualintegrate",)
+
+
+def warm_up() -> None:
+  """Imports LAZY_IMPORTS; run where no guard is armed (the reward workers' fork server,
+  mixpo.rewards.worker_init, and `MathAnswerReward.prepare`)."""
+  for name in LAZY_IMPORTS:
+    importlib.import_module(name)
 
 
 class FormatReward:

@@ -11,9 +11,22 @@ the completions are. A worker that dies (OOM killer, segfault in C code) is repl
 retried once before the item counts as an error.
 
 Completions are untrusted: workers are contained by `mixpo.rewards.sandbox` (own session, so a
-scheduler's group-wide SIGTERM leaves them to the trainer; resource limits; scrubbed environment;
-an unprivileged user where possible; an audit hook that refuses to run code built from text). An
-item the hook refuses scores 0 and is counted as `blocked`, never raised.
+scheduler's group-wide SIGTERM leaves them to the trainer; resource limits; scrubbed environment,
+down to the fork server's own start-up block; an unprivileged user where possible; an audit hook
+that refuses to run code built from text and reads outside an allow-list). An item the hook
+refuses scores 0 and is counted as `blocked`, never raised.
+
+Set-up before the guard: a reward fn may define `prepare()`, called once in each worker (and
+once in-process for the signal backend) after it is unpickled and hardened, before its first
+item and before the guard is armed. Imports and one-time construction belong there: modules
+that build code from text as they import (dataclasses, namedtuples: reasoning-gym, sympy's
+integrals) would otherwise be refused inside the guarded call, and every correct answer would
+score 0 as blocked. A `prepare()` that raises stops the runner with its message.
+
+Failures, by whose fault: an exception marked `untrusted_input = True` is the completion's
+(math-verify failing on it: `unverifiable`; a task scorer raising on it, `ScorerError`:
+`scorer_errors`): scored 0, counted, never raised. Any other exception is the reward code's
+(`errors`), governed by `on_error`.
 
 Functions must pickle (module-level functions, instances of module-level classes, partials of
 those). For unpicklable callables (lambdas, closures) `backend="signal"` runs them in-process with
@@ -41,21 +54,29 @@ from mixpo.rewards import sandbox
 from mixpo.rewards.combine import fn_name
 from mixpo.rewards.deadline import DeadlineExceeded, deadline
 
-_PRELOAD = ["mixpo.rewards.worker_init", "mixpo.rewards.math_answer"]
+# The fork server re-executes itself with a scrubbed environment, then imports math-verify and
+# runs its warm-up (mixpo.rewards.worker_init) and this module, so every worker starts with them.
+_PRELOAD = ["mixpo.rewards.worker_init", "mixpo.rewards.runner"]
 
 # A new worker's first item gets its deadline once the worker has started (forking, unpickling
 # the reward fns and hardening take well under a second, several on a loaded machine).
 WORKER_START_TIMEOUT_S = 60.0
 ON_ERROR = ("raise", "zero")  # what a reward function that raises does to the call
 
-# Per-item status codes. UNVERIFIABLE: the reward fn raised an exception marked
-# `untrusted_input = True` (e.g. math-verify failing on a completion): the completion's fault, not
-# the reward code's, so it scores 0 and is counted but never raised.
-OK, TIMEOUT, ERROR, BLOCKED, BATCH_TIMEOUT, UNVERIFIABLE = 0, 1, 2, 3, 4, 5
+# Per-item status codes. UNVERIFIABLE / SCORER_ERROR: the reward fn raised an exception marked
+# `untrusted_input = True` (math-verify failing on a completion; a task's scorer raising on it):
+# the completion's fault, not the reward code's, so it scores 0 and is counted but never raised.
+OK, TIMEOUT, ERROR, BLOCKED, BATCH_TIMEOUT, UNVERIFIABLE, SCORER_ERROR = 0, 1, 2, 3, 4, 5, 6
 
 
 class RewardError(RuntimeError):
   """A reward function raised or returned a bad value and on_error="raise"."""
+
+
+class ScorerError(RuntimeError):
+  """A task's scorer raised on a completion's answer ("None" for a factorisation, "{}" for a
+  grid): a wrong answer, scored 0 and counted as `reward/scorer_errors`, never raised."""
+  untrusted_input = True
 
 
 @dataclasses.dataclass
@@ -71,6 +92,9 @@ class RewardResult:
   batch_timeouts: pairs not scored before the call's deadline, scored 0 (also in `timeouts`).
   retries: pairs re-run once because their worker died.
   unverifiable: pairs whose completion made the verifier fail (scored 0, never raised).
+  scorer_errors: pairs whose completion made a task's scorer raise (ScorerError; scored 0,
+    never raised).
+  items: (function, item) pairs this call scored: the denominator of the counts above.
   """
   rewards: np.ndarray
   per_fn: dict
@@ -82,12 +106,21 @@ class RewardResult:
   batch_timeouts: int = 0
   retries: int = 0
   unverifiable: int = 0
+  scorer_errors: int = 0
+  items: int = 0
+
+  # Metrics that are counts over (function, item) pairs: summed when calls are combined (e.g.
+  # over a step's dynamic-sampling draws); the others are means.
+  COUNTERS = ("reward/items", "reward/timeouts", "reward/errors", "reward/blocked",
+              "reward/batch_timeouts", "reward/retries", "reward/unverifiable",
+              "reward/scorer_errors")
 
   def metrics(self) -> dict:
     m = {"reward/mean": float(self.rewards.mean()) if self.rewards.size else 0.0,
-         "reward/timeouts": self.timeouts, "reward/errors": self.errors,
-         "reward/blocked": self.blocked, "reward/batch_timeouts": self.batch_timeouts,
-         "reward/retries": self.retries, "reward/unverifiable": self.unverifiable}
+         "reward/items": self.items, "reward/timeouts": self.timeouts,
+         "reward/errors": self.errors, "reward/blocked": self.blocked,
+         "reward/batch_timeouts": self.batch_timeouts, "reward/retries": self.retries,
+         "reward/unverifiable": self.unverifiable, "reward/scorer_errors": self.scorer_errors}
     for k, v in self.per_fn.items():
       m[f"reward/{k}"] = float(v.mean()) if v.size else 0.0
     return m
@@ -124,17 +157,37 @@ def _run_guarded(fn, prompt, completion, cols, guard: bool) -> tuple[int, object
     return BLOCKED, str(e)
   except Exception as e:  # noqa: BLE001 — reported with the function's name
     tb = traceback.extract_tb(e.__traceback__)[-1]
-    status = UNVERIFIABLE if getattr(e, "untrusted_input", False) else ERROR
+    status = ERROR
+    if getattr(e, "untrusted_input", False):
+      status = SCORER_ERROR if isinstance(e, ScorerError) else UNVERIFIABLE
     return status, f"{type(e).__name__}: {e} (at {tb.filename}:{tb.lineno})"
+
+
+def prepare_all(fns) -> str | None:
+  """Calls each fn's `prepare()` (unguarded); the first failure's message, or None."""
+  for fn in fns:
+    prepare = getattr(fn, "prepare", None)
+    if prepare is None:
+      continue
+    try:
+      prepare()
+    except Exception as e:  # noqa: BLE001 — the reward code's own set-up: its author must see it
+      return (f"reward fn {fn_name(fn)!r}: prepare() raised {type(e).__name__}: {e} (at "
+              f"{traceback.extract_tb(e.__traceback__)[-1].filename})")
+  return None
 
 
 def _worker_main(conn, fns, limits, guard):
   """Worker loop: receives chunks [(task_id, fn_idx, prompt, completion, cols)], streams results.
 
-  The first message is the sandbox's report (what took effect), then one (task_id, status,
-  value) per item.
+  The first message is the sandbox's report (what took effect) or, when a `prepare()` failed,
+  ERROR with its message; then one (task_id, status, value) per item.
   """
-  conn.send(("hello", OK, sandbox.harden_worker(limits)))
+  report = sandbox.harden_worker(limits)
+  failed = prepare_all(fns)
+  conn.send(("hello", OK, report) if failed is None else ("hello", ERROR, failed))
+  if failed is not None:
+    return
   while True:
     try:
       chunk = conn.recv()
@@ -162,13 +215,19 @@ class _Worker:
       if not self.conn.poll(timeout_s):
         raise RuntimeError(f"RewardRunner: a reward worker did not start within {timeout_s} s")
       try:
-        tag, _, self.sandbox = self.conn.recv()
+        tag, status, report = self.conn.recv()
       except (EOFError, OSError):
         raise RuntimeError(f"RewardRunner: a reward worker died while starting (exit code "
                            f"{self.proc.exitcode}); a reward fn that cannot be unpickled or "
                            "imported in a fresh process does this") from None
       assert tag == "hello", tag
+      self.started(status, report)
     return self.sandbox
+
+  def started(self, status: int, report):
+    if status != OK:
+      raise RuntimeError(f"RewardRunner: {report}")
+    self.sandbox = report
 
   def kill(self):
     self.proc.kill()
@@ -186,7 +245,9 @@ class RewardRunner:
       score 0 and are counted (`batch_timeouts`). A call returns within about this time plus the
       time to replace the workers it stops (tens of ms each).
     on_error: "raise" — a function that raises (or returns a non-float / non-finite value) raises
-      RewardError naming it after the batch finishes; "zero" — scored 0 and counted.
+      RewardError naming it after the batch finishes; "zero" — scored 0 and counted. Exceptions
+      the completion caused (`untrusted_input`: VerifierError, ScorerError) are counted zeros
+      under either.
     num_workers: worker processes (default min(2, cpu count)).
     backend: "process", "signal" (in-process, main thread only) or "auto" (process when every
       fn pickles, else signal).
@@ -196,7 +257,8 @@ class RewardRunner:
       collective; no-op with one process.
     limits: the workers' `sandbox.WorkerLimits` (memory, CPU backstop, unprivileged user).
     guard: run each item under `sandbox.guarded()` (refuses code built from text, process
-      spawning, file writes, sockets). Turn off only for trusted reward fns that need those.
+      spawning, file writes, sockets, reads outside an allow-list). Turn off only for trusted
+      reward fns that need those.
   """
 
   def __init__(self, fns_with_weights, timeout_s: float = 5.0, on_error: str = "raise",
@@ -230,6 +292,10 @@ class RewardRunner:
     self.split_across_processes = split_across_processes
     self._workers = []
     self.sandbox = {"in_process": True, "guard": guard}  # the signal backend runs in this process
+    if backend == "signal":
+      sandbox.allow_reads(*limits.read_paths)
+      if (failed := prepare_all(self.fns)) is not None:
+        raise RuntimeError(f"RewardRunner: {failed}")
     if backend == "process":
       self._ctx = mp.get_context("forkserver")
       self._ctx.set_forkserver_preload(_PRELOAD)
@@ -237,7 +303,11 @@ class RewardRunner:
       # Workers ignore SIGTERM, which is how multiprocessing's exit handler stops daemon
       # processes before joining them: stop them first (atexit runs handlers last-in first-out).
       atexit.register(self.close)
-      self.sandbox = self._workers[0].wait_started()
+      try:
+        self.sandbox = self._workers[0].wait_started()
+      except BaseException:
+        self.close()
+        raise
 
   def _new_worker(self) -> _Worker:
     return _Worker(self._ctx, self.fns, self.limits, self.guard)
@@ -279,7 +349,7 @@ class RewardRunner:
         raise ValueError(f"RewardRunner: column {k!r} has {len(v)} entries, expected {b}")
     n_fn = len(self.fns)
     values = np.zeros((n_fn, b), np.float64)
-    status = np.zeros((n_fn, b), np.int8)  # OK / TIMEOUT / ERROR / BLOCKED / BATCH_TIMEOUT
+    status = np.zeros((n_fn, b), np.int8)  # OK / TIMEOUT / ... (the status codes above)
     first_error = []
     lo, hi = self._my_items(b)
     tasks = [(k * b + i, k, prompts[i], completions[i], {c: v[i] for c, v in columns.items()})
@@ -317,7 +387,8 @@ class RewardRunner:
                         timeouts=int(timed_out.sum()), errors=int((status == ERROR).sum()),
                         blocked=int((status == BLOCKED).sum()),
                         batch_timeouts=int((status == BATCH_TIMEOUT).sum()), retries=retries,
-                        unverifiable=int((status == UNVERIFIABLE).sum()))
+                        unverifiable=int((status == UNVERIFIABLE).sum()),
+                        scorer_errors=int((status == SCORER_ERROR).sum()), items=int(status.size))
 
   def _my_items(self, b: int) -> tuple[int, int]:
     """[lo, hi) of the items this process scores (all of them unless split across processes)."""
@@ -389,7 +460,7 @@ class RewardRunner:
             while w.inflight and w.conn.poll():
               task_id, st, val = w.conn.recv()
               if task_id == "hello":
-                w.sandbox = val
+                w.started(st, val)
                 w.deadline = time.monotonic() + self.timeout_s
                 continue
               assert task_id == w.inflight[0], (task_id, w.inflight[0])

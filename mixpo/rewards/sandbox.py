@@ -3,20 +3,31 @@
 Threat model: completions are written by the policy being trained and dataset / trace rows by
 whoever made the file; both are untrusted. Rewards parse them with third-party scorers (sympy's
 `parse_expr`, reasoning-gym scorers that `eval` the answer), on machines that hold credentials
-and checkpoints. Three layers, each useful without the others:
+and checkpoints. Reward code itself (mixpo's scorers, a `--config.rewards` module) is trusted, like
+the config file: the layers contain what the text makes that code do. Three layers, each useful
+without the others:
 
 1. `guarded()`: a Python audit hook, armed per thread around a reward call, refuses to execute
    any code object that does not come from a source file unless it is a pure expression (literals,
    operators, subscripts and bare names: no call, attribute, import or store) or every name it
    uses is one of sympy's number/symbol constructors (what `parse_expr` emits for arithmetic), and
-   refuses process spawning, signals, sockets, native-library loading, file writes and pickle /
-   marshal loading. A refusal raises `SandboxViolation` (a BaseException, so a scorer's
-   `except Exception` cannot swallow it); the runner scores the item 0 and counts it as blocked.
+   refuses process spawning, signals, sockets, native-library loading, file writes, pickle /
+   marshal loading and reads outside an allow-list (the Python installation, site-packages,
+   mixpo's package, the files of modules already loaded, `allow_reads()` paths): no
+   `/proc/*/environ`, no home directory, no run directory. A refusal raises `SandboxViolation`
+   (a BaseException, so a scorer's `except Exception` cannot swallow it); the runner scores the
+   item 0 and counts it as blocked. Because imports run module code that builds functions from
+   text (dataclasses, namedtuples), everything a scorer imports must be imported before the hook
+   is armed: the runner calls each reward fn's `prepare()` first (see `mixpo.rewards.runner`).
 2. `harden_worker()`: reward worker processes run in their own session (a scheduler's group-wide
    SIGTERM does not reach them; the trainer decides when they stop), ignore SIGINT / SIGTERM, have
    no core files, an address-space limit and a CPU-time backstop, an environment scrubbed of
    everything but locale / path variables (no tokens or cloud credentials), and, when started as
-   root and the interpreter's files are readable by an unprivileged user, run as that user.
+   root and the interpreter's files are readable by an unprivileged user, run as that user. The
+   fork server they are forked from re-executes itself with the scrubbed environment
+   (`restart_scrubbed`, run by `mixpo.rewards.worker_init`), so not even the environment block a
+   process starts with (`/proc/self/environ`, the fork server's `/proc/<ppid>/environ`) holds the
+   trainer's secrets.
 3. Callers validate answers with a strict grammar before scorers that `eval` them
    (`mixpo.data.rg_tasks`).
 
@@ -33,6 +44,7 @@ import os
 import pwd
 import resource
 import signal
+import site
 import stat
 import sys
 import threading
@@ -66,6 +78,13 @@ _REFUSED_EVENTS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.for
 KEPT_ENV = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_NUMERIC", "TZ", "TMPDIR",
             "PYTHONHASHSEED", "PYTHONIOENCODING", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+# What the fork server keeps on top: where Python and its libraries are (paths, not secrets);
+# without them the re-executed interpreter may not start or may import another copy of mixpo.
+FORKSERVER_ENV = KEPT_ENV + ("PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONNOUSERSITE",
+                             "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX",
+                             "LD_LIBRARY_PATH")
+# Device files a scorer may read (random numbers); everything else under /dev and /proc is not.
+_DEVICE_READS = ("/dev/null", "/dev/urandom", "/dev/random")
 
 
 # Library functions that exec code they generate from their own templates, never from input:
@@ -81,6 +100,12 @@ _state = threading.local()
 _installed = False
 _install_lock = threading.Lock()
 _violations = 0  # per process; the runner reports them per item.
+_extra_reads: list[str] = []  # allow_reads()
+_roots: tuple[str, ...] | None = None  # read_roots(), computed once
+_module_files: tuple[int, frozenset] = (-1, frozenset())  # (len(sys.modules), their files)
+# Set in the fork server's environment once it has re-executed itself (restart_scrubbed), so a
+# variable that Python's own start-up adds (a .pth file) cannot make it re-execute forever.
+SCRUBBED_MARK = "MIXPO_REWARD_ENV_SCRUBBED"
 
 
 def text_code_refusal(code: types.CodeType) -> str | None:
@@ -101,6 +126,61 @@ def _trusted_caller(frame) -> bool:
   return code is not None and any(
       code.co_filename.replace(os.sep, "/").endswith(f) and code.co_name == fn
       for f, fn in TRUSTED_CODEGEN)
+
+
+def _under(path: str, root: str) -> bool:
+  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def allow_reads(*paths: str) -> None:
+  """Adds files or directories a guarded reward may read (`WorkerLimits.read_paths`)."""
+  _extra_reads.extend(os.path.realpath(p) for p in paths)
+
+
+def read_roots() -> tuple[str, ...]:
+  """Directories a guarded reward may read under: the Python installation, site-packages and
+  mixpo's package, minus any that would hold the home or the working directory (a Python
+  installed at "/" must not open up the whole disk)."""
+  global _roots
+  if _roots is None:
+    cands = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    cands.update(site.getsitepackages() if hasattr(site, "getsitepackages") else ())
+    cands.update(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))
+    private = [os.path.realpath(os.path.expanduser("~")), os.path.realpath(os.getcwd())]
+    real = {os.path.realpath(c) for c in cands if c}
+    _roots = tuple(sorted(r for r in real if not any(_under(p, r) for p in private)))
+  return _roots
+
+
+def _loaded_files() -> frozenset:
+  """Source files of the modules already imported (tracebacks and warnings read them)."""
+  global _module_files
+  mods = list(sys.modules.values())
+  if _module_files[0] != len(mods):
+    files = set()
+    for m in mods:
+      f = m.__dict__.get("__file__") if isinstance(m, types.ModuleType) else None
+      if isinstance(f, str):
+        files.add(os.path.realpath(f))
+    _module_files = (len(mods), frozenset(files))
+  return _module_files[1]
+
+
+def read_refusal(path) -> str | None:
+  """Why a guarded reward may not open `path` for reading; None when it may."""
+  if isinstance(path, int):
+    return f"refused to open the inherited file descriptor {path}"
+  try:
+    real = os.path.realpath(os.fsdecode(path))
+  except (TypeError, ValueError):
+    return f"refused to open {str(path)[:80]!r}"
+  if (real in _DEVICE_READS or any(_under(real, r) for r in read_roots() + tuple(_extra_reads))
+      or real in _loaded_files()):
+    return None
+  return (f"refused to read {real[:80]!r}: outside the reward sandbox's read allow-list (the "
+          "Python installation, site-packages, mixpo, loaded modules' files, "
+          "WorkerLimits.read_paths)")
 
 
 def _refuse(what: str):
@@ -127,6 +207,9 @@ def _hook(event: str, args: tuple):
         isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC))
     if writes:
       _refuse(f"refused to open {str(args[0])[:80]!r} for writing")
+    why = read_refusal(args[0])
+    if why:
+      _refuse(why)
   elif event.startswith(_REFUSED_EVENTS):
     _refuse(f"refused {event}")
 
@@ -180,11 +263,14 @@ class WorkerLimits:
   drop_privileges: "auto" (as root, become `user` when the interpreter's files are readable by
     it), True (always when root; lazy imports of unreadable modules then fail) or False.
   user: the unprivileged account.
+  read_paths: files or directories a guarded reward may read on top of the default allow-list
+    (see `read_roots`), e.g. a lookup table a user reward opens per call.
   """
   memory_bytes: int = 8 << 30
   cpu_s_per_item: float = 60.0
   drop_privileges: bool | str = "auto"
   user: str = "nobody"
+  read_paths: tuple = ()
 
 
 def _world_readable_path(path: str) -> bool:
@@ -249,6 +335,9 @@ def harden_worker(limits: WorkerLimits) -> dict:
   for k in list(os.environ):
     if k not in KEPT_ENV:
       del os.environ[k]
+  done["environ"] = environ_report()
+  allow_reads(*limits.read_paths)
+  read_roots()  # computed now, while the working directory is the trainer's
   blocker = privilege_drop_blocker(limits)
   if blocker is None:
     pw = pwd.getpwnam(limits.user)
@@ -271,3 +360,38 @@ def in_forkserver() -> bool:
       return True
     f = f.f_back
   return False
+
+
+def restart_scrubbed() -> None:
+  """Re-executes this process with only the FORKSERVER_ENV variables of its environment.
+
+  Run by the reward workers' fork server (`mixpo.rewards.worker_init`) before it imports
+  anything else: deleting from `os.environ` would leave the values in the environment block the
+  kernel shows as /proc/<pid>/environ, which every worker would inherit. The process keeps its
+  pid and the descriptors multiprocessing passed it. Falls back to scrubbing `os.environ` when
+  it was already re-executed or exec fails (`environ_report` then says what the block holds).
+  """
+  if os.environ.get(SCRUBBED_MARK) != "1":
+    env = {k: v for k, v in os.environ.items() if k in FORKSERVER_ENV}
+    env[SCRUBBED_MARK] = "1"
+    try:
+      os.execve(sys.executable, sys.orig_argv, env)
+    except OSError:
+      pass
+  for k in list(os.environ):
+    if k not in FORKSERVER_ENV and k != SCRUBBED_MARK:
+      del os.environ[k]
+
+
+def environ_report() -> str:
+  """What the environment block this process started with holds (its /proc/self/environ)."""
+  try:
+    with open("/proc/self/environ", "rb") as f:
+      names = {v.split(b"=", 1)[0].decode(errors="replace") for v in f.read().split(b"\0") if v}
+  except OSError:
+    return "unknown (no /proc)"
+  extra = names - set(FORKSERVER_ENV) - {SCRUBBED_MARK}
+  if not extra:
+    return "scrubbed"
+  return (f"the start-up block still holds {len(extra)} other variables (e.g. {sorted(extra)[0]})"
+          ": the fork server was not started with mixpo.rewards.worker_init preloaded")
