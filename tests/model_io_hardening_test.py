@@ -202,6 +202,14 @@ def _copy_with_config(src, dst, **changes):
     ("num_hidden_layers", True),
     ("hidden_size", 30),  # 30 % 4 heads != 0 and no explicit head_dim.
     ("head_dim", 7),  # RoPE rotates pairs: an odd head_dim cannot be.
+    # Wrong JSON types; main read the quoted "false" as True (bool("false")).
+    ("tie_word_embeddings", "false"),
+    ("attention_bias", "true"),
+    ("use_sliding_window", "false"),
+    ("mlp_bias", 0),
+    ("architectures", "Qwen2ForCausalLM"),
+    ("rope_scaling", "linear"),
+    ("model_type", ["qwen2"]),
 ])
 def test_invalid_config_json_is_refused_naming_field_value_and_file(tiny_checkpoint, tmp_path,
                                                                     field, value):
