@@ -410,6 +410,7 @@ class Checkpointer:
     for old in steps[:-self.keep]:
       src = os.path.join(self.directory, str(old))
       gone = src + _DELETING
+      shutil.rmtree(gone, ignore_errors=True)  # Left by a delete of this step number that failed.
       os.rename(src, gone)  # Atomic: the step is whole or absent, never half deleted.
       shutil.rmtree(gone, ignore_errors=True)
 
