@@ -42,7 +42,6 @@ trace-fed cell is charged its share of the file's generation time).
 """
 
 import os
-import stat
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,27 +109,14 @@ def check_workroot(workroot: str) -> None:
   its shared models directory) must be owned by this user and not writable by every user; a
   symlinked root must be a link this user or root made. A root that does not exist yet is fine.
   """
-  uid = os.getuid()
+  from mixpo.builtin import untrusted_reason  # noqa: PLC0415 — after hostmem (main)
   for path in (workroot, os.path.join(workroot, "models")):
-    if not os.path.lexists(path):
-      continue
-    link, st = os.lstat(path), (os.stat(path) if os.path.exists(path) else None)
-    if st is None:
-      why = "is a dangling symlink"
-    elif stat.S_ISLNK(link.st_mode) and link.st_uid not in (uid, 0):
-      why = f"is a symlink owned by uid {link.st_uid}"
-    elif not stat.S_ISDIR(st.st_mode):
-      why = "is not a directory"
-    elif st.st_uid != uid:
-      why = f"is owned by uid {st.st_uid}, not by you (uid {uid})"
-    elif st.st_mode & stat.S_IWOTH:
-      why = f"is writable by every user (mode {stat.S_IMODE(st.st_mode):o})"
-    else:
-      continue
-    raise app.UsageError(
-        f"--workroot={workroot}: {path} {why}. Its cached models and summary.json files would "
-        "be reused as they are; pass a --workroot of your own (default ./workdir_compare), or "
-        "fix its owner / `chmod o-w` it if you trust its contents.")
+    why = untrusted_reason(path)
+    if why is not None:
+      raise app.UsageError(
+          f"--workroot={workroot}: {path} {why}. Its cached models and summary.json files would "
+          "be reused as they are; pass a --workroot of your own (default ./workdir_compare), or "
+          "fix its owner / `chmod o-w` it if you trust its contents.")
 
 
 def main(argv):

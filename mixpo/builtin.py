@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import jax
 import numpy as np
@@ -21,6 +22,33 @@ from mixpo.batch import make_batch
 from mixpo.data import char_tokenizer, get_task
 from mixpo.data.tokenizer import DEFAULT_ALPHABET
 from mixpo.rollout import encode_prompts
+
+
+class UntrustedDirectoryError(ValueError):
+  """A directory whose contents would be reused as they are could have been filled by others."""
+
+
+def untrusted_reason(path: str) -> str | None:
+  """Why reusing `path` (an existing directory of cached models or results) is unsafe, or None.
+
+  It must be a directory owned by this user and not writable by every user; a symlink must be
+  one this user or root made. A path that does not exist is fine (it will be created).
+  """
+  if not os.path.lexists(path):
+    return None
+  uid = os.getuid()
+  link, st = os.lstat(path), (os.stat(path) if os.path.exists(path) else None)
+  if st is None:
+    return "is a dangling symlink"
+  if stat.S_ISLNK(link.st_mode) and link.st_uid not in (uid, 0):
+    return f"is a symlink owned by uid {link.st_uid}"
+  if not stat.S_ISDIR(st.st_mode):
+    return "is not a directory"
+  if st.st_uid != uid:
+    return f"is owned by uid {st.st_uid}, not by you (uid {uid})"
+  if st.st_mode & stat.S_IWOTH:
+    return f"is writable by every user (mode {stat.S_IMODE(st.st_mode):o})"
+  return None
 
 
 def tiny_hf_config(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4,
@@ -91,7 +119,16 @@ def ensure_builtin_models(directory: str, cfg,
   characters), `guide_task_kwargs` (knobs the guide's SFT task overrides, e.g. another solution
   style), `max_answer_tokens` (SFT target length). A directory is reused only if its recipe file
   matches `cfg` exactly; otherwise it is rebuilt.
+
+  Raises UntrustedDirectoryError when `directory` or a model directory in it exists but is not
+  this user's alone (`untrusted_reason`): its models would be loaded as they are.
   """
+  for path in (directory, *(os.path.join(directory, n) for n in ("guide", "policy_init"))):
+    if (why := untrusted_reason(path)) is not None:
+      raise UntrustedDirectoryError(
+          f"built-in models directory {path} {why}; its models would be reused as they are. "
+          "Pass a config.builtin_dir (or --workdir) of your own, or fix its owner / `chmod o-w` "
+          "it if you trust its contents.")
   recipe = json.dumps(cfg.to_dict(), sort_keys=True)
   tokenizer = char_tokenizer(cfg.get("alphabet") or DEFAULT_ALPHABET)
   tasks = {"guide": get_task(cfg.task, **{**cfg.task_kwargs, **cfg.get("guide_task_kwargs", {})}),

@@ -10,9 +10,16 @@ base.json                  LoRA runs: path + checksum of the frozen base the ada
   mixpo_manifest.json      size + sha256 of every other file, written after orbax has finalised
 ```
 Orbax's atomic rename guards against a crash mid-save; the manifest guards against what happens
-to the files afterwards (truncation, bit flips, a half-copied directory). `restore_latest` walks
-steps newest first, skips (with a warning naming the step and reason) any that fail verification,
-and raises rather than start from scratch when step directories exist but none is valid.
+to the files afterwards (truncation, bit flips, a half-copied directory, a file added later): a
+step is valid only when its manifest lists exactly the files the step holds and each matches.
+`restore_latest` walks steps newest first, skips (with a warning naming the step and reason) any
+that fail verification, and raises rather than start from scratch when step directories exist
+but none is valid.
+
+Rotation (`keep`) is done here, not by orbax: an older step is deleted only after the newer one
+has its manifest written and read back, so a crash at any point leaves at least one valid step
+(orbax's own policy deletes before the manifest exists). A deleted step is first renamed to
+`<step>.mixpo-deleting`, so a crash mid-delete leaves no half step directory.
 
 Only process 0 writes the fingerprint and manifests; every process verifies before restoring.
 Paths are local or mounted (FUSE) filesystems: the checks use `os`, not `epath`.
@@ -39,6 +46,7 @@ DEFAULT_MIN_FREE_BYTES = 256 * 2**20  # Refuse to start below this much free dis
 
 _STEP_DIR = re.compile(r"^\d+$")
 _TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
+_DELETING = ".mixpo-deleting"  # Suffix of a step directory being deleted by rotation.
 
 
 class CheckpointDirectoryError(OSError):
@@ -148,8 +156,12 @@ def write_manifest(step_dir: str, step: int) -> None:
   os.replace(tmp, os.path.join(step_dir, MANIFEST_FILE))  # Atomic: no half-written manifest.
 
 
-def verify_manifest(step_dir: str, step: int) -> str | None:
-  """Checks a step directory against its manifest; returns None if intact, else the reason."""
+def verify_manifest(step_dir: str, step: int, checksums: bool = True) -> str | None:
+  """Checks a step directory against its manifest; returns None if intact, else the reason.
+
+  The manifest must list every file of the step (a file it does not list could hold anything),
+  and every listed file must exist with its size and, when `checksums`, its sha256.
+  """
   path = os.path.join(step_dir, MANIFEST_FILE)
   if not os.path.exists(path):
     return (f"no checksum manifest {MANIFEST_FILE} (the run likely stopped between orbax "
@@ -160,8 +172,17 @@ def verify_manifest(step_dir: str, step: int) -> str | None:
     files = manifest["files"]
     if manifest["step"] != step:
       return f"manifest is for step {manifest['step']}, not {step}"
+    if not isinstance(files, dict) or not all(
+        isinstance(w, dict) and isinstance(w.get("size"), int)
+        and isinstance(w.get("sha256"), str) for w in files.values()):
+      raise TypeError("'files' must map each file to its size and sha256")
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f"unreadable manifest {MANIFEST_FILE} ({type(e).__name__}: {e})"
+  unlisted = sorted(set(_files(step_dir)) - set(files))
+  if unlisted:
+    more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+    return (f"file {unlisted[0]}{more} is not in the manifest (a partial or edited manifest: "
+            "its contents are unverified)")
   for rel, want in sorted(files.items()):
     full = os.path.join(step_dir, rel)
     if not os.path.isfile(full):
@@ -169,7 +190,7 @@ def verify_manifest(step_dir: str, step: int) -> str | None:
     size = os.path.getsize(full)
     if size != want["size"]:
       return f"file {rel} has {size} bytes, manifest says {want['size']} (truncated or replaced)"
-    if _sha256(full) != want["sha256"]:
+    if checksums and _sha256(full) != want["sha256"]:
       return f"file {rel} fails its sha256 check (corrupted: bit flip or partial overwrite)"
   return None
 
@@ -238,14 +259,21 @@ class Checkpointer:
     if tmp and _is_primary():
       logging.warning("Checkpoint directory %s: removing incomplete (never finalised) saves %s.",
                       self.directory, sorted(tmp))
+    if _is_primary():  # Rotation that a crash cut short: the rename already took the step away.
+      for name in os.listdir(self.directory):
+        if name.endswith(_DELETING):
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    # No preservation policy: orbax would delete the older steps before the new one has its
+    # manifest (`_rotate` does it after). Handlers named up front: without them orbax cannot
+    # read a step's metadata before the first restore (warnings, and no dtype check).
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=self.keep),
             enable_async_checkpointing=self.async_save,
             cleanup_tmp_directories=True,
             create=True),
-        item_names=("state", "extra"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "extra": ocp.JsonCheckpointHandler()})
     self._pending: threading.Thread | None = None  # Waits for a save, then writes its manifest.
     self._pending_error: BaseException | None = None
     self._closed = False
@@ -334,6 +362,7 @@ class Checkpointer:
     self._check_open()
     extra = _canonical({} if extra is None else extra, f"Checkpointer.save(step={step}) extra")
     self._finish_pending()
+    self._mngr.reload()  # Steps the last rotation deleted.
     if step in self._mngr.all_steps():
       logging.info("Checkpoint step %d already in %s; not saving it again.", step, self.directory)
       return False
@@ -353,16 +382,37 @@ class Checkpointer:
     return True
 
   def _finalise(self, step: int, raise_errors: bool = False) -> None:
-    """Waits for orbax to finish `step`, then writes its manifest (process 0)."""
+    """Waits for orbax to finish `step`, writes its manifest, then rotates (process 0)."""
     try:
       self._mngr.wait_until_finished()
       if _is_primary():
-        write_manifest(os.path.join(self.directory, str(step)), step)
+        step_dir = os.path.join(self.directory, str(step))
+        write_manifest(step_dir, step)
+        self._rotate(step, step_dir)
     except BaseException as e:  # Re-raised on the caller's thread by _finish_pending.
       e.add_note(f"while finishing checkpoint step {step} in {self.directory}")
       if raise_errors:
         raise
       self._pending_error = e
+
+  def _rotate(self, step: int, step_dir: str) -> None:
+    """Deletes the steps older than the newest `keep`, once `step` reads back as complete.
+
+    Process 0 only (a plain delete, no collective: this may run on the save thread); the
+    other processes see the deletion when orbax next lists the directory.
+    """
+    reason = verify_manifest(step_dir, step, checksums=False)  # The hashes were just computed.
+    if reason is not None:
+      raise RuntimeError(f"checkpoint step {step} in {step_dir} does not read back after its save "
+                         f"({reason}); older steps are kept.")
+    steps = sorted(int(n) for n in os.listdir(self.directory)
+                   if _STEP_DIR.match(n) and int(n) <= step)
+    for old in steps[:-self.keep]:
+      src = os.path.join(self.directory, str(old))
+      gone = src + _DELETING
+      shutil.rmtree(gone, ignore_errors=True)  # Left by a delete of this step number that failed.
+      os.rename(src, gone)  # Atomic: the step is whole or absent, never half deleted.
+      shutil.rmtree(gone, ignore_errors=True)
 
   def _finish_pending(self) -> None:
     if self._pending is not None:

@@ -341,6 +341,9 @@ def user_error_message(exc: BaseException) -> str | None:
             "them.)")
   if isinstance(exc, checkpoint.CheckpointDirectoryError):
     return f"--workdir: {exc}"
+  from mixpo import builtin
+  if isinstance(exc, builtin.UntrustedDirectoryError):
+    return flagify(str(exc))
   if isinstance(exc, UserError):
     return str(exc)
   if isinstance(exc, (app.UsageError, flags.Error)):

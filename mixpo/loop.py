@@ -356,8 +356,7 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str, preempt: _Preemp
           base_path = json.load(f)["path"]
         models.save_adapter(export, os.path.join(workdir, "export_adapter"), base_path)
         export = lora.merged(export)
-      models.save_pretrained(export, os.path.join(workdir, "export"))
-      exp.tokenizer.save_pretrained(os.path.join(workdir, "export"))
+      models.save_pretrained(export, os.path.join(workdir, "export"), tokenizer=exp.tokenizer)
     summary["plots"] = mlog.plot_run(workdir)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)

@@ -1,6 +1,7 @@
 """Tests for mixpo.checkpoint: exact resume, keep-N, async saves, corrupt fallback, fingerprints."""
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -234,3 +235,80 @@ def test_resume_bit_identical_other_dtypes(tmp_path):
   restored["typed_key"] = jax.random.key_data(restored["typed_key"])
   state["typed_key"] = jax.random.key_data(state["typed_key"])
   _assert_bit_identical(restored, state)
+
+
+class _Killed(BaseException):
+  """Stands for SIGKILL at that line: nothing after it in the save runs."""
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_keep_one_kill_during_manifest_pass_resumes_the_previous_step(tmp_path, monkeypatch,
+                                                                      async_save):
+  """main: orbax deleted step 1 before step 2 had its manifest, so the rerun started from 0."""
+  _save_steps(tmp_path, [1], keep=1, async_save=async_save)
+  write = ckpt_lib.write_manifest
+
+  def killed_at_step_2(step_dir, step):
+    if step == 2:
+      raise _Killed
+    write(step_dir, step)
+
+  monkeypatch.setattr(ckpt_lib, "write_manifest", killed_at_step_2)
+  with pytest.raises(_Killed):
+    with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=1, async_save=async_save) as ck:
+      ck.save(2, _state(seed=2, step=2), {"data_pos": 20})
+  monkeypatch.setattr(ckpt_lib, "write_manifest", write)
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=1, async_save=False) as ck:
+    got = ck.restore_latest(_state())
+    assert got is not None, "the rerun would start from step 0"
+    step, restored, extra = got
+    assert step == 1 and extra == {"data_pos": 10}
+    _assert_bit_identical(restored, _state(seed=1, step=1))
+    ck.save(2, _state(seed=2, step=2), {"data_pos": 20})  # Step 2 redone; step 1 rotated out.
+    assert ck.all_steps() == [2]
+
+
+def test_partial_manifest_does_not_vouch_for_unlisted_files(tmp_path, caplog):
+  """main: a manifest that omitted the flipped array file verified, and step 2 was restored
+  from it (a restore error here, wrong values where the flip misses the chunk checksums)."""
+  _save_steps(tmp_path, [1, 2])
+  step_dir = os.path.join(tmp_path, "2")
+  path = max((os.path.join(r, n) for r, _, ns in os.walk(os.path.join(step_dir, "state", "d"))
+              for n in ns), key=os.path.getsize)  # An array data file.
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x04
+  open(path, "wb").write(bytes(data))
+  manifest_file = os.path.join(step_dir, ckpt_lib.MANIFEST_FILE)
+  manifest = json.load(open(manifest_file))
+  del manifest["files"][os.path.relpath(path, step_dir)]
+  json.dump(manifest, open(manifest_file, "w"))
+  with caplog.at_level(logging.WARNING), ckpt_lib.Checkpointer(tmp_path, save_every=1,
+                                                               keep=5) as ck:
+    step, restored, _ = ck.restore_latest(_state())
+  assert step == 1
+  _assert_bit_identical(restored, _state(seed=1, step=1))
+  assert any("skipping step 2" in r.getMessage() and os.path.relpath(path, step_dir)
+             in r.getMessage() and "not in the manifest" in r.getMessage()
+             for r in caplog.records)
+
+
+def test_resume_in_a_new_process_logs_no_orbax_warnings_and_checks_dtypes(tmp_path, caplog):
+  """main: a fresh Checkpointer (every resume) logged 4 orbax 'could not be restored' warnings
+  and 'cannot read array metadata', then restored bfloat16 into float32 without the refusal."""
+  state = {"params": {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3) / 7},
+           "step": jnp.int32(3)}
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=1, async_save=False) as ck:
+    ck.save(1, state, {"data_pos": 1})
+  with caplog.at_level(logging.WARNING), ckpt_lib.Checkpointer(tmp_path, save_every=1,
+                                                               keep=1) as ck:
+    step, restored, _ = ck.restore_latest(jax.tree.map(jnp.zeros_like, state))
+  assert step == 1
+  _assert_bit_identical(restored, state)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not warnings, warnings
+  target = {"params": {"w": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16)},
+            "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=1) as ck:
+    with pytest.raises(ckpt_lib.DtypeMismatchError, match="params/w: stored float32, target "
+                       "bfloat16"):
+      ck.restore_latest(target)

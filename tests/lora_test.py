@@ -331,6 +331,73 @@ def test_unsupported_peft_adapters_are_refused_by_field(hf_base, tmp_path):
     models.load_adapter(models.from_pretrained(path), str(tmp_path))
 
 
+def _peft_adapter(path, out, seed=1, **kw):
+  """A "trained" PEFT adapter (random B) on the base at `path`, saved to `out`; its peft model."""
+  import peft
+  import torch
+  torch.manual_seed(seed)
+  model = peft.get_peft_model(_hf_model(path), peft.LoraConfig(r=2, lora_alpha=4,
+                                                               init_lora_weights=False, **kw))
+  model.save_pretrained(str(out))
+  return model.eval()
+
+
+def _edit_config(directory, **changes):
+  with open(directory / "adapter_config.json") as f:
+    config = json.load(f)
+  config.update(changes)
+  with open(directory / "adapter_config.json", "w") as f:
+    json.dump(config, f)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+    dict(target_modules=r".*\.1\.mlp\.(up|down)_proj"),
+    dict(target_modules="all-linear", exclude_modules=["o_proj", "model.layers.0.mlp.up_proj"]),
+    dict(target_modules=["k_proj", "model.layers.1.self_attn.q_proj"], layers_to_transform=0,
+         layers_pattern="layers"),
+], ids=["layers_to_transform", "regex", "all_linear_exclude", "exact_name_and_pattern"])
+def test_peft_selection_rules_load_the_model_peft_loads(hf_base, tmp_path, kw):
+  peft_model = _peft_adapter(hf_base[0], tmp_path, **kw)
+  model = models.from_pretrained(hf_base[0])
+  models.load_adapter(model, str(tmp_path))
+  want = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+          for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default")}
+  names = models.peft_io.module_names(2)
+  assert {names[p] for p in lora.adapters(model)} == want
+  tokens, _ = _tokens(t=8)
+  np.testing.assert_allclose(np.asarray(model(tokens)), _torch_logits(peft_model, tokens),
+                             atol=1e-4, rtol=0)
+
+
+def test_peft_config_that_disagrees_with_its_tensors_loads_as_in_peft_or_is_refused(hf_base,
+                                                                                  tmp_path):
+  """main: the tensors were applied whatever the config selected; with layers_to_transform=[0]
+  over tensors of both layers, mixpo's logits differed from peft's by 0.49, no error."""
+  import peft
+  path = hf_base[0]
+  _peft_adapter(path, tmp_path / "a", target_modules=["q_proj", "v_proj"])
+  tokens, _ = _tokens(t=8)
+  for changes, field in ((dict(layers_to_transform=[0]), "layers_to_transform"),
+                         (dict(target_modules=["q_proj"]), "target_modules"),
+                         (dict(exclude_modules=["model.layers.1.self_attn.v_proj"]),
+                          "exclude_modules"),
+                         (dict(target_modules=["q_proj", "v_proj", "k_proj"]), "k_proj")):
+    _edit_config(tmp_path / "a", **changes)
+    model = models.from_pretrained(path)
+    try:
+      models.load_adapter(model, str(tmp_path / "a"))
+    except ValueError as e:
+      assert "adapter_config.json" in str(e) and field in str(e), str(e)
+    else:
+      assert field != "k_proj", "peft gives k_proj a fresh random adapter: must be refused"
+      want = _torch_logits(peft.PeftModel.from_pretrained(_hf_model(path), str(tmp_path / "a")),
+                           tokens)
+      np.testing.assert_allclose(np.asarray(model(tokens)), want, atol=1e-4, rtol=0)
+    _edit_config(tmp_path / "a", target_modules=["q_proj", "v_proj"], layers_to_transform=None,
+                 exclude_modules=None)
+
+
 # -- checkpoints: adapters + optimizer, tied to their base ----------------------------------------
 
 

@@ -101,6 +101,76 @@ def test_export_failure_leaves_the_previous_export_intact(tmp_path, monkeypatch)
   assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
+class _Killed(BaseException):
+  """Stands for SIGKILL at that line: nothing after it runs."""
+
+
+def _chat_tokenizer(template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"):
+  from mixpo.data import char_tokenizer
+  tokenizer = char_tokenizer("0123456789+-*/=() abcdefghijklmnopqrstuvwxyz<>")
+  tokenizer.chat_template = template
+  return tokenizer
+
+
+def test_export_swaps_weights_config_and_tokenizer_in_as_one_directory(tmp_path, monkeypatch):
+  """main: the tokenizer was written after the weights' swap; a kill between left an export whose
+  load_tokenizer returned an empty one-token tokenizer."""
+  path = str(tmp_path / "export")
+  old, new = models.init_from_config(TINY, rng=0), models.init_from_config(TINY, rng=1)
+  tokenizer = _chat_tokenizer()
+  models.save_pretrained(old, path, tokenizer=tokenizer)
+  with open(os.path.join(path, "vocab.json"), "w") as f:
+    f.write("{}")  # A file of an earlier tokenizer: replaced along with the tokenizer.
+  before = {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)}
+
+  def killed(self, *args, **kwargs):
+    raise _Killed
+
+  with monkeypatch.context() as m:
+    m.setattr(type(tokenizer), "save_pretrained", killed)
+    with pytest.raises(_Killed):
+      models.save_pretrained(new, path, tokenizer=tokenizer)
+  assert {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)} == before
+  models.save_pretrained(new, path, tokenizer=tokenizer)
+  assert "vocab.json" not in os.listdir(path)
+  got = models.from_pretrained(path).embed.embedding.get_value()
+  assert np.array_equal(np.asarray(got), np.asarray(new.embed.embedding.get_value()))
+  loaded = models.load_tokenizer(path)
+  assert loaded.get_vocab() == tokenizer.get_vocab() and loaded.chat_template == tokenizer.chat_template
+
+
+def test_load_tokenizer_refuses_a_directory_without_tokenizer_files(tmp_path):
+  path = str(tmp_path / "weights_only")
+  models.save_pretrained(models.init_from_config(TINY, rng=0), path)
+  with pytest.raises(FileNotFoundError, match=re.escape(repr(path)) + ".*no tokenizer files|"
+                     "no tokenizer files in " + re.escape(repr(path))):
+    models.load_tokenizer(path)
+
+
+def test_tokenizer_files_symlinked_outside_the_checkpoint_are_refused(tmp_path):
+  """main: a chat_template.jinja linked to a credentials file was rendered into every prompt."""
+  secret = tmp_path / "credentials"
+  secret.write_text("aws_secret_access_key = hunter2")
+  path = tmp_path / "ckpt"
+  _chat_tokenizer().save_pretrained(str(path))
+  os.remove(path / "chat_template.jinja")
+  os.symlink(str(secret), str(path / "chat_template.jinja"))
+  with pytest.raises(ValueError, match=re.escape(str(path / "chat_template.jinja")) + ".*outside"):
+    models.load_tokenizer(str(path))
+  # huggingface_hub's layout (snapshots/<rev>/<file> -> ../../blobs/<hash>) still loads.
+  repo = tmp_path / "models--org--tiny"
+  snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+  snapshot.mkdir(parents=True)
+  blobs.mkdir()
+  os.remove(path / "chat_template.jinja")
+  _chat_tokenizer().save_pretrained(str(path))
+  for i, name in enumerate(sorted(os.listdir(path))):
+    os.rename(str(path / name), str(blobs / f"blob{i}"))
+    os.symlink(f"../../blobs/blob{i}", str(snapshot / name))
+  assert models.load_tokenizer(str(snapshot)).chat_template == _chat_tokenizer().chat_template
+
+
 # -- index containment -----------------------------------------------------------------------
 
 
@@ -202,6 +272,14 @@ def _copy_with_config(src, dst, **changes):
     ("num_hidden_layers", True),
     ("hidden_size", 30),  # 30 % 4 heads != 0 and no explicit head_dim.
     ("head_dim", 7),  # RoPE rotates pairs: an odd head_dim cannot be.
+    # Wrong JSON types; main read the quoted "false" as True (bool("false")).
+    ("tie_word_embeddings", "false"),
+    ("attention_bias", "true"),
+    ("use_sliding_window", "false"),
+    ("mlp_bias", 0),
+    ("architectures", "Qwen2ForCausalLM"),
+    ("rope_scaling", "linear"),
+    ("model_type", ["qwen2"]),
 ])
 def test_invalid_config_json_is_refused_naming_field_value_and_file(tiny_checkpoint, tmp_path,
                                                                     field, value):
@@ -301,6 +379,31 @@ def test_compare_refuses_a_workroot_others_can_write(tmp_path, kind):
   assert out.returncode != 0
   assert f"--workroot={root}" in out.stderr and why in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["world_writable", "other_owner"])
+def test_builtin_dir_others_could_fill_is_refused_before_its_models_are_reused(tmp_path, kind):
+  """main: a builtin_dir whose recipe files matched was reused with no owner / mode check."""
+  from experiments.configs import smoke
+  from mixpo import builtin, cli
+  cfg = smoke.get_config().builtin
+  root = tmp_path / "models"
+  for name in ("guide", "policy_init"):  # A recipe match: main reused these without building.
+    (root / name).mkdir(parents=True)
+    (root / name / "mixpo_recipe.json").write_text(json.dumps(cfg.to_dict(), sort_keys=True))
+  if kind == "world_writable":
+    os.chmod(root / "guide", 0o777)
+    bad, why = root / "guide", "writable by every user"
+  elif os.getuid() == 0:
+    os.chown(root, 65534, 65534)
+    bad, why = root, "owned by uid 65534"
+  else:
+    root = bad = "/"
+    why = "owned by uid 0"
+  with pytest.raises(ValueError) as info:  # main: returned the reused paths.
+    builtin.ensure_builtin_models(str(root), cfg)
+  message = cli.user_error_message(info.value)  # What the binaries print (exit 2).
+  assert f"{bad} is {why}" in message and "--config.builtin_dir" in message, message
 
 
 # -- coordinator bind address ----------------------------------------------------------------

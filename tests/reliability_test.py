@@ -519,3 +519,21 @@ def test_fuzz_answer_verification_malformed_completion_scores_zero(monkeypatch):
   assert time.monotonic() - t < 30
   assert res.errors == 0 and np.all(res.rewards == 0.0)  # no 7 anywhere: malformed → 0
   assert np.all(res.rewards[res.timed_out] == 0.0)
+
+
+def test_kill_during_the_export_leaves_no_export_without_its_tokenizer(env, reference):
+  """main: the weights were swapped in first and the tokenizer written after; a kill between
+  left export/ whose load_tokenizer silently gave an empty one-token tokenizer."""
+  from mixpo import models
+  workdir = os.path.join(env.base, "export_kill")
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(os.path.join(workdir, "export"))
+  kill = ("import os; from transformers.tokenization_utils_base import PreTrainedTokenizerBase; "
+          "PreTrainedTokenizerBase.save_pretrained = lambda *a, **k: os._exit(9)")
+  rc, out = env.run(workdir, ok=False, prelude=kill)  # Resumes at the last step: export only.
+  assert rc == 9, out[-3000:]
+  export = os.path.join(workdir, "export")
+  if os.path.exists(export):  # What main left: weights and config, no tokenizer files.
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+      models.load_tokenizer(export)
+  assert not os.path.exists(export), sorted(os.listdir(export))

@@ -263,6 +263,11 @@ EOS2 = [5, 2]  # "1" + EOS under char_tokenizer()
     ({"prompt": "1+1=", "answer": "2", "responses": ["1"], "response_tokens": [EOS2],
       "guide_logp": [[-0.1, 0.5]]},
      r"line 2: field 'guide_logp.0' holds a non-finite or positive"),
+    # Finite in float64, -inf in the float32 the trainer computes in (main: accepted, NaN ratios).
+    ({"prompt": "1+1=", "answer": "2", "responses": ["1"], "response_tokens": [EOS2],
+      "guide_logp": [[-0.1, -3.5e38]]},
+     r"line 2: field 'guide_logp.0' holds a non-finite or positive log-prob at entry 1 "
+     r"\(-3\.5e\+38\).*finite in float32"),
     ({"prompt": "1+1=", "answer": "2", "responses": ["1", "2"], "correct": [True]},
      r"line 2: field 'correct' must hold one entry per response \(2\), got 1"),
     ({"prompt": "1+1=" * 20, "answer": "2", "response": "2"},

@@ -27,6 +27,7 @@ import os
 import re
 from typing import Any, Iterator
 
+from mixpo.data import chat_render
 from mixpo.data.tasks import Example
 from mixpo.rewards.math_answer import (MAX_REFERENCE_DIGITS, ReferenceMisread, ReferenceTooLarge,
                                        ReferenceTooSlow, parse_gold, probe_reference)
@@ -317,7 +318,8 @@ def number_text(value: int | float | decimal.Decimal, field: str, where: str) ->
 
 def render_prompt(value: Any, field: str, where: str, tokenizer=None, chat_template=False) -> str:
   """Prompt text; a chat list (or, with chat_template, a string as one user turn) is rendered
-  with tokenizer.apply_chat_template(..., add_generation_prompt=True)."""
+  with tokenizer.apply_chat_template(..., add_generation_prompt=True), bounded in time, memory
+  and size (`chat_render.render`)."""
   is_chat = isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
   if not chat_template:
     if is_chat:
@@ -335,7 +337,7 @@ def render_prompt(value: Any, field: str, where: str, tokenizer=None, chat_templ
   msgs = value if is_chat else [{"role": "user", "content": as_text(value, field, where)}]
   if not msgs or not any(str(m.get("content", "")).strip() for m in msgs):
     raise DataError(f"{where}: field {field!r} is an empty conversation", "empty")
-  return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+  return chat_render.render(tokenizer, msgs, where)
 
 
 def check_prompt_length(tokenizer, prompt: str, limit: int, field: str, where: str) -> None:

@@ -35,10 +35,13 @@ import json
 import math
 from typing import Any
 
+import numpy as np
+
 from mixpo.data.readers import (DataError, ReadSummary, answer_reason, as_text,
                                 check_prompt_length, get_field, iter_rows, parse_reference,
                                 render_prompt)
 
+_FLOAT32_LOWEST = float(np.finfo(np.float32).min)  # Finite in float32 down to here.
 FIELD_KEYS = ("prompt", "answer", "response", "responses", "correct", "tokens", "logp",
               "tokenizer", "logp_temperature", "data_source", "extra_info")
 TRACE_FORMATS = {
@@ -238,9 +241,13 @@ def _logp_list(value, n_tokens, where, field="guide_logp", tokens_field="respons
   if not isinstance(value, list) or not all(
       isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
     raise DataError(f"{where}: field {field!r} must be a list of floats", "bad_type")
-  if any(not math.isfinite(x) or x > 1e-6 for x in value):
-    raise DataError(f"{where}: field {field!r} holds a non-finite or positive log-prob; store "
-                    "natural-log probabilities (<= 0)", "bad_logp")
+  for i, x in enumerate(value):
+    # Range-checked as the float32 the trainer computes in: below -3.4e38 a finite float64
+    # becomes -inf there, and the ratios NaN.
+    if not math.isfinite(x) or x > 1e-6 or not x >= _FLOAT32_LOWEST:
+      raise DataError(f"{where}: field {field!r} holds a non-finite or positive log-prob at "
+                      f"entry {i} ({x!r}); store natural-log probabilities <= 0 that are finite "
+                      f"in float32 (>= {_FLOAT32_LOWEST:.7g})", "bad_logp")
   if n_tokens is None:
     raise DataError(f"{where}: field {field!r} without {tokens_field!r}; log-probs are per token of"
                     " a tokenization, so store the tokens too (or drop the log-probs)", "bad_logp")

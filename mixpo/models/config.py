@@ -5,8 +5,10 @@ One config covers the Llama family as implemented in transformers:
   qwen2  (Qwen2 / Qwen2.5; bias on q/k/v only, tied or untied embeddings)
   qwen3  (Qwen3; RMSNorm on q and k per head, explicit head_dim, optional attention_bias)
 Anything else fails in `from_hf_config` with an error naming the config.json field and value, as
-do sizes that are not positive integers, head counts that do not divide, an odd head_dim, and a
-rope_theta / rms_norm_eps / rope factor that is not a finite number > 0 (they give NaN logits).
+do sizes that are not positive integers, head counts that do not divide, an odd head_dim, a
+rope_theta / rms_norm_eps / rope factor that is not a finite number > 0 (they give NaN logits),
+and any field read of the wrong JSON type (a quoted "false" where a boolean belongs, a string
+where a list or object belongs).
 """
 
 from __future__ import annotations
@@ -102,23 +104,50 @@ def positive_float(field: str, value, where: str = "config.json field ") -> floa
   return float(value)
 
 
+def boolean(field: str, value, default: bool) -> bool:
+  """A JSON true / false (`default` when absent or null), else ValueError naming `field`.
+
+  A string such as "false" is refused, not read as truthy: it would flip the setting silently.
+  """
+  if value is None:
+    return default
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"config.json field {field}={value!r} must be true or false (a JSON "
+                     "boolean, unquoted); fix it.")
+  return bool(value)
+
+
+def _number(field: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise ValueError(f"config.json field {field}={value!r} must be a number; fix it.")
+  return float(value)
+
+
 def _rope_fields(hf: dict) -> dict:
   """Reads rope settings in both config.json styles: transformers>=5 `rope_parameters`
   and the older `rope_theta` + `rope_scaling`."""
   params = hf.get("rope_parameters")
+  group = "rope_parameters" if params is not None else "rope_scaling"
   if params is None:
-    params = dict(hf.get("rope_scaling") or {})
+    params = hf.get("rope_scaling")
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+      raise ValueError(f"config.json field rope_scaling={params!r} must be an object or null; "
+                       "fix it.")
+    params = dict(params)
     if "rope_theta" in hf:
       params["rope_theta"] = hf["rope_theta"]
+  if not isinstance(params, dict):
+    raise ValueError(f"config.json field rope_parameters={params!r} must be an object; fix it.")
   if "rope_type" not in params and "type" in params:  # pre-4.45 spelling.
     params = {**params, "rope_type": params["type"]}
+  field = f"{group}.rope_type"
   rope_type = params.get("rope_type", "default")
-  field = "rope_parameters.rope_type" if "rope_parameters" in hf else "rope_scaling.rope_type"
-  if rope_type not in SUPPORTED_ROPE_TYPES:
+  if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
     raise ValueError(f"config.json field {field}={rope_type!r} is not supported; supported rope "
                      f"types: {SUPPORTED_ROPE_TYPES}.")
   partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-  if partial != 1.0:
+  if _number("partial_rotary_factor", partial) != 1.0:
     raise ValueError(f"config.json field partial_rotary_factor={partial} is not supported "
                      "(only full rotary embeddings, 1.0).")
   prefix = field.rsplit(".", 1)[0]
@@ -159,21 +188,29 @@ def from_hf_config(hf_config, **options) -> ModelConfig:
   unknown = set(options) - set(OPTION_NAMES)
   if unknown:
     raise TypeError(f"unknown model options {sorted(unknown)}; allowed: {OPTION_NAMES}.")
+  # Every field read here is type-checked: JSON written by hand or by other tools may quote a
+  # boolean ("false" is truthy) or nest a value differently, and a wrong type must not pass as
+  # another setting.
   model_type = hf.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
+  if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(f"config.json field model_type={model_type!r} is not supported; supported: "
                      f"{SUPPORTED_MODEL_TYPES}.")
-  for arch in hf.get("architectures") or ():
+  archs = hf.get("architectures")
+  if archs is not None and (not isinstance(archs, list)
+                            or not all(isinstance(a, str) for a in archs)):
+    raise ValueError(f"config.json field architectures={archs!r} must be a list of class names "
+                     "(e.g. [\"Qwen2ForCausalLM\"]); fix it.")
+  for arch in archs or ():
     if not arch.endswith("ForCausalLM"):
       raise ValueError(f"config.json field architectures={hf['architectures']!r} is not a causal "
                        "LM; only *ForCausalLM checkpoints are supported.")
   act = hf.get("hidden_act", "silu")
   if act != "silu":
     raise ValueError(f"config.json field hidden_act={act!r} is not supported (only 'silu').")
-  if hf.get("use_sliding_window", False):
+  if boolean("use_sliding_window", hf.get("use_sliding_window"), False):
     raise ValueError("config.json field use_sliding_window=true is not supported; set it false "
                      "(full causal attention only).")
-  if hf.get("mlp_bias", False):
+  if boolean("mlp_bias", hf.get("mlp_bias"), False):
     raise ValueError("config.json field mlp_bias=true is not supported.")
   missing = [f for f in REQUIRED_FIELDS if f not in hf]
   if missing:
@@ -200,7 +237,7 @@ def from_hf_config(hf_config, **options) -> ModelConfig:
     raise ValueError(f"config.json field head_dim={head_dim!r} (hidden_size / "
                      "num_attention_heads when absent) is odd; rotary embeddings rotate pairs "
                      "of dimensions, so it must be even. Fix config.json.")
-  attention_bias = bool(hf.get("attention_bias", False))
+  attention_bias = boolean("attention_bias", hf.get("attention_bias"), False)
   return ModelConfig(
       model_type=model_type,
       vocab_size=sizes["vocab_size"],
@@ -216,7 +253,7 @@ def from_hf_config(hf_config, **options) -> ModelConfig:
       qkv_bias=True if model_type == "qwen2" else attention_bias,
       o_bias=False if model_type == "qwen2" else attention_bias,
       qk_norm=model_type == "qwen3",
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      tie_word_embeddings=boolean("tie_word_embeddings", hf.get("tie_word_embeddings"), False),
       hf_config_json=json.dumps(hf, sort_keys=True),
       **_rope_fields(hf),
       **options,

@@ -77,6 +77,14 @@ _WEIGHT_FILE = re.compile(r"(.*\.safetensors|.*\.safetensors\.index\.json|pytorc
                           r"|pytorch_model\.bin\.index\.json|tf_model.*\.h5|flax_model.*\.msgpack"
                           r"|config\.json)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# Files a transformers tokenizer reads from its directory; an export with a tokenizer replaces
+# all of them, so no file of the previous tokenizer is mixed into the new one.
+_TOKENIZER_FILE = re.compile(r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json"
+                             r"|chat_template\.jinja|chat_template\.json|additional_chat_templates"
+                             r"|vocab\..*|merges\.txt|.*\.model|.*\.tiktoken)$")
+# Files that hold a vocabulary: a tokenizer directory without any of them loads (silently) as
+# an empty tokenizer.
+_VOCAB_FILE = re.compile(r"(tokenizer\.json|.*\.model|vocab\..*|.*\.tiktoken)$")
 
 
 def param_path(var_path) -> str:
@@ -134,14 +142,14 @@ def _allowed_roots(path: str) -> list[str]:
   return roots
 
 
-def _contained(path: str, entry, index_file: str | None) -> str:
-  """The full path of weight file `entry` of checkpoint `path`, refused if it lies outside.
+def _contained(path: str, entry, index_file: str | None, what: str = "weight file") -> str:
+  """The full path of `what` `entry` of checkpoint `path`, refused if it lies outside.
 
   A weight_map may only name files inside the checkpoint directory: an index (or a symlink)
   that points elsewhere would make a downloaded checkpoint read files it does not ship.
   """
   where = (f"{index_file}: weight_map entry {entry!r}" if index_file
-           else f"weight file {os.path.join(path, entry)!r}")
+           else f"{what} {os.path.join(path, entry)!r}")
   if not isinstance(entry, str) or not entry:
     raise ValueError(f"{where} is not a file name; the index is corrupt (re-download it).")
   if os.path.isabs(entry) or ".." in re.split(r"[\\/]", entry):
@@ -277,16 +285,19 @@ def _read_shard(tensor_slice, transposed: bool, dtype, index_mixpo):
   return (value.T if transposed else value).astype(dtype)
 
 
-def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = None) -> None:
+def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = None,
+                    tokenizer=None) -> None:
   """Writes config.json + model.safetensors (or shards + index when the weights exceed
-  max_shard_bytes) that transformers.AutoModelForCausalLM.from_pretrained loads.
+  max_shard_bytes) that transformers.AutoModelForCausalLM.from_pretrained loads, and the
+  files of `tokenizer` (a transformers tokenizer) when given.
 
-  Atomic: the export is written into a temporary sibling directory that then replaces `path`
-  (an atomic exchange on Linux; elsewhere two renames, between which `path` is briefly absent).
-  Over an earlier export, every weight file and index of it is dropped (a stale index would win
-  in mixpo's loader while transformers reads the new file), and every other file or directory
-  the user put there (tokenizer, generation_config.json, README, ...) is carried over. A crash
-  or error leaves `path` as it was; a leftover `.<name>.tmp-*` sibling is safe to delete.
+  Atomic: the export (weights, config and tokenizer) is written into a temporary sibling
+  directory that then replaces `path` (an atomic exchange on Linux; elsewhere two renames,
+  between which `path` is briefly absent). Over an earlier export, every weight file and index
+  of it is dropped (a stale index would win in mixpo's loader while transformers reads the new
+  file), and so is every tokenizer file when `tokenizer` is given; every other file or directory
+  the user put there (generation_config.json, README, ...) is carried over. A crash or error
+  leaves `path` as it was; a leftover `.<name>.tmp-*` sibling is safe to delete.
   A symlinked `path` keeps its link: the directory it points to is replaced.
   """
   path = os.path.realpath(path)
@@ -299,8 +310,13 @@ def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = No
   os.mkdir(tmp)  # Not mkdtemp: the export gets the usual umask permissions, not 0o700.
   try:
     _write_export(model, tmp, max_shard_bytes)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
+      for root, _, files in os.walk(tmp):
+        for file in files:
+          _fsync(os.path.join(root, file))
     if os.path.isdir(path):
-      _carry_over(path, tmp)
+      _carry_over(path, tmp, drop_tokenizer=tokenizer is not None)
       shutil.copymode(path, tmp)
     _fsync(tmp)
     old = _swap_into_place(tmp, path)
@@ -348,11 +364,13 @@ def _write_export(model: CausalLM, path: str, max_shard_bytes: int | None) -> No
     _fsync(os.path.join(path, file))
 
 
-def _carry_over(old: str, new: str) -> None:
-  """Links (or copies) every entry of `old` but weights, indices and config.json into `new`."""
+def _carry_over(old: str, new: str, drop_tokenizer: bool = False) -> None:
+  """Links (or copies) every entry of `old` but weights, indices and config.json (and with
+  drop_tokenizer, tokenizer files) into `new`."""
   for entry in os.listdir(old):
     src, dst = os.path.join(old, entry), os.path.join(new, entry)
-    if _WEIGHT_FILE.match(entry) or os.path.lexists(dst):
+    if (_WEIGHT_FILE.match(entry) or os.path.lexists(dst)
+        or (drop_tokenizer and _TOKENIZER_FILE.match(entry))):
       continue
     if os.path.islink(src):
       os.symlink(os.readlink(src), dst)
@@ -409,18 +427,52 @@ def _swap_into_place(tmp: str, path: str) -> str | None:
   return old
 
 
+def _check_tokenizer_files(path: str) -> None:
+  """Refuses a tokenizer directory whose files lie outside it, or that holds no vocabulary.
+
+  Tokenizer files are confined like weight files: a chat_template.jinja symlinked to, say, a
+  credentials file would be rendered into every prompt, logged, trained on and exported.
+  """
+  entries = sorted(os.listdir(path))
+  templates = os.path.join(path, "additional_chat_templates")
+  if os.path.isdir(templates):
+    entries += [os.path.join("additional_chat_templates", n) for n in sorted(os.listdir(templates))]
+  for entry in entries:
+    if entry == "additional_chat_templates" or os.path.isdir(os.path.join(path, entry)):
+      continue  # Only files are read; the templates directory's files were listed above.
+    _contained(path, entry, None, what="tokenizer directory file")
+  if not any(_VOCAB_FILE.match(e) for e in entries):
+    raise FileNotFoundError(
+        f"no tokenizer files in {path!r} (tokenizer.json, tokenizer.model or vocab.json + "
+        "merges.txt): a weights-only directory, or an export cut short before its tokenizer "
+        "was written. Copy the tokenizer files of the model it came from into it.")
+
+
 def load_tokenizer(path: str):
-  """transformers AutoTokenizer from a local checkpoint directory (never downloads)."""
+  """transformers AutoTokenizer from a local checkpoint directory (never downloads).
+
+  Raises naming the file when a tokenizer file (chat template included) resolves outside
+  `path` (huggingface_hub's snapshots -> blobs links are fine), and naming `path` when it holds
+  no vocabulary file or loads as a tokenizer of fewer than 2 tokens.
+  """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist.")
+  _check_tokenizer_files(path)
   import transformers  # Local import: the model itself does not need transformers.
   # A tokenizer saved from a `tokenizers` object (mixpo's char tokenizer) names no class of its
   # own; AutoTokenizer then builds the model type's (Qwen2Tokenizer from config.json), whose
   # pre-tokenizer drops spaces and newlines: load it as the generic fast tokenizer it was saved as.
   cfg_file = os.path.join(path, "tokenizer_config.json")
+  saved_class = None
   if os.path.exists(cfg_file):
     with open(cfg_file) as f:
       saved_class = json.load(f).get("tokenizer_class")
-    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-      return transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-  return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+  else:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  if len(tokenizer) < 2:
+    raise ValueError(f"the tokenizer files in {path!r} load as a tokenizer of {len(tokenizer)} "
+                     "token(s): they are empty or truncated. Copy the tokenizer files of the "
+                     "model it came from into it.")
+  return tokenizer

@@ -10,12 +10,20 @@ torch's [out, in] orientation:
 
 for mixpo's `layers/{i}/attn/q_proj/lora/a` [in, r] and `.../lora/b` [r, out]. Both sides scale
 the update by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora).
+
+Reading is exact or refused. PEFT adapts the modules the config selects (target_modules,
+layers_to_transform / layers_pattern, exclude_modules, matched against the transformers module
+names as `peft` does) and ignores tensors of any other module; `load_adapter` computes the same
+selection and refuses an adapter whose tensors cover other modules than it selects, a selection
+that reaches a module mixpo cannot adapt, and every setting that would change the function
+(named by file and field), so an adapter never loads as a different model than in `peft`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 
@@ -94,6 +102,43 @@ def save_adapter(model, path: str, base_model_name_or_path: str | None = None) -
   _write_atomic(os.path.join(path, CONFIG_FILE), write_config)
 
 
+# Settings that change what the adapter computes: the values mixpo reproduces (the first is
+# PEFT's default). Anything else is refused by name.
+_NEUTRAL = {
+    "peft_type": ("LORA",), "bias": ("none", None), "use_dora": (False, None),
+    "fan_in_fan_out": (False, None), "modules_to_save": (None, []),
+    "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "layer_replication": (None, []),
+    "lora_bias": (False, None), "use_qalora": (False, None), "target_parameters": (None, []),
+    "trainable_token_indices": (None, [], {}), "alora_invocation_tokens": (None, []),
+    "megatron_config": (None, {}), "use_bdlora": (None, False), "arrow_config": (None, {}),
+    "kasa_config": (None, {}), "velora_config": (None, {}), "monteclora_config": (None, {}),
+    # Initialisations that rewrite the base weights (PiSSA, OLoRA, LoftQ, CorDA, ...) are refused;
+    # for these the file's tensors replace the initial A and B.
+    "init_lora_weights": (True, False, "gaussian", None),
+}
+# Fields that do not change the loaded function (metadata, training-only or init-only options).
+_INERT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+          "inference_mode", "lora_dropout", "megatron_core", "qalora_group_size",
+          "runtime_config", "ensure_weight_tying", "loftq_config", "eva_config", "corda_config",
+          "lora_ga_config", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
+          "layers_to_transform", "layers_pattern"}
+
+
+def _empty(value) -> bool:
+  return value is None or value is False or value == "" or value == [] or value == {}
+
+
+def _field_type(file: str, config: dict, field: str, ok, what: str):
+  value = config.get(field)
+  if not ok(value):
+    raise ValueError(f"{file}: field {field}={value!r} must be {what}.")
+  return value
+
+
+def _names(value) -> bool:
+  return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def read_config(path: str) -> dict:
   """adapter_config.json of a PEFT LoRA directory, with unsupported settings refused by name."""
   file = os.path.join(path, CONFIG_FILE)
@@ -102,18 +147,110 @@ def read_config(path: str) -> dict:
                             f"({CONFIG_FILE} + {WEIGHTS_FILE}).")
   with open(file) as f:
     config = json.load(f)
-  refuse = {"peft_type": ("LORA",), "bias": ("none", None), "use_dora": (False, None),
-            "fan_in_fan_out": (False, None), "modules_to_save": (None, []),
-            "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
-            "layer_replication": (None, [])}
-  for field, allowed in refuse.items():
-    if config.get(field, allowed[-1]) not in allowed:
-      raise ValueError(f"{file}: field {field}={config[field]!r} is not supported (supported: "
+  if not isinstance(config, dict):
+    raise ValueError(f"{file} is not a JSON object; re-save the adapter with PEFT.")
+  for field, allowed in _NEUTRAL.items():
+    value = config.get(field, allowed[0])
+    if not any(value == a and type(value) is type(a) for a in allowed):
+      raise ValueError(f"{file}: field {field}={value!r} is not supported (supported: "
                        f"{allowed}); mixpo reads plain LoRA adapters of the Linear layers.")
+  for field in sorted(set(config) - set(_NEUTRAL) - _INERT):
+    if not _empty(config[field]):  # A newer PEFT option, set: it may change the function.
+      raise ValueError(f"{file}: field {field}={config[field]!r} is not a setting mixpo knows; "
+                       "it may change what the adapter computes, so the adapter is refused.")
+  _field_type(file, config, "r", lambda v: isinstance(v, int) and not isinstance(v, bool)
+              and v > 0, "a positive integer")
+  _field_type(file, config, "lora_alpha", lambda v: isinstance(v, (int, float))
+              and not isinstance(v, bool) and math.isfinite(v), "a finite number")
+  _field_type(file, config, "use_rslora", lambda v: v is None or isinstance(v, bool),
+              "true or false")
+  _field_type(file, config, "target_modules", lambda v: isinstance(v, str) or (
+      _names(v) and v), "a regular expression or a non-empty list of module names (PEFT's "
+              "per-model default is not applied: list the modules)")
+  _field_type(file, config, "exclude_modules", lambda v: v is None or isinstance(v, str)
+              or _names(v), "null, a regular expression or a list of module names")
+  _field_type(file, config, "layers_to_transform", lambda v: v is None or (
+      isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, list) and all(
+          isinstance(i, int) and not isinstance(i, bool) for i in v)),
+              "null, a layer index or a list of them")
+  _field_type(file, config, "layers_pattern", lambda v: v is None or isinstance(v, str)
+              or _names(v), "null, a name or a list of names")
+  for field in ("target_modules", "exclude_modules"):
+    if isinstance(config.get(field), str):
+      try:
+        re.compile(config[field])
+      except re.error as e:
+        raise ValueError(f"{file}: field {field}={config[field]!r} is not a valid regular "
+                         f"expression ({e}).") from None
   if config.get("lora_dropout", 0.0):
     logging.warning("%s: lora_dropout=%s is not applied; mixpo trains LoRA without dropout.",
                     file, config["lora_dropout"])
   return config
+
+
+def hf_module_names(model_config) -> list[str]:
+  """Every module name of the transformers model of `model_config` (its `named_modules()`
+  without the root), which PEFT matches a config's target_modules against."""
+  names = ["model", "model.embed_tokens", "model.layers"]
+  for i in range(model_config.num_layers):
+    layer = f"model.layers.{i}"
+    attn = [f"{layer}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if model_config.qk_norm:
+      attn += [f"{layer}.self_attn.q_norm", f"{layer}.self_attn.k_norm"]
+    names += [layer, f"{layer}.self_attn", *attn, f"{layer}.mlp",
+              *(f"{layer}.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj", "act_fn")),
+              f"{layer}.input_layernorm", f"{layer}.post_attention_layernorm"]
+  return names + ["model.norm", "model.rotary_emb", "lm_head"]
+
+
+def _layer_index(key: str, patterns) -> int | None:
+  """The decoder-layer index in module name `key` ("model.layers.3.mlp.up_proj" -> 3): the first
+  numbered segment, after one of `patterns` when given (PEFT's layers_pattern)."""
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  regexes = ([r".*?\.[^.]*\.(\d+)\."] if not patterns
+             else [rf"(?:^|.*?\.){p}\.(\d+)\." for p in patterns])
+  for regex in regexes:
+    m = re.match(regex, key)
+    if m:
+      return int(m.group(1))
+  return None
+
+
+def selects(config: dict, key: str) -> bool:
+  """Whether a PEFT LoRA `config` adapts the transformers module named `key`.
+
+  PEFT's rules: exclude_modules (a regex matched in full, or names matched exactly or as a dotted
+  suffix) wins; a string target_modules is a regex matched in full ("all-linear": every Linear
+  but the output head); a list selects names equal to an entry, or ending in "." + an entry
+  within layers_to_transform (the first numbered segment, after layers_pattern when given).
+  """
+  exclude = config.get("exclude_modules")
+  if isinstance(exclude, str):
+    if re.fullmatch(exclude, key):
+      return False
+  elif exclude and (key in exclude or any(key.endswith("." + e) for e in exclude)):
+    return False
+  targets = config["target_modules"]
+  if isinstance(targets, str) and targets.lower() == "all-linear":
+    targets = list(_LINEAR_NAMES)
+  if isinstance(targets, str):
+    return re.fullmatch(targets, key) is not None
+  if key in targets:  # An exact name is adapted whatever layers_to_transform says.
+    return True
+  if not any(key.endswith("." + t) for t in targets):
+    return False
+  layers = config.get("layers_to_transform")
+  if layers is None or layers == []:
+    return True
+  index = _layer_index(key, config.get("layers_pattern"))
+  if index is None:
+    return False
+  return index == layers if isinstance(layers, int) else index in layers
+
+
+# The Linear layers of a decoder block: what PEFT's "all-linear" selects (the head excluded).
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def load_adapter(model, path: str, param_dtype: str = "float32") -> lora.LoraConfig:
@@ -121,7 +258,9 @@ def load_adapter(model, path: str, param_dtype: str = "float32") -> lora.LoraCon
   adapters yet); in place. Returns the `LoraConfig` it amounts to.
 
   Raises naming the file and tensor on keys that are not LoRA A/B of a Linear of this model,
-  shapes that disagree with the model or the config's `r`, and missing halves.
+  shapes that disagree with the model or the config's `r`, and missing halves; naming the
+  config's selection fields when the modules they select (`selects`, PEFT's rules) are not
+  exactly the modules the tensors hold, or include one mixpo does not adapt.
   """
   config = read_config(path)
   file = os.path.join(path, WEIGHTS_FILE)
@@ -129,6 +268,17 @@ def load_adapter(model, path: str, param_dtype: str = "float32") -> lora.LoraCon
     raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path!r} (only safetensors adapters are "
                             "read; convert adapter_model.bin with PEFT's save_pretrained).")
   by_hf = {hf: p for p, hf in module_names(model.config.num_layers).items()}
+  linears = lora.linears(model)
+  selected = {k for k in hf_module_names(model.config) if selects(config, k)}
+  config_file = os.path.join(path, CONFIG_FILE)
+  fields = "target_modules / layers_to_transform / layers_pattern / exclude_modules"
+  if not selected:
+    raise ValueError(f"{config_file}: {fields} select no module of this "
+                     f"{model.config.model_type} model (PEFT refuses such an adapter too).")
+  for key in sorted(selected):
+    if key not in by_hf or by_hf[key] not in linears or by_hf[key] == "lm_head":
+      raise ValueError(f"{config_file}: {fields} select {key!r}, which mixpo does not adapt (LoRA "
+                       "on the Linear layers of the decoder blocks only).")
   halves: dict[str, dict[str, np.ndarray]] = {}
   with safe_open(file, framework="numpy") as f:
     for key in f.keys():
@@ -137,11 +287,18 @@ def load_adapter(model, path: str, param_dtype: str = "float32") -> lora.LoraCon
         raise ValueError(f"{file}: tensor {key!r} is not the lora_A / lora_B weight of a Linear "
                          f"of this {model.config.model_type} model (expected names like "
                          f"{_PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight).")
+      if m["module"] not in selected:
+        raise ValueError(f"{file}: tensor {key!r} is for {m['module']!r}, which {fields} in "
+                         f"{config_file} do not select: PEFT would ignore it and load another "
+                         "model than the tensors describe. Fix the config or the tensors.")
       halves.setdefault(by_hf[m["module"]], {})[m["ab"]] = f.get_tensor(key)
-  if not halves:
-    raise ValueError(f"{file} holds no tensors.")
+  unfilled = sorted(k for k in selected if by_hf[k] not in halves)
+  if unfilled:
+    raise ValueError(f"{file} holds no lora_A / lora_B for {unfilled[0]!r}"
+                     f"{f' (and {len(unfilled) - 1} more)' if len(unfilled) > 1 else ''}, which "
+                     f"{fields} in {config_file} select: PEFT would give it a fresh adapter. "
+                     "Fix the config or the tensors.")
   rank = int(config["r"])
-  linears = lora.linears(model)
   for p, ab in sorted(halves.items()):
     if set(ab) != {"A", "B"}:
       raise ValueError(f"{file}: module {p} has lora_{''.join(ab)} but not both lora_A and "
@@ -152,7 +309,7 @@ def load_adapter(model, path: str, param_dtype: str = "float32") -> lora.LoraCon
                        f"{ab['B'].shape}; r={rank} in {CONFIG_FILE} and the model imply "
                        f"{(rank, in_f)} / {(out_f, rank)}.")
   targets = "^(" + "|".join(re.escape(p) for p in sorted(halves)) + ")/kernel$"
-  cfg = lora.LoraConfig(rank=rank, alpha=float(config.get("lora_alpha", rank)), targets=targets,
+  cfg = lora.LoraConfig(rank=rank, alpha=float(config["lora_alpha"]), targets=targets,
                         use_rslora=bool(config.get("use_rslora", False)),
                         param_dtype=param_dtype)
   lora.apply(model, cfg)
