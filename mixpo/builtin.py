@@ -78,6 +78,12 @@ def sft(model, tokenizer, task, *, steps: int, batch_size: int, learning_rate: f
   return policy.merge(state.params)
 
 
+def builtin_tokenizer(cfg):
+  """The built-in models' char tokenizer (`cfg`: the config's `builtin` recipe), without building
+  them: what the front door compares a guide's or policy's tokenizer with."""
+  return char_tokenizer(cfg.get("alphabet") or DEFAULT_ALPHABET)
+
+
 def ensure_builtin_models(directory: str, cfg,
                           only=("guide", "policy_init")) -> tuple[str, str]:
   """Makes (or reuses) `directory`/{guide,policy_init}; returns their paths.
@@ -93,7 +99,7 @@ def ensure_builtin_models(directory: str, cfg,
   matches `cfg` exactly; otherwise it is rebuilt.
   """
   recipe = json.dumps(cfg.to_dict(), sort_keys=True)
-  tokenizer = char_tokenizer(cfg.get("alphabet") or DEFAULT_ALPHABET)
+  tokenizer = builtin_tokenizer(cfg)
   tasks = {"guide": get_task(cfg.task, **{**cfg.task_kwargs, **cfg.get("guide_task_kwargs", {})}),
            "policy_init": get_task(cfg.task, **cfg.task_kwargs)}
   paths = {}

@@ -27,6 +27,7 @@ import numpy as np
 
 from mixpo import advantages, algorithms, objectives, sampling, sharding, train
 from mixpo.batch import Batch, make_batch
+from mixpo.data.traces import tokenizer_fingerprint
 from mixpo.guide_source import TraceOptions, TraceSource, reward_rows
 from mixpo.rewards.overlong import OverlongConfig
 from mixpo.rollout import (Collected, Groups, SampleSpec, concat_groups, dynamic_sample,
@@ -251,12 +252,17 @@ def _guide_spec(config, algo: algorithms.Algorithm) -> GuideSpec:
   return spec
 
 
-def check_vocabularies(policy_vocab: int, guide_vocab: int):
-  """r̂ = πθ/πϕ needs both policies over the same tokens."""
-  if guide_vocab != policy_vocab:
-    raise ValueError(f"the guide's vocabulary ({guide_vocab}) differs from the policy's "
-                     f"({policy_vocab}): r̂ = πθ/πϕ needs both over the same tokens; use a guide "
-                     "that shares the policy's tokenizer.")
+def check_vocabularies(policy_tokenizer, guide_tokenizer):
+  """r̂ = πθ/πϕ needs both policies over the same tokens: the same tokenizer, compared by content
+  (vocabulary, merges, special tokens: `tokenizer_fingerprint`), not by vocabulary size (two
+  tokenizers of one size may map ids differently; one tokenizer may serve checkpoints whose
+  embedding tables are padded to different sizes)."""
+  policy, guide = tokenizer_fingerprint(policy_tokenizer), tokenizer_fingerprint(guide_tokenizer)
+  if guide != policy:
+    raise ValueError(f"the guide's tokenizer (fingerprint {guide}, {len(guide_tokenizer)} tokens) "
+                     f"differs from the policy's ({policy}, {len(policy_tokenizer)} tokens): "
+                     "r̂ = πθ/πϕ needs both over the same tokens; use a guide that shares the "
+                     "policy's tokenizer.")
 
 
 @dataclasses.dataclass
