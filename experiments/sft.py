@@ -68,7 +68,8 @@ class ResponseData:
 
 def _data_error(e, options) -> cli.UserError:
   from mixpo.data import task_options
-  return cli.UserError(task_options.data_error_message(e, options, lambda o: f"--{o}"))
+  fields = {"response_field": _RESPONSE_FIELD.value} if _RESPONSE_FIELD.value else None
+  return cli.UserError(task_options.data_error_message(e, options, lambda o: f"--{o}", fields))
 
 
 def _read(path, prompt_field, field, options, tokenizer, check_answers, chat):

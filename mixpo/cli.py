@@ -420,6 +420,9 @@ def user_error_message(exc: BaseException) -> str | None:
     return f"--workdir: {exc}"
   if isinstance(exc, UserError):
     return str(exc)
+  loop = sys.modules.get("mixpo.loop")  # loaded whenever it raised
+  if loop is not None and isinstance(exc, loop.SetupError):
+    return flagify(str(exc))
   if isinstance(exc, (app.UsageError, flags.Error)):
     return flagify(str(exc))
   return None

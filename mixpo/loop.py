@@ -130,7 +130,8 @@ def check_guide(config, spec: rl.RunSpec, tokenizer) -> None:
     if config.guide == "builtin":
       raise SetupError(
           f"config.guide=builtin with config.policy={config.policy}: the built-in guide is a "
-          f"char-level model of the built-in addition task, not a guide for this policy ({e}). "
+          f"char-level model of the built-in addition task, not a guide for this policy "
+          f"({str(e).rstrip('.')}). "
           f"config.algo={spec.algorithm.name} trains on a guide's samples: set config.guide to "
           "a checkpoint that shares the policy's tokenizer, or config.guide_source=traces with "
           "config.guide_logp=one, or an unguided config.algo (grpo, dapo).") from None
@@ -168,6 +169,10 @@ def read_traces(config, spec: rl.RunSpec, tokenizer) -> TraceSource | None:
                                       temperature=config.temperature)
   except (DataError, ValueError, KeyError, FileNotFoundError) as e:
     message = " ".join(str(e).strip("'\"").split())
+    if getattr(e, "reason", "") == "missing_field":
+      message += (". A trace file holds each prompt, its reference answer and the guide's "
+                  "response(s): the formats mixpo (experiments/make_traces.py), verl / LUFFY and "
+                  "openr1 (config.traces.format); other field names: config.traces.fields")
     raise SetupError(f"config.traces_path={config.traces_path}: {message}") from None
   logging.info("guide traces: %s; %s", traces.summary, traces.report())
   return traces
@@ -239,14 +244,14 @@ def setup(config, workdir: str):
     logging.warning("float32 on GPU with the default matmul precision: XLA:GPU multiplies in "
                     "TF32. Set JAX_DEFAULT_MATMUL_PRECISION=highest for float32 numbers (or "
                     "config.model.dtype=bfloat16 for speed).")
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 save_every=config.checkpoint_every, keep=config.keep_checkpoints,
-                                 fingerprint=fingerprint(config), overwrite=config.overwrite)
   # Files before models: tokenizers, the dataset and the traces are read (and refused) first.
   tokenizer = _tokenizer(config, "policy")
   check_guide(config, spec, tokenizer)
   task, eval_examples = make_task(config, tokenizer)
   traces = read_traces(config, spec, tokenizer)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                                 fingerprint=fingerprint(config), overwrite=config.overwrite)
   policy_path, guide_path = resolve_models(config, workdir, spec)
   if config.policy == "builtin":  # as saved with the built model
     tokenizer = models.load_tokenizer(policy_path)

@@ -178,39 +178,37 @@ def eval_paths(options) -> list[str]:
   return [p for p in _split(options.get("eval_path", "")) if p]
 
 
-# The option a reader's "field 'x'" names, by the file it read: eval files first look at eval_*.
-_FIELD_OPTIONS = {"train": ("prompt_field", "answer_field"),
-                  "eval": ("eval_prompt_field", "eval_answer_field", "prompt_field",
-                           "answer_field")}
-
-
-def data_error_message(error: Exception, options, flag) -> str:
+def data_error_message(error: Exception, options, flag, fields: dict | None = None) -> str:
   """One line for a dataset error met while reading the task's files (a `DataError`, or an empty
   file / split): the flag of the option at fault, then the reader's message (file, row, field).
 
   `flag(option)` names an option's flag (`--config.task_kwargs.prompt_field`, `--prompt_field`).
-  A missing field names the field option that holds it (the eval file's own when it has one); a
-  prompt over the limit names max_prompt_tokens; any other bad row the file's flag. With
-  skip_bad_rows=False the hint says how to skip and count such rows instead.
+  A missing or bad field names the option that set it: in an eval_path file eval_prompt_field /
+  eval_answer_field (as resolved for that file), else prompt_field / answer_field, or a caller's
+  own (`fields`: {option: field}, e.g. sft.py's response_field); a prompt over the limit names
+  max_prompt_tokens; anything else the file's flag. With skip_bad_rows=False the hint says how to
+  skip and count such rows instead.
   """
   import re
   message = " ".join(str(error).split())
-  is_eval = any(p and p in message for p in eval_paths(options))
+  paths = eval_paths(options)
+  at = [i for i, p in enumerate(paths) if p in message]
   reason = getattr(error, "reason", "")
-  fields = re.findall(r"field '([^']+)'", message)
-  option = None
-  if fields and reason != "too_long":
-    for name in _FIELD_OPTIONS["eval" if is_eval else "train"]:
-      if fields[0] in _split(options.get(name, "")) or (
-          name in ("prompt_field", "answer_field") and fields[0] in file_fields(options)[:2]):
-        option = name
-        break
+  named = re.findall(r"field '([^']+)'", message)
+  option = value = None
+  if named and reason != "too_long":
+    if at:
+      candidates = dict(zip(("eval_prompt_field", "eval_answer_field"), eval_fields(options,
+                                                                                 at[0])))
+    else:
+      candidates = dict(zip(("prompt_field", "answer_field"), file_fields(options)[:2]))
+    candidates.update(fields or {})
+    option = next((o for o, f in candidates.items() if f == named[0]), None)
+    value = named[0]
   if option is None:
-    option = ("max_prompt_tokens" if reason == "too_long" or "too_long" in message
-              else "eval_path" if is_eval else "train_path")
-  value = options.get(option, "")
-  if option in ("prompt_field", "answer_field") and fields:
-    value = fields[0]
+    option = ("max_prompt_tokens" if reason == "too_long" else
+              "eval_path" if at else "train_path")
+    value = options.get(option, "")
   hint = ""
   if reason and reason != "no_rows" and not options.get("skip_bad_rows", True):
     hint = f" ({flag('skip_bad_rows')}=True skips and counts such rows instead.)"
