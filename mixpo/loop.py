@@ -50,10 +50,19 @@ class SetupError(ValueError):
   the flag `--config.<field>`), the file, and the row and field at fault."""
 
 
+# Task options added after runs were fingerprinted: left out while at their defaults, so those
+# runs (and the comparison grids' finished cells) still resume.
+LATER_TASK_OPTIONS = ("eval_prompt_field", "eval_answer_field", "schema")
+
+
 def fingerprint(config) -> dict:
   d = config.to_dict()
   for k in RESUMABLE_FIELDS:
     d.pop(k, None)
+  kwargs = d.get("task_kwargs")
+  for k in LATER_TASK_OPTIONS:
+    if isinstance(kwargs, dict) and kwargs.get(k) == task_options.BY_NAME[k].default:
+      kwargs.pop(k)
   return d
 
 

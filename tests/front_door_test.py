@@ -148,3 +148,12 @@ def test_settings_the_run_ignores_are_warned_about(own, caplog):
   text = caplog.text
   assert "config.algo=dapo is unguided: config.guide_source='traces' makes" in text, text
   assert "prompt stream only" in text and f"config.guide={own['guide']} is not loaded" in text
+
+
+def test_new_task_options_at_their_defaults_leave_old_fingerprints_unchanged():
+  """Runs fingerprinted before eval_prompt_field / eval_answer_field / schema existed resume."""
+  config = smoke.get_config()
+  assert not {"eval_prompt_field", "eval_answer_field", "schema"} & set(
+      loop.fingerprint(config)["task_kwargs"])
+  config.task_kwargs.eval_prompt_field = "problem"
+  assert loop.fingerprint(config)["task_kwargs"]["eval_prompt_field"] == "problem"
