@@ -420,8 +420,8 @@ def user_error_message(exc: BaseException) -> str | None:
     return f"--workdir: {exc}"
   if isinstance(exc, UserError):
     return str(exc)
-  loop = sys.modules.get("mixpo.loop")  # loaded whenever it raised
-  if loop is not None and isinstance(exc, loop.SetupError):
+  preflight = sys.modules.get("mixpo.preflight")  # loaded whenever it raised
+  if preflight is not None and isinstance(exc, preflight.SetupError):
     return flagify(str(exc))
   if isinstance(exc, (app.UsageError, flags.Error)):
     return flagify(str(exc))

@@ -1,12 +1,13 @@
 """`run(config, workdir)`: the whole RL experiment the binaries and notebooks share.
 
 Set-up checks everything that can be wrong before any model is built (config, workdir writable,
-a foreign checkpoint in the workdir, the policy's and guide's tokenizers by content, the dataset
-and trace files: `SetupError` naming `config.<field>`, file, row and field), builds only the
-built-in models the run uses, writes the resolved `config.json`, then: restore the latest valid
-checkpoint, step, evaluate, log, checkpoint; SIGTERM or Ctrl-C → the step finishes, a forced
-checkpoint, `summary.json` and plots, a clean return (a second Ctrl-C stops at once); too many
-consecutive non-finite updates → an error naming the step (summary.json records it).
+a foreign checkpoint in the workdir, and in `mixpo.preflight` the policy's and guide's tokenizers
+by content, the dataset and trace files: `preflight.SetupError` naming `config.<field>`, file,
+row and field), builds only the built-in models the run uses, writes the resolved `config.json`,
+then: restore the latest valid checkpoint, step, evaluate, log, checkpoint; SIGTERM or Ctrl-C →
+the step finishes, a forced checkpoint, `summary.json` and plots, a clean return (a second Ctrl-C
+stops at once); too many consecutive non-finite updates → an error naming the step (summary.json
+records it).
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from absl import logging
 
 from mixpo import builtin, checkpoint, models, rl, sharding, train
 from mixpo import logging as mlog
+from mixpo import preflight
 from mixpo.data import task_options
-from mixpo.data.readers import DataError
-from mixpo.guide_source import TraceSource
 from mixpo.models import lora
 from mixpo.rewards import RewardRunner, custom
 
@@ -41,13 +41,6 @@ from mixpo.rewards import RewardRunner, custom
 RESUMABLE_FIELDS = ("num_steps", "overwrite", "progress", "log_samples_every", "builtin_dir",
                     "mesh_shape", "max_policy_tokens", "no_signal_steps", "max_skip_ratio",
                     "loggers", "wandb_project")
-CONFIG_FILE = "config.json"
-
-
-class SetupError(ValueError):
-  """Something the config points at cannot be used: a dataset, trace, tokenizer or guide file.
-  Found before any model is built; the message names `config.<field>` (the binaries print it as
-  the flag `--config.<field>`), the file, and the row and field at fault."""
 
 
 # Task options added after runs were fingerprinted: left out while at their defaults, so those
@@ -66,22 +59,12 @@ def fingerprint(config) -> dict:
   return d
 
 
-def builtin_models_used(config, spec: rl.RunSpec) -> tuple[str, ...]:
-  """The built-in models (ensure_builtin_models' names) the run loads: the policy only when
-  config.policy='builtin', the guide only when the algorithm loads a guide and config.guide is
-  'builtin'. A dapo run, or one from a checkpoint of your own, builds none it does not use."""
-  used = ("policy_init",) if config.policy == "builtin" else ()
-  if spec.guide.needs_model and config.guide == "builtin":
-    used += ("guide",)
-  return used
-
-
 def resolve_models(config, workdir: str, spec: rl.RunSpec | None = None) -> tuple[str, str | None]:
   """Paths of the starting policy and of the guide (None when no guide is loaded); 'builtin'
   builds (or reuses) only the built-in models the run uses, under config.builtin_dir or
   workdir/models."""
   spec = spec or rl.resolve(config)
-  used = builtin_models_used(config, spec)
+  used = preflight.builtin_models_used(config, spec)
   policy, guide = config.policy, (config.guide or None) if spec.guide.needs_model else None
   if used:
     directory = config.builtin_dir or os.path.join(workdir, "models")
@@ -94,115 +77,6 @@ def resolve_models(config, workdir: str, spec: rl.RunSpec | None = None) -> tupl
     policy = b_policy if policy == "builtin" else policy
     guide = b_guide if guide == "builtin" else guide
   return policy, guide
-
-
-# ----------------------------------------------------------------------------- front-door checks
-# Everything here reads files only (tokenizers, datasets, traces): a mistake is a SetupError
-# before any model is built or trained.
-
-
-def _tokenizer(config, field: str):
-  """The tokenizer of config.<field> ('policy' / 'guide'): the built-in char tokenizer for
-  'builtin', else the checkpoint's tokenizer files."""
-  path = config[field]
-  if path == "builtin":
-    return builtin.builtin_tokenizer(config.builtin)
-  try:
-    return models.load_tokenizer(path)
-  except (OSError, ValueError) as e:
-    raise SetupError(f"config.{field}={path}: cannot load its tokenizer ({e}); a checkpoint "
-                     "directory holds tokenizer.json / tokenizer_config.json next to config.json."
-                     ) from None
-
-
-def warn_unused(config, spec: rl.RunSpec) -> None:
-  """WARNING for settings the resolved run does not use (they would otherwise pass silently)."""
-  algo = spec.algorithm.name
-  if not spec.algorithm.guided and config.get("guide_source", "model") == "traces":
-    logging.warning("config.algo=%s is unguided: config.guide_source='traces' makes %s the "
-                    "prompt stream only; its guide responses are not trained on (a guided algo "
-                    "trains on them: luffy, mix1, mix2).", algo, config.traces_path)
-  if not spec.guide.needs_model and config.guide not in ("", "builtin"):
-    logging.warning("config.guide=%s is not loaded: config.algo=%s with guide_source=%r and "
-                    "guide_logp=%r uses no guide model.", config.guide, algo, spec.guide.source,
-                    spec.guide.logp)
-
-
-def check_guide(config, spec: rl.RunSpec, tokenizer) -> None:
-  """The guide the run loads shares the policy's tokenizer (by content, `rl.check_vocabularies`);
-  your own policy with the default built-in guide is named as such."""
-  if not spec.guide.needs_model:
-    return
-  try:
-    rl.check_vocabularies(tokenizer, _tokenizer(config, "guide"))
-  except ValueError as e:
-    if config.guide == "builtin":
-      raise SetupError(
-          f"config.guide=builtin with config.policy={config.policy}: the built-in guide is a "
-          f"char-level model of the built-in addition task, not a guide for this policy "
-          f"({str(e).rstrip('.')}). "
-          f"config.algo={spec.algorithm.name} trains on a guide's samples: set config.guide to "
-          "a checkpoint that shares the policy's tokenizer, or config.guide_source=traces with "
-          "config.guide_logp=one, or an unguided config.algo (grpo, dapo).") from None
-    raise SetupError(f"config.guide={config.guide}: {e}") from None
-
-
-def _task_flag(option: str) -> str:
-  return "config." + (option if option in ("task", "task_knobs") else f"task_kwargs.{option}")
-
-
-def make_task(config, tokenizer):
-  """(task, eval examples); a dataset problem (a missing field, a bad row with skip_bad_rows=
-  False, no usable row, an empty eval split) is a SetupError naming the option at fault."""
-  try:
-    task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
-                                  tokenizer=tokenizer)
-  except (DataError, FileNotFoundError) as e:
-    raise SetupError(task_options.data_error_message(e, config.task_kwargs, _task_flag)) from None
-  examples = task.eval_examples(config.eval_size)
-  if not examples:
-    raise SetupError(f"config.task_kwargs.eval_fraction={config.task_kwargs.eval_fraction}: the "
-                     f"held-out eval split of {getattr(task, 'name', config.task)} is empty; set "
-                     "config.task_kwargs.eval_path to an eval file, or raise eval_fraction.")
-  return task, examples
-
-
-def read_traces(config, spec: rl.RunSpec, tokenizer) -> TraceSource | None:
-  """The trace file as the train stream (guide_source='traces'); any problem with it (not a trace
-  file, a bad row, log-probs of another tokenizer or temperature) is a SetupError naming it."""
-  if spec.guide.source != "traces":
-    return None
-  try:
-    traces = TraceSource.from_options(spec.guide.traces, tokenizer,
-                                      max_new_tokens=config.max_new_tokens,
-                                      temperature=config.temperature)
-  except (DataError, ValueError, KeyError, FileNotFoundError) as e:
-    message = " ".join(str(e).strip("'\"").split())
-    if getattr(e, "reason", "") == "missing_field":
-      message += (". A trace file holds each prompt, its reference answer and the guide's "
-                  "response(s): the formats mixpo (experiments/make_traces.py), verl / LUFFY and "
-                  "openr1 (config.traces.format); other field names: config.traces.fields")
-    raise SetupError(f"config.traces_path={config.traces_path}: {message}") from None
-  logging.info("guide traces: %s; %s", traces.summary, traces.report())
-  return traces
-
-
-def write_run_config(config, workdir: str, spec: rl.RunSpec, policy_path: str,
-                     guide_path: str | None) -> dict:
-  """Writes workdir/config.json: every config field as run (overrides applied) and, under
-  "_resolved", what they resolved to (model paths, mesh, devices). Returns the dict."""
-  d = json.loads(json.dumps(config.to_dict(), default=str))
-  d["_resolved"] = {"policy": os.path.abspath(policy_path),
-                    "guide": os.path.abspath(guide_path) if guide_path else None,
-                    "guide_source": spec.guide.source, "guide_logp": spec.guide.logp,
-                    "mesh_shape": list(spec.mesh_shape), "devices": jax.device_count(),
-                    "backend": jax.default_backend(), "jax": jax.__version__}
-  if jax.process_index() == 0:
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(d, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
-  return d
 
 
 def model_options(config, guide: bool = False) -> dict:
@@ -245,7 +119,7 @@ def setup(config, workdir: str):
   checkpoint.check_directory(workdir)  # creates it; a clear error if unwritable or full.
   spec = rl.resolve(config)
   lora_cfg = lora_config(config)
-  warn_unused(config, spec)
+  preflight.warn_unused(config, spec)
   if (jax.default_backend() == "gpu" and config.model.dtype == "float32"
       and jax.config.jax_default_matmul_precision in (None, "default")):
     # Measured on an H200 (jax 0.11.2): logits 3.8e-4 from transformers' instead of < 1e-4, and
@@ -254,17 +128,17 @@ def setup(config, workdir: str):
                     "TF32. Set JAX_DEFAULT_MATMUL_PRECISION=highest for float32 numbers (or "
                     "config.model.dtype=bfloat16 for speed).")
   # Files before models: tokenizers, the dataset and the traces are read (and refused) first.
-  tokenizer = _tokenizer(config, "policy")
-  check_guide(config, spec, tokenizer)
-  task, eval_examples = make_task(config, tokenizer)
-  traces = read_traces(config, spec, tokenizer)
+  tokenizer = preflight.tokenizer_of(config, "policy")
+  preflight.check_guide(config, spec, tokenizer)
+  task, eval_examples = preflight.make_task(config, tokenizer)
+  traces = preflight.read_traces(config, spec, tokenizer)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  fingerprint=fingerprint(config), overwrite=config.overwrite)
   policy_path, guide_path = resolve_models(config, workdir, spec)
   if config.policy == "builtin":  # as saved with the built model
     tokenizer = models.load_tokenizer(policy_path)
-  write_run_config(config, workdir, spec, policy_path, guide_path)
+  preflight.write_run_config(config, workdir, spec, policy_path, guide_path)
   # One code path for 1 device and a pod; a 1-device mesh leaves the numbers unchanged.
   mesh = sharding.make_mesh(spec.mesh_shape)
   sharding.log_layout(mesh)
@@ -395,17 +269,6 @@ def _evaluate(exp, params, examples) -> dict:
   return {"eval/accuracy": out["accuracy"], "eval/num_examples": out["num_examples"]}
 
 
-def loggers(config) -> tuple[str, ...]:
-  """config.loggers ("tb", "tb,wandb", "" = metrics.jsonl only) as a tuple of backend names."""
-  names = tuple(n.strip() for n in str(config.get("loggers", "tb")).split(",") if n.strip())
-  unknown = [n for n in names if n not in mlog.LOGGERS]
-  if unknown:
-    raise SetupError(f"config.loggers={config.loggers}: unknown logger {unknown[0]!r}; use a "
-                     f"comma-separated subset of {', '.join(mlog.LOGGERS)} (metrics.jsonl is "
-                     "always written).")
-  return names
-
-
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the final summary dict.
 
@@ -413,7 +276,7 @@ def run(config, workdir: str) -> dict:
   tests) cannot leak layouts into each other.
   """
   mlog.CompileCounter.install()
-  loggers(config)  # a typo in config.loggers is found before any work.
+  preflight.loggers(config)  # a typo in config.loggers is found before any work.
   exp, state, ckpt, eval_examples = setup(config, workdir)
   try:
     # Signals are handled up to the summary: a Ctrl-C in the export and plots after the last
@@ -443,7 +306,7 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str, preempt: _Preemp
   # first checkpoint and will be logged again.
   config_dict = json.loads(json.dumps(config.to_dict(), default=str))
   logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else -1,
-                             loggers=loggers(config), config=config_dict,
+                             loggers=preflight.loggers(config), config=config_dict,
                              project=config.get("wandb_project", "mixpo"))
   if restored:
     logger.event(start, "resumed")

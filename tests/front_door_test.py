@@ -1,4 +1,4 @@
-"""mixpo/loop.py's set-up on a researcher's own files: every mistake in a dataset, a tokenizer, a
+"""mixpo/preflight.py, as loop.setup runs it, on a researcher's own files: every mistake in a dataset, a tokenizer, a
 trace file or a guide is refused before any model is built, as one message naming the flag, the
 file, the row and the field (mixpo.cli prints it, exit 2); built-in models are built only when the
 run uses them; settings the run ignores are warned about."""
@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from experiments import byo_example
 from experiments.configs import smoke
-from mixpo import builtin, cli, loop
+from mixpo import builtin, cli, loop, preflight
 from mixpo.data.traces import TracePrompt, TraceResponse, write_trace_prompts
 
 
@@ -119,7 +119,7 @@ def test_an_eval_file_with_its_own_field_names_is_read(own, tmp_path, monkeypatc
   config = _config(own, **{"task_kwargs.eval_path": own["renamed"],
                            "task_kwargs.eval_prompt_field": "problem",
                            "task_kwargs.eval_answer_field": "solution"})
-  task, examples = loop.make_task(config, loop._tokenizer(config, "policy"))
+  task, examples = preflight.make_task(config, preflight.tokenizer_of(config, "policy"))
   assert len(examples) == 6 and "has" in examples[0].prompt and examples[0].answer.isdigit()
 
 
@@ -144,7 +144,7 @@ def test_settings_the_run_ignores_are_warned_about(own, caplog):
   config = _config(own, algo="dapo", guide_source="traces", traces_path=own["traces"],
                    guide=own["guide"])
   with caplog.at_level(logging.WARNING):
-    loop.warn_unused(config, loop.rl.resolve(config))
+    preflight.warn_unused(config, loop.rl.resolve(config))
   text = caplog.text
   assert "config.algo=dapo is unguided: config.guide_source='traces' makes" in text, text
   assert "prompt stream only" in text and f"config.guide={own['guide']} is not loaded" in text
