@@ -48,7 +48,7 @@ EXTRAS = {
         # without importing it).
         "peft>=0.21,<1",
         # tests/file_task_flags_test.py runs the wandb logger offline (WANDB_MODE=offline).
-        "wandb>=0.19,<1",
+        "wandb>=0.31,<1",
     ],
     "bench": ["torch>=2.5"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.12"],  # NVIDIA, CUDA 12 wheels (driver >= 525).
@@ -56,8 +56,8 @@ EXTRAS = {
     # Trackers (docs/tracking.md): the TensorBoard viewer for a run's tb/ (mixpo writes the event
     # files with tensorboardX either way), and the Weights & Biases logger (--config.loggers=
     # tb,wandb).
-    "tensorboard": ["tensorboard>=2.17,<3"],
-    "wandb": ["wandb>=0.19,<1"],
+    "tensorboard": ["tensorboard>=2.21,<3"],
+    "wandb": ["wandb>=0.31,<1"],
 }
 
 setuptools.setup(
