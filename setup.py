@@ -8,7 +8,8 @@ Two layers of versions:
   uses closely (jax, flax, orbax, optax, chex) and the next major of the others.
 - constraints.txt is the tested lock (exact pins) for reproduction: `.ci/run` and the README's
   commands install with `-c constraints.txt`.
-Accelerators: the `gpu` / `tpu` extras pull jax's CUDA 12 / TPU builds (README "Install").
+Accelerators: the `gpu` / `tpu` extras pull jax's CUDA 12 / TPU builds (README "Install");
+trackers: `tensorboard` (the viewer) and `wandb` (the Weights & Biases logger).
 """
 
 import setuptools
@@ -46,10 +47,17 @@ EXTRAS = {
         # The LoRA adapter round trip is checked against PEFT itself (mixpo writes the format
         # without importing it).
         "peft>=0.21,<1",
+        # tests/file_task_flags_test.py runs the wandb logger offline (WANDB_MODE=offline).
+        "wandb>=0.31,<1",
     ],
     "bench": ["torch>=2.5"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.12"],  # NVIDIA, CUDA 12 wheels (driver >= 525).
     "tpu": ["jax[tpu]>=0.10.2,<0.12"],  # Cloud TPU VMs.
+    # Trackers (docs/tracking.md): the TensorBoard viewer for a run's tb/ (mixpo writes the event
+    # files with tensorboardX either way), and the Weights & Biases logger (--config.loggers=
+    # tb,wandb).
+    "tensorboard": ["tensorboard>=2.21,<3"],
+    "wandb": ["wandb>=0.31,<1"],
 }
 
 setuptools.setup(

@@ -87,8 +87,7 @@ def make_checkpoint(directory: str, tokenizer, hidden: int = 64, layers: int = 2
   from mixpo import builtin, models
   hf = builtin.tiny_hf_config(tokenizer, hidden=hidden, layers=layers, heads=4, kv_heads=2,
                               intermediate=2 * hidden, max_positions=128)
-  models.save_pretrained(models.init_from_config(hf, rng=seed), directory)
-  tokenizer.save_pretrained(directory)
+  models.save_pretrained(models.init_from_config(hf, rng=seed), directory, tokenizer=tokenizer)
   return directory
 
 

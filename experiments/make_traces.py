@@ -42,16 +42,24 @@ _LOGP = flags.DEFINE_bool("logp", True, "Store per-token guide log-probs (for gu
 
 
 def load_examples(tokenizer):
-  from mixpo.data import read_examples, task_options
+  """(examples, reward function): a procedural task's train split, or every usable row of
+  --train_path (a row or field problem is a UserError naming the flag, file, row and field)."""
+  from mixpo.data import DataError, read_examples, task_options
   task, options, knobs = cli.task_flag_values()
   if task != task_options.FILE:
     t = task_options.make_task(task, options, knobs, tokenizer=tokenizer)
     return t.examples("train", _N_PROMPTS.value, seed=_SEED.value), t.reward_fn
-  examples, summary = read_examples(
-      options["train_path"], options["prompt_field"], options["answer_field"],
-      tokenizer=tokenizer, chat_template=options["chat_template"],
-      max_prompt_tokens=options["max_prompt_tokens"] or None,
-      skip_bad_rows=options["skip_bad_rows"])
+  prompt_field, answer_field, chat = task_options.file_fields(options)
+  flag = lambda o: f"--{o}"
+  try:
+    examples, summary = read_examples(
+        options["train_path"], prompt_field, answer_field, tokenizer=tokenizer,
+        chat_template=chat, max_prompt_tokens=options["max_prompt_tokens"] or None,
+        skip_bad_rows=options["skip_bad_rows"])
+    if not examples:
+      raise DataError(f"no usable row in {options['train_path']} ({summary})", "no_rows")
+  except DataError as e:
+    raise cli.UserError(task_options.data_error_message(e, options, flag)) from None
   if summary.kept < summary.rows:
     logging.warning("%s", summary)
   from mixpo.rewards.math_answer import math_answer_reward
@@ -145,13 +153,16 @@ def main(argv):
   prompts, counts = make_traces(_GUIDE.value, examples, _N_PER_PROMPT.value, _MAX_NEW.value,
                                 _TEMPERATURE.value, _BATCH.value, _SEED.value,
                                 with_logp=_LOGP.value, reward_fn=reward_fn)
+  n = sum(len(p.responses) for p in prompts)
+  if not n:  # an empty trace file would only fail later, in the run that reads it
+    raise cli.UserError(f"--max_new_tokens={_MAX_NEW.value}: none of the {counts['samples']} "
+                        f"guide samples ended (EOS) within the budget ({counts['unfinished']} "
+                        f"unfinished); nothing written to {_OUT.value}. Raise --max_new_tokens.")
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   write_trace_prompts(_OUT.value, prompts)
-  n = sum(len(p.responses) for p in prompts)
-  logging.info("wrote %d traces for %d of %d prompts to %s (%d of %d samples unfinished within "
-               "--max_new_tokens, not written)", n, len(prompts), len(examples), _OUT.value,
-               counts["unfinished"], counts["samples"])
-
+  print(f"wrote {n} traces for {len(prompts)} of {len(examples)} prompts to {_OUT.value} "
+        f"({counts['unfinished']} of {counts['samples']} samples unfinished within "
+        "--max_new_tokens, not written)")
 
 
 if __name__ == "__main__":

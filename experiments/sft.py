@@ -14,7 +14,10 @@ rendered: --train_path=traces.jsonl --response_field=responses.0; with a procedu
 its reference answers. The
 task / dataset flags are train.py's --config.task_kwargs.* fields (mixpo/data/task_options.py).
 The result is written in Hugging Face format (config.json + safetensors + tokenizer) with an eval
-summary (greedy accuracy on the eval split / --eval_path, scored against --answer_field).
+summary, sft_eval.json: greedy accuracy on --eval_path (its own fields: --eval_prompt_field /
+--eval_answer_field) or, without one, on the --eval_fraction of --train_path's rows held out of
+training (by a hash of the prompt), scored against --answer_field. Every target is checked
+against --max_response_tokens before training: a longer one is an error naming its row.
 """
 
 import json
@@ -63,28 +66,72 @@ class ResponseData:
     return out
 
 
+def _data_error(e, options) -> cli.UserError:
+  from mixpo.data import task_options
+  fields = {"response_field": _RESPONSE_FIELD.value} if _RESPONSE_FIELD.value else None
+  return cli.UserError(task_options.data_error_message(e, options, lambda o: f"--{o}", fields))
+
+
+def _read(path, prompt_field, field, options, tokenizer, check_answers, chat):
+  from mixpo.data import DataError, read_examples
+  try:
+    rows, summary = read_examples(path, prompt_field, field, tokenizer=tokenizer,
+                                  chat_template=chat,
+                                  max_prompt_tokens=options["max_prompt_tokens"] or None,
+                                  check_answers=check_answers,
+                                  skip_bad_rows=options["skip_bad_rows"])
+  except DataError as e:
+    raise _data_error(e, options) from None
+  if not rows:
+    raise _data_error(DataError(f"no usable row in {path} ({summary})", "no_rows"), options)
+  if summary.kept < summary.rows:
+    logging.warning("%s", summary)
+  return rows
+
+
+def check_target_lengths(tokenizer, rows, field: str, limit: int) -> None:
+  """UserError naming the first row whose target (tokens + EOS) exceeds --max_response_tokens."""
+  lengths = [len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) + 1 for e in rows]
+  over = [i for i, n in enumerate(lengths) if n > limit]
+  if over:
+    e = rows[over[0]]
+    raise cli.UserError(
+        f"--max_response_tokens={limit}: {e.metadata.get('source')}: field {field!r} needs "
+        f"{lengths[over[0]]} tokens with EOS; {len(over)} of {len(rows)} targets are longer than "
+        f"the limit (the longest needs {max(lengths)}). Raise --max_response_tokens or drop "
+        "those rows.")
+
+
 def sft_data(tokenizer):
-  """(SFT data source, eval task or None) from the task flags."""
-  from mixpo.data import read_examples, task_options
+  """(SFT data source, eval examples or None, eval reward function) from the task flags.
+
+  A file task trains on --train_path's --response_field; it evaluates on --eval_path (its own
+  fields) or, without one, on the rows `split_of` holds out (never trained on)."""
+  from mixpo.data import split_of, task_options
+  from mixpo.rewards import math_answer_reward
   task, options, knobs = cli.task_flag_values()
   if task != task_options.FILE:
     t = task_options.make_task(task, options, knobs, tokenizer=tokenizer)
-    return t, t
-  field = _RESPONSE_FIELD.value or options["answer_field"]
-  rows, summary = read_examples(options["train_path"], options["prompt_field"], field,
-                                tokenizer=tokenizer, chat_template=options["chat_template"],
-                                max_prompt_tokens=options["max_prompt_tokens"] or None,
-                                check_answers=False, skip_bad_rows=options["skip_bad_rows"])
-  if summary.kept < summary.rows:
-    logging.warning("--train_path: %s", summary)
-  if not rows:
-    raise cli.UserError(f"--train_path={options['train_path']}: no usable rows ({summary}).")
-  eval_task = None
-  if options["eval_path"]:
-    first = options["eval_path"].split(",")[0].strip()
-    eval_task = task_options.make_task(task, {**options, "train_path": first, "eval_path": first},
-                                       knobs, tokenizer=tokenizer)
-  return ResponseData(rows, options["train_path"]), eval_task
+    return t, t.eval_examples(_EVAL.value), t.reward_fn
+  prompt_field, answer_field, chat = task_options.file_fields(options)
+  field = _RESPONSE_FIELD.value or answer_field
+  train = options["train_path"]
+  rows = _read(train, prompt_field, field, options, tokenizer, False, chat)
+  paths = task_options.eval_paths(options)
+  if paths:
+    eval_prompt, eval_answer = task_options.eval_fields(options, 0)
+    evals = _read(paths[0], eval_prompt, eval_answer, options, tokenizer, True, chat)
+  else:
+    held_out = lambda e: split_of(e.prompt, options["eval_fraction"]) == "eval"
+    rows = [e for e in rows if not held_out(e)]
+    evals = [e for e in _read(train, prompt_field, answer_field, options, tokenizer, True, chat)
+             if held_out(e)]
+    if not evals or not rows:
+      raise cli.UserError(f"--eval_fraction={options['eval_fraction']}: holds out "
+                          f"{len(evals)} of the rows of {train}, leaving {len(rows)} to train "
+                          "on; pass --eval_path, or change --eval_fraction.")
+  check_target_lengths(tokenizer, rows, field, _MAX_RESPONSE.value)
+  return ResponseData(rows, train), evals[:_EVAL.value], math_answer_reward
 
 
 def main(argv):
@@ -113,18 +160,17 @@ def main(argv):
   else:
     tokenizer = models.load_tokenizer(_INIT.value)
     model = models.from_pretrained(_INIT.value)
-  data, eval_task = sft_data(tokenizer)
+  data, eval_examples, reward_fn = sft_data(tokenizer)
   model = builtin.sft(model, tokenizer, data, steps=_STEPS.value, batch_size=_BATCH.value,
                       learning_rate=_LR.value, seed=_SEED.value,
                       max_answer_tokens=_MAX_RESPONSE.value,
                       log_every=max(_STEPS.value // 10, 1))
-  models.save_pretrained(model, _OUT.value)
-  tokenizer.save_pretrained(_OUT.value)
-  result = {"steps": _STEPS.value}
-  if eval_task is not None:
-    with RewardRunner([(eval_task.reward_fn, 1.0)]) as runner:
-      result.update(rl.evaluate(model, tokenizer, eval_task.eval_examples(_EVAL.value), runner,
-                                max_new_tokens=_EVAL_TOKENS.value or _MAX_RESPONSE.value))
+  models.save_pretrained(model, _OUT.value, tokenizer=tokenizer)
+  result = {"steps": _STEPS.value, "eval": "--eval_path" if cli.task_flag_values()[1][
+      "eval_path"] else "held-out split"}
+  with RewardRunner([(reward_fn, 1.0)]) as runner:
+    result.update(rl.evaluate(model, tokenizer, eval_examples, runner,
+                              max_new_tokens=_EVAL_TOKENS.value or _MAX_RESPONSE.value))
   with open(os.path.join(_OUT.value, "sft_eval.json"), "w") as f:
     json.dump(result, f, indent=1)
   logging.info("eval: %s", result)

@@ -96,8 +96,8 @@ def main(argv):
     print("interrupted: stopped without finishing the step; rerun the same command to resume "
           "from the last checkpoint", file=sys.stderr)
     sys.exit(130)
-  logging.info("summary: %s", summary)
-  print("summary:", {k: v for k, v in summary.items() if k != "plots"})
+  from mixpo import logging as mlog
+  print(mlog.format_summary(summary, _WORKDIR.value), flush=True)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,12 @@ def sft(model, tokenizer, task, *, steps: int, batch_size: int, learning_rate: f
   return policy.merge(state.params)
 
 
+def builtin_tokenizer(cfg):
+  """The built-in models' char tokenizer (`cfg`: the config's `builtin` recipe), without building
+  them: what the front door compares a guide's or policy's tokenizer with."""
+  return char_tokenizer(cfg.get("alphabet") or DEFAULT_ALPHABET)
+
+
 def ensure_builtin_models(directory: str, cfg,
                           only=("guide", "policy_init")) -> tuple[str, str]:
   """Makes (or reuses) `directory`/{guide,policy_init}; returns their paths.
@@ -130,7 +136,7 @@ def ensure_builtin_models(directory: str, cfg,
           "Pass a config.builtin_dir (or --workdir) of your own, or fix its owner / `chmod o-w` "
           "it if you trust its contents.")
   recipe = json.dumps(cfg.to_dict(), sort_keys=True)
-  tokenizer = char_tokenizer(cfg.get("alphabet") or DEFAULT_ALPHABET)
+  tokenizer = builtin_tokenizer(cfg)
   tasks = {"guide": get_task(cfg.task, **{**cfg.task_kwargs, **cfg.get("guide_task_kwargs", {})}),
            "policy_init": get_task(cfg.task, **cfg.task_kwargs)}
   paths = {}
@@ -150,8 +156,7 @@ def ensure_builtin_models(directory: str, cfg,
     model = sft(model, tokenizer, tasks[name], steps=steps, batch_size=cfg.batch_size,
                 learning_rate=cfg.learning_rate, seed=seed, log_every=max(steps // 5, 1),
                 max_answer_tokens=cfg.get("max_answer_tokens", 5))
-    models.save_pretrained(model, path)
-    tokenizer.save_pretrained(path)
+    models.save_pretrained(model, path, tokenizer=tokenizer)
     with open(recipe_file, "w") as f:  # written last: a crash before it means "rebuild".
       f.write(recipe)
     jax.clear_caches()

@@ -9,7 +9,10 @@
   prints one paragraph on stderr, `error: ...` naming the flag, and exits with code 2 — no
   traceback. Bugs still raise with their traceback;
 - absl / orbax INFO chatter is kept below WARNING unless `--verbosity` (or `-v`) is given; mixpo's
-  own INFO lines stay.
+  own INFO lines stay;
+- `--help` prints the binary's docstring, its flags (the task flags included) and, for a binary
+  with a config, every `--config.<field>` with its value and comment; `--helpfull` adds absl's
+  and jax's flags. Both exit 0.
 `check_config(config)` (train.py, before `loop.run`) checks enum values, ranges, paths that must
 exist (policy, guide, dataset files), task options and reward specs, naming `--config.<field>`.
 """
@@ -191,6 +194,10 @@ def _checkpoint_dir(flag: str, path: str, builtin_ok: bool = True) -> None:
   if not os.path.isdir(path):
     raise UserError(f"{flag}={path}: no such directory; pass a Hugging Face checkpoint directory "
                     f"(config.json, *.safetensors, tokenizer files){alt}.")
+  if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(
+      os.path.join(path, "export", "config.json")):
+    raise UserError(f"{flag}={path}: a mixpo run directory (its config.json is the run's config); "
+                    f"its trained policy is {os.path.join(path, 'export')}.")
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise UserError(f"{flag}={path}: the directory has no config.json, so it is not a Hugging "
                     "Face checkpoint; pass the directory that holds config.json and the "
@@ -283,6 +290,8 @@ def define_task_flags(flag_values=None) -> None:
   from absl import flags
   from mixpo.data import task_options
   fv = flag_values or flags.FLAGS
+  # The flags belong to the binary that calls this: its --help lists them (not "mixpo.cli").
+  flags.disclaim_key_flags()
   flags.DEFINE_string("task", "addition", "Task: addition, file (a dataset: --train_path / "
                       "--eval_path), or rg:<reasoning-gym dataset>.", flag_values=fv)
   flags.DEFINE_string("task_knobs", "", "Extra task knobs as k=v,k=v (e.g. rg tasks).",
@@ -309,6 +318,74 @@ def check_task_flags(need_train: bool = True) -> None:
 def check_model_dir(flag: str, path: str) -> None:
   """UserError naming `flag` unless `path` is a Hugging Face checkpoint directory."""
   _checkpoint_dir(flag, path, builtin_ok=False)
+
+
+# ----------------------------------------------------------------------------- help
+
+
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+def config_field_docs(*paths: str) -> dict[str, str]:
+  """{dotted field: comment} from config files: the comment ending a `c.<field> = ...` line, or
+  the comment lines right above it; builtin_models()'s `b.<field>` lines are `builtin.<field>`;
+  task_kwargs.* get their task_options.OPTIONS help. Later files win."""
+  from mixpo.data import task_options
+  docs = {f"task_kwargs.{o.name}": o.help for o in task_options.OPTIONS}
+  assign = re.compile(r"^\s*([cb])\.([\w.]+)\s*=\s*(.*?)\s*$")
+  for path in paths:
+    above = []
+    for line in open(path, encoding="utf-8"):
+      stripped = line.strip()
+      if stripped.startswith("#"):
+        above.append(stripped.lstrip("# "))
+        continue
+      m = assign.match(line)
+      if m:
+        prefix, field, rest = m.groups()
+        inline = rest.split("  # ", 1)[1].strip() if "  # " in rest else ""
+        doc = inline or " ".join(above)
+        if doc:
+          docs[("builtin." if prefix == "b" else "") + field] = doc
+      above = []
+  return docs
+
+
+def config_help(config, path: str) -> str:
+  """Every field of `config` as `--config.<field>=<value>` with its comment (config_field_docs of
+  experiments/configs/default.py and `path`)."""
+  docs = config_field_docs(os.path.join(_configs_dir(), "default.py"), path)
+  lines = [f"config fields ({path}; override any with --config.<field>=<value>, nested ones "
+           "with dots):"]
+  for key in flat_keys(config):
+    node = config
+    for part in key.split("."):
+      node = node[part]
+    if hasattr(node, "items") and hasattr(node, "to_dict") and key != "traces.fields":
+      continue  # a group: its fields follow
+    value = node.to_dict() if hasattr(node, "to_dict") else node
+    lines.append(f"  --config.{key}=" + (f"'{value}'" if isinstance(value, str) else f"{value}"))
+    if docs.get(key):
+      lines.append(f"      {docs[key]}")
+  return "\n".join(lines)
+
+
+def print_help(argv: list[str], config_flag: str | None) -> None:
+  """What --help / --helpfull print (to stdout): the docstring, the binary's flags, the config."""
+  from absl import flags
+  main = sys.modules.get("__main__")
+  print((getattr(main, "__doc__", None) or "").strip() + "\n")
+  if "--helpfull" in argv:
+    print(flags.FLAGS.get_help())
+  else:
+    print("flags:\n" + flags.FLAGS.main_module_help() +
+          "\n\n(--helpfull also lists absl's and jax's flags)")
+  if config_flag is None:
+    return
+  value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{config_flag}=")),
+               "default")
+  path = resolve_config(value).partition(":")[0]
+  print("\n" + config_help(load_config_file(resolve_config(value)), path))
 
 
 # ----------------------------------------------------------------------------- running
@@ -346,6 +423,9 @@ def user_error_message(exc: BaseException) -> str | None:
     return flagify(str(exc))
   if isinstance(exc, UserError):
     return str(exc)
+  preflight = sys.modules.get("mixpo.preflight")  # loaded whenever it raised
+  if preflight is not None and isinstance(exc, preflight.SetupError):
+    return flagify(str(exc))
   if isinstance(exc, (app.UsageError, flags.Error)):
     return flagify(str(exc))
   return None
@@ -380,6 +460,12 @@ def run(main: Callable, config_flag: str | None = "config", argv: list[str] | No
   """absl.app.run(main) with the checks and error handling of the module docstring."""
   from absl import app, flags
   argv = list(sys.argv if argv is None else argv)
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    try:
+      print_help(argv, config_flag)
+    except UserError as e:
+      exit_with(str(e))
+    sys.exit(0)
   try:
     argv = prepare_argv(argv, config_flag)
   except UserError as e:

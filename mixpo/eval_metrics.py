@@ -7,11 +7,13 @@ Inputs are per problem: `correct_PxN` (bool, N ≥ k samples of each of P proble
   N ≥ k samples with c correct (computed as a product, no huge binomials).
 - maj@k: the most frequent answer of the first k samples (ties: the answer seen first) is correct.
 Intervals: percentile bootstrap over problems (resampled with replacement), seeded.
+`BoxedOnly` makes a reward strict about the answer format: only a final `\\boxed{...}` counts.
 """
 
 from __future__ import annotations
 
 import collections
+import re
 
 import numpy as np
 
@@ -73,3 +75,37 @@ def summarize(correct_PxN, answers_PxN, k: int, resamples: int = 1000, seed: int
     out[name] = {"value": float(vals.mean()) if vals.size else 0.0,
                  "ci95": list(bootstrap_ci(vals, resamples, seed))}
   return out
+
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def boxed_answer(text: str) -> str | None:
+  """The content of the last balanced `\\boxed{...}` of `text` (nested braces allowed), or None
+  when there is none or it is unbalanced."""
+  if not isinstance(text, str):
+    return None
+  starts = [m.end() for m in _BOXED.finditer(text)]
+  if not starts:
+    return None
+  depth = 1
+  for j in range(starts[-1], len(text)):
+    depth += {"{": 1, "}": -1}.get(text[j], 0)
+    if depth == 0:
+      return text[starts[-1]:j].strip() or None
+  return None
+
+
+class BoxedOnly:
+  """A TRL-style reward made strict: completions without a final balanced `\\boxed{...}` score
+  0, whatever "The answer is ..." or last number the default extraction would fall back to.
+  A module-level class, so it pickles into the reward runner's workers."""
+
+  def __init__(self, fn):
+    self.fn = fn
+    self.__name__ = getattr(fn, "__name__", "reward")
+
+  def __call__(self, prompts, completions, **columns) -> list[float]:
+    scores = self.fn(prompts, completions, **columns)
+    return [float(s) if boxed_answer(c) is not None else 0.0
+            for s, c in zip(scores, completions, strict=True)]

@@ -1,10 +1,13 @@
 """`run(config, workdir)`: the whole RL experiment the binaries and notebooks share.
 
-Set-up checks everything that can be wrong before any compute (config, workdir writable,
-vocabularies, a foreign checkpoint in the workdir), then: restore the latest valid checkpoint,
-step, evaluate, log, checkpoint; SIGTERM or Ctrl-C → the step finishes, a forced checkpoint, a
-clean return (a second Ctrl-C stops at once); too many consecutive non-finite updates → an error
-naming the step.
+Set-up checks everything that can be wrong before any model is built (config, workdir writable,
+a foreign checkpoint in the workdir, and in `mixpo.preflight` the policy's and guide's tokenizers
+by content, the dataset and trace files: `preflight.SetupError` naming `config.<field>`, file,
+row and field), builds only the built-in models the run uses, writes the resolved `config.json`,
+then: restore the latest valid checkpoint, step, evaluate, log, checkpoint; SIGTERM or Ctrl-C →
+the step finishes, a forced checkpoint, `summary.json` and plots, a clean return (a second Ctrl-C
+stops at once); too many consecutive non-finite updates → an error naming the step (summary.json
+records it).
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from absl import logging
 
 from mixpo import builtin, checkpoint, models, rl, sharding, train
 from mixpo import logging as mlog
+from mixpo import preflight
 from mixpo.data import task_options
-from mixpo.guide_source import TraceSource
 from mixpo.models import lora
 from mixpo.rewards import RewardRunner, custom
 
@@ -34,31 +37,46 @@ from mixpo.rewards import RewardRunner, custom
 # float32 reduction order).
 # max_policy_tokens: a larger budget continues a finished run (experiments/compare.py).
 # no_signal_steps / max_skip_ratio: thresholds of warnings and of giving up, not of the updates.
+# loggers / wandb_project: where metrics are sent besides metrics.jsonl.
 RESUMABLE_FIELDS = ("num_steps", "overwrite", "progress", "log_samples_every", "builtin_dir",
-                    "mesh_shape", "max_policy_tokens", "no_signal_steps", "max_skip_ratio")
+                    "mesh_shape", "max_policy_tokens", "no_signal_steps", "max_skip_ratio",
+                    "loggers", "wandb_project")
+
+
+# Task options added after runs were fingerprinted: left out while at their defaults, so those
+# runs (and the comparison grids' finished cells) still resume.
+LATER_TASK_OPTIONS = ("eval_prompt_field", "eval_answer_field", "schema")
 
 
 def fingerprint(config) -> dict:
   d = config.to_dict()
   for k in RESUMABLE_FIELDS:
     d.pop(k, None)
+  kwargs = d.get("task_kwargs")
+  for k in LATER_TASK_OPTIONS:
+    if isinstance(kwargs, dict) and kwargs.get(k) == task_options.BY_NAME[k].default:
+      kwargs.pop(k)
   return d
 
 
-def resolve_models(config, workdir: str) -> tuple[str, str | None]:
-  """Paths of the starting policy and the guide; 'builtin' builds them under workdir/models."""
-  policy, guide = config.policy, config.guide
-  if "builtin" in (policy, guide):
+def resolve_models(config, workdir: str, spec: rl.RunSpec | None = None) -> tuple[str, str | None]:
+  """Paths of the starting policy and of the guide (None when no guide is loaded); 'builtin'
+  builds (or reuses) only the built-in models the run uses, under config.builtin_dir or
+  workdir/models."""
+  spec = spec or rl.resolve(config)
+  used = preflight.builtin_models_used(config, spec)
+  policy, guide = config.policy, (config.guide or None) if spec.guide.needs_model else None
+  if used:
     directory = config.builtin_dir or os.path.join(workdir, "models")
     if jax.process_count() > 1:  # process 0 builds them (shared filesystem), the others wait.
       if jax.process_index() == 0:
-        builtin.ensure_builtin_models(directory, config.builtin)
+        builtin.ensure_builtin_models(directory, config.builtin, only=used)
       from jax.experimental import multihost_utils  # noqa: PLC0415
       multihost_utils.sync_global_devices("mixpo: built-in models ready")
-    b_guide, b_policy = builtin.ensure_builtin_models(directory, config.builtin)
+    b_guide, b_policy = builtin.ensure_builtin_models(directory, config.builtin, only=used)
     policy = b_policy if policy == "builtin" else policy
     guide = b_guide if guide == "builtin" else guide
-  return policy, guide or None
+  return policy, guide
 
 
 def model_options(config, guide: bool = False) -> dict:
@@ -101,6 +119,7 @@ def setup(config, workdir: str):
   checkpoint.check_directory(workdir)  # creates it; a clear error if unwritable or full.
   spec = rl.resolve(config)
   lora_cfg = lora_config(config)
+  preflight.warn_unused(config, spec)
   if (jax.default_backend() == "gpu" and config.model.dtype == "float32"
       and jax.config.jax_default_matmul_precision in (None, "default")):
     # Measured on an H200 (jax 0.11.2): logits 3.8e-4 from transformers' instead of < 1e-4, and
@@ -108,35 +127,32 @@ def setup(config, workdir: str):
     logging.warning("float32 on GPU with the default matmul precision: XLA:GPU multiplies in "
                     "TF32. Set JAX_DEFAULT_MATMUL_PRECISION=highest for float32 numbers (or "
                     "config.model.dtype=bfloat16 for speed).")
+  # Files before models: tokenizers, the dataset and the traces are read (and refused) first.
+  tokenizer = preflight.tokenizer_of(config, "policy")
+  preflight.check_guide(config, spec, tokenizer)
+  task, eval_examples = preflight.make_task(config, tokenizer)
+  traces = preflight.read_traces(config, spec, tokenizer)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  fingerprint=fingerprint(config), overwrite=config.overwrite)
-  policy_path, guide_path = resolve_models(config, workdir)
+  policy_path, guide_path = resolve_models(config, workdir, spec)
+  if config.policy == "builtin":  # as saved with the built model
+    tokenizer = models.load_tokenizer(policy_path)
+  preflight.write_run_config(config, workdir, spec, policy_path, guide_path)
   # One code path for 1 device and a pod; a 1-device mesh leaves the numbers unchanged.
   mesh = sharding.make_mesh(spec.mesh_shape)
   sharding.log_layout(mesh)
   on_shards = sharding.path_shardings(mesh)
-  tokenizer = models.load_tokenizer(policy_path)
   model = models.from_pretrained(policy_path, shardings=on_shards, **model_options(config))
   guide = reference = None
   if spec.guide.needs_model:
     guide_model = models.from_pretrained(guide_path, shardings=on_shards,
                                          **model_options(config, guide=True))
-    rl.check_vocabularies(model.config.vocab_size, guide_model.config.vocab_size)
     guide = rl.rollout_view(spec, _frozen(guide_model))  # held in the rollout dtype only.
     del guide_model
   if spec.keeps_reference:  # the KL reference: the starting policy, frozen (no remat, no grads).
     reference = rl.rollout_view(spec, _frozen(models.from_pretrained(
         policy_path, shardings=on_shards, **model_options(config, guide=True))))
-  # Real datasets: the policy's tokenizer renders / filters the file task's prompts.
-  task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
-                                tokenizer=tokenizer)
-  traces = None
-  if spec.guide.source == "traces":  # the trace file is the train set; the task evaluates.
-    traces = TraceSource.from_options(spec.guide.traces, tokenizer,
-                                      max_new_tokens=config.max_new_tokens,
-                                      temperature=config.temperature)
-    logging.info("guide traces: %s; %s", traces.summary, traces.report())
   # Every process holds the same rollouts (see rl.py); each scores 1/P of them.
   runner = RewardRunner(custom.reward_fns(config.get("rewards", ""),
                                           config.get("reward_weights", ""), task.reward_fn),
@@ -160,7 +176,7 @@ def setup(config, workdir: str):
   exp = rl.Experiment(config=config, spec=spec, policy=policy, guide=guide, tokenizer=tokenizer,
                       task=task, reward_runner=runner, train_step=train_step,
                       reference=reference, mesh=mesh, traces=traces)
-  return exp, state, ckpt, task.eval_examples(config.eval_size)
+  return exp, state, ckpt, eval_examples
 
 
 def _frozen(model) -> tuple:
@@ -249,7 +265,8 @@ class _Preemption:
 def _evaluate(exp, params, examples) -> dict:
   out = rl.evaluate(exp.policy.pair(params), exp.tokenizer, examples, exp.reward_runner,
                     exp.config.max_new_tokens, batch_size=exp.config.eval_batch_size)
-  return {"eval/accuracy": out["accuracy"]}
+  # The set's size is logged with the accuracy: plots and readers see "of how many problems".
+  return {"eval/accuracy": out["accuracy"], "eval/num_examples": out["num_examples"]}
 
 
 def run(config, workdir: str) -> dict:
@@ -259,6 +276,7 @@ def run(config, workdir: str) -> dict:
   tests) cannot leak layouts into each other.
   """
   mlog.CompileCounter.install()
+  preflight.loggers(config)  # a typo in config.loggers is found before any work.
   exp, state, ckpt, eval_examples = setup(config, workdir)
   try:
     # Signals are handled up to the summary: a Ctrl-C in the export and plots after the last
@@ -267,6 +285,13 @@ def run(config, workdir: str) -> dict:
       return _run(exp, state, ckpt, eval_examples, config, workdir, preempt)
   finally:
     exp.reward_runner.close()
+
+
+class _Live:
+  """The run's state as the step loop leaves it, also when it stops with an error."""
+
+  def __init__(self, state, extra):
+    self.state, self.extra = state, extra
 
 
 def _run(exp, state, ckpt, eval_examples, config, workdir: str, preempt: _Preemption) -> dict:
@@ -279,85 +304,123 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str, preempt: _Preemp
   is_main = jax.process_index() == 0
   # A fresh start drops every row (-1): rows there came from an attempt that crashed before its
   # first checkpoint and will be logged again.
-  logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else -1)
+  config_dict = json.loads(json.dumps(config.to_dict(), default=str))
+  logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else -1,
+                             loggers=preflight.loggers(config), config=config_dict,
+                             project=config.get("wandb_project", "mixpo"))
+  if restored:
+    logger.event(start, "resumed")
   summary = {"start_step": start, "preempted": False, "guide_source": exp.spec.guide.source,
-             "guide_logp": exp.spec.guide.logp}
+             "guide_logp": exp.spec.guide.logp, "eval_size": len(eval_examples)}
   if exp.traces is not None:  # what was read and dropped, by reason (also in the log above).
     summary.update(exp.traces.report())
   health = mlog.RunHealth(config.get("max_skip_ratio", 1.0), config.get("no_signal_steps", 0),
                           reward_failure_ratio=config.get("reward_failure_warn_ratio", 0.5))
   # Logged at WARNING when the task read its files; listed again where a person looks last.
   health.warnings += task_options.dropped_rows_warnings(exp.task)
+  live = _Live(state, extra)
+  try:
+    with ckpt, logger, mlog.Progress(
+        config.num_steps, initial=start, disable=not (config.progress and is_main)) as bar:
+      _steps(exp, live, ckpt, logger, bar, eval_examples, config, preempt, health, summary)
+  except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C: stop at once, no summary work.
+    raise
+  except Exception as e:  # the run's files still say how far it got and why it stopped.
+    summary["error"] = f"{type(e).__name__}: {e}"
+    _finish(exp, live, ckpt, config, workdir, summary, health)
+    raise
+  return _finish(exp, live, ckpt, config, workdir, summary, health)
+
+
+def _steps(exp, live, ckpt, logger, bar, eval_examples, config, preempt, health, summary):
+  """The step loop: step, evaluate, checkpoint, log, until num_steps, the token budget or a
+  stop signal."""
+  extra, start = live.extra, int(live.state.step)
+  if start == 0:
+    first = _evaluate(exp, live.state.params, eval_examples)
+    logger.write(0, {**first, "policy_tokens": 0, "guide_tokens": 0})
+    summary["initial_eval_accuracy"] = first["eval/accuracy"]
+  timer = mlog.PhaseTimer()
   t_start = time.time()
-  with ckpt, logger, mlog.Progress(
-      config.num_steps, initial=start, disable=not (config.progress and is_main)) as bar:
-    if start == 0:
-      first = _evaluate(exp, state.params, eval_examples)
-      logger.write(0, {**first, "policy_tokens": 0, "guide_tokens": 0})
-      summary["initial_eval_accuracy"] = first["eval/accuracy"]
-    timer = mlog.PhaseTimer()
-    # Equal-budget comparisons stop on generated policy tokens (0 = off); guide tokens not counted.
-    budget = int(config.get("max_policy_tokens", 0) or 0)
-    for step in range(start + 1, config.num_steps + 1):
-      if budget and extra["policy_tokens"] >= budget:  # resumed after the final step.
-        break
-      timer.reset()
-      state, extra["data_pos"], metrics, samples = rl.rl_step(exp, state, extra["data_pos"], timer)
-      extra["policy_tokens"] += metrics["step_policy_tokens"]
-      extra["guide_tokens"] += metrics["step_guide_tokens"]
-      skipped = metrics["loss/skipped_updates"] > 0
-      extra["consecutive_skips"] = extra["consecutive_skips"] + 1 if skipped else 0
-      health.observe(step, metrics)
-      if extra["consecutive_skips"] >= config.max_consecutive_skips:
-        logger.write(step, metrics)  # the failing step's counts belong in metrics.jsonl too.
-        raise train.NonFiniteUpdateError(
-            f"step {step}: {extra['consecutive_skips']} consecutive steps had non-finite loss or "
-            "gradients (updates skipped, parameters unchanged). Likely causes: a learning rate "
-            "too high, -inf log-probs from θ_old or the guide (tokens outside the model's "
-            "support), or config.max_log_ratio too large. Last loss: "
-            f"{metrics.get('loss/loss')}.")
-      metrics.update(policy_tokens=extra["policy_tokens"], guide_tokens=extra["guide_tokens"],
-                     data_pos=extra["data_pos"], wall_s=time.time() - t_start)
-      last = step == config.num_steps or bool(budget and extra["policy_tokens"] >= budget)
-      if step % config.eval_every == 0 or last:
-        with timer("eval"):
-          metrics.update(_evaluate(exp, state.params, eval_examples))
-      with timer("checkpoint"):
-        ckpt.save(step, state, extra, force=bool(preempt.requested) or last)
-      metrics.update(timer.metrics())
-      metrics["compile/count"] = mlog.CompileCounter.count()
-      logger.write(step, metrics)
-      if config.log_samples_every and step % config.log_samples_every == 0:
-        logger.write_samples(step, samples)
-      bar.update(step, metrics)
-      if preempt.requested:
-        summary.update(preempted=True, preempted_by=preempt.requested)
-        break
-      if last:
-        break
-  final_step = int(state.step)
-  summary.update(final_step=final_step, policy_tokens=extra["policy_tokens"],
-                 guide_tokens=extra["guide_tokens"],
-                 budget_reached=bool(budget and extra["policy_tokens"] >= budget),
-                 **health.summary())
-  rows = [r for r in mlog.read_metrics(workdir) if "eval/accuracy" in r]
+  # Equal-budget comparisons stop on generated policy tokens (0 = off); guide tokens not counted.
+  budget = int(config.get("max_policy_tokens", 0) or 0)
+  for step in range(start + 1, config.num_steps + 1):
+    if budget and extra["policy_tokens"] >= budget:  # resumed after the final step.
+      break
+    timer.reset()
+    live.state, extra["data_pos"], metrics, samples = rl.rl_step(exp, live.state,
+                                                                 extra["data_pos"], timer)
+    extra["policy_tokens"] += metrics["step_policy_tokens"]
+    extra["guide_tokens"] += metrics["step_guide_tokens"]
+    skipped = metrics["loss/skipped_updates"] > 0
+    extra["consecutive_skips"] = extra["consecutive_skips"] + 1 if skipped else 0
+    health.observe(step, metrics)
+    if extra["consecutive_skips"] >= config.max_consecutive_skips:
+      logger.write(step, metrics)  # the failing step's counts belong in metrics.jsonl too.
+      raise train.NonFiniteUpdateError(
+          f"step {step}: {extra['consecutive_skips']} consecutive steps had non-finite loss or "
+          "gradients (updates skipped, parameters unchanged). Likely causes: a learning rate "
+          "too high, -inf log-probs from θ_old or the guide (tokens outside the model's "
+          "support), or config.max_log_ratio too large. Last loss: "
+          f"{metrics.get('loss/loss')}.")
+    metrics.update(policy_tokens=extra["policy_tokens"], guide_tokens=extra["guide_tokens"],
+                   data_pos=extra["data_pos"], wall_s=time.time() - t_start)
+    last = step == config.num_steps or bool(budget and extra["policy_tokens"] >= budget)
+    if step % config.eval_every == 0 or last:
+      with timer("eval"):
+        metrics.update(_evaluate(exp, live.state.params, eval_examples))
+    with timer("checkpoint"):
+      ckpt.save(step, live.state, extra, force=bool(preempt.requested) or last)
+    metrics.update(timer.metrics())
+    metrics["compile/count"] = mlog.CompileCounter.count()
+    logger.write(step, metrics)
+    every = config.log_samples_every
+    # The first step's samples too: a short run (or the first minutes of a long one) shows what
+    # the policy writes.
+    if every and (step == start + 1 or step % every == 0 or last):
+      logger.write_samples(step, samples)
+    bar.update(step, metrics)
+    if preempt.requested:
+      summary.update(preempted=True, preempted_by=preempt.requested)
+      break
+    if last:
+      break
+  summary["budget_reached"] = bool(budget and extra["policy_tokens"] >= budget)
+
+
+def _finish(exp, live, ckpt, config, workdir: str, summary: dict, health) -> dict:
+  """The summary, the export (a run that ended normally) and, on every end (finished,
+  preempted, stopped by an error), plots/ and summary.json."""
+  is_main = jax.process_index() == 0
+  extra = live.extra
+  summary.update(final_step=int(live.state.step), policy_tokens=extra["policy_tokens"],
+                 guide_tokens=extra["guide_tokens"], **health.summary())
+  summary.setdefault("budget_reached", False)
+  has_rows = os.path.exists(os.path.join(workdir, mlog.METRICS_FILE))
+  rows = [r for r in mlog.read_metrics(workdir) if "eval/accuracy" in r] if has_rows else []
   if rows:
     summary["final_eval_accuracy"] = rows[-1]["eval/accuracy"]
     summary.setdefault("initial_eval_accuracy", rows[0]["eval/accuracy"])
+  finished = not summary["preempted"] and "error" not in summary
+  state = live.state
   export_params, export_base = state.params, exp.policy.base
-  if jax.process_count() > 1 and config.export_hf and not summary["preempted"]:
+  if jax.process_count() > 1 and config.export_hf and finished:
     # A collective: every process joins; process 0 then holds the full (host) weights and writes.
     export_params, export_base = sharding.to_host((state.params, exp.policy.base))
-  if is_main and not summary["preempted"]:
-    if config.export_hf:
-      export = exp.policy.merge(export_params, export_base)
-      if export_base is not None:  # LoRA: the adapters alone (PEFT), then the merged weights.
-        with open(os.path.join(ckpt.directory, checkpoint.BASE_FILE)) as f:
-          base_path = json.load(f)["path"]
-        models.save_adapter(export, os.path.join(workdir, "export_adapter"), base_path)
-        export = lora.merged(export)
-      models.save_pretrained(export, os.path.join(workdir, "export"), tokenizer=exp.tokenizer)
+  if not is_main:
+    return summary
+  if config.export_hf and finished:
+    export = exp.policy.merge(export_params, export_base)
+    if export_base is not None:  # LoRA: the adapters alone (PEFT), then the merged weights.
+      with open(os.path.join(ckpt.directory, checkpoint.BASE_FILE)) as f:
+        base_path = json.load(f)["path"]
+      models.save_adapter(export, os.path.join(workdir, "export_adapter"), base_path)
+      export = lora.merged(export)
+    models.save_pretrained(export, os.path.join(workdir, "export"), tokenizer=exp.tokenizer)
+  try:
     summary["plots"] = mlog.plot_run(workdir)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+  except Exception as e:  # noqa: BLE001  (plots never hide the run's own outcome)
+    logging.warning("plots not written: %s: %s", type(e).__name__, e)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
   return summary

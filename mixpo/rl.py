@@ -27,6 +27,7 @@ import numpy as np
 
 from mixpo import advantages, algorithms, objectives, sampling, sharding, train
 from mixpo.batch import Batch, make_batch
+from mixpo.data.traces import tokenizer_fingerprint
 from mixpo.guide_source import TraceOptions, TraceSource, reward_rows
 from mixpo.rewards.overlong import OverlongConfig
 from mixpo.rollout import (Collected, Groups, SampleSpec, concat_groups, dynamic_sample,
@@ -251,12 +252,17 @@ def _guide_spec(config, algo: algorithms.Algorithm) -> GuideSpec:
   return spec
 
 
-def check_vocabularies(policy_vocab: int, guide_vocab: int):
-  """r̂ = πθ/πϕ needs both policies over the same tokens."""
-  if guide_vocab != policy_vocab:
-    raise ValueError(f"the guide's vocabulary ({guide_vocab}) differs from the policy's "
-                     f"({policy_vocab}): r̂ = πθ/πϕ needs both over the same tokens; use a guide "
-                     "that shares the policy's tokenizer.")
+def check_vocabularies(policy_tokenizer, guide_tokenizer):
+  """r̂ = πθ/πϕ needs both policies over the same tokens: the same tokenizer, compared by content
+  (vocabulary, merges, special tokens: `tokenizer_fingerprint`), not by vocabulary size (two
+  tokenizers of one size may map ids differently; one tokenizer may serve checkpoints whose
+  embedding tables are padded to different sizes)."""
+  policy, guide = tokenizer_fingerprint(policy_tokenizer), tokenizer_fingerprint(guide_tokenizer)
+  if guide != policy:
+    raise ValueError(f"the guide's tokenizer (fingerprint {guide}, {len(guide_tokenizer)} tokens) "
+                     f"differs from the policy's ({policy}, {len(policy_tokenizer)} tokens): "
+                     "r̂ = πθ/πϕ needs both over the same tokens; use a guide that shares the "
+                     "policy's tokenizer.")
 
 
 @dataclasses.dataclass
@@ -349,7 +355,8 @@ class Assembled:
   rows: Groups  # every row, policy slots then guide slots.
   is_guide_B: np.ndarray  # bool [B].
   real_B: np.ndarray  # bool [B]: False on padding rows (= batch.real_B).
-  row_prompt: list[str]  # prompt of every real row.
+  row_prompt: list[str]  # prompt of every row ("" on padding; guide padding rows may be absent).
+  row_answer: list[str]  # reference answer of every row, likewise.
 
 
 @functools.partial(jax.jit, static_argnames=("algo", "scheme", "std_normalize"))
@@ -375,7 +382,9 @@ def assemble(spec: RunSpec, policy_rows: Groups, n_groups: int, guide_rows: Grou
   n, m, slots = spec.sizes.n, spec.sizes.m, spec.sizes.slots
   group_B = np.repeat(np.arange(slots), n)
   real_B = np.arange(slots * n) < n_groups * n
-  row_prompt = [policy_rows.prompts[i // n] for i in range(n_groups * n)]
+  # Over every policy slot (padding: ""), so the guide rows' entries line up with their rows.
+  row_prompt = [policy_rows.prompts[i // n] if i < n_groups * n else "" for i in range(slots * n)]
+  row_answer = [policy_rows.answers[i // n] if i < n_groups * n else "" for i in range(slots * n)]
   parts, is_guide = [policy_rows], [np.zeros(slots * n, bool)]
   stored_BxN = None if not m else guide_rows.guide_logp_BxN  # from a trace file ("file")
   if m:
@@ -390,6 +399,7 @@ def assemble(spec: RunSpec, policy_rows: Groups, n_groups: int, guide_rows: Grou
       guide_real[:n_groups * m] &= np.asarray(guide_real_B, bool)
     real_B = np.concatenate([real_B, guide_real])
     row_prompt += [p for p in guide_rows.prompts for _ in range(m)]
+    row_answer += [a for a in guide_rows.answers for _ in range(m)]
   rows = concat_groups(parts, keep_empty=True)
   guide_logp_BxN = None
   if stored_BxN is not None:  # 0 on policy rows and padding slots (no OFF / ZERO term reads them)
@@ -403,7 +413,7 @@ def assemble(spec: RunSpec, policy_rows: Groups, n_groups: int, guide_rows: Grou
                      adv_B=adv, kind_B=kind, group_B=group_B, real_B=real_B,
                      guide_logp_BxN=guide_logp_BxN)
   return Assembled(batch=batch, rows=rows, is_guide_B=is_guide_B, real_B=real_B,
-                   row_prompt=row_prompt)
+                   row_prompt=row_prompt, row_answer=row_answer)
 
 
 def score(exp: Experiment, policy, batch: Batch, timer) -> Batch:
@@ -459,8 +469,11 @@ def report(spec: RunSpec, collected: Collected, asm: Assembled, step_metrics: di
   })
   if spec.sizes.m:
     metrics["train/guide_accuracy"] = float(solved(rows.correct_B[is_guide_B & real_B]).mean())
+  per_fn = rows.per_fn_B or {}
   samples = [{"prompt": asm.row_prompt[i] if i < len(asm.row_prompt) else "",
+              "answer": asm.row_answer[i] if i < len(asm.row_answer) else "",
               "response": rows.completions[i], "reward": float(rows.rewards_B[i]),
+              "rewards": {k: float(v[i]) for k, v in per_fn.items()},
               "set": SET_NAMES[int(kind_np[i])], "guide": bool(is_guide_B[i])}
              for i in np.flatnonzero(real_B)]
   return metrics, samples

@@ -38,6 +38,8 @@ class Groups:
   rewards_B: np.ndarray  # float32 shaped rewards.
   correct_B: np.ndarray  # float32 unshaped task reward (accuracy > 0).
   guide_logp_BxN: np.ndarray | None = None  # from traces, when they carry them.
+  # Unweighted value of each reward function per row ({name: float32 [B]}), for samples.jsonl.
+  per_fn_B: dict | None = None
 
   @property
   def per_group(self) -> int:
@@ -58,7 +60,8 @@ class Groups:
         tokens_BxN=self.tokens_BxN[rows], mask_BxN=self.mask_BxN[rows],
         lengths_B=self.lengths_B[rows], truncated_B=self.truncated_B[rows],
         completions=[self.completions[i] for i in rows], rewards_B=self.rewards_B[rows],
-        correct_B=self.correct_B[rows], guide_logp_BxN=take(self.guide_logp_BxN))
+        correct_B=self.correct_B[rows], guide_logp_BxN=take(self.guide_logp_BxN),
+        per_fn_B=None if self.per_fn_B is None else {k: v[rows] for k, v in self.per_fn_B.items()})
 
 
 def empty_rows(like: Groups, rows: int) -> Groups:
@@ -68,7 +71,9 @@ def empty_rows(like: Groups, rows: int) -> Groups:
                 prompt_mask_BxP=z(like.prompt_mask_BxP), tokens_BxN=z(like.tokens_BxN),
                 mask_BxN=z(like.mask_BxN), lengths_B=z(like.lengths_B),
                 truncated_B=z(like.truncated_B), completions=[""] * rows,
-                rewards_B=z(like.rewards_B), correct_B=z(like.correct_B))
+                rewards_B=z(like.rewards_B), correct_B=z(like.correct_B),
+                per_fn_B=None if like.per_fn_B is None else {k: z(v) for k, v in
+                                                             like.per_fn_B.items()})
 
 
 def concat_groups(parts: list[Groups], keep_empty: bool = False) -> Groups:
@@ -80,9 +85,11 @@ def concat_groups(parts: list[Groups], keep_empty: bool = False) -> Groups:
     return np.pad(x, ((0, 0), (width - x.shape[1], 0)))
 
   cat = lambda f: np.concatenate([f(p) for p in parts])
-  guide = None
+  guide = per_fn = None
   if all(p.guide_logp_BxN is not None for p in parts):
     guide = cat(lambda p: p.guide_logp_BxN)
+  if all(p.per_fn_B is not None for p in parts) and len({tuple(p.per_fn_B) for p in parts}) == 1:
+    per_fn = {k: cat(lambda p, k=k: p.per_fn_B[k]) for k in parts[0].per_fn_B}
   return Groups(
       prompts=sum((p.prompts for p in parts), []), answers=sum((p.answers for p in parts), []),
       prompt_BxP=cat(lambda p: left_pad(p.prompt_BxP)),
@@ -90,7 +97,7 @@ def concat_groups(parts: list[Groups], keep_empty: bool = False) -> Groups:
       tokens_BxN=cat(lambda p: p.tokens_BxN), mask_BxN=cat(lambda p: p.mask_BxN),
       lengths_B=cat(lambda p: p.lengths_B), truncated_B=cat(lambda p: p.truncated_B),
       completions=sum((p.completions for p in parts), []), rewards_B=cat(lambda p: p.rewards_B),
-      correct_B=cat(lambda p: p.correct_B), guide_logp_BxN=guide)
+      correct_B=cat(lambda p: p.correct_B), guide_logp_BxN=guide, per_fn_B=per_fn)
 
 
 def encode_prompts(tokenizer, prompts: list[str], repeat: int, min_width: int = 8):
@@ -168,7 +175,8 @@ def reward_groups(prompts, answers, k, prompt_BxP, prompt_mask_BxP, tokens, mask
                   prompt_mask_BxP=prompt_mask_BxP, tokens_BxN=tokens,
                   mask_BxN=mask * keep[:, None], lengths_B=lengths, truncated_B=truncated,
                   completions=completions, rewards_B=np.asarray(rewards, np.float32),
-                  correct_B=correct, guide_logp_BxN=guide_logp)
+                  correct_B=correct, guide_logp_BxN=guide_logp,
+                  per_fn_B={k: np.asarray(v, np.float32) for k, v in result.per_fn.items()})
   return groups, result.metrics()
 
 

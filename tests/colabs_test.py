@@ -1,5 +1,6 @@
 """colabs/*.ipynb execute headless (nbclient, python3 kernel) in small mode (MIXPO_SMALL=1), their
-shared install cell in local mode (MIXPO_INSTALL=local: this checkout, nothing installed)."""
+shared install cell in local mode (MIXPO_INSTALL=local: this checkout, nothing installed); the
+install cell's Colab paths are checked as commands (dry) and as the error that says what to set."""
 
 import math
 import os
@@ -14,7 +15,7 @@ from mixpo import analysis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(REPO, "colabs")
-NOTEBOOKS = ("quickstart", "objectives", "results")
+NOTEBOOKS = ("quickstart", "objectives", "results", "own_model")
 
 
 def _synthetic_results(directory):
@@ -81,3 +82,17 @@ def test_install_cell_in_colab_mode_clones_and_installs_for_the_accelerator(tmp_
   assert lines[0] == f"$ git clone --depth=1 https://example.org/fork/mixpo {tmp_path / 'mixpo'}"
   assert lines[1].startswith(f"$ {sys.executable} -m pip install -q -e {tmp_path / 'mixpo'}")
   assert "-c constraints.txt" not in lines[1]  # Colab keeps its own jax / numpy where it can.
+
+
+def test_install_cell_without_a_repository_says_what_to_set(tmp_path):
+  # Before: it cloned the placeholder https://github.com/YOUR_ORG/mixpo and failed in git.
+  env = dict(os.environ, MIXPO_INSTALL="clone", MIXPO_CLONE_DIR=str(tmp_path / "mixpo"))
+  env.pop("MIXPO_REPO_URL", None)
+  out = subprocess.run([sys.executable, "-c", _first_code_cell("quickstart")], env=env,
+                       capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert "set REPO_URL in this cell to the git URL of your mixpo repository" in last, last
+  assert not os.path.exists(tmp_path / "mixpo")
+  for name in os.listdir(COLABS):
+    assert "YOUR_ORG" not in open(os.path.join(COLABS, name)).read(), name

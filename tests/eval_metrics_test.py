@@ -44,3 +44,15 @@ def test_bootstrap_interval_narrows_with_more_problems():
   assert (large[1] - large[0]) < (small[1] - small[0]) / 4
   with pytest.raises(ValueError, match="k=5 > n=4"):
     eval_metrics.pass_at_k(4, 1, 5)
+
+
+def test_strict_boxed_scores_only_boxed_answers():
+  """evaluate.py --strict_boxed: "The answer is 7" or a last number no longer counts."""
+  from mixpo.eval_metrics import BoxedOnly, boxed_answer
+  assert boxed_answer("so \\boxed{7}.") == "7" and boxed_answer("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+  assert boxed_answer("The answer is 7") is None and boxed_answer("\\boxed{7") is None
+  full = lambda prompts, completions, **columns: [1.0] * len(completions)
+  strict = BoxedOnly(full)
+  assert strict(["p"] * 3, ["\\boxed{7}", "The answer is 7", "7"], answer=["7"] * 3) == [1.0, 0.0, 0.0]
+  import pickle
+  assert pickle.loads(pickle.dumps(BoxedOnly(eval_metrics.pass_at_k))).fn is eval_metrics.pass_at_k

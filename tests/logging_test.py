@@ -115,16 +115,32 @@ def test_phase_timer_rejects_nesting():
         pass
 
 
-def test_progress_updates(capsys):
+def test_progress_updates(capsys, monkeypatch):
+  import logging
+
+  from absl import logging as absl_logging
+  now = [100.0]  # the first step ends after 100 s of compiling
+  monkeypatch.setattr(time, "perf_counter", lambda: now[0])
   with mlog.Progress(total=10, initial=2) as bar:
-    bar.update(3, {"train/reward": jnp.float32(0.25), "time/step": 1.5})
+    bar.update(3, {"reward/mean": jnp.float32(0.25), "train/reward": 0.9, "time/step": 1.5})
+    absl_logging.get_absl_handler().emit(logging.LogRecord(  # what absl.logging.info(...) does
+        "absl", logging.INFO, __file__, 1, "a log line during the bar", None, None))
+    now[0] = 101.0
     bar.update(5, {"eval/accuracy": 0.5})
-    bar.update(6, {"train/reward": 0.5})  # Accuracy from step 5 stays shown.
+    now[0] = 103.0
+    bar.update(6, {"reward/mean": 0.5})  # Accuracy from step 5 stays shown.
     assert bar.step == 6
   err = capsys.readouterr().err
+  # The reward shown is the policy samples' reward/mean, not train/reward (the trained rows').
   assert "6/10" in err and "reward=0.5" in err and "acc=0.5" in err and "s/step=1.5" in err
+  assert "reward=0.9" not in err
+  # ETA from the steps after the first: (103 - 100) s / 3 steps · 4 steps left, not 103 s / 4 · 4.
+  assert "eta=00:04" in err.rsplit("6/10", 1)[1], err
+  # The log line is written above the bar (the bar is cleared with \r, then drawn again after).
+  line = err.index("a log line during the bar")
+  assert err.rfind("\r", 0, line) > err.rfind("%|", 0, line) and err.find("%|", line) > line, err
   with mlog.Progress(total=10, disable=True) as bar:  # e.g. non-main processes.
-    bar.update(4, {"train/reward": 1.0})
+    bar.update(4, {"reward/mean": 1.0})
   assert capsys.readouterr().err == ""
 
 

@@ -62,6 +62,12 @@ def _rows(workdir):
   return [{k: v for k, v in r.items() if not _timing(k)} for r in rows]
 
 
+def _summary(workdir):
+  # Written at every end (finished, preempted, failed); the binary prints it for people.
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
 def _export(workdir):
   with open(os.path.join(workdir, "export", "model.safetensors"), "rb") as f:
     return f.read()
@@ -190,8 +196,7 @@ def test_kill_at_random_points_then_resume_is_bit_identical(env, reference):
       assert p.returncode == 0, env.log(workdir)[-4000:]
   assert len(kills) >= 2, kills
   _, out = env.run(workdir)  # The same command again: resumes and finishes.
-  summary = out.strip().splitlines()[-1]
-  assert "'final_step': 4" in summary, out[-3000:]
+  assert _summary(workdir)["final_step"] == 4, out[-3000:]
   assert _export(workdir) == _export(reference)
   assert _rows(workdir) == _rows(reference)
   # The final checkpoints hold bit-identical arrays too.
@@ -212,11 +217,12 @@ def test_resume_after_sigterm_checkpoints_and_exits_cleanly(env, reference):
   p.send_signal(signal.SIGTERM)
   assert p.wait(120) == 0, env.log(workdir)[-4000:]
   out = env.log(workdir)
-  assert "'preempted': True" in out and "'final_step': 1" in out, out[-3000:]
+  summary = _summary(workdir)
+  assert summary["preempted"] and summary["final_step"] == 1, out[-3000:]
   assert os.path.isdir(os.path.join(_checkpoint_dir(workdir), "1"))  # forced: 1 % 2 != 0
   assert not os.path.exists(os.path.join(workdir, "export"))
   _, out = env.run(workdir)
-  assert "'start_step': 1" in out.strip().splitlines()[-1]
+  assert _summary(workdir)["start_step"] == 1, out[-3000:]
   assert _export(workdir) == _export(reference)
   assert _rows(workdir) == _rows(reference)
 
@@ -235,12 +241,13 @@ def test_group_sigterm_during_rewards_checkpoints_and_resumes_bit_identically(en
   os.killpg(p.pid, signal.SIGTERM)
   assert p.wait(120) == 0, env.log(workdir)[-4000:]
   out = env.log(workdir)
-  assert "'preempted': True" in out and "'preempted_by': 'SIGTERM'" in out, out[-3000:]
-  assert "'final_step': 2" in out, out[-3000:]
+  summary = _summary(workdir)
+  assert summary["preempted"] and summary["preempted_by"] == "SIGTERM", out[-3000:]
+  assert summary["final_step"] == 2, out[-3000:]
   assert os.path.isdir(os.path.join(_checkpoint_dir(workdir), "2"))
   assert all(r["reward/errors"] == 0 and r["reward/retries"] == 0 for r in _rows(workdir)[1:])
   _, out = env.run(workdir, *slow, prelude="import test_tasks")
-  assert "'start_step': 2" in out.strip().splitlines()[-1]
+  assert _summary(workdir)["start_step"] == 2, out[-3000:]
   assert _export(workdir) == _export(reference)
   # The same rewards under the slow function's name.
   renamed = [{k.replace("reward/slow_reward", "reward/exact_integer_reward"): v
@@ -256,11 +263,11 @@ def test_ctrl_c_checkpoints_and_exits_cleanly_then_a_second_stops_at_once(env, r
   p.send_signal(signal.SIGINT)
   assert p.wait(120) == 0, env.log(workdir)[-4000:]
   out = env.log(workdir)
-  assert "'preempted_by': 'SIGINT'" in out and "Traceback" not in out, out[-3000:]
+  assert _summary(workdir)["preempted_by"] == "SIGINT" and "Traceback" not in out, out[-3000:]
   step = _max_row(workdir)
   assert os.path.isdir(os.path.join(_checkpoint_dir(workdir), str(step)))
   _, out = env.run(workdir)
-  assert f"'start_step': {step}" in out.strip().splitlines()[-1]
+  assert _summary(workdir)["start_step"] == step, out[-3000:]
   assert _export(workdir) == _export(reference)
   assert _rows(workdir) == _rows(reference)
   # Two Ctrl-C: out at once with a one-line message (exit 130), the last checkpoint intact.
@@ -334,7 +341,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_resaves(env, reference):
   _flip_bit(_largest_file(os.path.join(_checkpoint_dir(workdir), str(STEPS))))
   _, out = env.run(workdir)
   assert f"skipping step {STEPS}" in out and "sha256" in out, out[-3000:]
-  assert "'start_step': 2" in out.strip().splitlines()[-1]
+  assert _summary(workdir)["start_step"] == 2, out[-3000:]
   assert _export(workdir) == _export(reference)
   assert _rows(workdir) == _rows(reference)
   # The skipped step was set aside and saved afresh, so the next resume needs no fallback.
@@ -365,7 +372,7 @@ def test_kill_during_first_checkpoint_manifest_starts_over(env, reference):
   shutil.rmtree(os.path.join(workdir, "export"))
   os.remove(os.path.join(ck, "2", "mixpo_manifest.json"))
   _, out = env.run(workdir)
-  assert "interrupted save" in out and "'start_step': 0" in out.strip().splitlines()[-1]
+  assert "interrupted save" in out and _summary(workdir)["start_step"] == 0, out[-3000:]
   assert _export(workdir) == _export(reference)
   assert _rows(workdir) == _rows(reference)
 

@@ -135,10 +135,11 @@ def test_inconsistent_configs_fail_before_compute(tmp_path, field, value, match)
   assert not os.path.exists(os.path.join(tmp_path, "models"))  # no model was built.
 
 
-def test_guide_with_a_different_vocabulary_is_refused():
-  config = smoke.get_config()
-  with pytest.raises(ValueError, match="vocabulary"):
-    rl.check_vocabularies(policy_vocab=22, guide_vocab=151936)
+def test_guide_with_a_different_tokenizer_is_refused():
+  from mixpo.data import char_tokenizer
+  rl.check_vocabularies(char_tokenizer(), char_tokenizer())
+  with pytest.raises(ValueError, match="tokenizer"):  # same size, other ids
+    rl.check_vocabularies(char_tokenizer("0123456789+-*/=() "), char_tokenizer("1023456789+-*/=() "))
 
 
 def _rows(workdir):

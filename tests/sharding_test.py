@@ -192,9 +192,10 @@ def _finish(procs, timeout=600) -> list[dict]:
         q.kill()
       raise
     assert p.returncode == 0, err[-3000:]
-    lines = [l for l in out.splitlines() if l.startswith("summary: ")]
-    assert lines, out[-2000:]
-    outs.append(lines[-1])
+    lines = out.splitlines()
+    assert "run summary:" in lines, out[-2000:]
+    # The printed summary without its last line (the workdir's files).
+    outs.append("\n".join(lines[lines.index("run summary:"):-1]))
   return outs
 
 

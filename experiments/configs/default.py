@@ -157,6 +157,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.export_hf = True  # write the final policy in Hugging Face format to workdir/export.
   c.overwrite = False  # allow a workdir holding a different run's checkpoints (deletes them).
   c.progress = True
+  # Metric backends besides metrics.jsonl (always written), comma-separated: "tb" (TensorBoard,
+  # tb/; viewer: pip install -e ".[tensorboard]"), "wandb" (Weights & Biases, wandb/; pip install
+  # -e ".[wandb]"; WANDB_MODE=offline keeps it local); "" = none. docs/tracking.md.
+  c.loggers = "tb"
+  c.wandb_project = "mixpo"  # the wandb project (entity, credentials: wandb's environment).
   # --- LoRA (docs/scaling.md): train low-rank adapters on a frozen base instead of every weight.
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # adapter rank r; 0 = off (full fine-tuning).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from mixpo.data.readers import MAX_LINE_BYTES, ReadSummary, read_examples
+from mixpo.data.readers import MAX_LINE_BYTES, DataError, ReadSummary, read_examples
 from mixpo.data.schemas import dataset_fields
 from mixpo.data.tasks import EVAL_SEED, Example, check_split, derive_seed, register_task, split_of
 from mixpo.rewards.math_answer import math_answer_reward
@@ -32,32 +32,38 @@ def _log_summary(summary: ReadSummary) -> None:
 
 class FileTask:
   """Args as in `mixpo.data.readers.read_examples`, plus eval_path / eval_fraction (the held-out
-  split), max_line_bytes (the JSONL line cap) and schema (mixpo.data.schemas: "verl" reads a
-  verl parquet as it is)."""
+  split), eval_prompt_field / eval_answer_field (the eval file's fields when they differ; "" =
+  the train file's), max_line_bytes (the JSONL line cap) and schema (mixpo.data.schemas: "verl"
+  reads a verl parquet as it is). No usable train row, or an empty eval split, is a DataError
+  (reason "no_rows") naming the file and what was dropped: a run never evaluates on nothing."""
 
   def __init__(self, train_path: str, eval_path: str = "", prompt_field: str | None = None,
                answer_field: str | None = None, tokenizer=None, chat_template: bool | None = None,
                max_prompt_tokens: int | None = None, eval_fraction: float = 0.05,
                skip_bad_rows: bool = True, max_line_bytes: int = MAX_LINE_BYTES,
-               schema: str = "plain"):
+               schema: str = "plain", eval_prompt_field: str = "", eval_answer_field: str = ""):
     prompt_field, answer_field, chat_template = dataset_fields(schema, prompt_field, answer_field,
                                                                chat_template)
-    read = lambda p: read_examples(p, prompt_field, answer_field, tokenizer=tokenizer,
-                                   chat_template=chat_template,
-                                   max_prompt_tokens=max_prompt_tokens,
-                                   skip_bad_rows=skip_bad_rows, max_line_bytes=max_line_bytes)
-    rows, self.summary = read(train_path)
+    read = lambda p, pf, af: read_examples(p, pf, af, tokenizer=tokenizer,
+                                           chat_template=chat_template,
+                                           max_prompt_tokens=max_prompt_tokens,
+                                           skip_bad_rows=skip_bad_rows,
+                                           max_line_bytes=max_line_bytes)
+    rows, self.summary = read(train_path, prompt_field, answer_field)
     _log_summary(self.summary)
     self.eval_summary = None
     if eval_path:
-      self._eval, self.eval_summary = read(eval_path)
+      self._eval, self.eval_summary = read(eval_path, eval_prompt_field or prompt_field,
+                                           eval_answer_field or answer_field)
       _log_summary(self.eval_summary)
       self._train = rows
+      if not self._eval:
+        raise DataError(f"no usable eval rows in {eval_path} ({self.eval_summary})", "no_rows")
     else:
       self._train = [e for e in rows if split_of(e.prompt, eval_fraction) == "train"]
       self._eval = [e for e in rows if split_of(e.prompt, eval_fraction) == "eval"]
     if not self._train:
-      raise ValueError(f"FileTask: no usable train rows in {train_path} ({self.summary})")
+      raise DataError(f"no usable train rows in {train_path} ({self.summary})", "no_rows")
     self.name = f"file:{train_path}"
     self.reward_fn = math_answer_reward
 

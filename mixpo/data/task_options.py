@@ -47,6 +47,15 @@ OPTIONS = (
            "first of each kind); False: the first bad row stops the run with its file and line."),
     Option("eval_fraction", 0.05, (FILE,), "file without eval_path: share of rows held out for "
            "eval (by a hash of the prompt)."),
+    Option("eval_prompt_field", "", (FILE,), "file: dotted field path of the prompt in the "
+           "eval_path file(s) when it differs from prompt_field; comma-separated: one per "
+           "eval_path file. Empty: prompt_field."),
+    Option("eval_answer_field", "", (FILE,), "file: dotted field path of the reference answer in "
+           "the eval_path file(s) when it differs from answer_field; comma-separated: one per "
+           "eval_path file. Empty: answer_field."),
+    Option("schema", "plain", (FILE,), "file: field defaults of a known layout: plain (prompt, "
+           "answer), verl (prompt, reward_model.ground_truth, chat template), openr1 (problem, "
+           "answer); prompt_field / answer_field / chat_template changed from their defaults win."),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -130,9 +139,80 @@ def task_kwargs(name: str, options, knobs: str = "") -> dict:
   out.update(extra)
   if "max_prompt_tokens" in out and not out["max_prompt_tokens"]:
     out["max_prompt_tokens"] = None
-  if isinstance(out.get("eval_path"), str) and "," in out["eval_path"]:
-    out["eval_path"] = out["eval_path"].split(",")[0].strip()
+  for key in ("eval_path", "eval_prompt_field", "eval_answer_field"):  # train.py reads one file
+    if isinstance(out.get(key), str) and "," in out[key]:
+      out[key] = out[key].split(",")[0].strip()
+  if out.get("schema", "plain") != "plain":  # fields left at their defaults: the schema's.
+    for key in ("prompt_field", "answer_field", "chat_template"):
+      if key in out and out[key] == BY_NAME[key].default:
+        del out[key]
   return out
+
+
+def _split(value) -> list[str]:
+  return [v.strip() for v in str(value or "").split(",")]
+
+
+def file_fields(options) -> tuple[str, str, bool]:
+  """(prompt field, answer field, chat template) of the train file: the options, or the schema's
+  defaults for those left at theirs (`mixpo.data.schemas`)."""
+  from mixpo.data.schemas import dataset_fields
+  kw = task_kwargs(FILE, {k: v for k, v in options.items() if k in BY_NAME})
+  return dataset_fields(kw.get("schema", "plain"), kw.get("prompt_field"), kw.get("answer_field"),
+                        kw.get("chat_template"))
+
+
+def eval_fields(options, index: int = 0) -> tuple[str, str]:
+  """(prompt field, answer field) of the `index`-th eval_path file: eval_prompt_field /
+  eval_answer_field (one value for every file, or one per file), else the train file's."""
+  prompt, answer, _ = file_fields(options)
+  out = []
+  for value, default in ((options.get("eval_prompt_field", ""), prompt),
+                         (options.get("eval_answer_field", ""), answer)):
+    parts = _split(value)  # one value serves every file
+    out.append(parts[min(index, len(parts) - 1)] or default)
+  return out[0], out[1]
+
+
+def eval_paths(options) -> list[str]:
+  return [p for p in _split(options.get("eval_path", "")) if p]
+
+
+def data_error_message(error: Exception, options, flag, fields: dict | None = None) -> str:
+  """One line for a dataset error met while reading the task's files (a `DataError`, or an empty
+  file / split): the flag of the option at fault, then the reader's message (file, row, field).
+
+  `flag(option)` names an option's flag (`--config.task_kwargs.prompt_field`, `--prompt_field`).
+  A missing or bad field names the option that set it: in an eval_path file eval_prompt_field /
+  eval_answer_field (as resolved for that file), else prompt_field / answer_field, or a caller's
+  own (`fields`: {option: field}, e.g. sft.py's response_field); a prompt over the limit names
+  max_prompt_tokens; anything else the file's flag. With skip_bad_rows=False the hint says how to
+  skip and count such rows instead.
+  """
+  import re
+  message = " ".join(str(error).split())
+  paths = eval_paths(options)
+  at = [i for i, p in enumerate(paths) if p in message]
+  reason = getattr(error, "reason", "")
+  named = re.findall(r"field '([^']+)'", message)
+  option = value = None
+  if named and reason != "too_long":
+    if at:
+      candidates = dict(zip(("eval_prompt_field", "eval_answer_field"), eval_fields(options,
+                                                                                 at[0])))
+    else:
+      candidates = dict(zip(("prompt_field", "answer_field"), file_fields(options)[:2]))
+    candidates.update(fields or {})
+    option = next((o for o, f in candidates.items() if f == named[0]), None)
+    value = named[0]
+  if option is None:
+    option = ("max_prompt_tokens" if reason == "too_long" else
+              "eval_path" if at else "train_path")
+    value = options.get(option, "")
+  hint = ""
+  if reason and reason != "no_rows" and not options.get("skip_bad_rows", True):
+    hint = f" ({flag('skip_bad_rows')}=True skips and counts such rows instead.)"
+  return f"{flag(option)}={value}: {message}{hint}"
 
 
 def make_task(name: str, options, knobs: str = "", tokenizer=None):
