@@ -20,6 +20,7 @@ from absl import logging
 from mixpo import builtin, models, rl
 from mixpo import logging as mlog
 from mixpo.data import task_options
+from mixpo.data.chat_render import TemplateLimitError
 from mixpo.data.readers import DataError
 from mixpo.guide_source import TraceSource
 
@@ -98,7 +99,7 @@ def make_task(config, tokenizer):
   try:
     task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
                                   tokenizer=tokenizer)
-  except (DataError, FileNotFoundError) as e:
+  except (DataError, TemplateLimitError, FileNotFoundError) as e:
     raise SetupError(task_options.data_error_message(e, config.task_kwargs, _task_flag)) from None
   examples = task.eval_examples(config.eval_size)
   if not examples:

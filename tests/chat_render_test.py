@@ -64,3 +64,19 @@ def test_a_template_that_raises_for_a_row_is_that_rows_data_error(tmp_path):
   examples, summary = read_examples(path, tokenizer=tokenizer, chat_template=True,
                                     skip_bad_rows=True)
   assert len(examples) == 1 and summary.skipped == {"template_error": 1}
+
+
+def test_a_runaway_template_is_a_setup_error_naming_the_flag(tmp_path, monkeypatch):
+  """The binaries turn SetupError into one line, exit 2; before, a runaway template in the
+  policy's checkpoint escaped the front door as a TemplateLimitError traceback (exit 1)."""
+  from experiments.configs import smoke  # noqa: PLC0415
+  from mixpo import preflight  # noqa: PLC0415
+  monkeypatch.setattr(chat_render, "RENDER_TIMEOUT_S", 1.0)
+  tokenizer, template_file = _checkpoint_tokenizer(tmp_path, "{{ 'x' * 5000000 }}")
+  config = smoke.get_config()
+  config.task = "file"
+  config.task_kwargs.train_path = _dataset(tmp_path)
+  config.task_kwargs.chat_template = True
+  with pytest.raises(preflight.SetupError, match=f"--config.task_kwargs|config.task_kwargs.*"
+                     f"{template_file}"):
+    preflight.make_task(config, tokenizer)
