@@ -16,7 +16,8 @@ from experiments.configs import smoke
 from mixpo import algorithms, loop, models, objectives, rl, sharding, train
 from mixpo import logging as mlog
 from mixpo.logging import PhaseTimer
-from mixpo.rollout import Collected, Groups, dynamic_sample
+from mixpo import slots as slots_mod
+from mixpo.rollout import Collected, Groups, select_groups
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,41 +83,62 @@ def _fake_groups(has_var_per_group, k=2):
                 rewards_B=r.reshape(-1), correct_B=r.reshape(-1))
 
 
-def test_dynamic_sampling_fills_the_batch_then_stops():
-  draws = [_fake_groups([True, False, False, True]), _fake_groups([True, True, True, False]),
-           _fake_groups([True] * 4)]
-  got = dynamic_sample(lambda i: (draws[i], {"i": i}), groups=4, zero_groups=2,
-                       max_num_gen_batches=5)
-  kept, zero, stats = got.kept, got.zero, got.stats
-  assert got.draws == 2 and got.reward_metrics == {"i": 1}
-  assert got.tokens == 2 * 4 * 2 * 3  # two batches of 4 groups × 2 rows × 3 tokens.
-  assert stats["dynamic/gen_batches"] == 2  # 2 + 3 variance groups ≥ 4 after two batches.
-  assert stats["dynamic/variance_groups"] == 4 and stats["dynamic/filled_with_zero_groups"] == 0
-  assert kept.has_variance().all() and len(kept.prompts) == 4
-  assert len(zero.prompts) == 2 and not zero.has_variance().any()
+def test_select_groups_takes_the_smallest_deciding_prefix_in_stream_order():
+  has_var = [True, False, False, True, True, True, False, True, True]
+  # 4 variance and 2 zero groups: decided at group 4 (var 0, 3, 4, 5; zero 1, 2).
+  assert select_groups(has_var, groups=4, zero_groups=2) == (6, [0, 3, 4, 5], [1, 2])
+  # Mix-2's zero groups count too: 3 zero groups first appear with group 6.
+  assert select_groups(has_var, groups=4, zero_groups=3) == (7, [0, 3, 4, 5], [1, 2, 6])
+  assert select_groups(has_var[:5], groups=4, zero_groups=0) == (None, [], [])
+  # Disabled: the first `groups` groups whatever their variance.
+  assert select_groups(has_var, groups=3, zero_groups=2, enabled=False) == (3, [0, 1, 2], [])
 
 
-def test_dynamic_sampling_stops_at_the_cap_and_fills_with_zero_groups():
-  calls = []
+class _FakeStream:
+  """Drives rollout.GroupStream as a SlotSampler would: `slots` rows at a time, rows end in the
+  order `end_order` gives (not the stream order), each finished() call one return."""
 
-  def draw(i):
-    calls.append(i)
-    return _fake_groups([True, False, False, False]), {}
+  def __init__(self, has_var, k=2):
+    self.has_var, self.k, self.scored = has_var, k, []
 
-  got = dynamic_sample(draw, groups=4, zero_groups=1, max_num_gen_batches=2)
-  kept, zero, stats = got.kept, got.zero, got.stats
-  assert calls == [0, 1]
-  assert len(calls) == 2 and stats["dynamic/gen_batches"] == 2
-  assert stats["dynamic/variance_groups"] == 2
-  assert stats["dynamic/filled_with_zero_groups"] == 2
-  assert list(kept.has_variance()) == [True, True, False, False]
-  assert len(zero.prompts) == 1
+  def score(self, start, end, rows):
+    assert all(g * self.k + j in rows for g in range(start, end) for j in range(self.k))
+    self.scored.append((start, end))
+    return np.asarray(self.has_var[start:end])
+
+  def run(self, slots, groups, zero_groups, seed):
+    from mixpo.rollout import GroupStream  # noqa: PLC0415
+    ids = [np.array([1, 2], np.int32)] * len(self.has_var)
+    work = GroupStream(ids, self.k, 3, self.score, groups, zero_groups, True)
+    rng, live = np.random.default_rng(seed), []
+    while True:
+      live += work.take(slots - len(live))
+      if not live:
+        return work
+      ended = [live.pop(i) for i in sorted(rng.choice(len(live), rng.integers(1, len(live) + 1),
+                                                      replace=False), reverse=True)]
+      rows = [slots_mod.Finished(row=r.row, tokens=np.ones(1, np.int32),
+                                 logp=np.zeros(1, np.float32), truncated=False) for r in ended]
+      if work.finished(rows):
+        return work
 
 
-def test_dynamic_sampling_disabled_uses_one_batch():
-  got = dynamic_sample(lambda i: (_fake_groups([False, True]), {}), groups=2, zero_groups=0,
-                       max_num_gen_batches=3, enabled=False)
-  assert got.stats["dynamic/gen_batches"] == 1 and len(got.kept.prompts) == 2
+def test_group_stream_decides_the_same_groups_whatever_order_rows_end_in():
+  """The stream stops once the prefix decides, scores groups in stream order only, offers no
+  prompt after the cap, and its decision does not depend on slots or on which row ended first."""
+  has_var = [False, True, False, False, True, True, False, True, True, False, True, False]
+  decisions = set()
+  for slots, seed in [(2, 0), (4, 1), (6, 2), (24, 3), (3, 4)]:
+    fake = _FakeStream(has_var)
+    work = fake.run(slots, groups=4, zero_groups=2, seed=seed)
+    decisions.add(repr(work.decision))
+    starts = [s for s, _ in fake.scored]
+    assert starts == sorted(starts) and fake.scored[0][0] == 0  # contiguous, in stream order
+    assert work.next_row <= len(has_var) * 2
+  assert decisions == {repr((8, [1, 4, 5, 7], [0, 2]))}
+  # At the cap (too few variance groups): every prompt is used, zero groups fill the batch.
+  work = _FakeStream([False, True, False, False]).run(3, groups=3, zero_groups=1, seed=0)
+  assert work.decision == (4, [1, 0, 2], [3])
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -212,7 +234,7 @@ def test_padding_rows_enter_no_pool_and_no_loss():
   spec = rl.resolve(config)
   kept = _fake_groups([True, True])
   policy_rows, n_groups = rl.policy_block(
-      Collected(kept=kept, zero=None, stats={}, draws=1, tokens=0, reward_metrics={}), spec.sizes)
+      Collected(kept=kept, zero=None, stats={}, consumed=2, tokens=0, rewards=[]), spec.sizes)
   assert n_groups == 2 and len(policy_rows.rewards_B) == spec.sizes.slots * spec.sizes.n
   guide = _fake_groups([True, False])
   policy_rows.rewards_B[n_groups * 2:] = [7.0, 3.0, 7.0, 3.0]  # a pool would normalise these.
