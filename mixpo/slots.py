@@ -42,7 +42,7 @@ from flax import nnx
 
 from mixpo import sharding
 from mixpo.batch import positions_from_mask
-from mixpo.models import KVCache
+from mixpo.models import KVCache, attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +290,9 @@ class SlotConfig:
   refill_at: int = 0
   compact: bool = True  # gather the live rows into smaller buckets once the work is exhausted.
   min_bucket: int = 8  # the smallest bucket compaction makes.
+  # Compact only while a live row may still take this many steps: a gather copies the cache
+  # and each bucket is a program of its own, which short rows (e.g. N = 6) never pay back.
+  compact_min_steps: int = 16
   refills: bool = True  # False: all rows start at once (no window beyond P + N − 1).
 
   def __post_init__(self):
@@ -300,9 +303,13 @@ class SlotConfig:
   @property
   def width(self) -> int:
     """W: cache slots. A row holds at most P + N − 1 of them; refills add P + N of room, so the
-    window is shifted at most every P + N steps."""
-    base = self.prompt_width + self.max_new_tokens - 1
-    return base + (self.prompt_width + self.max_new_tokens if self.refills else 0)
+    window is shifted at most every P + N steps. Past one key block of the cache attention, W is
+    a whole number of blocks: a ragged last block is padded, which copies every layer's cache
+    at every decode step."""
+    w = self.prompt_width + self.max_new_tokens - 1
+    w += self.prompt_width + self.max_new_tokens if self.refills else 0
+    block = attention._CACHE_KEY_BLOCK  # pylint: disable=protected-access
+    return w if w <= block else -(-w // block) * block
 
   @property
   def refill_rows(self) -> int:
@@ -340,9 +347,12 @@ class SlotSampler:
     self._draws = 0  # prefill noise draws of this sampler (each insert call takes a new one)
 
   def _insert(self, slots, requests, slot_ids, bucket):
-    """Prefills `requests` into `slot_ids`; the prefill batch is padded to a power of two."""
+    """Prefills `requests` into `slot_ids`. The prefill batch is padded to one of two sizes, the
+    refill size (refill_rows up to a power of two) or the whole bucket: two programs per bucket
+    (a prefill program compiles as slowly as a decode program), little padding in either."""
     p = self.cfg.prompt_width
-    r = min(1 << (len(requests) - 1).bit_length(), max(bucket, len(requests)))
+    small = min(bucket, 1 << (self.cfg.refill_rows - 1).bit_length())
+    r = small if len(requests) <= small else bucket
     prompt_RxP = np.full((r, p), self.options.pad_id, np.int32)
     mask_RxP = np.zeros((r, p), np.int32)
     mask_RxP[:, -1] = 1  # padding rows: one token, so no row is empty (they are dropped)
@@ -393,6 +403,7 @@ class SlotSampler:
                             batch=bucket, width=w, max_new_tokens=cfg.max_new_tokens)
     slot_row = [-1] * bucket  # the request row a slot holds, -1 = free
     start = [0] * bucket  # first cache slot of each slot's row (host mirror)
+    left = [0] * bucket  # budget minus tokens at the last return: the steps a row may still take
     index = p  # host mirror of the cache's write index
     while True:
       free = [s for s in range(bucket) if slot_row[s] < 0]
@@ -407,15 +418,18 @@ class SlotSampler:
         if requests:
           slots = self._insert(slots, requests, free[:len(requests)], bucket)
           for req, s in zip(requests, free):
-            slot_row[s], start[s] = req.row, index - p
+            slot_row[s], start[s], left[s] = req.row, index - p, req.budget - 1
         live = [s for s in range(bucket) if slot_row[s] >= 0]
         exhausted = work.exhausted
         smaller = next_bucket(len(live), bucket, cfg.min_bucket)
-        if exhausted and cfg.compact and smaller < bucket:
+        compact = cfg.compact and max(left[s] for s in live) >= cfg.compact_min_steps
+        if exhausted and compact and smaller < bucket:
           idx = np.asarray(live + [live[0]] * (smaller - len(live)), np.int32)
           slots = _gather_program(slots, idx, np.int32(len(live)), batch=smaller)
-          slot_row = [slot_row[s] for s in live] + [-1] * (smaller - len(live))
-          start = [start[s] for s in live] + [0] * (smaller - len(live))
+          pad = smaller - len(live)
+          slot_row = [slot_row[s] for s in live] + [-1] * pad
+          start = [start[s] for s in live] + [0] * pad
+          left = [left[s] for s in live] + [0] * pad
           bucket, live = smaller, list(range(len(live)))
           stats.compactions += 1
         # Shift the window when it is full, or when that skips a whole key block of attention.
@@ -426,19 +440,21 @@ class SlotSampler:
           start = [x - shift for x in start]
           stats.shifts += 1
         stop_live = max(0, len(live) - cfg.refill_rows)
-        if exhausted:
-          nxt = next_bucket(len(live), bucket, cfg.min_bucket)
-          stop_live = max(stop_live, nxt if cfg.compact and nxt < bucket else 0)
+        below = 1 << ((bucket - 1).bit_length() - 1) if bucket > 1 else 0  # largest pow2 < B
+        if exhausted and compact and below >= cfg.min_bucket:
+          stop_live = max(stop_live, below)  # return once the live rows fit a smaller bucket
         slots = _decode_program(self.graphdef, self.state, head, slots, self.rng,
                                 np.int32(w - index), np.int32(stop_live),
                                 *self.options.dynamic_args(), **self.options.static_args())
-        live_B, count_B, eos_B, new_index = sharding.to_host(
-            (slots.live_B, slots.count_B, slots.eos_B, slots.cache.index))
+        live_B, count_B, budget_B, eos_B, new_index = sharding.to_host(
+            (slots.live_B, slots.count_B, slots.budget_B, slots.eos_B, slots.cache.index))
         steps = int(new_index) - index
         index = int(new_index)
         stats.steps += steps
         stats.slot_steps += steps * bucket
         stats.returns += 1
+        for s in live:
+          left[s] = int(budget_B[s]) - int(count_B[s])
         ended = [s for s in live if not live_B[s]]
         finished = []
         if ended:

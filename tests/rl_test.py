@@ -337,3 +337,74 @@ def test_rollout_dtype_is_validated():
   with pytest.raises(ValueError, match="config.rollout_dtype='bfloat16' with config.lora.rank=4"):
     rl.resolve(config)
   assert rl.resolve(smoke_config("")).rollout_dtype == "model"  # default: the models as loaded.
+
+
+@pytest.mark.parametrize("mode", ["none", "token", "sequence"])
+def test_rollout_correction_matches_a_numpy_reference(mode):
+  """TIS weights min(π_old/π_rollout, C) per token or per sequence (1 off the mask and with
+  "none"), and the mismatch metrics (mean |Δ|, KL k3), against numpy in float64."""
+  rng = np.random.default_rng(0)
+  b, t, cap = 5, 7, 2.0
+  old = rng.normal(-2.0, 1.0, (b, t)).astype(np.float32)
+  rollout = (old + rng.normal(0.0, 0.4, (b, t))).astype(np.float32)
+  mask = (rng.random((b, t)) < 0.7).astype(np.float32)
+  mask[3] = 0.0  # a row without loss tokens (a guide or padding row)
+  w, metrics = rl.rollout_correction(jnp.asarray(old), jnp.asarray(rollout), jnp.asarray(mask),
+                                     np.float32(cap), mode=mode)
+  d = np.where(mask > 0, old.astype(np.float64) - rollout, 0.0)
+  if mode == "token":
+    want = np.minimum(np.exp(d), cap)
+  elif mode == "sequence":
+    want = np.broadcast_to(np.minimum(np.exp(d.sum(1, keepdims=True)), cap), d.shape)
+  else:
+    want = np.ones_like(d)
+  want = np.where(mask > 0, want, 1.0)
+  np.testing.assert_allclose(np.asarray(w), want, rtol=1e-5)
+  m = mask > 0
+  np.testing.assert_allclose(metrics["mismatch/abs_logp_diff"], np.abs(d[m]).mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["mismatch/kl"], (np.exp(d[m]) - 1 - d[m]).mean(), rtol=1e-4)
+  np.testing.assert_allclose(metrics["mismatch/is_weight"], want[m].mean(), rtol=1e-5)
+  if mode != "none":
+    assert 0 < float(metrics["mismatch/is_capped"]) < 1 and (want[m] < 1).any()
+
+
+def test_is_weights_multiply_the_per_token_objective():
+  """objectives.objective with is_weight w: every set's per-token objective (value and gradient)
+  is w times the unweighted one; w = 1 equals no weights."""
+  rng = np.random.default_rng(1)
+  b, t = 6, 5
+  logp = jnp.asarray(rng.normal(-1.5, 0.3, (b, t)), jnp.float32)
+  old = logp + jnp.asarray(rng.normal(0, 0.1, (b, t)), jnp.float32)
+  guide = logp + jnp.asarray(rng.normal(0, 0.5, (b, t)), jnp.float32)
+  adv = jnp.asarray(rng.normal(size=b), jnp.float32)
+  kind = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
+  mask = jnp.ones((b, t), jnp.float32)
+  cfg = algorithms.get("mix2").objective_config()
+  w = jnp.asarray(rng.uniform(0.2, 2.0, (b, t)), jnp.float32).at[4:].set(1.0)
+  loss = lambda lp, wt: objectives.objective(lp, old, guide, adv, kind, mask, cfg, is_weight=wt)[0]
+  assert float(loss(logp, jnp.ones((b, t)))) == pytest.approx(float(loss(logp, None)), abs=1e-7)
+  g_w = np.asarray(jax.grad(loss)(logp, w))
+  g_1 = np.asarray(jax.grad(loss)(logp, None))
+  np.testing.assert_allclose(g_w, g_1 * np.asarray(w), rtol=1e-5, atol=1e-8)
+
+
+def test_reward_counters_sum_over_every_draw_and_row_source(builtin_dir, tmp_path):
+  """Issue 25 finding 7 / issue 29: a reward function that raises on every row (scored 0 with
+  reward_on_error="zero") leaves every group without variance, so dynamic sampling uses all
+  max_num_gen_batches × G prompts; metrics.jsonl and summary.json count the errors of every one
+  of them and of the guide's rows, with per-source keys (main counted the last batch only)."""
+  reward_file = tmp_path / "raises.py"
+  reward_file.write_text("def always_raises(prompts, completions, **kwargs):\n"
+                         "  raise RuntimeError('reward service down')\n")
+  config = smoke_config(builtin_dir, algo="mix2", num_steps=1, eval_size=4, eval_batch_size=4,
+                        rewards=f"{reward_file}:always_raises", reward_on_error="zero")
+  workdir = tmp_path / "run"
+  summary = loop.run(config, str(workdir))
+  row = [r for r in mlog.read_metrics(str(workdir)) if r["step"] == 1][0]
+  g, n, m, z, cap = config.groups, config.n, config.m, config.zero_groups, 3
+  assert config.max_num_gen_batches == cap and row["dynamic/prompts"] == cap * g
+  policy_rows, guide_rows = cap * g * n, (g + z) * m
+  assert row["reward/policy/errors"] == policy_rows
+  assert row["reward/guide/errors"] == guide_rows
+  assert row["reward/errors"] == policy_rows + guide_rows
+  assert summary["reward_errors"] == policy_rows + guide_rows
