@@ -23,7 +23,8 @@ counts B × (P + N) tokens (transformers: forward + log_softmax + gather).
 budget (EOS off). Useful tokens/s = Σ L_i / seconds. Timed, alternating, median of --repeats:
   static   the old `sampling.static_generate`: every row decoded to max L_i (one program);
   compact  `sampling.generate`: every row starts at once, ended rows gathered out (buckets);
-  slots=S  `mixpo.slots` with S decode slots refilled from the work list (--slots, a list);
+  slots=S  `mixpo.slots` with S decode slots refilled from the work list (--slots, a list;
+           "Snc": the same without compaction of the tail);
   vllm     `mixpo.engines.vllm.VllmEngine` when importable (`vllm_rl_shaped`, the hook).
 CPU seconds (all threads) are printed beside the wall time: on a loaded box they are the
 steadier measure of work.
@@ -76,10 +77,14 @@ _WORK = flags.DEFINE_enum("work", "fixed", ["fixed", "rl_shaped", "rl_step"],
 _RL_PROMPTS = flags.DEFINE_integer("rl_prompts", 8, "rl_shaped: prompts.")
 _RL_SAMPLES = flags.DEFINE_integer("rl_samples", 8, "rl_shaped: samples per prompt.")
 _RL_CAP = flags.DEFINE_integer("rl_cap", 512, "rl_shaped: the length cap (max_new_tokens).")
-_SLOTS = flags.DEFINE_list("slots", ["16", "32"], "rl_shaped: decode slot counts to time.")
+_SLOTS = flags.DEFINE_list("slots", ["32", "64", "64nc"],
+                           "rl_shaped: decode slot counts to time (suffix nc: no compaction).")
 _STEPS = flags.DEFINE_integer("steps", 10, "rl_step: RL steps.")
 _CONFIG = flags.DEFINE_string("config", "default", "rl_step: experiments/configs/<name>.py.")
 _BUILTIN = flags.DEFINE_string("builtin_dir", "", "rl_step: built-in models to reuse.")
+_VARIANTS = flags.DEFINE_multi_string(
+    "stream", ["default"], "rl_step: stream variants to time, each 'default' or comma-separated "
+    "SampleSpec fields, e.g. 'slots=64,refill_at=8,min_steps=1'.")
 _DECODE = flags.DEFINE_bool(
     "decode", True, "Also time mixpo's decode steps alone (generate of N tokens minus generate "
     "of 1: prefill cancels) and report bytes/s against the measured copy bandwidth; with "
@@ -180,17 +185,19 @@ def rl_shaped(model, hf_dir: str):
   }
   stats = {}
 
-  def slot_run(n):
+  def slot_run(name, n, compact):
     def run():
       work = _Rows(prompt_BxP, lengths)
-      cfg = slots.SlotConfig(slots=n, prompt_width=prompt_BxP.shape[1], max_new_tokens=cap)
-      stats[f"slots={n}"] = slots.SlotSampler(pair, cfg, slots.SampleOptions(temperature=temp),
-                                              jax.random.key(next(calls))).run(work)
+      cfg = slots.SlotConfig(slots=n, prompt_width=prompt_BxP.shape[1], max_new_tokens=cap,
+                             compact=compact)
+      stats[name] = slots.SlotSampler(pair, cfg, slots.SampleOptions(temperature=temp),
+                                      jax.random.key(next(calls))).run(work)
       assert work.tokens == lengths.sum(), (work.tokens, lengths.sum())
     return run
 
-  for n in _SLOTS.value:
-    runs[f"slots={int(n)}"] = slot_run(int(n))
+  for n in _SLOTS.value:  # "32": refill and compaction; "32nc": refill alone
+    name = f"slots={n}"
+    runs[name] = slot_run(name, int(n.removesuffix("nc")), not n.endswith("nc"))
   vllm = vllm_rl_shaped(hf_dir, _DTYPE.value, prompt_BxP, lengths, temp)
   if vllm is not None:
     runs["vllm"] = vllm
@@ -251,17 +258,23 @@ def rl_step():
     config.export_hf, config.progress = False, False
     exp, state, ckpt, _ = loop.setup(config, workdir)
     ckpt.close()
-    engines_ = {"stream": exp.policy_engine, "static": _StaticEngine()}
-    seconds = {k: [] for k in engines_}
-    ratio = {k: [] for k in engines_}
+    variants = {"static": (_StaticEngine(), exp.spec)}
+    for v in _VARIANTS.value:
+      fields = {} if v == "default" else {
+          k: int(x) for k, x in (kv.split("=") for kv in v.split(","))}
+      sample = dc.replace(exp.spec.sample, **fields)
+      variants[f"stream {v}"] = (exp.policy_engine, dc.replace(exp.spec, sample=sample))
+    seconds = {k: [] for k in variants}
+    ratio = {k: [] for k in variants}
     pos, timer = 0, mlog.PhaseTimer()
     with jax.set_mesh(exp.mesh):
       for step in range(_STEPS.value + 1):  # step 0 compiles: not counted
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
         policy = rl.rollout_view(exp.spec, exp.policy.pair(state.params))
-        order = list(engines_) if step % 2 else list(engines_)[::-1]
+        order = list(variants) if step % 2 else list(variants)[::-1]
         for name in order:
-          e = dc.replace(exp, policy_engine=engines_[name])
+          engine, spec = variants[name]
+          e = dc.replace(exp, policy_engine=engine, spec=spec)
           t0 = time.perf_counter()
           collected = rl.collect_policy(e, policy, jax.random.fold_in(key, 0), pos, timer)
           if step:
@@ -274,11 +287,11 @@ def rl_step():
   print(f"config: {_CONFIG.value} (algo {config.algo}, groups {config.groups} x n {config.n}, "
         f"zero_groups {exp.spec.sizes.zero_groups}, max_new_tokens {config.max_new_tokens}, "
         f"cap {config.max_num_gen_batches} batches); {_STEPS.value} steps after one warm-up")
-  for name in engines_:
-    print(f"rl_step policy rollouts {name:6s} {np.mean(seconds[name]):.3f} s/step, decode "
-          f"row-steps per kept token {np.mean(ratio[name]):.2f}")
-  print(f"rl_step stream / static time: "
-        f"{np.mean(seconds['stream']) / np.mean(seconds['static']):.2f}x")
+  base = np.mean(seconds["static"])
+  for name in variants:
+    print(f"rl_step policy rollouts {name:30s} {np.mean(seconds[name]):.3f} s/step "
+          f"({base / np.mean(seconds[name]):.2f}x static), decode row-steps per kept token "
+          f"{np.mean(ratio[name]):.2f}")
 
 
 def main(argv):

@@ -1,11 +1,14 @@
 """One RL step as named phases, and the typed run spec every phase reads.
 
-  collect_policy  θ_old's prompt groups with DAPO dynamic sampling        → rollout.Collected
+  collect_policy  θ_old's prompt groups: the dynamic-sampling stream      → rollout.Collected
+                  (on exp.policy_engine, handed θ_old first: mixpo/engines)
   collect_guide   the guide's rows for the same prompts (guided algorithms) → Groups | None
                   (guide_source="traces": collect_traces, the stored responses, + their real_B)
   assemble        padded rows, ON / ZERO / OFF, advantages, padding mask  → Assembled (a Batch)
   score           log-probs under θ_old, the guide, the KL reference      → Batch
                   (rollout and scoring in spec.rollout_dtype: `rollout_view`)
+  correct_rollout the engine's vs the trainer's θ_old log-probs: mismatch metrics and, with
+                  spec.rollout_is, truncated importance weights            → (Batch, metrics)
   update          the jitted train_step                                   → (TrainState, metrics)
   report          scalar metrics and logged samples                       → (dict, list)
 `rl_step` chains them. `resolve(config)` turns the experiment config into a frozen `RunSpec` once

@@ -145,8 +145,10 @@ class SampleSpec:
   top_k: int = 0
   overlong: overlong.OverlongConfig | None = None
   # Decode slots of the dynamic-sampling stream (`stream_groups`); 0 = the rows of one
-  # generation batch (groups × n).
+  # generation batch (groups × n). refill_at / min_steps: `slots.SlotConfig`'s.
   slots: int = 0
+  refill_at: int = 0
+  min_steps: int = 8
 
   def options(self, tokenizer) -> slots.SampleOptions:
     eos = tokenizer.eos_token_id
@@ -310,8 +312,9 @@ class GroupStream:
   """The work list of the dynamic-sampling stream (a `slots.WorkList`).
 
   Prompt groups are offered in stream order, k rows each; a group is rewarded once all its rows
-  ended and every group before it was (one reward call per return of the sampler); the run stops
-  as soon as `select_groups` can decide, or when every prompt was decided.
+  ended and every group before it was, in one reward call with the other groups of that prefix,
+  as soon as they could complete the decision; the run stops as soon as `select_groups` can
+  decide, or when every prompt was decided.
   """
 
   def __init__(self, prompt_ids, k, budget, score, groups, zero_groups, enabled):
@@ -336,6 +339,15 @@ class GroupStream:
       self.next_row += 1
     return out
 
+  def _could_decide(self, unscored: int) -> bool:
+    """Whether `unscored` more groups could complete the decision (else scoring them can wait:
+    one bigger reward call later instead of one per return)."""
+    if not self.enabled:
+      return len(self.has_var) + unscored >= self.groups
+    n_var = sum(self.has_var)
+    n_zero = len(self.has_var) - n_var
+    return (max(self.groups - n_var, 0) + max(self.zero_groups - n_zero, 0)) <= unscored
+
   def finished(self, rows: list[slots.Finished]) -> bool:
     for r in rows:
       self.rows[r.row] = r
@@ -343,7 +355,8 @@ class GroupStream:
     start = end = len(self.has_var)
     while end < len(self.ended) and self.ended[end] == self.k:
       end += 1
-    if end > start:
+    idle = self.exhausted and len(self.rows) == self.next_row  # nothing left to run
+    if end > start and (self._could_decide(end - start) or idle):
       self.has_var += list(self.score(start, end, self.rows))
     prefix, kept, zero = select_groups(self.has_var, self.groups, self.zero_groups, self.enabled)
     if prefix is None and len(self.has_var) == len(self.prompt_ids):  # every prompt decided
@@ -397,7 +410,8 @@ def stream_groups(engine, tokenizer, examples, k: int, rng, spec: SampleSpec, re
 
   work = GroupStream(prompt_ids, k, spec.max_new_tokens, score, groups, zero_groups, enabled)
   cfg = slots.SlotConfig(slots=spec.slots or groups * k, prompt_width=width,
-                         max_new_tokens=spec.max_new_tokens)
+                         max_new_tokens=spec.max_new_tokens, refill_at=spec.refill_at,
+                         min_steps=spec.min_steps)
   run = engines.run_stream(engine, work, cfg, spec.options(tokenizer), rng, timer, phase)
   prefix, kept_idx, zero_idx = work.decision
   every = concat_groups(scored) if scored else None

@@ -3,10 +3,11 @@
 A fixed number of decode slots (the rows of one KV cache) take decode steps together. A row that
 ends (EOS, or its own token budget) frees its slot; the next waiting prompt takes it (its prefill
 runs apart and is written into the slot's cache rows) until the work list has nothing left. Then
-the rows still decoding are gathered into a smaller bucket (the next power of two at or above
-their count, never below `min_bucket`), so the tail of long rows costs in proportion to the rows
-left. Every program has static shapes: one compile per (model, bucket, cache width, switches),
-and the number of steps a call runs and when it returns are arguments, not shapes.
+the rows still decoding are gathered into smaller buckets (down a ladder of powers of two, never
+below `min_bucket`), so the tail of long rows costs in proportion to the rows left. Every
+program has static shapes: one compile per (model, bucket, cache width, switches), all of them
+at a configuration's first run; the number of steps a call runs and when it returns are
+arguments, not shapes.
 
 The work list (`WorkList`) decides what runs: `take(n)` offers up to n rows to start now,
 `finished(rows)` receives the rows that ended and may stop the run (the rows still decoding
@@ -201,8 +202,9 @@ def _insert_program(graphdef, state, slots: SlotState, prompt_RxP, mask_RxP, slo
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p"),
                    donate_argnames=("slots",))
 def _decode_program(graphdef, state, head_DxV, slots: SlotState, rng, max_steps, stop_live,
-                    temperature, top_p, eos_E, pad_id, *, greedy, top_k, use_top_p):
-  """Decode steps of every slot until `max_steps` ran or at most `stop_live` rows are live.
+                    min_steps, temperature, top_p, eos_E, pad_id, *, greedy, top_k, use_top_p):
+  """Decode steps of every slot until `max_steps` ran, no row is live, or, after `min_steps`,
+  at most `stop_live` rows are live.
 
   A `lax.while_loop` whose carry (the cache included) XLA updates in place; ended rows are
   computed (static shapes) but write nothing: their cache slots are marked invalid.
@@ -215,7 +217,8 @@ def _decode_program(graphdef, state, head_DxV, slots: SlotState, rng, max_steps,
 
   def cond(carry):
     i, s = carry
-    return (i < max_steps) & (jnp.sum(s.live_B, dtype=jnp.int32) > stop_live)
+    live = jnp.sum(s.live_B, dtype=jnp.int32)
+    return (i < max_steps) & (live > 0) & ((live > stop_live) | (i < min_steps))
 
   def body(carry):
     i, s = carry
@@ -270,11 +273,15 @@ def _no_timer(name):
   return contextlib.nullcontext()
 
 
-def next_bucket(live: int, bucket: int, min_bucket: int) -> int:
-  """The bucket `live` rows are gathered into: the next power of two >= live (>= min_bucket),
-  or `bucket` itself when that is not smaller."""
-  target = max(min_bucket, 1 << max(live - 1, 0).bit_length())
-  return target if target < bucket else bucket
+def smaller_bucket(bucket: int, min_bucket: int) -> int:
+  """The next bucket of the ladder below `bucket`: the largest power of two < bucket, or 0 when
+  that is below `min_bucket` (the ladder ends)."""
+  below = 1 << ((bucket - 1).bit_length() - 1) if bucket > 1 else 0
+  return below if below >= min_bucket else 0
+
+
+# Sampler configurations whose programs were all compiled (`SlotSampler._warm_up`).
+_WARM: set = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +295,10 @@ class SlotConfig:
   # Return to the host (refill, report) once this many slots have ended; with nothing left to
   # take the run only returns to compact or at the end. 0 = slots // 8 (at least 1).
   refill_at: int = 0
+  # ... but not before this many decode steps (or every row ended): a return costs a host round
+  # trip and, in the dynamic-sampling stream, a reward call, more than a few steps of short rows
+  # (e.g. N = 6: the slots then run in waves, as generation batches did).
+  min_steps: int = 8
   compact: bool = True  # gather the live rows into smaller buckets once the work is exhausted.
   min_bucket: int = 8  # the smallest bucket compaction makes.
   # Compact only while a live row may still take this many steps: a gather copies the cache
@@ -346,13 +357,49 @@ class SlotSampler:
     self.stats = RunStats()
     self._draws = 0  # prefill noise draws of this sampler (each insert call takes a new one)
 
-  def _insert(self, slots, requests, slot_ids, bucket):
+  def _empty(self, bucket):
+    cfg = self.cfg
+    return _init_program(self.graphdef, self.state, np.int32(self.options.pad_id),
+                         np.int32(cfg.prompt_width), batch=bucket, width=cfg.width,
+                         max_new_tokens=cfg.max_new_tokens)
+
+  def _warm_up(self):
+    """Compiles, once per configuration, every program a run of it can reach, by calling each
+    on empty slots (no row is written): which prefill size, bucket or window shift a run needs
+    depends on the rows, and compiling them as they first occur would leave compiles in later
+    RL steps (the trainer's compile/count must stay flat after the first step)."""
+    cfg, o = self.cfg, self.options
+    key = (self.graphdef, cfg, tuple(sorted(o.static_args().items())), len(o.eos_E))
+    if key in _WARM:
+      return
+    stats, draws = self.stats, self._draws  # the warm-up neither counts nor draws noise
+    head = _head_program(self.graphdef, self.state)
+    bucket = cfg.slots
+    slots = self._empty(bucket)
+    small = min(bucket, 1 << (cfg.refill_rows - 1).bit_length())
+    for r in sorted({small, bucket} if cfg.refills else {bucket}):
+      slots = self._insert(slots, [], [], bucket, rows=r)
+    while True:
+      slots = _decode_program(self.graphdef, self.state, head, slots, self.rng, np.int32(0),
+                              np.int32(0), np.int32(0), *o.dynamic_args(), **o.static_args())
+      if cfg.refills:
+        slots = _shift_program(slots, np.int32(0))
+      smaller = smaller_bucket(bucket, cfg.min_bucket)
+      if not (cfg.compact and cfg.max_new_tokens > cfg.compact_min_steps and smaller):
+        break
+      slots = _gather_program(slots, np.zeros((smaller,), np.int32), np.int32(0), batch=smaller)
+      bucket = smaller
+    jax.block_until_ready(slots)
+    self.stats, self._draws = stats, draws
+    _WARM.add(key)
+
+  def _insert(self, slots, requests, slot_ids, bucket, rows=None):
     """Prefills `requests` into `slot_ids`. The prefill batch is padded to one of two sizes, the
     refill size (refill_rows up to a power of two) or the whole bucket: two programs per bucket
     (a prefill program compiles as slowly as a decode program), little padding in either."""
     p = self.cfg.prompt_width
     small = min(bucket, 1 << (self.cfg.refill_rows - 1).bit_length())
-    r = small if len(requests) <= small else bucket
+    r = rows or (small if len(requests) <= small else bucket)
     prompt_RxP = np.full((r, p), self.options.pad_id, np.int32)
     mask_RxP = np.zeros((r, p), np.int32)
     mask_RxP[:, -1] = 1  # padding rows: one token, so no row is empty (they are dropped)
@@ -398,9 +445,9 @@ class SlotSampler:
     bucket = cfg.slots
     p, w = cfg.prompt_width, cfg.width
     with timer(phase):
+      self._warm_up()
       head = _head_program(self.graphdef, self.state)
-      slots = _init_program(self.graphdef, self.state, np.int32(self.options.pad_id), np.int32(p),
-                            batch=bucket, width=w, max_new_tokens=cfg.max_new_tokens)
+      slots = self._empty(bucket)
     slot_row = [-1] * bucket  # the request row a slot holds, -1 = free
     start = [0] * bucket  # first cache slot of each slot's row (host mirror)
     left = [0] * bucket  # budget minus tokens at the last return: the steps a row may still take
@@ -421,9 +468,10 @@ class SlotSampler:
             slot_row[s], start[s], left[s] = req.row, index - p, req.budget - 1
         live = [s for s in range(bucket) if slot_row[s] >= 0]
         exhausted = work.exhausted
-        smaller = next_bucket(len(live), bucket, cfg.min_bucket)
         compact = cfg.compact and max(left[s] for s in live) >= cfg.compact_min_steps
-        if exhausted and compact and smaller < bucket:
+        # Down the ladder one bucket at a time (one gather program per rung, not per pair).
+        while exhausted and compact and len(live) <= smaller_bucket(bucket, cfg.min_bucket):
+          smaller = smaller_bucket(bucket, cfg.min_bucket)
           idx = np.asarray(live + [live[0]] * (smaller - len(live)), np.int32)
           slots = _gather_program(slots, idx, np.int32(len(live)), batch=smaller)
           pad = smaller - len(live)
@@ -440,11 +488,10 @@ class SlotSampler:
           start = [x - shift for x in start]
           stats.shifts += 1
         stop_live = max(0, len(live) - cfg.refill_rows)
-        below = 1 << ((bucket - 1).bit_length() - 1) if bucket > 1 else 0  # largest pow2 < B
-        if exhausted and compact and below >= cfg.min_bucket:
-          stop_live = max(stop_live, below)  # return once the live rows fit a smaller bucket
+        if exhausted and compact:  # return once the live rows fit the next bucket down
+          stop_live = max(stop_live, smaller_bucket(bucket, cfg.min_bucket))
         slots = _decode_program(self.graphdef, self.state, head, slots, self.rng,
-                                np.int32(w - index), np.int32(stop_live),
+                                np.int32(w - index), np.int32(stop_live), np.int32(cfg.min_steps),
                                 *self.options.dynamic_args(), **self.options.static_args())
         live_B, count_B, budget_B, eos_B, new_index = sharding.to_host(
             (slots.live_B, slots.count_B, slots.budget_B, slots.eos_B, slots.cache.index))

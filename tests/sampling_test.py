@@ -419,7 +419,7 @@ def test_slot_decode_reads_each_layer_cache_in_place_past_one_key_block(llama):
                                     width=cfg.width, max_new_tokens=324)
   hlo = slots._decode_program.lower(
       graphdef, state, None, state_slots, jax.random.key(0), np.int32(8), np.int32(0),
-      *opts.dynamic_args(), **opts.static_args()).compile().as_text()
+      np.int32(0), *opts.dynamic_args(), **opts.static_args()).compile().as_text()
   layer = rf"f32\[(1,)?{b},{c.num_kv_heads},{cfg.width},{c.head_dim}\]"
   copies = [line for line in hlo.splitlines()
             if re.search(rf"= {layer}\S* (slice|dynamic-slice|copy)\(", line)
@@ -430,7 +430,7 @@ def test_slot_decode_reads_each_layer_cache_in_place_past_one_key_block(llama):
                                max_new_tokens=324)
   hlo = slots._decode_program.lower(
       graphdef, state, None, ragged, jax.random.key(0), np.int32(8), np.int32(0),
-      *opts.dynamic_args(), **opts.static_args()).compile().as_text()
+      np.int32(0), *opts.dynamic_args(), **opts.static_args()).compile().as_text()
   assert re.search(rf"= f32\[{b},{c.num_kv_heads},339,{c.head_dim}\]\S* copy\(", hlo)
 
 

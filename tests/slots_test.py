@@ -67,8 +67,9 @@ def test_slots_return_the_static_batch_under_greedy_decoding(model):
                                   eos_id=eos, row_budgets=budgets)
   lengths = np.asarray(want.lengths_B)
   assert (lengths < budgets).any() and (lengths == budgets).any() and lengths.max() > 16
+  # (min_bucket: no compaction in this call; the slots run below compacts, with fewer programs)
   got = sampling.generate(model, tokens, mask, jax.random.key(0), n, temperature=0.0,
-                          eos_id=eos, row_budgets=budgets)
+                          eos_id=eos, row_budgets=budgets, min_bucket=32)
   _assert_same(got, want)
   work = _Rows(tokens, mask, budgets)
   cfg = slots.SlotConfig(slots=3, prompt_width=32, max_new_tokens=n, refill_at=1, min_bucket=2,
