@@ -124,24 +124,6 @@ def rl_lengths(rows: int, cap: int, seed: int) -> np.ndarray:
                  cap).astype(np.int32)
 
 
-class _Rows:
-  """A work list of rows given as prompts and budgets (`slots.WorkList`)."""
-
-  def __init__(self, prompt_BxP, budgets_B):
-    self.requests = [slots.Request(i, prompt_BxP[i], int(budgets_B[i]))
-                     for i in range(len(prompt_BxP))]
-    self.exhausted, self.tokens = False, 0
-
-  def take(self, n):
-    out, self.requests = self.requests[:n], self.requests[n:]
-    self.exhausted = not self.requests
-    return out
-
-  def finished(self, rows):
-    self.tokens += sum(len(r.tokens) for r in rows)
-    return False
-
-
 def vllm_rl_shaped(hf_dir: str, dtype: str, prompt_BxP, budgets_B, temperature: float):
   """The vLLM side of --work=rl_shaped: a callable generating the rows (row i up to budgets_B[i]
   tokens, EOS ignored) on mixpo's vLLM engine, or None when it is not installed. The hook the
@@ -187,12 +169,13 @@ def rl_shaped(model, hf_dir: str):
 
   def slot_run(name, n, compact):
     def run():
-      work = _Rows(prompt_BxP, lengths)
+      work = slots.RowList([slots.Request(i, prompt_BxP[i], int(lengths[i]))
+                            for i in range(rows)])
       cfg = slots.SlotConfig(slots=n, prompt_width=prompt_BxP.shape[1], max_new_tokens=cap,
                              compact=compact)
       stats[name] = slots.SlotSampler(pair, cfg, slots.SampleOptions(temperature=temp),
                                       jax.random.key(next(calls))).run(work)
-      assert work.tokens == lengths.sum(), (work.tokens, lengths.sum())
+      assert sum(len(r.tokens) for r in work.results.values()) == lengths.sum()
     return run
 
   for n in _SLOTS.value:  # "32": refill and compaction; "32nc": refill alone

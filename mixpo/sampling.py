@@ -322,30 +322,6 @@ def _prepare(model, prompt_tokens, prompt_mask, max_new_tokens, temperature, top
   return _Prepared(graphdef, state, prompt_BxP, mask_BxP, lengths_B, budgets_B, options)
 
 
-class _RowList:
-  """The work list of `generate`: B rows, all offered at once, results kept by row."""
-
-  def __init__(self, prompt_BxP, lengths_B, budgets_B):
-    self.requests = [slots_request(i, prompt_BxP[i, prompt_BxP.shape[1] - lengths_B[i]:],
-                                   int(budgets_B[i])) for i in range(len(prompt_BxP))]
-    self.results = {}
-    self.exhausted = False
-
-  def take(self, n):
-    out, self.requests = self.requests[:n], self.requests[n:]
-    self.exhausted = not self.requests
-    return out
-
-  def finished(self, rows):
-    self.results.update((r.row, r) for r in rows)
-    return False
-
-
-def slots_request(row, prompt, budget):
-  from mixpo import slots  # noqa: PLC0415
-  return slots.Request(row=row, prompt=np.asarray(prompt, np.int32), budget=budget)
-
-
 def rollout_from_rows(results, rows: int, max_new_tokens: int, pad_id: int) -> Rollout:
   """A `Rollout` ([rows, N] arrays) of `slots.Finished` results keyed by row 0 .. rows − 1."""
   tokens_BxN = np.full((rows, max_new_tokens), pad_id, np.int32)
@@ -398,7 +374,9 @@ def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temper
   prep = _prepare(model, prompt_tokens, prompt_mask, max_new_tokens, temperature, top_p, top_k,
                   eos_id, pad_id, prompt_length, row_budgets)
   b, width = prep.prompt_BxP.shape
-  work = _RowList(prep.prompt_BxP, prep.lengths_B, prep.budgets_B)
+  work = slots.RowList([
+      slots.Request(i, prep.prompt_BxP[i, width - prep.lengths_B[i]:], int(prep.budgets_B[i]))
+      for i in range(b)])
   cfg = slots.SlotConfig(slots=b, prompt_width=width, max_new_tokens=int(max_new_tokens),
                          refill_at=b, min_bucket=min_bucket, refills=False)
   slots.SlotSampler((prep.graphdef, prep.state), cfg, prep.options, rng).run(work)

@@ -77,6 +77,24 @@ class WorkList(Protocol):
     """Rows that ended since the last call; True stops the run (live rows are dropped)."""
 
 
+class RowList:
+  """The simplest work list: fixed rows, offered in order; results kept by row id."""
+
+  def __init__(self, requests: list[Request]):
+    self.todo = list(requests)
+    self.results: dict[int, Finished] = {}
+    self.exhausted = not self.todo
+
+  def take(self, n: int) -> list[Request]:
+    out, self.todo = self.todo[:n], self.todo[n:]
+    self.exhausted = not self.todo
+    return out
+
+  def finished(self, rows: list[Finished]) -> bool:
+    self.results.update((r.row, r) for r in rows)
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
   """Validated sampling switches (see `sampling.generate` for their meaning)."""

@@ -30,22 +30,9 @@ def _ragged(rows, width, max_budget, seed):
   return tokens, mask, rng.integers(1, max_budget + 1, rows).astype(np.int32)
 
 
-class _Rows:
-  """Rows offered in order; the rows' results by id."""
-
-  def __init__(self, tokens, mask, budgets):
-    self.todo = [slots.Request(i, tokens[i][mask[i] == 1], int(budgets[i]))
-                 for i in range(len(tokens))]
-    self.results, self.exhausted = {}, False
-
-  def take(self, n):
-    out, self.todo = self.todo[:n], self.todo[n:]
-    self.exhausted = not self.todo
-    return out
-
-  def finished(self, rows):
-    self.results.update((r.row, r) for r in rows)
-    return False
+def _rows(tokens, mask, budgets):
+  return slots.RowList([slots.Request(i, tokens[i][mask[i] == 1], int(budgets[i]))
+                        for i in range(len(tokens))])
 
 
 def _assert_same(got, want):
@@ -71,7 +58,7 @@ def test_slots_return_the_static_batch_under_greedy_decoding(model):
   got = sampling.generate(model, tokens, mask, jax.random.key(0), n, temperature=0.0,
                           eos_id=eos, row_budgets=budgets, min_bucket=32)
   _assert_same(got, want)
-  work = _Rows(tokens, mask, budgets)
+  work = _rows(tokens, mask, budgets)
   cfg = slots.SlotConfig(slots=3, prompt_width=32, max_new_tokens=n, refill_at=1, min_bucket=2,
                          compact_min_steps=1)
   stats = slots.SlotSampler(model, cfg, slots.SampleOptions(temperature=0.0, eos_E=(eos,)),
