@@ -342,7 +342,7 @@ def rollout_from_rows(results, rows: int, max_new_tokens: int, pad_id: int) -> R
 def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] | None = None,
              pad_id: int = 0, prompt_length: int | None = None, row_budgets=None,
-             min_bucket: int = 8) -> Rollout:
+             min_bucket: int = 4) -> Rollout:
   """Samples up to `max_new_tokens` (N) continuations of a batch of left-padded prompts.
 
   Rows that end (EOS or their own budget) stop costing decode work: the rows still decoding
