@@ -126,17 +126,16 @@ def rl_lengths(rows: int, cap: int, seed: int) -> np.ndarray:
 
 def vllm_rl_shaped(hf_dir: str, dtype: str, prompt_BxP, budgets_B, temperature: float):
   """The vLLM side of --work=rl_shaped: a callable generating the rows (row i up to budgets_B[i]
-  tokens, EOS ignored) on mixpo's vLLM engine, or None when it is not installed. The hook the
-  vLLM engine's author fills in (its generate must honour per-row budgets: `row_budgets`)."""
+  tokens, EOS ignored) on mixpo's vLLM engine, or None when it is not installed (the engine
+  contract's per-row budgets: max_new_tokens as an int [B] array)."""
   try:
     engine = engines.make("vllm", hf_dir=hf_dir, dtype=dtype, seed=0)
   except ValueError:
     return None
   mask = np.ones_like(prompt_BxP)
   calls = iter(range(1 << 30))
-  return lambda: engine.generate(prompt_BxP, mask, jax.random.key(next(calls)),
-                                 int(budgets_B.max()), temperature=temperature,
-                                 row_budgets=budgets_B)
+  return lambda: engine.generate(prompt_BxP, mask, jax.random.key(next(calls)), budgets_B,
+                                 temperature=temperature)
 
 
 def _timed(fn):

@@ -7,6 +7,7 @@ recomputes θ_old itself and may correct for the difference, `rl.score`). The co
   engine.generate(prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, temperature=, top_p=,
                   top_k=, eos_id=, pad_id=) -> sampling.Rollout
       the signature of `sampling.generate` (left-padded prompts, numpy or jax arrays);
+      max_new_tokens an int, or int [B] per-row budgets (N = their maximum);
   engine.update_weights(model)
       called at the start of every RL step with the policy as it is then (`(graphdef, state)`
       of the full model, LoRA adapters included, in the rollout dtype): an engine that holds
@@ -52,6 +53,10 @@ class JaxEngine:
     return self.model
 
   def generate(self, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, **kwargs):
+    """`sampling.generate`; max_new_tokens may be int [B], each row's own budget."""
+    budgets = np.asarray(max_new_tokens)
+    if budgets.ndim:
+      kwargs["row_budgets"], max_new_tokens = budgets, int(budgets.max())
     return sampling.generate(self._ready(), prompt_BxP, prompt_mask_BxP, rng, max_new_tokens,
                              **kwargs)
 
@@ -87,8 +92,10 @@ def run_stream(engine, work, cfg: slots.SlotConfig, options: slots.SampleOptions
       prompt_BxP[i, p - len(req.prompt):] = req.prompt
       mask_BxP[i, p - len(req.prompt):] = 1
     budget = max(r.budget for r in requests)
+    budgets = np.asarray([r.budget for r in requests], np.int32)
     with timer(phase):
-      out = engine.generate(prompt_BxP, mask_BxP, jax.random.fold_in(rng, round_), budget,
+      out = engine.generate(prompt_BxP, mask_BxP, jax.random.fold_in(rng, round_),
+                            budgets if (budgets < budget).any() else budget,
                             temperature=options.temperature, top_p=options.top_p,
                             top_k=options.top_k, eos_id=eos, pad_id=options.pad_id)
       tokens, logp = np.asarray(out.tokens_BxN), np.asarray(out.logp_BxN)
