@@ -1,4 +1,9 @@
-"""Rollout benchmark: mixpo `generate` / `score` against transformers (PyTorch CPU), one process.
+"""Rollout benchmark: mixpo `generate` / `score` against transformers (PyTorch CPU), one process;
+with --work=rl_shaped, mixpo's sampler on long-tailed RL-shaped work against its old static
+batch (and vLLM when installed); with --work=rl_step, the policy's rollouts of RL steps of a
+config (the dynamic-sampling stream against static generation batches).
+
+--work=fixed (the default):
 
 Both sides run the same random checkpoint (--shape; written by transformers, read back with
 `mixpo.models.from_pretrained`) in the same dtype (--dtype; mixpo's bf16 run is the rollout view
@@ -11,6 +16,28 @@ counts B × (P + N) tokens (transformers: forward + log_softmax + gather).
   python experiments/bench_rollout.py --repeats=5
   python experiments/bench_rollout.py --arch=qwen2 --batch=64 --repeats=5
   python experiments/bench_rollout.py --shape=qwen2.5-0.5b --batch=8 --prompt_len=64 --new_tokens=64
+
+--work=rl_shaped: --rl_prompts (8) prompts × --rl_samples (8) samples = 64 rows of random
+--prompt_len tokens; row i is forced to length L_i = clip(ceil(LogNormal(4.5, 1.0)), 1, --rl_cap)
+(seed --seed: mean 142, 3 rows at the 512 cap, 9101 tokens at the defaults) by its own token
+budget (EOS off). Useful tokens/s = Σ L_i / seconds. Timed, alternating, median of --repeats:
+  static   the old `sampling.static_generate`: every row decoded to max L_i (one program);
+  compact  `sampling.generate`: every row starts at once, ended rows gathered out (buckets);
+  slots=S  `mixpo.slots` with S decode slots refilled from the work list (--slots, a list;
+           "Snc": the same without compaction of the tail);
+  vllm     `mixpo.engines.vllm.VllmEngine` when importable (`vllm_rl_shaped`, the hook).
+CPU seconds (all threads) are printed beside the wall time: on a loaded box they are the
+steadier measure of work.
+  python experiments/bench_rollout.py --work=rl_shaped --dtype=bfloat16 --repeats=3
+
+--work=rl_step: --steps RL steps of --config (default: the default experiment on its built-in
+models, --builtin_dir reuses built ones); before each step the policy's rollouts are collected
+twice from the same state, alternating: by the stream (`rollout.stream_groups` on mixpo's
+sampler) and by static generation batches of groups × n rows (the same stream run through
+`engines.run_stream`'s static adapter on `static_generate`: the pre-stream behaviour). Prints
+the mean seconds of each and the decode row-steps per kept token (1 = no step on an ended row,
+a dropped row or a group dynamic sampling did not keep).
+  python experiments/bench_rollout.py --work=rl_step --steps=20 --builtin_dir=/tmp/models
 """
 
 import os
@@ -29,8 +56,10 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_common  # noqa: E402
+from mixpo import engines  # noqa: E402
 from mixpo import models  # noqa: E402
 from mixpo import sampling  # noqa: E402
+from mixpo import slots  # noqa: E402
 
 _SHAPE = flags.DEFINE_enum("shape", "tiny", sorted(bench_common.SHAPES), "Model geometry.")
 _ARCH = flags.DEFINE_enum("arch", "llama", ["llama", "qwen2"],
@@ -43,6 +72,19 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (medi
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", bench_common.DTYPES,
                            "Compute and weight dtype of both frameworks.")
+_WORK = flags.DEFINE_enum("work", "fixed", ["fixed", "rl_shaped", "rl_step"],
+                         "What to time (module docstring).")
+_RL_PROMPTS = flags.DEFINE_integer("rl_prompts", 8, "rl_shaped: prompts.")
+_RL_SAMPLES = flags.DEFINE_integer("rl_samples", 8, "rl_shaped: samples per prompt.")
+_RL_CAP = flags.DEFINE_integer("rl_cap", 512, "rl_shaped: the length cap (max_new_tokens).")
+_SLOTS = flags.DEFINE_list("slots", ["32", "64", "64nc"],
+                           "rl_shaped: decode slot counts to time (suffix nc: no compaction).")
+_STEPS = flags.DEFINE_integer("steps", 10, "rl_step: RL steps.")
+_CONFIG = flags.DEFINE_string("config", "default", "rl_step: experiments/configs/<name>.py.")
+_BUILTIN = flags.DEFINE_string("builtin_dir", "", "rl_step: built-in models to reuse.")
+_VARIANTS = flags.DEFINE_multi_string(
+    "stream", ["default"], "rl_step: stream variants to time, each 'default' or comma-separated "
+    "SampleSpec fields, e.g. 'slots=64,refill_at=8,min_steps=1'.")
 _DECODE = flags.DEFINE_bool(
     "decode", True, "Also time mixpo's decode steps alone (generate of N tokens minus generate "
     "of 1: prefill cancels) and report bytes/s against the measured copy bandwidth; with "
@@ -76,10 +118,176 @@ def median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def rl_lengths(rows: int, cap: int, seed: int) -> np.ndarray:
+  """The rl_shaped work's row lengths: clip(ceil(LogNormal(4.5, 1.0)), 1, cap), fixed seed."""
+  return np.clip(np.ceil(np.random.default_rng(seed).lognormal(4.5, 1.0, rows)), 1,
+                 cap).astype(np.int32)
+
+
+def vllm_rl_shaped(hf_dir: str, dtype: str, prompt_BxP, budgets_B, temperature: float):
+  """The vLLM side of --work=rl_shaped: a callable generating the rows (row i up to budgets_B[i]
+  tokens, EOS ignored) on mixpo's vLLM engine, or None when it is not installed (the engine
+  contract's per-row budgets: max_new_tokens as an int [B] array)."""
+  try:
+    engine = engines.make("vllm", hf_dir=hf_dir, dtype=dtype, seed=0)
+  except ValueError:
+    return None
+  mask = np.ones_like(prompt_BxP)
+  calls = iter(range(1 << 30))
+  return lambda: engine.generate(prompt_BxP, mask, jax.random.key(next(calls)), budgets_B,
+                                 temperature=temperature)
+
+
+def _timed(fn):
+  t0, c0 = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - t0, time.process_time() - c0
+
+
+def rl_shaped(model, hf_dir: str):
+  """--work=rl_shaped (module docstring)."""
+  rows = _RL_PROMPTS.value * _RL_SAMPLES.value
+  cap, temp = _RL_CAP.value, _TEMP.value
+  lengths = rl_lengths(rows, cap, _SEED.value)
+  rng = np.random.default_rng(_SEED.value + 1)
+  prompt_BxP = np.repeat(rng.integers(1, model.config.vocab_size,
+                                      (_RL_PROMPTS.value, _PROMPT.value)).astype(np.int32),
+                         _RL_SAMPLES.value, axis=0)
+  mask_BxP = np.ones_like(prompt_BxP)
+  pair = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))
+  calls = iter(range(1 << 30))
+  runs = {
+      "static": lambda: jax.block_until_ready(sampling.static_generate(
+          pair, prompt_BxP, mask_BxP, jax.random.key(next(calls)), cap, temperature=temp,
+          row_budgets=lengths)),
+      "compact": lambda: jax.block_until_ready(sampling.generate(
+          pair, prompt_BxP, mask_BxP, jax.random.key(next(calls)), cap, temperature=temp,
+          row_budgets=lengths)),
+  }
+  stats = {}
+
+  def slot_run(name, n, compact):
+    def run():
+      work = slots.RowList([slots.Request(i, prompt_BxP[i], int(lengths[i]))
+                            for i in range(rows)])
+      cfg = slots.SlotConfig(slots=n, prompt_width=prompt_BxP.shape[1], max_new_tokens=cap,
+                             compact=compact)
+      stats[name] = slots.SlotSampler(pair, cfg, slots.SampleOptions(temperature=temp),
+                                      jax.random.key(next(calls))).run(work)
+      assert sum(len(r.tokens) for r in work.results.values()) == lengths.sum()
+    return run
+
+  for n in _SLOTS.value:  # "32": refill and compaction; "32nc": refill alone
+    name = f"slots={n}"
+    runs[name] = slot_run(name, int(n.removesuffix("nc")), not n.endswith("nc"))
+  vllm = vllm_rl_shaped(hf_dir, _DTYPE.value, prompt_BxP, lengths, temp)
+  if vllm is not None:
+    runs["vllm"] = vllm
+  for fn in runs.values():
+    fn()  # warm-up: compiles (mixpo) / builds CUDA-graph-free kernels (vLLM)
+  times = {k: [] for k in runs}
+  for _ in range(_REPEATS.value):
+    for k, fn in runs.items():  # alternating rounds
+      times[k].append(_timed(fn))
+  useful = int(lengths.sum())
+  print(f"config: {_SHAPE.value} ({describe_model(model)}), rl_shaped: {rows} rows = "
+        f"{_RL_PROMPTS.value} prompts x {_RL_SAMPLES.value}, P={prompt_BxP.shape[1]}, lengths "
+        f"clip(ceil(LogNormal(4.5, 1.0)), 1, {cap}) seed {_SEED.value}: mean {lengths.mean():.1f}, "
+        f"{int((lengths == cap).sum())} at the cap, {useful} useful tokens; T={temp} "
+        f"{_DTYPE.value}; jax {jax.__version__}; median of {_REPEATS.value} alternating rounds"
+        f"{'' if vllm is not None else '; vLLM: not installed'}")
+  base = statistics.median(t for t, _ in times["static"])
+  for k, ts in times.items():
+    wall, cpu = statistics.median(t for t, _ in ts), statistics.median(c for _, c in ts)
+    extra = ""
+    if k in stats:
+      s = stats[k]
+      extra = (f"  row-steps {s.slot_steps} ({s.slot_steps / useful:.2f} per useful token), "
+               f"{s.steps} steps, {s.returns} returns, {s.compactions} compactions, "
+               f"{s.shifts} shifts")
+    print(f"rl_shaped {k:10s} {useful / wall:8.0f} useful tok/s  ({wall:.2f} s wall, "
+          f"{cpu:.2f} CPU s; {base / wall:.2f}x static){extra}")
+
+
+def describe_model(model) -> str:
+  c = model.config
+  return (f"hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads}/{c.num_kv_heads} heads, "
+          f"vocab {c.vocab_size}")
+
+
+class _StaticEngine:
+  """The pre-stream policy rollouts: static generation batches of `sampling.static_generate`."""
+
+  def __init__(self):
+    self.model = None
+
+  def update_weights(self, model):
+    self.model = model
+
+  def generate(self, *args, **kwargs):
+    return sampling.static_generate(self.model, *args, **kwargs)
+
+
+def rl_step():
+  """--work=rl_step (module docstring)."""
+  import dataclasses as dc  # noqa: PLC0415
+  import importlib  # noqa: PLC0415
+  from mixpo import logging as mlog  # noqa: PLC0415
+  from mixpo import loop, rl  # noqa: PLC0415
+  config = importlib.import_module(f"experiments.configs.{_CONFIG.value}").get_config()
+  with tempfile.TemporaryDirectory() as workdir:
+    config.builtin_dir = _BUILTIN.value or os.path.join(workdir, "models")
+    config.export_hf, config.progress = False, False
+    exp, state, ckpt, _ = loop.setup(config, workdir)
+    ckpt.close()
+    variants = {"static": (_StaticEngine(), exp.spec)}
+    for v in _VARIANTS.value:
+      fields = {} if v == "default" else {
+          k: int(x) for k, x in (kv.split("=") for kv in v.split(","))}
+      sample = dc.replace(exp.spec.sample, **fields)
+      variants[f"stream {v}"] = (exp.policy_engine, dc.replace(exp.spec, sample=sample))
+    seconds = {k: [] for k in variants}
+    ratio = {k: [] for k in variants}
+    pos, timer = 0, mlog.PhaseTimer()
+    with jax.set_mesh(exp.mesh):
+      for step in range(_STEPS.value + 1):  # step 0 compiles: not counted
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
+        policy = rl.rollout_view(exp.spec, exp.policy.pair(state.params))
+        order = list(variants) if step % 2 else list(variants)[::-1]
+        for name in order:
+          engine, spec = variants[name]
+          e = dc.replace(exp, policy_engine=engine, spec=spec)
+          t0 = time.perf_counter()
+          collected = rl.collect_policy(e, policy, jax.random.fold_in(key, 0), pos, timer)
+          if step:
+            seconds[name].append(time.perf_counter() - t0)
+            rows, n_groups = rl.policy_block(collected, exp.spec.sizes)
+            kept = int(rows.lengths_B[:n_groups * exp.spec.sizes.n].sum())
+            ratio[name].append(collected.run.slot_steps / max(kept, 1))
+        state, pos, _, _ = rl.rl_step(exp, state, pos, timer)
+    exp.reward_runner.close()
+  print(f"config: {_CONFIG.value} (algo {config.algo}, groups {config.groups} x n {config.n}, "
+        f"zero_groups {exp.spec.sizes.zero_groups}, max_new_tokens {config.max_new_tokens}, "
+        f"cap {config.max_num_gen_batches} batches); {_STEPS.value} steps after one warm-up")
+  base = np.mean(seconds["static"])
+  for name in variants:
+    print(f"rl_step policy rollouts {name:30s} {np.mean(seconds[name]):.3f} s/step "
+          f"({base / np.mean(seconds[name]):.2f}x static), decode row-steps per kept token "
+          f"{np.mean(ratio[name]):.2f}")
+
+
 def main(argv):
   from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
   hostmem.keep_freed_memory()
   del argv
+  if _WORK.value == "rl_step":
+    return rl_step()
+  if _WORK.value == "rl_shaped":
+    hf = hf_model(_ARCH.value, _SEED.value, _SHAPE.value)
+    with tempfile.TemporaryDirectory() as tmp:
+      hf.save_pretrained(tmp)
+      model = models.from_pretrained(tmp)
+      return rl_shaped(model, tmp)
   b, p, n = _BATCH.value, _PROMPT.value, _NEW.value
   hf = hf_model(_ARCH.value, _SEED.value, _SHAPE.value)
   with tempfile.TemporaryDirectory() as tmp:

@@ -32,6 +32,10 @@ class Batch:
   real_B: jax.Array
   # float32 log-probs under the frozen KL reference; None when the KL penalty is off.
   ref_logp_BxT: jax.Array | None = None
+  # float32 truncated importance weights min(π_old/π_rollout, C) of the sampler / trainer
+  # mismatch (`rl.correct_rollout`), 1 on rows the policy's engine did not sample; they multiply
+  # the per-token objectives. None: no correction (config.rollout_is="none").
+  is_weight_BxT: jax.Array | None = None
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -45,9 +49,10 @@ class Batch:
          self.old_logp_BxT, self.guide_logp_BxT], (b, t))
     chex.assert_shape([self.adv_B, self.kind_B, self.group_B, self.real_B], (b,))
     chex.assert_type(self.real_B, jnp.bool_)
-    if self.ref_logp_BxT is not None:
-      chex.assert_shape(self.ref_logp_BxT, (b, t))
-      chex.assert_type(self.ref_logp_BxT, jnp.float32)
+    for optional in (self.ref_logp_BxT, self.is_weight_BxT):
+      if optional is not None:
+        chex.assert_shape(optional, (b, t))
+        chex.assert_type(optional, jnp.float32)
     chex.assert_type([self.tokens_BxT, self.positions_BxT, self.kind_B, self.group_B], jnp.int32)
     chex.assert_type([self.loss_mask_BxT, self.old_logp_BxT, self.guide_logp_BxT, self.adv_B],
                      jnp.float32)

@@ -463,9 +463,12 @@ PANELS = (
     ("guide_ratio.png", "Guide ratio on OFF", "mean", ("loss/ratio_guide_off", "loss/f_ratio_off"),
      "step"),
 )
-# reward/* keys that are counts of the reward runner, not a reward function's mean value.
-REWARD_COUNTERS = ("reward/mean", "reward/timeouts", "reward/errors", "reward/blocked",
-                   "reward/batch_timeouts", "reward/retries", "reward/unverifiable")
+# reward/* keys that are the reward runner's counts or the weighted mean, not a reward function's
+# mean value; reward/<source>/* repeat the keys per row source (policy, guide, traces).
+REWARD_COUNTERS = ("reward/mean", "reward/items", "reward/timeouts", "reward/errors",
+                   "reward/blocked", "reward/batch_timeouts", "reward/retries",
+                   "reward/unverifiable", "reward/scorer_errors")
+REWARD_SOURCES = ("reward/policy/", "reward/guide/", "reward/traces/")
 
 
 def reward_components(rows: list[dict]) -> tuple[str, ...]:
@@ -473,7 +476,8 @@ def reward_components(rows: list[dict]) -> tuple[str, ...]:
   seen = {}
   for r in rows:
     for k in r:
-      if k.startswith("reward/") and k not in REWARD_COUNTERS:
+      if (k.startswith("reward/") and k not in REWARD_COUNTERS
+          and not k.startswith(REWARD_SOURCES)):
         seen.setdefault(k, None)
   return tuple(seen)
 

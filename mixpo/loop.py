@@ -173,9 +173,12 @@ def setup(config, workdir: str):
   state = jax.device_put(state, state_sh)
   train_step = train.make_train_step(policy, optimizer, spec.step,
                                      shardings=(state_sh, sharding.batch_sharding(mesh)))
+  policy_engine, guide_engine = rl.make_engines(spec, guide, policy_path, guide_path,
+                                                config.model.dtype)
   exp = rl.Experiment(config=config, spec=spec, policy=policy, guide=guide, tokenizer=tokenizer,
                       task=task, reward_runner=runner, train_step=train_step,
-                      reference=reference, mesh=mesh, traces=traces)
+                      reference=reference, mesh=mesh, traces=traces,
+                      policy_engine=policy_engine, guide_engine=guide_engine)
   return exp, state, ckpt, eval_examples
 
 

@@ -369,13 +369,15 @@ def _weight(term: Term, cfg: ObjectiveConfig):
 
 
 def objective(logp, old_logp, guide_logp, adv, kind, mask, cfg: ObjectiveConfig, denoms=None,
-              ref_logp=None, entropy=None):
+              ref_logp=None, entropy=None, is_weight=None):
   """Loss (= −J, to minimise) and scalar metrics of `cfg.terms` plus the KL / entropy switches.
 
   Shapes in the module docstring. `denoms` (`denominators(kind, mask)` by default) are the set
   normalisers; pass the whole minibatch's to each micro-batch so that accumulated gradients equal
   the minibatch's. `ref_logp` [B, T] is required when cfg.kl_coef > 0, `entropy` [B, T] (the
-  per-token entropy of πθ, differentiable) when cfg.entropy_coef > 0.
+  per-token entropy of πθ, differentiable) when cfg.entropy_coef > 0. `is_weight` [B, T]
+  (optional, constant): truncated importance weights of the sampler / trainer mismatch that
+  multiply every set's per-token objective (1 on rows the policy did not sample).
   """
   chex.assert_rank([logp, old_logp, guide_logp, mask], 2)
   chex.assert_equal_shape([logp, old_logp, guide_logp, mask])
@@ -386,6 +388,8 @@ def objective(logp, old_logp, guide_logp, adv, kind, mask, cfg: ObjectiveConfig,
   for k in cfg.trained_sets:
     m = set_mask(kind, mask, k)
     obj = set_objective(k, logp, old_logp, guide_logp, adv, m, cfg, metrics)
+    if is_weight is not None:
+      obj = obj * is_weight
     sums[k] = agg(obj, m)
   j = None
   for term in cfg.terms:

@@ -1,11 +1,14 @@
 """One RL step as named phases, and the typed run spec every phase reads.
 
-  collect_policy  θ_old's prompt groups with DAPO dynamic sampling        → rollout.Collected
+  collect_policy  θ_old's prompt groups: the dynamic-sampling stream      → rollout.Collected
+                  (on exp.policy_engine, handed θ_old first: mixpo/engines)
   collect_guide   the guide's rows for the same prompts (guided algorithms) → Groups | None
                   (guide_source="traces": collect_traces, the stored responses, + their real_B)
   assemble        padded rows, ON / ZERO / OFF, advantages, padding mask  → Assembled (a Batch)
   score           log-probs under θ_old, the guide, the KL reference      → Batch
                   (rollout and scoring in spec.rollout_dtype: `rollout_view`)
+  correct_rollout the engine's vs the trainer's θ_old log-probs: mismatch metrics and, with
+                  spec.rollout_is, truncated importance weights            → (Batch, metrics)
   update          the jitted train_step                                   → (TrainState, metrics)
   report          scalar metrics and logged samples                       → (dict, list)
 `rl_step` chains them. `resolve(config)` turns the experiment config into a frozen `RunSpec` once
@@ -25,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixpo import advantages, algorithms, objectives, sampling, sharding, train
+from mixpo import advantages, algorithms, engines, objectives, sampling, sharding, train
 from mixpo.batch import Batch, make_batch
 from mixpo.data.traces import tokenizer_fingerprint
 from mixpo.guide_source import TraceOptions, TraceSource, reward_rows
 from mixpo.rewards.overlong import OverlongConfig
-from mixpo.rollout import (Collected, Groups, SampleSpec, concat_groups, dynamic_sample,
-                           empty_rows, sample_groups)
+from mixpo.rollout import (Collected, Groups, RewardTally, SampleSpec, concat_groups, empty_rows,
+                           sample_groups, stream_groups)
 
 SET_NAMES = {objectives.ON: "ON", objectives.ZERO: "ZERO", objectives.OFF: "OFF"}
 
@@ -96,6 +99,12 @@ class RunSpec:
   # models as loaded, config.model.*) or a dtype name the f32 master weights are cast to each step
   # (`rollout_view`); the update always uses the trained parameters as they are.
   rollout_dtype: str = "model"
+  rollout_engine: str = "jax"  # engines.ENGINES: what samples the policy's and the guide's rows.
+  # Truncated importance sampling of the policy's rows against the sampler / trainer mismatch:
+  # "none", "token" (w_t = min(π_old/π_rollout, cap) per token) or "sequence" (one w per row,
+  # the product over its tokens, capped), multiplied into their per-token objectives.
+  rollout_is: str = "none"
+  rollout_is_cap: float = 2.0
 
   @property
   def objective(self) -> objectives.ObjectiveConfig:
@@ -162,13 +171,36 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
   if config.overlong_shaping or config.mask_truncated:
     overlong = OverlongConfig(shaping=config.overlong_shaping, max_len=config.max_new_tokens,
                               cache_len=config.overlong_cache, mask_truncated=config.mask_truncated)
+  slots = int(config.get("rollout_slots", 0))
+  if slots < 0:
+    raise ValueError(f"config.rollout_slots={slots}: must be >= 0 (0 = groups × n, the rows of "
+                     "one generation batch).")
   sample = SampleSpec(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                      top_p=config.top_p, top_k=config.top_k, overlong=overlong)
+                      top_p=config.top_p, top_k=config.top_k, overlong=overlong, slots=slots)
   return RunSpec(algorithm=algo, scheme=config.scheme, std_normalize=bool(config.std_normalize),
                  sizes=sizes, step=step, sample=sample, guide=guide,
                  dynamic_sampling=bool(config.dynamic_sampling),
                  max_num_gen_batches=int(config.max_num_gen_batches), seed=int(config.seed),
-                 mesh_shape=mesh_shape, rollout_dtype=_rollout_dtype(config))
+                 mesh_shape=mesh_shape, rollout_dtype=_rollout_dtype(config),
+                 **_rollout_engine(config))
+
+
+ROLLOUT_IS = ("none", "token", "sequence")
+
+
+def _rollout_engine(config) -> dict:
+  engine = config.get("rollout_engine", "jax")
+  if engine not in engines.ENGINES:
+    raise ValueError(f"config.rollout_engine={engine!r}: expected one of {engines.ENGINES}.")
+  tis = config.get("rollout_is", "none")
+  if tis not in ROLLOUT_IS:
+    raise ValueError(f"config.rollout_is={tis!r}: expected one of {ROLLOUT_IS} (truncated "
+                     "importance weights π_old/π_rollout per token or per sequence).")
+  cap = float(config.get("rollout_is_cap", 2.0))
+  if not cap >= 1.0:
+    raise ValueError(f"config.rollout_is_cap={cap}: the cap C of min(π_old/π_rollout, C) must "
+                     "be >= 1.")
+  return {"rollout_engine": engine, "rollout_is": tis, "rollout_is_cap": cap}
 
 
 ROLLOUT_DTYPES = ("model", "float32", "bfloat16")
@@ -252,6 +284,23 @@ def _guide_spec(config, algo: algorithms.Algorithm) -> GuideSpec:
   return spec
 
 
+def make_engines(spec: RunSpec, guide, policy_path: str, guide_path: str | None,
+                 model_dtype: str) -> tuple[Any, Any]:
+  """(policy engine, guide engine) of `spec.rollout_engine` (mixpo/engines). "jax": mixpo's
+  sampler (the policy's gets θ_old each step; the guide's holds `guide`). "vllm": engines built
+  from the Hugging Face directories of the starting policy and of the guide (the guide's only
+  when it samples rows). dtype: the rollout dtype ("model": `model_dtype`)."""
+  if spec.rollout_engine == "jax":
+    return engines.JaxEngine(), (None if guide is None else engines.JaxEngine(guide))
+  dtype = model_dtype if spec.rollout_dtype == "model" else spec.rollout_dtype
+  policy = engines.make(spec.rollout_engine, hf_dir=policy_path, dtype=dtype, seed=spec.seed)
+  guide_engine = None
+  if spec.sizes.m and spec.guide.source == "model":
+    guide_engine = engines.make(spec.rollout_engine, hf_dir=guide_path, dtype=dtype,
+                                seed=spec.seed)
+  return policy, guide_engine
+
+
 def check_vocabularies(policy_tokenizer, guide_tokenizer):
   """r̂ = πθ/πϕ needs both policies over the same tokens: the same tokenizer, compared by content
   (vocabulary, merges, special tokens: `tokenizer_fingerprint`), not by vocabulary size (two
@@ -280,6 +329,16 @@ class Experiment:
   reference: tuple | None = None  # (graphdef, state) of the frozen KL reference (kl_coef > 0).
   traces: TraceSource | None = None  # guide_source="traces": the train stream and OFF rows.
   mesh: Any = None  # jax.sharding.Mesh the state and train_step are laid out on.
+  # Rollout engines (mixpo/engines): the policy's gets θ_old every step (update_weights), the
+  # guide's holds the frozen guide. None: mixpo's own sampler on the policy / `guide`.
+  policy_engine: Any = None
+  guide_engine: Any = None
+
+  def __post_init__(self):
+    if self.policy_engine is None:
+      self.policy_engine = engines.JaxEngine()
+    if self.guide_engine is None and self.guide is not None:
+      self.guide_engine = engines.JaxEngine(self.guide)
 
 
 def train_examples(task, seed: int, start: int, count: int):
@@ -287,30 +346,21 @@ def train_examples(task, seed: int, start: int, count: int):
   return task.examples("train", count, seed=seed, start=start)
 
 
-def draw_key(key, i: int):
-  """The key of the i-th sampling call of a step: the i-th split of a chain from `key`."""
-  for _ in range(i + 1):
-    key, sub = jax.random.split(key)
-  return sub
-
-
 # ------------------------------------------------------------------------------ phases
 def collect_policy(exp: Experiment, policy, key, data_pos: int, timer) -> Collected:
-  """θ_old's groups: generation batches of G prompts from `data_pos` until dynamic sampling has
-  G variance groups (and Z zero groups) or hits its cap. Draw i uses `draw_key(key, i)`."""
+  """θ_old's groups: the dynamic-sampling stream over the train examples from `data_pos` (at
+  most max_num_gen_batches × G of them, `rollout.stream_groups`) until it has G variance groups
+  (and Z zero groups) or used them all. `policy` ((graphdef, state) of θ_old in the rollout
+  dtype) is handed to exp.policy_engine first (`update_weights`); None: it holds θ_old already."""
   spec, G = exp.spec, exp.spec.sizes.groups
-
+  if policy is not None:
+    exp.policy_engine.update_weights(policy)
   source = exp.task if exp.traces is None else exp.traces  # traces: the file is the train set.
-
-  def draw(i: int):
-    exs = train_examples(source, spec.seed, data_pos + i * G, G)
-    return sample_groups(policy, exp.tokenizer, [e.prompt for e in exs], [e.answer for e in exs],
-                         spec.sizes.n, draw_key(key, i), spec.sample, exp.reward_runner,
-                         {"metadata": [e.metadata for e in exs]}, timer=timer,
-                         phase="generate_policy")
-
-  return dynamic_sample(draw, G, spec.sizes.zero_groups, spec.max_num_gen_batches,
-                        spec.dynamic_sampling)
+  count = G * (spec.max_num_gen_batches if spec.dynamic_sampling else 1)
+  exs = train_examples(source, spec.seed, data_pos, count)
+  return stream_groups(exp.policy_engine, exp.tokenizer, exs, spec.sizes.n, key, spec.sample,
+                       exp.reward_runner, G, spec.sizes.zero_groups, spec.dynamic_sampling,
+                       timer=timer, phase="generate_policy")
 
 
 def policy_block(collected: Collected, sizes: Sizes) -> tuple[Groups, int]:
@@ -326,23 +376,32 @@ def policy_block(collected: Collected, sizes: Sizes) -> tuple[Groups, int]:
   return rows, len(rows.prompts)
 
 
-def collect_guide(exp: Experiment, prompts, answers, key, timer) -> Groups | None:
-  """m guide samples of each real group's prompt (None for unguided algorithms)."""
+def collect_guide(exp: Experiment, prompts, answers, key, timer,
+                  tally: RewardTally | None = None) -> Groups | None:
+  """m guide samples of each real group's prompt, on exp.guide_engine (None for unguided
+  algorithms); their reward counters go to `tally` as "guide"."""
   m = exp.spec.sizes.m
   if not m:
     return None
-  rows, _ = sample_groups(exp.guide, exp.tokenizer, prompts, answers, m, key, exp.spec.sample,
-                          exp.reward_runner, timer=timer, phase="generate_guide")
+  rows, result = sample_groups(exp.guide_engine, exp.tokenizer, prompts, answers, m, key,
+                               exp.spec.sample, exp.reward_runner, timer=timer,
+                               phase="generate_guide")
+  if tally is not None:
+    tally.add("guide", result)
   return rows
 
 
-def collect_traces(exp: Experiment, prompts, answers, timer) -> tuple[Groups, np.ndarray]:
-  """(rows, real_B): up to m stored guide responses of each real group's prompt, rewarded; a
-  prompt with fewer has padding rows (real_B False). πϕ of "file" rides in rows.guide_logp_BxN."""
+def collect_traces(exp: Experiment, prompts, answers, timer,
+                   tally: RewardTally | None = None) -> tuple[Groups, np.ndarray]:
+  """(rows, real_B): up to m stored guide responses of each real group's prompt, rewarded (the
+  counters go to `tally` as "traces"); a prompt with fewer has padding rows (real_B False). πϕ of
+  "file" rides in rows.guide_logp_BxN."""
   with timer("reward"):
     rows = exp.traces.guide_rows([exp.traces.index_of(p, a) for p, a in zip(prompts, answers)],
                                  exp.spec.sizes.m)
-    groups, _ = reward_rows(rows, exp.spec.sample, exp.reward_runner)
+    groups, result = reward_rows(rows, exp.spec.sample, exp.reward_runner)
+  if tally is not None:
+    tally.add("traces", result)
   return groups, rows.real_B
 
 
@@ -357,6 +416,9 @@ class Assembled:
   real_B: np.ndarray  # bool [B]: False on padding rows (= batch.real_B).
   row_prompt: list[str]  # prompt of every row ("" on padding; guide padding rows may be absent).
   row_answer: list[str]  # reference answer of every row, likewise.
+  # float32 [B, T] the policy rows' log-probs under the engine that sampled them (0 on guide and
+  # padding rows, and where no token was sampled); None when the engine returned none.
+  rollout_logp_BxT: np.ndarray | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("algo", "scheme", "std_normalize"))
@@ -412,8 +474,15 @@ def assemble(spec: RunSpec, policy_rows: Groups, n_groups: int, guide_rows: Grou
   batch = make_batch(rows.prompt_BxP, rows.prompt_mask_BxP, rows.tokens_BxN, rows.mask_BxN,
                      adv_B=adv, kind_B=kind, group_B=group_B, real_B=real_B,
                      guide_logp_BxN=guide_logp_BxN)
+  rollout_logp_BxT = None
+  if policy_rows.logp_BxN is not None:
+    p = rows.prompt_BxP.shape[1]
+    rollout_logp_BxT = np.zeros(rows.tokens_BxN.shape[:1] + (p + rows.tokens_BxN.shape[1],),
+                                np.float32)
+    rollout_logp_BxT[:slots * n, p:] = policy_rows.logp_BxN
   return Assembled(batch=batch, rows=rows, is_guide_B=is_guide_B, real_B=real_B,
-                   row_prompt=row_prompt, row_answer=row_answer)
+                   row_prompt=row_prompt, row_answer=row_answer,
+                   rollout_logp_BxT=rollout_logp_BxT)
 
 
 def score(exp: Experiment, policy, batch: Batch, timer) -> Batch:
@@ -438,6 +507,52 @@ def score(exp: Experiment, policy, batch: Batch, timer) -> Batch:
                              ref_logp_BxT=ref_logp)
 
 
+@functools.partial(jax.jit, static_argnames=("mode",))
+def rollout_correction(old_logp_BxT, rollout_logp_BxT, mask_BxT, cap, *, mode: str):
+  """(is_weight_BxT, metrics): truncated importance weights of the sampler / trainer mismatch.
+
+  Δ = log π_old − log π_rollout on the tokens of `mask_BxT` (the policy's sampled loss tokens),
+  π_old the trainer's θ_old log-probs, π_rollout the engine's. mode "token": w = min(e^Δ, cap)
+  per token; "sequence": w = min(e^ΣΔ, cap) per row, on each of its tokens; "none": w = 1.
+  w is 1 off the mask. Metrics (means over the mask): mismatch/abs_logp_diff (|Δ|),
+  mismatch/kl (KL(π_rollout ‖ π_old), the k3 estimate e^Δ − 1 − Δ with Δ within ±20),
+  mismatch/is_weight (w) and mismatch/is_capped (share of tokens whose weight was capped).
+  """
+  m = mask_BxT > 0
+  delta = jnp.where(m, old_logp_BxT - rollout_logp_BxT, 0.0)
+  log_cap = jnp.log(cap)
+  if mode == "token":
+    log_w = delta
+  elif mode == "sequence":
+    log_w = jnp.broadcast_to(jnp.sum(delta, axis=1, keepdims=True), delta.shape)
+  else:
+    log_w = jnp.zeros_like(delta)
+  capped = m & (log_w > log_cap)
+  w = jnp.where(m, jnp.exp(jnp.minimum(log_w, log_cap)), 1.0)
+  count = jnp.maximum(jnp.sum(m), 1)
+  mean = lambda x: jnp.sum(jnp.where(m, x, 0.0)) / count
+  d = jnp.clip(delta, -20.0, 20.0)
+  return w, {"mismatch/abs_logp_diff": mean(jnp.abs(delta)),
+             "mismatch/kl": mean(jnp.exp(d) - 1.0 - d), "mismatch/is_weight": mean(w),
+             "mismatch/is_capped": mean(capped.astype(jnp.float32))}
+
+
+def correct_rollout(spec: RunSpec, asm: Assembled, batch: Batch) -> tuple[Batch, dict]:
+  """The scored batch with its TIS weights (`spec.rollout_is`, else unchanged) and the mismatch
+  metrics between the engine's log-probs and the trainer's θ_old ({} when the engine gave
+  none). Applies to the policy's own rows (ON, ZERO); guide rows keep weight 1."""
+  if asm.rollout_logp_BxT is None:
+    return batch, {}
+  mask_BxT = batch.loss_mask_BxT * jnp.asarray(~asm.is_guide_B, jnp.float32)[:, None]
+  w_BxT, metrics = rollout_correction(batch.old_logp_BxT, jnp.asarray(asm.rollout_logp_BxT),
+                                      mask_BxT, np.float32(spec.rollout_is_cap),
+                                      mode=spec.rollout_is)
+  metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+  if spec.rollout_is != "none":
+    batch = dataclasses.replace(batch, is_weight_BxT=w_BxT)
+  return batch, metrics
+
+
 def update(exp: Experiment, state: train.TrainState, batch: Batch, timer):
   """(new state, host metrics of train_step)."""
   with timer("update"):
@@ -448,14 +563,29 @@ def update(exp: Experiment, state: train.TrainState, batch: Batch, timer):
 
 
 def report(spec: RunSpec, collected: Collected, asm: Assembled, step_metrics: dict,
-           guide_rows: Groups | None) -> tuple[dict, list[dict]]:
-  """Scalar metrics (loss/*, dynamic/*, train/*, token counts) and the step's sample rows."""
+           guide_rows: Groups | None, tally: RewardTally | None = None,
+           mismatch: dict | None = None) -> tuple[dict, list[dict]]:
+  """Scalar metrics (loss/*, dynamic/*, reward/*, mismatch/*, rollout/*, train/*, token counts)
+  and the step's sample rows. reward/* sum the counters of every reward call of the step (every
+  source in `tally`; reward/<source>/* per source); without a tally, the policy's calls."""
   rows, is_guide_B, real_B = asm.rows, asm.is_guide_B, asm.real_B
   kind_np = np.asarray(asm.batch.kind_B)
   on_policy = ~is_guide_B & real_B
   metrics = {f"loss/{k}": float(v) for k, v in step_metrics.items()}
   metrics.update(collected.stats)
-  metrics.update({k: float(v) for k, v in collected.reward_metrics.items()})
+  if tally is None:
+    tally = RewardTally()
+    for result in collected.rewards:
+      tally.add("policy", result)
+  metrics.update({k: float(v) for k, v in tally.metrics().items()})
+  metrics.update(mismatch or {})
+  kept_tokens = int(rows.lengths_B[on_policy].sum())
+  if collected.run is not None:
+    # Decode work of the policy's stream per token the batch kept (1 = no step spent on an
+    # ended row, a dropped row or a group dynamic sampling did not keep).
+    metrics["rollout/policy_slot_steps"] = collected.run.slot_steps
+    metrics["rollout/policy_steps_per_kept_token"] = (collected.run.slot_steps
+                                                      / max(kept_tokens, 1))
   metrics.update({
       "train/reward": float(rows.rewards_B[on_policy].mean()),
       "train/accuracy": float(solved(rows.correct_B[on_policy]).mean()),
@@ -465,6 +595,7 @@ def report(spec: RunSpec, collected: Collected, asm: Assembled, step_metrics: di
       "train/rows_zero": int((kind_np[real_B] == objectives.ZERO).sum()),
       "train/rows_off": int((kind_np[real_B] == objectives.OFF).sum()),
       "step_policy_tokens": collected.tokens,
+      "step_policy_tokens_kept": kept_tokens,
       "step_guide_tokens": 0 if guide_rows is None else int(guide_rows.lengths_B.sum()),
   })
   if spec.sizes.m:
@@ -489,19 +620,24 @@ def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
   # θ_old (the parameters before this step's updates) in the rollout dtype: it samples and scores
   # old_logp; train_step differentiates the float32 master parameters in `state`.
   policy = rollout_view(exp.spec, exp.policy.pair(state.params))
-  collected = collect_policy(exp, policy, key, data_pos, timer)
+  tally = RewardTally()
+  collected = collect_policy(exp, policy, jax.random.fold_in(key, 0), data_pos, timer)
+  for result in collected.rewards:
+    tally.add("policy", result)
   policy_rows, n_groups = policy_block(collected, exp.spec.sizes)
   guide_real_B = None
   if exp.spec.sizes.m and exp.spec.guide.source == "traces":
-    guide_rows, guide_real_B = collect_traces(exp, policy_rows.prompts, policy_rows.answers, timer)
+    guide_rows, guide_real_B = collect_traces(exp, policy_rows.prompts, policy_rows.answers, timer,
+                                              tally)
   else:
     guide_rows = collect_guide(exp, policy_rows.prompts, policy_rows.answers,
-                               draw_key(key, collected.draws), timer)
+                               jax.random.fold_in(key, 1), timer, tally)
   asm = assemble(exp.spec, policy_rows, n_groups, guide_rows, guide_real_B)
   batch = score(exp, policy, asm.batch, timer)
+  batch, mismatch = correct_rollout(exp.spec, asm, batch)
   state, step_metrics = update(exp, state, batch, timer)
-  metrics, samples = report(exp.spec, collected, asm, step_metrics, guide_rows)
-  return state, data_pos + collected.draws * exp.spec.sizes.groups, metrics, samples
+  metrics, samples = report(exp.spec, collected, asm, step_metrics, guide_rows, tally, mismatch)
+  return state, data_pos + collected.consumed, metrics, samples
 
 
 def solved(task_rewards) -> np.ndarray:

@@ -226,29 +226,36 @@ def _model_config(graphdef, state):
   return nnx.merge(graphdef, state).config
 
 
-def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] | None = None,
-             pad_id: int = 0, prompt_length: int | None = None) -> Rollout:
-  """Samples `max_new_tokens` (N) continuations of a batch of left-padded prompts.
+def check_token_ids(tokens, vocab_size: int, what: str) -> None:
+  """Raises ValueError naming the first row of `tokens` ([B, T] host array) with an id outside
+  [0, vocab_size). Called on the host before every compiled generate / score: inside the
+  compiled programs an out-of-range id is not an error (a gather clamps or fills), it silently
+  becomes another token's embedding."""
+  tokens = np.asarray(tokens)
+  bad_BxT = (tokens < 0) | (tokens >= vocab_size)
+  if bad_BxT.any():
+    row = int(np.flatnonzero(bad_BxT.any(axis=1))[0])
+    tok = int(tokens[row][bad_BxT[row]][0])
+    raise ValueError(f"{what}: row {row} holds token id {tok} outside the vocabulary [0, "
+                     f"{vocab_size}); the tokenizer and the model disagree (or the ids are "
+                     "corrupt): ids are never clamped")
 
-  Args:
-    model: a `CausalLM` or its `(graphdef, state)` from `nnx.split`.
-    prompt_tokens: int [B, P] left-padded prompts (numpy or jax).
-    prompt_mask: int/bool [B, P], 1 on real tokens; every row needs at least one.
-    rng: a jax PRNG key; the same key gives the same samples.
-    max_new_tokens: N, the static length of the response arrays.
-    temperature: softmax temperature; 0 = greedy (see module docstring for its log-probs).
-    top_p: nucleus mass in (0, 1]; 1 disables it.
-    top_k: keep the k most likely tokens; 0 disables it.
-    eos_id: token (or tokens, e.g. Llama 3's [128001, 128009]) that ends a row (kept, mask 1);
-      None = rows always run N tokens.
-    pad_id: token written after a row's end.
-    prompt_length: width to left-pad prompts to before compiling; default `bucket_length` of the
-      longest prompt, so that varied prompt lengths share a handful of programs.
 
-  Returns:
-    `Rollout` with [B, N] tokens, mask and log-probs, [B] lengths and truncated flags.
-  """
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+  graphdef: nnx.GraphDef
+  state: nnx.State
+  prompt_BxP: np.ndarray  # int32 left-padded to the bucket width.
+  mask_BxP: np.ndarray  # int32.
+  lengths_B: np.ndarray  # real prompt tokens per row.
+  budgets_B: np.ndarray  # int32 each row's maximum of new tokens.
+  options: "slots.SampleOptions"
+
+
+def _prepare(model, prompt_tokens, prompt_mask, max_new_tokens, temperature, top_p, top_k,
+             eos_id, pad_id, prompt_length, row_budgets) -> _Prepared:
+  """`generate`'s argument checks (host side, before any compiled call) and re-padding."""
+  from mixpo import slots  # noqa: PLC0415  (slots imports this module)
   graphdef, state = split_model(model)
   config = _model_config(graphdef, state)
   prompt_BxP = np.asarray(prompt_tokens)
@@ -271,18 +278,25 @@ def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temper
   if not_left.size:
     raise ValueError(f"prompt_mask: row(s) {not_left[:8].tolist()} are not left-padded (a 1 is "
                      f"followed by a 0); put the padding before the prompt")
+  check_token_ids(prompt_BxP, config.vocab_size, "prompt_tokens")
   max_pos = config.max_position_embeddings
   if lengths_B.max() + max_new_tokens > max_pos:
     row = int(np.argmax(lengths_B))
     raise ValueError(f"prompt_tokens: row {row} has {lengths_B[row]} tokens, more than the model's "
                      f"max_position_embeddings ({max_pos}) minus max_new_tokens "
                      f"({max_new_tokens}); truncate the prompt or lower max_new_tokens")
+  budgets_B = np.full(len(prompt_BxP), max_new_tokens, np.int32)
+  if row_budgets is not None:
+    budgets_B = np.asarray(row_budgets)
+    if (budgets_B.shape != lengths_B.shape or not np.issubdtype(budgets_B.dtype, np.integer)
+        or (budgets_B < 1).any() or (budgets_B > max_new_tokens).any()):
+      raise ValueError(f"row_budgets: expected {len(lengths_B)} ints in [1, max_new_tokens="
+                       f"{max_new_tokens}], got {np.asarray(row_budgets)[:8]!r}")
+    budgets_B = budgets_B.astype(np.int32)
   eos_E = np.asarray([] if eos_id is None else eos_id, np.int64).reshape(-1)
   if np.any((eos_E < 0) | (eos_E >= config.vocab_size)):
     raise ValueError(f"eos_id: {eos_id} is outside the vocabulary [0, {config.vocab_size}); "
                      f"pass the tokenizer's eos_token_id (an int or a list of ints) or None")
-  # A never-sampled id stands for "no EOS" so that the program keeps one shape.
-  eos_E = np.full((1,), -1, np.int32) if eos_E.size == 0 else eos_E.astype(np.int32)
   if not 0 <= pad_id < config.vocab_size:
     raise ValueError(f"pad_id: {pad_id} is outside the vocabulary [0, {config.vocab_size})")
   if not temperature >= 0:
@@ -291,7 +305,9 @@ def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temper
     raise ValueError(f"top_p: expected a value in (0, 1] (1 disables it), got {top_p}")
   if not isinstance(top_k, (int, np.integer)) or top_k < 0:
     raise ValueError(f"top_k: expected an int >= 0 (0 disables it), got {top_k!r}")
-  top_k = min(int(top_k), config.vocab_size)
+  options = slots.SampleOptions(
+      temperature=float(temperature), top_p=float(top_p), top_k=min(int(top_k), config.vocab_size),
+      eos_E=tuple(int(e) for e in eos_E) or (-1,), pad_id=int(pad_id))
 
   # Re-pad to the bucket width: drop all-padding columns, then pad on the left.
   longest = int(lengths_B.max())
@@ -303,16 +319,97 @@ def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temper
   pad = ((0, 0), (width - longest, 0))
   prompt_BxP = np.pad(prompt_BxP.astype(np.int32), pad, constant_values=pad_id)
   mask_BxP = np.pad(mask_BxP, pad)
+  return _Prepared(graphdef, state, prompt_BxP, mask_BxP, lengths_B, budgets_B, options)
 
-  greedy = temperature == 0
+
+def rollout_from_rows(results, rows: int, max_new_tokens: int, pad_id: int) -> Rollout:
+  """A `Rollout` ([rows, N] arrays) of `slots.Finished` results keyed by row 0 .. rows − 1."""
+  tokens_BxN = np.full((rows, max_new_tokens), pad_id, np.int32)
+  logp_BxN = np.zeros((rows, max_new_tokens), np.float32)
+  lengths_B = np.zeros((rows,), np.int32)
+  truncated_B = np.zeros((rows,), bool)
+  for i in range(rows):
+    r = results[i]
+    n = len(r.tokens)
+    tokens_BxN[i, :n], logp_BxN[i, :n], lengths_B[i], truncated_B[i] = r.tokens, r.logp, n, \
+        r.truncated
+  mask_BxN = (np.arange(max_new_tokens)[None, :] < lengths_B[:, None]).astype(np.int32)
+  return Rollout(tokens_BxN=jnp.asarray(tokens_BxN), mask_BxN=jnp.asarray(mask_BxN),
+                 lengths_B=jnp.asarray(lengths_B), logp_BxN=jnp.asarray(logp_BxN),
+                 truncated_B=jnp.asarray(truncated_B))
+
+
+def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] | None = None,
+             pad_id: int = 0, prompt_length: int | None = None, row_budgets=None,
+             min_bucket: int = 4) -> Rollout:
+  """Samples up to `max_new_tokens` (N) continuations of a batch of left-padded prompts.
+
+  Rows that end (EOS or their own budget) stop costing decode work: the rows still decoding
+  are gathered into smaller batches as the others end (`mixpo.slots`, every row starts at once;
+  `static_generate` is the one-program form that decodes every row to the end).
+
+  Args:
+    model: a `CausalLM` or its `(graphdef, state)` from `nnx.split`.
+    prompt_tokens: int [B, P] left-padded prompts (numpy or jax); every id in the vocabulary.
+    prompt_mask: int/bool [B, P], 1 on real tokens; every row needs at least one.
+    rng: a jax PRNG key; the same key gives the same samples.
+    max_new_tokens: N, the static length of the response arrays.
+    temperature: softmax temperature; 0 = greedy (see module docstring for its log-probs).
+    top_p: nucleus mass in (0, 1]; 1 disables it.
+    top_k: keep the k most likely tokens; 0 disables it.
+    eos_id: token (or tokens, e.g. Llama 3's [128001, 128009]) that ends a row (kept, mask 1);
+      None = rows always run to their budget.
+    pad_id: token written after a row's end.
+    prompt_length: width to left-pad prompts to before compiling; default `bucket_length` of the
+      longest prompt, so that varied prompt lengths share a handful of programs.
+    row_budgets: int [B], each row's own maximum of new tokens (1 .. N); None = N for every row.
+      A row that reaches its budget without EOS is `truncated`.
+    min_bucket: the smallest batch the live rows are gathered into.
+
+  Returns:
+    `Rollout` with [B, N] tokens, mask and log-probs, [B] lengths and truncated flags.
+  """
+  from mixpo import slots  # noqa: PLC0415
+  prep = _prepare(model, prompt_tokens, prompt_mask, max_new_tokens, temperature, top_p, top_k,
+                  eos_id, pad_id, prompt_length, row_budgets)
+  b, width = prep.prompt_BxP.shape
+  work = slots.RowList([
+      slots.Request(i, prep.prompt_BxP[i, width - prep.lengths_B[i]:], int(prep.budgets_B[i]))
+      for i in range(b)])
+  cfg = slots.SlotConfig(slots=b, prompt_width=width, max_new_tokens=int(max_new_tokens),
+                         refill_at=b, min_bucket=min_bucket, refills=False)
+  slots.SlotSampler((prep.graphdef, prep.state), cfg, prep.options, rng).run(work)
+  return rollout_from_rows(work.results, b, int(max_new_tokens), prep.options.pad_id)
+
+
+def static_generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
+                    prompt_length: int | None = None, row_budgets=None) -> Rollout:
+  """`generate` as one XLA program over a static batch: every row is decoded until all have
+  ended or N tokens were generated (ended rows included). The reference `generate` is tested
+  against and benchmarked against; `row_budgets` are applied by cutting rows afterwards."""
+  prep = _prepare(model, prompt_tokens, prompt_mask, max_new_tokens, temperature, top_p, top_k,
+                  eos_id, pad_id, prompt_length, row_budgets)
+  o = prep.options
   # Under jax.set_mesh: rows over data × fsdp (the program follows); otherwise a no-op.
-  prompt_BxP, mask_BxP = sharding.shard_rows((prompt_BxP, mask_BxP))
-  return _generate_program(
-      graphdef, state, prompt_BxP, mask_BxP, rng,
-      np.float32(1.0 if greedy else temperature), np.float32(top_p),
-      eos_E, np.int32(pad_id),
-      max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=0 if greedy else top_k,
-      use_top_p=(not greedy) and top_p < 1)
+  prompt_BxP, mask_BxP = sharding.shard_rows((prep.prompt_BxP, prep.mask_BxP))
+  out = _generate_program(
+      prep.graphdef, prep.state, prompt_BxP, mask_BxP, rng, *o.dynamic_args()[:2],
+      np.asarray(o.eos_E, np.int32), np.int32(o.pad_id), max_new_tokens=int(max_new_tokens),
+      **o.static_args())
+  if row_budgets is None:
+    return out
+  keep_BxN = np.arange(max_new_tokens)[None, :] < prep.budgets_B[:, None]
+  mask_BxN = np.asarray(out.mask_BxN) * keep_BxN
+  lengths_B = mask_BxN.sum(1).astype(np.int32)
+  ended_B = np.asarray(out.lengths_B) <= prep.budgets_B
+  return Rollout(
+      tokens_BxN=jnp.asarray(np.where(mask_BxN == 1, np.asarray(out.tokens_BxN), o.pad_id)),
+      mask_BxN=jnp.asarray(mask_BxN.astype(np.int32)), lengths_B=jnp.asarray(lengths_B),
+      logp_BxN=jnp.asarray(np.where(mask_BxN == 1, np.asarray(out.logp_BxN), 0.0)),
+      truncated_B=jnp.asarray(np.asarray(out.truncated_B) | ~ended_B))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,6 +507,7 @@ def score(model, tokens, mask, positions=None, *, temperature: float = 1.0,
   tokens_BxT = jnp.asarray(tokens, jnp.int32)
   if tokens_BxT.ndim != 2 or tokens_BxT.shape[0] == 0 or tokens_BxT.shape[1] == 0:
     raise ValueError(f"tokens: expected a non-empty [B, T] array, got shape {tokens_BxT.shape}")
+  check_token_ids(sharding.to_host(tokens), _model_config(graphdef, state).vocab_size, "tokens")
   mask_BxT = jnp.asarray(mask).astype(jnp.int32)
   if mask_BxT.shape != tokens_BxT.shape:
     raise ValueError(f"mask: shape {mask_BxT.shape} differs from tokens {tokens_BxT.shape}")

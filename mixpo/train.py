@@ -211,7 +211,8 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
                                     return_entropy=True)
     loss, metrics = objectives.objective(logp, mb.old_logp_BxT, mb.guide_logp_BxT, mb.adv_B,
                                          mb.kind_B, mb.loss_mask_BxT, ocfg, denoms=denoms,
-                                         ref_logp=mb.ref_logp_BxT, entropy=ent)
+                                         ref_logp=mb.ref_logp_BxT, entropy=ent,
+                                         is_weight=mb.is_weight_BxT)
     metrics["entropy"] = objectives.masked_mean(ent, mb.loss_mask_BxT)[0]
     return loss, metrics
 

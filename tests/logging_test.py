@@ -163,3 +163,13 @@ def test_plot_run_writes_png_and_tolerates_missing_keys(tmp_path):
   with mlog.MetricLogger(other, tensorboard=False) as lg:
     lg.write(1, {"something/else": 1.0})
   assert mlog.plot_run(other, out_dir=str(tmp_path / "o")) == []
+
+
+def test_reward_components_are_the_functions_only():
+  # Counters (items, scorer_errors) and per-source repeats (reward/policy/...) are not reward
+  # functions: plotted as such they crowd the components figure with counts.
+  from mixpo.rewards.runner import RewardResult
+  rows = [{"reward/mean": 0.5, "reward/answer": 0.5, "reward/format": 1.0,
+           "reward/policy/answer": 0.5, "reward/guide/mean": 1.0, "reward/traces/items": 3,
+           **{k: 1 for k in RewardResult.COUNTERS}}]
+  assert mlog.reward_components(rows) == ("reward/answer", "reward/format")

@@ -249,8 +249,8 @@ def test_group_sigterm_during_rewards_checkpoints_and_resumes_bit_identically(en
   _, out = env.run(workdir, *slow, prelude="import test_tasks")
   assert _summary(workdir)["start_step"] == 2, out[-3000:]
   assert _export(workdir) == _export(reference)
-  # The same rewards under the slow function's name.
-  renamed = [{k.replace("reward/slow_reward", "reward/exact_integer_reward"): v
+  # The same rewards under the slow function's name (reward/<fn> and reward/<source>/<fn>).
+  renamed = [{k.replace("/slow_reward", "/exact_integer_reward"): v
               for k, v in r.items()} for r in _rows(workdir)]
   assert renamed == _rows(reference)
 

@@ -16,7 +16,8 @@ from experiments.configs import smoke
 from mixpo import algorithms, loop, models, objectives, rl, sharding, train
 from mixpo import logging as mlog
 from mixpo.logging import PhaseTimer
-from mixpo.rollout import Collected, Groups, dynamic_sample
+from mixpo import slots as slots_mod
+from mixpo.rollout import Collected, Groups, select_groups
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,41 +83,63 @@ def _fake_groups(has_var_per_group, k=2):
                 rewards_B=r.reshape(-1), correct_B=r.reshape(-1))
 
 
-def test_dynamic_sampling_fills_the_batch_then_stops():
-  draws = [_fake_groups([True, False, False, True]), _fake_groups([True, True, True, False]),
-           _fake_groups([True] * 4)]
-  got = dynamic_sample(lambda i: (draws[i], {"i": i}), groups=4, zero_groups=2,
-                       max_num_gen_batches=5)
-  kept, zero, stats = got.kept, got.zero, got.stats
-  assert got.draws == 2 and got.reward_metrics == {"i": 1}
-  assert got.tokens == 2 * 4 * 2 * 3  # two batches of 4 groups × 2 rows × 3 tokens.
-  assert stats["dynamic/gen_batches"] == 2  # 2 + 3 variance groups ≥ 4 after two batches.
-  assert stats["dynamic/variance_groups"] == 4 and stats["dynamic/filled_with_zero_groups"] == 0
-  assert kept.has_variance().all() and len(kept.prompts) == 4
-  assert len(zero.prompts) == 2 and not zero.has_variance().any()
+def test_select_groups_takes_the_smallest_deciding_prefix_in_stream_order():
+  has_var = [True, False, False, True, True, True, False, True, True]
+  # 4 variance and 2 zero groups: decided at group 4 (var 0, 3, 4, 5; zero 1, 2).
+  assert select_groups(has_var, groups=4, zero_groups=2) == (6, [0, 3, 4, 5], [1, 2])
+  # Mix-2's zero groups count too: 3 zero groups first appear with group 6.
+  assert select_groups(has_var, groups=4, zero_groups=3) == (7, [0, 3, 4, 5], [1, 2, 6])
+  assert select_groups(has_var[:5], groups=4, zero_groups=0) == (None, [], [])
+  # Disabled: the first `groups` groups whatever their variance.
+  assert select_groups(has_var, groups=3, zero_groups=2, enabled=False) == (3, [0, 1, 2], [])
 
 
-def test_dynamic_sampling_stops_at_the_cap_and_fills_with_zero_groups():
-  calls = []
+class _FakeStream:
+  """Drives rollout.GroupStream as a SlotSampler would: `slots` rows at a time, rows end in the
+  order `end_order` gives (not the stream order), each finished() call one return."""
 
-  def draw(i):
-    calls.append(i)
-    return _fake_groups([True, False, False, False]), {}
+  def __init__(self, has_var, k=2):
+    self.has_var, self.k, self.scored = has_var, k, []
 
-  got = dynamic_sample(draw, groups=4, zero_groups=1, max_num_gen_batches=2)
-  kept, zero, stats = got.kept, got.zero, got.stats
-  assert calls == [0, 1]
-  assert len(calls) == 2 and stats["dynamic/gen_batches"] == 2
-  assert stats["dynamic/variance_groups"] == 2
-  assert stats["dynamic/filled_with_zero_groups"] == 2
-  assert list(kept.has_variance()) == [True, True, False, False]
-  assert len(zero.prompts) == 1
+  def score(self, start, end, rows):
+    assert all(g * self.k + j in rows for g in range(start, end) for j in range(self.k))
+    self.scored.append((start, end))
+    return np.asarray(self.has_var[start:end])
+
+  def run(self, slots, groups, zero_groups, seed):
+    from mixpo.rollout import GroupStream  # noqa: PLC0415
+    ids = [np.array([1, 2], np.int32)] * len(self.has_var)
+    work = GroupStream(ids, self.k, 3, self.score, groups, zero_groups, True)
+    rng, live = np.random.default_rng(seed), []
+    while True:
+      live += work.take(slots - len(live))
+      if not live:
+        return work
+      ended = [live.pop(i) for i in sorted(rng.choice(len(live), rng.integers(1, len(live) + 1),
+                                                      replace=False), reverse=True)]
+      rows = [slots_mod.Finished(row=r.row, tokens=np.ones(1, np.int32),
+                                 logp=np.zeros(1, np.float32), truncated=False) for r in ended]
+      if work.finished(rows):
+        return work
 
 
-def test_dynamic_sampling_disabled_uses_one_batch():
-  got = dynamic_sample(lambda i: (_fake_groups([False, True]), {}), groups=2, zero_groups=0,
-                       max_num_gen_batches=3, enabled=False)
-  assert got.stats["dynamic/gen_batches"] == 1 and len(got.kept.prompts) == 2
+def test_group_stream_decides_the_same_groups_whatever_order_rows_end_in():
+  """The stream stops once the prefix decides, scores groups in stream order only, offers no
+  prompt after the cap, and its decision does not depend on slots or on which row ended first."""
+  has_var = [False, True, False, False, True, True, False, True, True, False, True, False]
+  decisions = set()
+  for slots, seed in [(2, 0), (4, 1), (6, 2), (24, 3), (3, 4)]:
+    fake = _FakeStream(has_var)
+    work = fake.run(slots, groups=4, zero_groups=2, seed=seed)
+    decisions.add(repr(work.decision))
+    starts = [s for s, _ in fake.scored]
+    assert starts == sorted(starts) and fake.scored[0][0] == 0  # contiguous, in stream order
+    # Stops once decided: at most the slots' worth of rows past the deciding prefix (8 groups).
+    assert work.next_row <= 8 * 2 + slots
+  assert decisions == {repr((8, [1, 4, 5, 7], [0, 2]))}
+  # At the cap (too few variance groups): every prompt is used, zero groups fill the batch.
+  work = _FakeStream([False, True, False, False]).run(3, groups=3, zero_groups=1, seed=0)
+  assert work.decision == (4, [1, 0, 2], [3])
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -213,7 +236,7 @@ def test_padding_rows_enter_no_pool_and_no_loss():
   spec = rl.resolve(config)
   kept = _fake_groups([True, True])
   policy_rows, n_groups = rl.policy_block(
-      Collected(kept=kept, zero=None, stats={}, draws=1, tokens=0, reward_metrics={}), spec.sizes)
+      Collected(kept=kept, zero=None, stats={}, consumed=2, tokens=0, rewards=[]), spec.sizes)
   assert n_groups == 2 and len(policy_rows.rewards_B) == spec.sizes.slots * spec.sizes.n
   guide = _fake_groups([True, False])
   policy_rows.rewards_B[n_groups * 2:] = [7.0, 3.0, 7.0, 3.0]  # a pool would normalise these.
@@ -316,3 +339,76 @@ def test_rollout_dtype_is_validated():
   with pytest.raises(ValueError, match="config.rollout_dtype='bfloat16' with config.lora.rank=4"):
     rl.resolve(config)
   assert rl.resolve(smoke_config("")).rollout_dtype == "model"  # default: the models as loaded.
+
+
+@pytest.mark.parametrize("mode", ["none", "token", "sequence"])
+def test_rollout_correction_matches_a_numpy_reference(mode):
+  """TIS weights min(π_old/π_rollout, C) per token or per sequence (1 off the mask and with
+  "none"), and the mismatch metrics (mean |Δ|, KL k3), against numpy in float64."""
+  rng = np.random.default_rng(0)
+  b, t, cap = 5, 7, 2.0
+  old = rng.normal(-2.0, 1.0, (b, t)).astype(np.float32)
+  # Per-row offsets: row 0's sequence ratio passes the cap, row 1's stays below 1.
+  offset = np.array([-0.3, 0.2, -0.05, 0.0, 0.3])[:, None]
+  rollout = (old + offset + rng.normal(0.0, 0.4, (b, t))).astype(np.float32)
+  mask = (rng.random((b, t)) < 0.7).astype(np.float32)
+  mask[3] = 0.0  # a row without loss tokens (a guide or padding row)
+  w, metrics = rl.rollout_correction(jnp.asarray(old), jnp.asarray(rollout), jnp.asarray(mask),
+                                     np.float32(cap), mode=mode)
+  d = np.where(mask > 0, old.astype(np.float64) - rollout, 0.0)
+  if mode == "token":
+    want = np.minimum(np.exp(d), cap)
+  elif mode == "sequence":
+    want = np.broadcast_to(np.minimum(np.exp(d.sum(1, keepdims=True)), cap), d.shape)
+  else:
+    want = np.ones_like(d)
+  want = np.where(mask > 0, want, 1.0)
+  np.testing.assert_allclose(np.asarray(w), want, rtol=1e-5)
+  m = mask > 0
+  np.testing.assert_allclose(metrics["mismatch/abs_logp_diff"], np.abs(d[m]).mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["mismatch/kl"], (np.exp(d[m]) - 1 - d[m]).mean(), rtol=1e-4)
+  np.testing.assert_allclose(metrics["mismatch/is_weight"], want[m].mean(), rtol=1e-5)
+  if mode != "none":
+    assert 0 < float(metrics["mismatch/is_capped"]) < 1 and (want[m] < 1).any()
+
+
+def test_is_weights_multiply_the_per_token_objective():
+  """objectives.objective with is_weight w: every set's per-token objective (value and gradient)
+  is w times the unweighted one; w = 1 equals no weights."""
+  rng = np.random.default_rng(1)
+  b, t = 6, 5
+  logp = jnp.asarray(rng.normal(-1.5, 0.3, (b, t)), jnp.float32)
+  old = logp + jnp.asarray(rng.normal(0, 0.1, (b, t)), jnp.float32)
+  guide = logp + jnp.asarray(rng.normal(0, 0.5, (b, t)), jnp.float32)
+  adv = jnp.asarray(rng.normal(size=b), jnp.float32)
+  kind = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
+  mask = jnp.ones((b, t), jnp.float32)
+  cfg = algorithms.get("mix2").objective_config()
+  w = jnp.asarray(rng.uniform(0.2, 2.0, (b, t)), jnp.float32).at[4:].set(1.0)
+  loss = lambda lp, wt: objectives.objective(lp, old, guide, adv, kind, mask, cfg, is_weight=wt)[0]
+  assert float(loss(logp, jnp.ones((b, t)))) == pytest.approx(float(loss(logp, None)), abs=1e-7)
+  g_w = np.asarray(jax.grad(loss)(logp, w))
+  g_1 = np.asarray(jax.grad(loss)(logp, None))
+  np.testing.assert_allclose(g_w, g_1 * np.asarray(w), rtol=1e-5, atol=1e-8)
+
+
+def test_reward_counters_sum_over_every_draw_and_row_source(builtin_dir, tmp_path):
+  """Issue 25 finding 7 / issue 29: a reward function that raises on every row (scored 0 with
+  reward_on_error="zero") leaves every group without variance, so dynamic sampling uses all
+  max_num_gen_batches × G prompts; metrics.jsonl and summary.json count the errors of every one
+  of them and of the guide's rows, with per-source keys (main counted the last batch only)."""
+  reward_file = tmp_path / "raises.py"
+  reward_file.write_text("def always_raises(prompts, completions, **kwargs):\n"
+                         "  raise RuntimeError('reward service down')\n")
+  config = smoke_config(builtin_dir, algo="mix2", num_steps=1, eval_size=4, eval_batch_size=4,
+                        rewards=f"{reward_file}:always_raises", reward_on_error="zero")
+  workdir = tmp_path / "run"
+  summary = loop.run(config, str(workdir))
+  row = [r for r in mlog.read_metrics(str(workdir)) if r["step"] == 1][0]
+  g, n, m, z, cap = config.groups, config.n, config.m, config.zero_groups, 3
+  assert config.max_num_gen_batches == cap
+  policy_rows, guide_rows = cap * g * n, (g + z) * m
+  assert row["reward/errors"] == policy_rows + guide_rows
+  assert summary["reward_errors"] == policy_rows + guide_rows
+  assert row["reward/policy/errors"] == policy_rows and row["dynamic/prompts"] == cap * g
+  assert row["reward/guide/errors"] == guide_rows

@@ -12,6 +12,7 @@ from flax import nnx
 
 from mixpo import algorithms, models
 from mixpo import sampling
+from mixpo import slots
 
 VOCAB = 96
 # Wide init (0.2, not 0.02) spreads the logits so greedy argmaxes are not near-ties that float
@@ -197,7 +198,10 @@ def test_no_recompiles_within_a_bucket(llama):
   graphdef, state = nnx.split(model)
   rng = np.random.default_rng(6)
   sampling.generate((graphdef, state), *_prompts([17, 3, 9, 30]), jax.random.key(0), 8)
-  before = sampling._generate_program._cache_size()
+  programs = (slots._init_program, slots._head_program, slots._insert_program,
+              slots._decode_program, slots._gather_program, slots._shift_program)
+  cache_sizes = lambda: [p._cache_size() for p in programs]
+  before = cache_sizes()
   for call in range(10):
     # Longest prompt varies in 17..32 (bucket 32); the array width varies too.
     lengths = rng.integers(1, 33, 4)
@@ -206,7 +210,7 @@ def test_no_recompiles_within_a_bucket(llama):
     rollout = sampling.generate((graphdef, state), *_prompts(lengths, width, seed=call),
                                 jax.random.key(call), 8)
     jax.block_until_ready(rollout)
-  assert sampling._generate_program._cache_size() == before
+  assert cache_sizes() == before
   assert sampling.bucket_length(17) == sampling.bucket_length(32) == 32
   assert [sampling.bucket_length(p) for p in (1, 16, 33, 128, 129, 300)] == [16, 16, 64, 128,
                                                                              256, 384]
@@ -400,6 +404,53 @@ def test_decode_loop_reads_each_layer_cache_in_place(llama):
   assert not copies, copies[:3]
   stacked = rf"f32\[{c.num_layers},{b},{c.num_kv_heads},{p + n - 1},{c.head_dim}\]"
   assert not re.search(stacked, hlo)
+
+
+def test_slot_decode_reads_each_layer_cache_in_place_past_one_key_block(llama):
+  """The slots' decode program, at a cache width past one key block of the cache attention
+  (P + N − 1 = 339 slots, W rounded up to 512): no op slices, pads or copies a layer's K/V."""
+  _, model = llama
+  graphdef, state = sampling.split_model(model)
+  c = model.config
+  b, cfg = 4, slots.SlotConfig(slots=4, prompt_width=16, max_new_tokens=324, refills=False)
+  assert cfg.width == 512 and models.attention._CACHE_KEY_BLOCK == 256
+  opts = slots.SampleOptions()
+  state_slots = slots._init_program(graphdef, state, np.int32(0), np.int32(16), batch=b,
+                                    width=cfg.width, max_new_tokens=324)
+  hlo = slots._decode_program.lower(
+      graphdef, state, None, state_slots, jax.random.key(0), np.int32(8), np.int32(0),
+      np.int32(0), *opts.dynamic_args(), **opts.static_args()).compile().as_text()
+  layer = rf"f32\[(1,)?{b},{c.num_kv_heads},{cfg.width},{c.head_dim}\]"
+  copies = [line for line in hlo.splitlines()
+            if re.search(rf"= {layer}\S* (slice|dynamic-slice|copy)\(", line)
+            or re.search(rf"= f32\[{b},{c.num_kv_heads},\d+,{c.head_dim}\]\S* pad\(", line)]
+  assert not copies, copies[:3]
+  # The same program at a ragged width (339 slots) pads and copies the cache at every step.
+  ragged = slots._init_program(graphdef, state, np.int32(0), np.int32(16), batch=b, width=339,
+                               max_new_tokens=324)
+  hlo = slots._decode_program.lower(
+      graphdef, state, None, ragged, jax.random.key(0), np.int32(8), np.int32(0),
+      np.int32(0), *opts.dynamic_args(), **opts.static_args()).compile().as_text()
+  assert re.search(rf"= f32\[{b},{c.num_kv_heads},339,{c.head_dim}\]\S* copy\(", hlo)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_row(llama):
+  """Ids >= vocab_size (or < 0) never reach a compiled generate / score (inside them a gather
+  would read another row or NaN): a ValueError names the row, also for padding positions."""
+  _, model = llama
+  prompt, mask = _prompts([4, 6, 3])
+  bad = prompt.copy()
+  bad[1, -1] = VOCAB  # a real token of row 1
+  with pytest.raises(ValueError, match=r"prompt_tokens: row 1 holds token id 96 outside"):
+    sampling.generate(model, bad, mask, jax.random.key(0), 4)
+  pad = prompt.copy()
+  pad[2, 0] = -3  # row 2's left padding
+  with pytest.raises(ValueError, match=r"prompt_tokens: row 2 holds token id -3"):
+    sampling.generate(model, pad, mask, jax.random.key(0), 4)
+  with pytest.raises(ValueError, match=r"tokens: row 1 holds token id 96"):
+    sampling.score(model, bad, mask)
+  with pytest.raises(ValueError, match=r"prompt_tokens: row 1 holds token id 96"):
+    sampling.static_generate(model, bad, mask, jax.random.key(0), 4)
 
 
 def test_decode_steps_read_a_tied_head_laid_out_d_by_v(llama):

@@ -133,6 +133,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.temperature = 1.0
   c.top_p = 1.0
   c.top_k = 0
+  c.rollout_engine = "jax"  # what samples rollouts: "jax" (mixpo's sampler) or "vllm" (README).
+  c.rollout_slots = 0  # decode slots of the policy's sampling stream; 0 = groups × n.
+  # Truncated importance sampling of the sampler / trainer mismatch on the policy's rows (vLLM or
+  # rollout_dtype=bfloat16 log-probs vs the trainer's θ_old): "none", "token" or "sequence".
+  c.rollout_is = "none"
+  c.rollout_is_cap = 2.0  # C of the weight min(π_old / π_rollout, C).
   # --- optimisation
   c.learning_rate = 3e-4  # RL from the weak start collapses at 1e-3 and above (BUILD_NOTES).
   c.warmup_steps = 10
