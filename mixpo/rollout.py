@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 
 import numpy as np
+from flax import nnx
 
 from mixpo import sampling, sharding
 from mixpo.rewards import overlong
@@ -131,18 +132,27 @@ def _no_timer(name):
   return contextlib.nullcontext()
 
 
+def generate(model, *args, **kwargs) -> sampling.Rollout:
+  """`sampling.generate` for a model or (graphdef, state); a rollout engine's own `generate`
+  (`mixpo.engines`, same arguments and `Rollout`) when `model` is one."""
+  if isinstance(model, (tuple, nnx.Module)):
+    return sampling.generate(model, *args, **kwargs)
+  return model.generate(*args, **kwargs)
+
+
 def sample_groups(model, tokenizer, prompts, answers, k, rng, spec: SampleSpec, reward_runner,
                   extra_columns=None, timer=_no_timer, phase="generate") -> tuple[Groups, dict]:
-  """k samples of each prompt from `model` (an nnx model or (graphdef, state)), rewarded.
+  """k samples of each prompt from `model` (an nnx model, (graphdef, state) or a rollout engine),
+  rewarded.
 
   `timer(name)` is a context manager per phase (`logging.PhaseTimer`): generation is billed to
   `phase`, decoding and rewards to "reward".
   """
   prompt_BxP, prompt_mask_BxP = encode_prompts(tokenizer, prompts, k)
   with timer(phase):
-    out = sampling.generate(model, prompt_BxP, prompt_mask_BxP, rng, spec.max_new_tokens,
-                            temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
-                            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0)
+    out = generate(model, prompt_BxP, prompt_mask_BxP, rng, spec.max_new_tokens,
+                   temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0)
     out = sharding.to_host(out)  # all-gathered when the rows span processes
   with timer("reward"):
     tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN, np.float32)
