@@ -65,14 +65,17 @@ def _checkpoint(directory: str, shape: str, seed: int, max_positions: int):
 
 def _median_alternating(fns: dict, rounds: int) -> dict:
   """{name: median seconds}: one warm-up call each, then `rounds` rounds of one call each."""
-  for fn in fns.values():
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
     fn()
+    print(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s", flush=True)
   times = {name: [] for name in fns}
-  for _ in range(rounds):
+  for i in range(rounds):
     for name, fn in fns.items():
       t0 = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t0)
+      print(f"  round {i} {name}: {times[name][-1]:.2f} s", flush=True)
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
