@@ -145,7 +145,7 @@ def test_gradients_optimizer_and_state_hold_only_adapters_and_the_base_stays_fro
   a0 = _flat(state.params)
   for _ in range(2):  # step 1 moves B off zero; step 2 then moves A too.
     state, metrics = step(state, batch)
-  assert float(metrics["skipped_updates"]) == 0
+  assert float(metrics["loss/skipped_updates"]) == 0
   a2 = _flat(state.params)
   assert all(np.abs(a2[p] - a0[p]).max() > 0 for p in names)
   for p, v in _flat(policy.base).items():
