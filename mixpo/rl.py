@@ -153,7 +153,8 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
   step = train.StepConfig(objective=objective, epochs=config.epochs,
                           num_minibatches=config.num_minibatches,
                           num_micro_batches=config.num_micro_batches,
-                          temperature=config.temperature)
+                          temperature=config.temperature,
+                          response_tokens=int(config.max_new_tokens))
   step.check(sizes.rows, batch_shards=mesh_shape[0] * mesh_shape[1])
   overlong = None
   if config.overlong_shaping or config.mask_truncated:

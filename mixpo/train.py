@@ -87,6 +87,9 @@ class StepConfig:
   num_minibatches: int = 1  # optimizer updates per epoch.
   num_micro_batches: int = 1  # gradient-accumulation chunks per minibatch.
   score_chunk: int | None = None  # time-chunk of the logp computation (None: automatic).
+  # N, the response columns every row ends with (rl.resolve: max_new_tokens). > 0: the loss, the
+  # head and the metrics cover those columns only (the prompt's have loss mask 0); 0: all.
+  response_tokens: int = 0
   temperature: float = 1.0  # sampling temperature; log-probs are taken under logits / T.
 
   def check(self, batch_rows: int, batch_shards: int = 1):
@@ -234,15 +237,21 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
 
   def micro_loss(params, mb: Batch, denoms, base):
     model = policy.merge(params, base)
+    t = mb.tokens_BxT.shape[1]
+    # Only the response columns carry loss tokens: skipping the prompt's spares the vocabulary
+    # projection (most of a small model's FLOPs) its share of the row.
+    first = t - cfg.response_tokens if 0 < cfg.response_tokens < t else 1
+    cut = (lambda x: x) if first == 1 else (lambda x: None if x is None else x[:, first:])
     logp, ent = sampling.token_logp(model, mb.tokens_BxT, mb.mask_BxT, mb.positions_BxT,
                                     temperature=cfg.temperature, chunk_size=cfg.score_chunk,
-                                    return_entropy=True)
+                                    return_entropy=True, first=first)
+    mask = cut(mb.loss_mask_BxT)
     loss, stats = objectives.objective_stats(
-        logp, mb.old_logp_BxT, mb.guide_logp_BxT, mb.adv_B, mb.kind_B, mb.loss_mask_BxT, ocfg,
-        denoms=denoms, ref_logp=mb.ref_logp_BxT, entropy=ent)
+        cut(logp), cut(mb.old_logp_BxT), cut(mb.guide_logp_BxT), mb.adv_B, mb.kind_B, mask, ocfg,
+        denoms=denoms, ref_logp=cut(mb.ref_logp_BxT), entropy=cut(ent))
     stats = {f"loss/{name}": stat for name, stat in stats.items()}
     stats["train/entropy"] = objectives.Stat(
-        jnp.sum(jax.lax.stop_gradient(ent) * mb.loss_mask_BxT), jnp.sum(mb.loss_mask_BxT))
+        jnp.sum(jax.lax.stop_gradient(cut(ent)) * mask), jnp.sum(mask))
     return loss, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -143,6 +143,24 @@ def test_the_guard_moves_no_more_memory_than_no_guard(monkeypatch):
   assert guarded <= 1.001 * plain, (guarded, plain)
 
 
+def test_response_columns_only_equal_every_column():
+  """StepConfig.response_tokens = N (the head and the loss over the last N columns only, as
+  rl.resolve sets it) gives the update and the metrics of scoring every column."""
+  policy = tiny_policy()
+  opt = optax.sgd(1.0)
+  batch = random_rl_batch(5)  # prompt width 4, response width 5: the loss mask is 0 on the prompt
+  batch = dataclasses.replace(batch, ref_logp_BxT=batch.old_logp_BxT - 0.3)
+  ocfg = algorithms.get("mix2").objective_config(kl_coef=0.1, entropy_coef=0.1)
+  runs = []
+  for n in (0, 5):
+    step = train.make_train_step(policy, opt, train.StepConfig(objective=ocfg, response_tokens=n),
+                                 donate=False)
+    runs.append(step(train.init_state(policy, opt, 0), batch))
+  _params_close(runs[0][0].params, runs[1][0].params, atol=1e-6)
+  for key, value in runs[0][1].items():
+    np.testing.assert_allclose(runs[1][1][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_train_step_metrics_do_not_depend_on_micro_batching():
   """Set-level metrics are (total, count) sums divided once: 1, 2 and 4 micro-batches agree to
   1e-6, and each is its definition over the whole batch (J's terms at θ, token means)."""
