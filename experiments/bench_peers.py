@@ -3,7 +3,7 @@
 Both load one random Qwen2 checkpoint in transformers' format (the Qwen2.5-0.5B width: hidden 896,
 14 / 2 heads, F 4864, vocab 151936, tied; --layers deep) and take one GRPO update on the same rows
 (B prompts of P tokens + N response tokens, θ_old = the weights, no KL, AdamW after a global-norm
-clip of 1): mixpo's `train.make_train_step` (algo grpo) and tunix's own `PeftTrainer` train step
+clip of 1): mixpo's `train.make_train_step` (GRPO's objective) and tunix's own `PeftTrainer` train step
 around its `grpo_loss_fn` (sequence-mean-token-mean, ε = 0.2), each jitted as its library does,
 state donated. The first update's loss and gradient norm are printed for both (the programs compute
 the same thing: they must agree). Steps are timed in alternating rounds after an alternating
@@ -36,7 +36,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_common  # noqa: E402
-from mixpo import algorithms, models, objectives, sampling, train  # noqa: E402
+from mixpo import models, objectives, sampling, train  # noqa: E402
 from mixpo.batch import make_batch  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -90,7 +90,10 @@ def mixpo_step(path, prompt, response, adv):
   batch = dataclasses.replace(batch, old_logp_BxT=old)
   policy = train.Policy(model)
   optimizer = train.make_optimizer(train.OptimConfig(learning_rate=LEARNING_RATE, grad_clip=1.0))
-  cfg = train.StepConfig(objective=algorithms.get("grpo").objective_config(eps_low=EPS),
+  # tunix's grpo_loss_fn: PPO clip [1 − ε, 1 + ε], no dual clip, sequence-mean-token-mean.
+  objective = objectives.ObjectiveConfig(eps_low=EPS, eps_high=EPS, dual_clip=None,
+                                         loss_agg="seq-mean-token-mean")
+  cfg = train.StepConfig(objective=objective,
                          response_tokens=FLAGS.new_tokens if FLAGS.response_only else 0)
   if FLAGS.unguarded:
     def apply(optimizer, params, opt_state, grads, loss, grad_norm):
