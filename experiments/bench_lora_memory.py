@@ -121,7 +121,7 @@ def one_mode(mode: str) -> dict:
           "rss_before_step_bytes": rss_before, "peak_rss_bytes": step_peak,
           "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
           "first_step_s": first_s, "step_s": statistics.median(times),
-          "loss": float(metrics["loss"])}
+          "loss": float(metrics["loss/loss"])}
 
 
 def main(argv):

@@ -48,6 +48,9 @@ flags.DEFINE_integer("vocab", 512, "vocab_size.")
 flags.DEFINE_enum("attention_impl", "auto", list(models.config.ATTENTION_IMPLS), "mixpo attention.")
 flags.DEFINE_bool("remat", False, "mixpo: rematerialise each layer.")
 flags.DEFINE_bool("torch", True, "Also time transformers + torch.")
+flags.DEFINE_bool("keep_freed_memory", True, "Apply mixpo.hostmem.keep_freed_memory() first, as "
+                  "the binaries do (process-wide glibc settings, torch's allocations included); "
+                  "False: a process that has not (a notebook, a user's own script).")
 
 
 def hf_config_dict():
@@ -106,7 +109,8 @@ def timed(step, n):
 
 def main(_):
   from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
-  hostmem.keep_freed_memory()
+  if FLAGS.keep_freed_memory:
+    hostmem.keep_freed_memory()
   vocab = hf_config_dict()["vocab_size"]
   tokens_BxT = np.random.RandomState(0).randint(
       0, vocab, (FLAGS.batch, FLAGS.seq + 1)).astype(np.int32)
@@ -118,7 +122,7 @@ def main(_):
     import torch
     steppers["transformers"] = torch_stepper(tokens_BxT)
     print(f"torch {torch.__version__} threads={torch.get_num_threads()}")
-  print(f"jax {jax.__version__} devices={jax.devices()}")
+  print(f"jax {jax.__version__} devices={jax.devices()}; hostmem: {hostmem.status or 'not applied'}")
   for _ in range(FLAGS.warmup):
     for step in steppers.values():
       timed(step, 1)

@@ -11,7 +11,10 @@ Both sides run the same random checkpoint (--shape; written by transformers, rea
 random prompts, after a warm-up call each; figures
 are medians over --repeats. Generation counts exactly B × N new tokens on both sides
 (transformers: do_sample, min_new_tokens = max_new_tokens; mixpo: eos_id=None); scoring
-counts B × (P + N) tokens (transformers: forward + log_softmax + gather).
+counts B × (P + N) tokens (transformers: forward + log_softmax + gather; mixpo:
+`sampling.score(model, tokens, mask)`, the call a user makes), timed in alternating rounds.
+--keep_freed_memory=false measures a process that has not called
+`mixpo.hostmem.keep_freed_memory()` (a notebook, a user's own script), as the binaries do.
 
   python experiments/bench_rollout.py --repeats=5
   python experiments/bench_rollout.py --arch=qwen2 --batch=64 --repeats=5
@@ -85,6 +88,10 @@ _BUILTIN = flags.DEFINE_string("builtin_dir", "", "rl_step: built-in models to r
 _VARIANTS = flags.DEFINE_multi_string(
     "stream", ["default"], "rl_step: stream variants to time, each 'default' or comma-separated "
     "SampleSpec fields, e.g. 'slots=64,refill_at=8,min_steps=1'.")
+_KEEP_FREED = flags.DEFINE_bool(
+    "keep_freed_memory", True, "Apply mixpo.hostmem.keep_freed_memory() first, as the binaries "
+    "do (process-wide glibc settings, torch's allocations included); False: what a library user "
+    "gets who calls sampling.score without it (glibc's defaults).")
 _DECODE = flags.DEFINE_bool(
     "decode", True, "Also time mixpo's decode steps alone (generate of N tokens minus generate "
     "of 1: prefill cancels) and report bytes/s against the measured copy bandwidth; with "
@@ -106,6 +113,20 @@ def hf_model(arch: str, seed: int, shape: str = "tiny"):
   if arch == "llama":
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
   return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
+
+
+def alternating_medians(fns: dict, repeats: int) -> dict:
+  """{name: median seconds}: one warm-up call each, then `repeats` rounds calling every fn once
+  in turn, so load from other jobs and the heap's state fall on all alike."""
+  for fn in fns.values():
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -278,7 +299,8 @@ def rl_step():
 
 def main(argv):
   from mixpo import hostmem  # first: XLA:CPU allocator settings precede any jax computation
-  hostmem.keep_freed_memory()
+  if _KEEP_FREED.value:
+    hostmem.keep_freed_memory()
   del argv
   if _WORK.value == "rl_step":
     return rl_step()
@@ -333,11 +355,14 @@ def main(argv):
       logp = torch.log_softmax(logits.float(), dim=-1)
       return torch.gather(logp, -1, tokens_t[:, 1:, None])[..., 0]
 
-  def mixpo_score():
-    return jax.block_until_ready(sampling.score((graphdef, state), tokens_BxT, mask_BxT))
+  # What a user calls: the loaded model itself (float32) or its rollout view (bf16).
+  scored = model if _DTYPE.value == "float32" else (graphdef, state)
 
-  t_hf_score = median_seconds(hf_score, _REPEATS.value)
-  t_mx_score = median_seconds(mixpo_score, _REPEATS.value)
+  def mixpo_score():
+    return jax.block_until_ready(sampling.score(scored, tokens_BxT, mask_BxT))
+
+  medians = alternating_medians({"hf": hf_score, "mixpo": mixpo_score}, _REPEATS.value)
+  t_hf_score, t_mx_score = medians["hf"], medians["mixpo"]
   agree = np.abs(np.asarray(mixpo_score())[:, 1:] - hf_score().numpy()).max()
 
   decode = {}
@@ -356,7 +381,8 @@ def main(argv):
   gen_tokens, score_tokens = b * n, b * (p + n)
   print(f"config: {_SHAPE.value} ({bench_common.describe(hf.config.to_dict())}), B={b} P={p} "
         f"N={n} T={_TEMP.value} {_DTYPE.value}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
-        f"{torch.__version__} ({torch.get_num_threads()} threads); median of {_REPEATS.value}")
+        f"{torch.__version__} ({torch.get_num_threads()} threads); median of {_REPEATS.value} "
+        f"(score: alternating rounds); hostmem: {hostmem.status or 'not applied'}")
   print(f"generate  transformers {gen_tokens / t_hf_gen:9.0f} tok/s  ({t_hf_gen:.3f} s)")
   print(f"generate  mixpo        {gen_tokens / t_mx_gen:9.0f} tok/s  ({t_mx_gen:.3f} s)  "
         f"ratio {t_hf_gen / t_mx_gen:.2f}x")

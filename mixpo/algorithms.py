@@ -16,19 +16,32 @@ An algorithm is what the rest of the code would otherwise infer from its name:
   grids       the comparison grids (experiments/grid.py) that hold it.
 The CLI's --algo choices, config validation, the comparison grids and the tests all read TABLE.
 
-Adding an algorithm (worked example): "mix3" = Mix-1's sets with one joint token mean and
-advantages normalised jointly over ON ∪ OFF, never in a grid:
+Adding an algorithm with a new per-token form (worked example, executed by
+tests/algorithms_test.py): CHORD-φ (arXiv 2508.11408) weighs each expert token's log π by
+sg(φ(p)), φ(p) = p·(1 − p) with p = πθ(token), so tokens the policy is already sure of, or finds
+near-impossible, teach little. One function, its registry entry, a table row, a reference test:
 
-  from mixpo import algorithms
-  from mixpo.objectives import OFF, ON, Term
+  import jax
+  import jax.numpy as jnp
+  from mixpo import algorithms, objectives
+  from mixpo.objectives import OFF, ON, ZERO, Term
+
+  def sft_phi(x, cfg):  # x: objectives.FormInputs; returns (obj_BxT, {stat: x_BxT})
+    logp = jnp.where(x.mask_BxT > 0, x.logp_BxT, 0.0)
+    phi = jnp.exp(logp) * (1.0 - jnp.exp(logp))  # log p <= 0: no overflow
+    return jax.lax.stop_gradient(phi) * logp, {"phi": phi}
+
+  objectives.register_form("sft-phi", sft_phi)
   algorithms.register(algorithms.Algorithm(
-      name="mix3", summary="ON and OFF in one token mean, joint advantages",
-      guided=True, zero_set=False, zero_to_on=False, pools=((ON, OFF),),
-      terms=(Term(sets=(ON,), norm=(ON, OFF)), Term(sets=(OFF,), norm=(ON, OFF)))))
+      name="chord_phi", summary="CHORD-φ: (1 − μ)·J_on + μ·token mean of sg(φ)·log π on OFF",
+      guided=True, zero_set=False, zero_to_on=False, pools=((ON, ZERO),),
+      terms=(Term(sets=(ON,), weight="rl", name="j_on"),
+             Term(sets=(OFF,), weight="sft", form="sft-phi", name="j_sft"))))
 
-Put the entry in `TABLE` below to make it permanent (then `--algo=mix3` exists), and add its
-reference test to tests/objectives_test.py's numpy reference (`ref_objective`).
-tests/algorithms_test.py shows a registered entry running end to end at smoke size.
+Put the form in mixpo/objectives.py's `FORMS` and the entry in `TABLE` below to make them
+permanent (then `--algo=chord_phi` exists; μ is --config.sft_coef), and add the entry's branch to
+tests/objectives_test.py's numpy reference (`ref_objective`; a test fails until it exists).
+tests/algorithms_test.py also runs a registered entry end to end at smoke size.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ import contextlib
 import dataclasses
 
 from mixpo import advantages
-from mixpo.objectives import LOSS_AGGS, OFF, ON, ZERO, ObjectiveConfig, Term
+from mixpo.objectives import LOSS_AGGS, OFF, ON, ZERO, ObjectiveConfig, Term, ratio_form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +82,13 @@ class Algorithm:
     if self.grid_scheme not in (None,) + advantages.SCHEMES:
       raise ValueError(f"Algorithm {self.name}: grid_scheme={self.grid_scheme!r}.")
 
-  def objective_config(self, loss_agg: str = "default", **fields) -> ObjectiveConfig:
+  def objective_config(self, loss_agg: str = "default", ratio_level: str = "token",
+                       cispo: bool = False, **fields) -> ObjectiveConfig:
     """This algorithm's ObjectiveConfig: its terms, its clip symmetry, `loss_agg` ("default" =
-    the entry's own), and any other ObjectiveConfig `fields` (eps_low, gamma, switches...)."""
+    the entry's own), the ON / ZERO form the config flags `ratio_level` ("token" / "sequence") and
+    `cispo` name (`objectives.ratio_form`; a `ratio_form` field overrides them), and any other
+    ObjectiveConfig `fields` (eps_low, gamma, switches...)."""
+    fields.setdefault("ratio_form", ratio_form(ratio_level, cispo))
     if self.symmetric_clip:
       fields["eps_high"] = fields.get("eps_low", ObjectiveConfig.__dataclass_fields__["eps_low"]
                                       .default)
@@ -109,6 +126,12 @@ TABLE: dict[str, Algorithm] = {a.name: a for a in (
         terms=(Term(sets=(ON,), weight="on", name="j_on"),
                Term(sets=(OFF, ZERO), weight="other", name="j_mix")),
         grids=("main", "gamma", "scheme")),
+    Algorithm(
+        name="chord",
+        summary="CHORD (arXiv 2508.11408), constant μ: (1 − μ)·J_on + μ·J_sft (log π on OFF)",
+        guided=True, zero_set=False, zero_to_on=False, pools=((ON, ZERO),),
+        terms=(Term(sets=(ON,), weight="rl", name="j_on"),
+               Term(sets=(OFF,), weight="sft", form="sft", name="j_sft"))),
 )}
 
 

@@ -36,9 +36,6 @@ from mixpo.rewards.overlong import OverlongConfig
 from mixpo.rollout import (Collected, Groups, RewardTally, SampleSpec, concat_groups, empty_rows,
                            sample_groups, stream_groups)
 
-SET_NAMES = {objectives.ON: "ON", objectives.ZERO: "ZERO", objectives.OFF: "OFF"}
-
-
 @dataclasses.dataclass(frozen=True)
 class Sizes:
   """Static rollout sizes of one step: n policy and m guide samples per prompt, G groups the
@@ -119,14 +116,15 @@ class RunSpec:
 def _objective_config(config, algo: algorithms.Algorithm) -> objectives.ObjectiveConfig:
   return algo.objective_config(
       loss_agg=config.loss_agg, eps_low=config.eps_low, eps_high=config.eps_high,
-      gamma=config.gamma, on_weight=config.on_weight, dual_clip=config.dual_clip or None,
+      gamma=config.gamma, on_weight=config.on_weight, sft_coef=config.sft_coef,
+      dual_clip=config.dual_clip or None,
       max_log_ratio=config.max_log_ratio, zero_ratio=config.zero_ratio,
       shaping_grad=config.shaping_grad, loss_agg_tokens=int(config.max_new_tokens),
       ratio_level=config.ratio_level, seq_eps_low=config.seq_eps_low,
       seq_eps_high=config.seq_eps_high, cispo=bool(config.cispo),
       cispo_eps_low=config.cispo_eps_low, cispo_eps_high=config.cispo_eps_high,
       kl_coef=float(config.kl_coef), kl_estimator=config.kl_estimator,
-      entropy_coef=float(config.entropy_coef))
+      entropy_coef=float(config.entropy_coef), entropy_agg=config.entropy_agg)
 
 
 def resolve(config, num_devices: int | None = None) -> RunSpec:
@@ -165,7 +163,8 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
   step = train.StepConfig(objective=objective, epochs=config.epochs,
                           num_minibatches=config.num_minibatches,
                           num_micro_batches=config.num_micro_batches,
-                          temperature=config.temperature)
+                          temperature=config.temperature,
+                          response_tokens=int(config.max_new_tokens))
   step.check(sizes.rows, batch_shards=mesh_shape[0] * mesh_shape[1])
   overlong = None
   if config.overlong_shaping or config.mask_truncated:
@@ -512,7 +511,7 @@ def score(exp: Experiment, policy, batch: Batch, timer) -> Batch:
     ref_logp = None
     if spec.keeps_reference:
       ref_logp = sampling.score(exp.reference, *args, temperature=t)
-    guide_logp.block_until_ready()
+    jax.block_until_ready((old_logp, guide_logp, ref_logp))  # time/score holds all three.
   return dataclasses.replace(batch, old_logp_BxT=old_logp, guide_logp_BxT=guide_logp,
                              ref_logp_BxT=ref_logp)
 
@@ -581,7 +580,7 @@ def report(spec: RunSpec, collected: Collected, asm: Assembled, step_metrics: di
   rows, is_guide_B, real_B = asm.rows, asm.is_guide_B, asm.real_B
   kind_np = np.asarray(asm.batch.kind_B)
   on_policy = ~is_guide_B & real_B
-  metrics = {f"loss/{k}": float(v) for k, v in step_metrics.items()}
+  metrics = {k: float(v) for k, v in step_metrics.items()}  # keys named by train.make_train_step
   metrics.update(collected.stats)
   if tally is None:
     tally = RewardTally()
@@ -600,7 +599,6 @@ def report(spec: RunSpec, collected: Collected, asm: Assembled, step_metrics: di
       "train/reward": float(rows.rewards_B[on_policy].mean()),
       "train/accuracy": float(solved(rows.correct_B[on_policy]).mean()),
       "train/response_length": float(rows.lengths_B[on_policy].mean()),
-      "train/entropy": float(step_metrics["entropy"]),
       "train/rows_on": int((kind_np[real_B] == objectives.ON).sum()),
       "train/rows_zero": int((kind_np[real_B] == objectives.ZERO).sum()),
       "train/rows_off": int((kind_np[real_B] == objectives.OFF).sum()),
@@ -615,7 +613,7 @@ def report(spec: RunSpec, collected: Collected, asm: Assembled, step_metrics: di
               "answer": asm.row_answer[i] if i < len(asm.row_answer) else "",
               "response": rows.completions[i], "reward": float(rows.rewards_B[i]),
               "rewards": {k: float(v[i]) for k, v in per_fn.items()},
-              "set": SET_NAMES[int(kind_np[i])], "guide": bool(is_guide_B[i])}
+              "set": objectives.SET_NAMES[int(kind_np[i])].upper(), "guide": bool(is_guide_B[i])}
              for i in np.flatnonzero(real_B)]
   return metrics, samples
 

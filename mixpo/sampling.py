@@ -424,7 +424,7 @@ def auto_chunk_size(batch_size: int, length: int, vocab_size: int) -> int:
 
 
 def token_logp(model, tokens_BxT, mask_BxT, positions_BxT=None, *, temperature=1.0,
-               chunk_size: int | None = None, return_entropy: bool = False):
+               chunk_size: int | None = None, return_entropy: bool = False, first: int = 1):
   """Per-token log-probs (and entropies) of a teacher-forced batch; pure and differentiable.
 
   The body of `score`, for use inside a jitted loss (takes an NNX model, not a pair). The
@@ -434,7 +434,9 @@ def token_logp(model, tokens_BxT, mask_BxT, positions_BxT=None, *, temperature=1
 
   Entry t of the outputs scores token t given tokens < t, under softmax(logits / temperature)
   (temperature 0 = unscaled); it is 0 where token t or token t−1 is padding and at t = 0.
-  Returns logp_BxT float32, or (logp_BxT, entropy_BxT) with `return_entropy`.
+  Returns logp_BxT float32, or (logp_BxT, entropy_BxT) with `return_entropy`. `first` (static,
+  >= 1): positions before it are not scored (0), so the head runs on T − first positions only
+  (a trainer whose loss covers the last N tokens passes T − N).
   """
   b, t = tokens_BxT.shape
   mask_BxT = mask_BxT.astype(jnp.int32)
@@ -442,8 +444,10 @@ def token_logp(model, tokens_BxT, mask_BxT, positions_BxT=None, *, temperature=1
     positions_BxT = positions_from_mask(mask_BxT)
   h_BxTxD = model.hidden_states(tokens_BxT, positions_BxT, mask_BxT)
   # Position t−1 predicts token t: pair h[:, :-1] with tokens[:, 1:].
-  h_BxSxD, target_BxS = h_BxTxD[:, :-1], tokens_BxT[:, 1:]
-  s = t - 1
+  if not 1 <= first < t:
+    raise ValueError(f"token_logp(first={first}): must lie in [1, {t}) for rows of {t} tokens.")
+  h_BxSxD, target_BxS = h_BxTxD[:, first - 1:-1], tokens_BxT[:, first:]
+  s = t - first
   inv_temp = jnp.where(temperature > 0, 1.0 / jnp.where(temperature > 0, temperature, 1.0), 1.0)
 
   def reduce_chunk(h_BxCxD, target_BxC):
@@ -471,12 +475,12 @@ def token_logp(model, tokens_BxT, mask_BxT, positions_BxT=None, *, temperature=1
     logp_BxS = logp_CxBxK.swapaxes(0, 1).reshape(b, -1)[:, :s]
     ent_BxS = ent_CxBxK.swapaxes(0, 1).reshape(b, -1)[:, :s]
 
-  valid_BxS = (mask_BxT[:, 1:] == 1) & (mask_BxT[:, :-1] == 1)
-  zeros_Bx1 = jnp.zeros((b, 1), jnp.float32)
-  logp_BxT = jnp.concatenate([zeros_Bx1, jnp.where(valid_BxS, logp_BxS, 0.0)], axis=1)
+  valid_BxS = (mask_BxT[:, first:] == 1) & (mask_BxT[:, first - 1:-1] == 1)
+  zeros_BxF = jnp.zeros((b, first), jnp.float32)
+  logp_BxT = jnp.concatenate([zeros_BxF, jnp.where(valid_BxS, logp_BxS, 0.0)], axis=1)
   if not return_entropy:
     return logp_BxT
-  return logp_BxT, jnp.concatenate([zeros_Bx1, jnp.where(valid_BxS, ent_BxS, 0.0)], axis=1)
+  return logp_BxT, jnp.concatenate([zeros_BxF, jnp.where(valid_BxS, ent_BxS, 0.0)], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "return_entropy"))

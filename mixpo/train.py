@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import chex
@@ -23,7 +24,6 @@ from mixpo import objectives
 from mixpo import sampling
 from mixpo import sharding
 from mixpo.models import lora
-from mixpo.models import remat
 from mixpo.batch import Batch
 
 
@@ -48,14 +48,33 @@ class OptimConfig:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  if not math.isfinite(cfg.learning_rate) or cfg.learning_rate < 0:
+    raise ValueError(f"config.learning_rate={cfg.learning_rate}: must be a finite number >= 0.")
   if cfg.warmup_steps > 0:
     lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
   else:
     lr = cfg.learning_rate
   adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
   if cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return optax.chain(clip_by_global_norm(cfg.grad_clip), adamw)
   return adamw
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (same state, same arithmetic) that takes the gradients' norm as
+  the extra argument `grad_norm` when the caller has it: `_guarded_update` applies the optimizer
+  inside a `lax.cond`, where XLA cannot share the step's own norm, so it would read every
+  gradient once more to recompute it."""
+
+  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    g_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    trigger = jnp.squeeze(g_norm < max_norm)
+    updates = jax.tree.map(
+        lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm), updates)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +87,9 @@ class StepConfig:
   num_minibatches: int = 1  # optimizer updates per epoch.
   num_micro_batches: int = 1  # gradient-accumulation chunks per minibatch.
   score_chunk: int | None = None  # time-chunk of the logp computation (None: automatic).
+  # N, the response columns every row ends with (rl.resolve: max_new_tokens). > 0: the loss, the
+  # head and the metrics cover those columns only (the prompt's have loss mask 0); 0: all.
+  response_tokens: int = 0
   temperature: float = 1.0  # sampling temperature; log-probs are taken under logits / T.
 
   def check(self, batch_rows: int, batch_shards: int = 1):
@@ -159,31 +181,29 @@ def init_state(policy: Policy, optimizer: optax.GradientTransformation, seed: in
   )
 
 
-def _all_finite(tree) -> jax.Array:
-  """True iff every floating entry of `tree` is finite, as one scalar computed once.
+def _guarded_update(optimizer, params, opt_state, grads, loss, grad_norm):
+  """Applies the update only if the loss and the gradient norm are finite; returns
+  (params, opt_state, ok). A skipped update leaves params and optimizer state bit-identical.
 
-  Σ x·0 over a leaf is 0, or NaN if any entry is ±inf or NaN (no overflow, unlike a norm). The
-  flag feeds the `where` of every parameter and moment leaf; combined by `jnp.all` over stacked
-  per-leaf flags, XLA:CPU copied the whole chain into each of them: O(leaves²) instructions, and
-  a 24-layer LoRA step took 11 minutes to compile and held 7 GiB of program (BUILD_NOTES.md).
+  Decided from two scalars the step has computed anyway and taken by `lax.cond`, so a guarded
+  step reads and writes the state once, like an unguarded one (a select between the old and the
+  new state per leaf moved every parameter and moment twice more). A NaN or inf anywhere in the
+  gradients makes their norm non-finite; so does a norm past float32's range (~1.8e19), which
+  counts as non-finite too. With finite gradients AdamW's update is finite (the learning rate is
+  checked by `make_optimizer`), so the new state needs no check of its own.
   """
-  sums = [jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32) for x in jax.tree.leaves(tree)
-          if jnp.issubdtype(x.dtype, jnp.inexact)]
-  if not sums:
-    return jnp.array(True)
-  return jnp.isfinite(remat.finite_zero(sums))
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
+  optimizer = optax.with_extra_args_support(optimizer)
 
-def _guarded_update(optimizer, params, opt_state, grads, loss):
-  """Applies the update only if loss, gradients and the new parameters are all finite.
+  def apply(operands):
+    params, opt_state, grads = operands
+    updates, new_opt = optimizer.update(grads, opt_state, params, grad_norm=grad_norm)
+    return optax.apply_updates(params, updates), new_opt
 
-  A skipped update leaves params and optimizer state bit-identical (no partial moment update).
-  """
-  updates, new_opt = optimizer.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params) & _all_finite(new_opt)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-  return keep(new_params, params), keep(new_opt, opt_state), ok
+  params, opt_state = jax.lax.cond(ok, apply, lambda operands: operands[:2],
+                                   (params, opt_state, grads))
+  return params, opt_state, ok
 
 
 def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg: StepConfig,
@@ -200,21 +220,40 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
   updates; each minibatch's gradient is accumulated over `cfg.num_micro_batches` chunks with the
   minibatch's normalisers (`objectives.denominators`: token and sequence counts per set), so
   accumulation is exact for every `loss_agg`.
-  Metrics are means over the updates (token-count weighting is not applied to diagnostics).
+
+  Metrics, each a (total, count) pair (`objectives.Stat`) summed over every micro-batch of every
+  update and divided once, so none depends on the micro-batching (keys as logged):
+    loss/<term name>, loss/kl, loss/entropy_bonus   J's parts over the step's batch (set-level:
+                       their normalisers' tokens or rows, `objectives.objective_stats`);
+    loss/clipfrac_<set>, loss/ratio_<set>, loss/ratio_guide_off, loss/f_ratio_off   token means
+                       of the forms' stats over the set's loss tokens;
+    loss/tokens_<set>  loss tokens of the set per optimizer update;
+    loss/loss          −J per optimizer update, mean over the updates;
+    loss/grad_norm     global gradient norm, mean over the updates;
+    loss/skipped_updates  updates skipped for a non-finite loss or gradient (a count);
+    train/entropy      token mean of πθ's entropy over every loss token.
   """
   ocfg = cfg.objective
 
   def micro_loss(params, mb: Batch, denoms, base):
     model = policy.merge(params, base)
+    t = mb.tokens_BxT.shape[1]
+    # Only the response columns carry loss tokens: skipping the prompt's spares the vocabulary
+    # projection (most of a small model's FLOPs) its share of the row.
+    first = t - cfg.response_tokens if 0 < cfg.response_tokens < t else 1
+    cut = (lambda x: x) if first == 1 else (lambda x: None if x is None else x[:, first:])
     logp, ent = sampling.token_logp(model, mb.tokens_BxT, mb.mask_BxT, mb.positions_BxT,
                                     temperature=cfg.temperature, chunk_size=cfg.score_chunk,
-                                    return_entropy=True)
-    loss, metrics = objectives.objective(logp, mb.old_logp_BxT, mb.guide_logp_BxT, mb.adv_B,
-                                         mb.kind_B, mb.loss_mask_BxT, ocfg, denoms=denoms,
-                                         ref_logp=mb.ref_logp_BxT, entropy=ent,
-                                         is_weight=mb.is_weight_BxT)
-    metrics["entropy"] = objectives.masked_mean(ent, mb.loss_mask_BxT)[0]
-    return loss, metrics
+                                    return_entropy=True, first=first)
+    mask = cut(mb.loss_mask_BxT)
+    loss, stats = objectives.objective_stats(
+        cut(logp), cut(mb.old_logp_BxT), cut(mb.guide_logp_BxT), mb.adv_B, mb.kind_B, mask, ocfg,
+        denoms=denoms, ref_logp=cut(mb.ref_logp_BxT), entropy=cut(ent),
+        is_weight=cut(mb.is_weight_BxT))
+    stats = {f"loss/{name}": stat for name, stat in stats.items()}
+    stats["train/entropy"] = objectives.Stat(
+        jnp.sum(jax.lax.stop_gradient(cut(ent)) * mask), jnp.sum(mask))
+    return loss, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -225,23 +264,22 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
         lambda x: x.reshape((cfg.num_micro_batches, -1) + x.shape[1:]), mb)
 
     def accumulate(acc, m):
-      (loss, metrics), grads = grad_fn(params, m, denoms, base)
-      acc_loss, acc_grads, acc_metrics = acc
+      (loss, stats), grads = grad_fn(params, m, denoms, base)
+      acc_loss, acc_grads, acc_stats = acc
       return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads),
-              jax.tree.map(jnp.add, acc_metrics, metrics)), None
+              jax.tree.map(jnp.add, acc_stats, stats)), None
 
-    # The metrics' structure and shapes, so the accumulation starts from zeros.
-    zero_metrics = jax.eval_shape(lambda p, m, d, b: micro_loss(p, m, d, b)[1], params,
-                                  jax.tree.map(lambda x: x[0], micro), denoms, base)
+    # The stats' structure and shapes, so the accumulation starts from zeros.
+    zero_stats = jax.eval_shape(lambda p, m, d, b: micro_loss(p, m, d, b)[1], params,
+                                jax.tree.map(lambda x: x[0], micro), denoms, base)
     init = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params),
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
-    (loss, grads, metrics), _ = jax.lax.scan(accumulate, init, micro)
-    metrics = jax.tree.map(lambda x: x / cfg.num_micro_batches, metrics)
-    metrics["loss"] = loss
-    metrics["grad_norm"] = optax.global_norm(grads)
-    params, opt_state, ok = _guarded_update(optimizer, params, opt_state, grads, loss)
-    metrics["update_ok"] = ok.astype(jnp.float32)
-    return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats))
+    (loss, grads, stats), _ = jax.lax.scan(accumulate, init, micro)
+    grad_norm = optax.tree.norm(grads)
+    params, opt_state, ok = _guarded_update(optimizer, params, opt_state, grads, loss, grad_norm)
+    stats["loss/grad_norm"] = objectives.Stat(grad_norm, jnp.ones(()))
+    skip = (~ok).astype(jnp.int32)
+    return (params, opt_state, skipped + skip), (stats, skip)
 
   def train_step(state: TrainState, batch: Batch, base):
     b = batch.tokens_BxT.shape[0]
@@ -249,17 +287,19 @@ def make_train_step(policy: Policy, optimizer: optax.GradientTransformation, cfg
     key = jax.random.wrap_key_data(state.rng)
     key, *epoch_keys = jax.random.split(key, cfg.epochs + 1)
     carry = (state.params, state.opt_state, state.skipped)
-    all_metrics = []
+    totals, skips = None, jnp.zeros((), jnp.int32)
     for ek in epoch_keys:  # epochs is a small static number
       perm = jax.random.permutation(ek, b)
       mbs = jax.tree.map(
           lambda x: x[perm].reshape((cfg.num_minibatches, -1) + x.shape[1:]), batch)
-      carry, metrics = jax.lax.scan(functools.partial(minibatch_update, base=base), carry, mbs)
-      all_metrics.append(metrics)
+      carry, (stats, skip) = jax.lax.scan(functools.partial(minibatch_update, base=base), carry,
+                                          mbs)
+      stats = jax.tree.map(lambda x: jnp.sum(x, axis=0), stats)  # over the epoch's updates
+      totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
+      skips = skips + jnp.sum(skip)
     params, opt_state, skipped = carry
-    metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.concatenate(xs)), *all_metrics)
-    metrics["skipped_updates"] = jnp.sum(jnp.stack(
-        [1.0 - m["update_ok"] for m in all_metrics]))
+    metrics = objectives.reduce_stats(totals)
+    metrics["loss/skipped_updates"] = skips.astype(jnp.float32)
     new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
                            rng=jax.random.key_data(key), skipped=skipped)
     return new_state, metrics
@@ -287,17 +327,18 @@ def make_sft_step(policy: Policy, optimizer: optax.GradientTransformation, score
     model = policy.merge(params, base)
     logp = sampling.token_logp(model, batch.tokens_BxT, batch.mask_BxT, batch.positions_BxT,
                                chunk_size=score_chunk)
-    nll, _ = objectives.masked_mean(-logp, batch.loss_mask_BxT)
-    return nll
+    return objectives.masked_mean(-logp, batch.loss_mask_BxT)
 
   def sft_step(state: TrainState, batch: Batch, base):
     chex.assert_rank(batch.tokens_BxT, 2)
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, base)
-    params, opt_state, ok = _guarded_update(optimizer, state.params, state.opt_state, grads, loss)
+    grad_norm = optax.tree.norm(grads)
+    params, opt_state, ok = _guarded_update(optimizer, state.params, state.opt_state, grads, loss,
+                                            grad_norm)
     new_state = dataclasses.replace(state, params=params, opt_state=opt_state,
                                     step=state.step + 1,
                                     skipped=state.skipped + (~ok).astype(jnp.int32))
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": grad_norm}
 
   return BoundStep(jax.jit(sft_step, donate_argnums=(0,) if donate else ()), policy.base)
 

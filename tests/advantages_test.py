@@ -87,7 +87,7 @@ def ref_pools(algo, kind):
   on, zero, off = kind == ON, kind == ZERO, kind == OFF
   return {
       "grpo": [on | zero], "dapo": [on | zero], "luffy": [on | zero | off],
-      "mix1": [on, off], "mix2": [on, off | zero],
+      "mix1": [on, off], "mix2": [on, off | zero], "chord": [on | zero],
   }[algo]
 
 

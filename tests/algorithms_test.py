@@ -1,18 +1,21 @@
 """algorithms.py: the table is the one place algorithms are named; a new entry runs end to end."""
 
 import ast
+import contextlib
 import os
 import re
 import sys
+import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import grid
 from experiments.configs import compare as compare_config
 from experiments.configs import smoke
-from mixpo import algorithms, loop, rl
+from mixpo import algorithms, loop, objectives, rl
 from mixpo.logging import PhaseTimer
 from mixpo.objectives import OFF, ON, ZERO, Term
 
@@ -123,24 +126,30 @@ def test_the_literal_scan_sees_a_misplaced_name(tmp_path, monkeypatch):
       os.path.join("mixpo", "rl.py") + ":2: 'mix2'"]
 
 
-def test_a_registered_entry_runs_end_to_end(builtin_dir, tmp_path):
+@pytest.mark.parametrize("entry", [FAKE, algorithms.get("chord")], ids=lambda a: a.name)
+def test_a_registered_entry_runs_end_to_end(builtin_dir, tmp_path, entry):
+  """A registered entry, and the table's chord (a Term with its own form), train end to end."""
   config = smoke.get_config()
-  config.builtin_dir, config.export_hf, config.algo = builtin_dir, False, "fakejoint"
+  config.builtin_dir, config.export_hf, config.algo = builtin_dir, False, entry.name
   config.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}
-  with pytest.raises(ValueError, match="fakejoint"):
-    rl.resolve(config)  # not in the table yet.
-  with algorithms.registered(FAKE):
+  registered = entry is FAKE
+  if registered:
+    with pytest.raises(ValueError, match="fakejoint"):
+      rl.resolve(config)  # not in the table yet.
+  with algorithms.registered(entry) if registered else contextlib.nullcontext():
     exp, state, ckpt, _ = loop.setup(config, str(tmp_path / "run"))
     ckpt.close()
-    assert exp.spec.algorithm is FAKE and exp.spec.sizes.m == config.m
-    assert exp.spec.sizes.zero_groups == config.zero_groups and exp.guide is not None
+    assert exp.spec.algorithm is entry and exp.spec.sizes.m == config.m
+    assert exp.spec.sizes.zero_groups == (config.zero_groups if entry.zero_set else 0)
+    assert exp.guide is not None
     params0 = [np.array(x, copy=True) for x in jax.tree.leaves(state.params)]
     pos, timer = 0, PhaseTimer()
     with jax.set_mesh(exp.mesh):
       for _ in range(2):
         state, pos, metrics, samples = rl.rl_step(exp, state, pos, timer)
     exp.reward_runner.close()
-  assert metrics["loss/skipped_updates"] == 0 and np.isfinite(metrics["loss/j_joint"])
+  name = entry.terms[-1].name
+  assert metrics["loss/skipped_updates"] == 0 and np.isfinite(metrics[f"loss/{name}"])
   assert "OFF" in {s["set"] for s in samples}
   assert any(np.abs(a - np.asarray(b)).max() > 0
              for a, b in zip(params0, jax.tree.leaves(state.params)))
@@ -159,3 +168,42 @@ def test_readme_shows_the_table():
   for name, a in algorithms.TABLE.items():
     assert rows[name] == (yes(a.guided), yes(a.zero_set), yes(a.zero_to_on), a.loss_agg,
                           "symmetric" if a.symmetric_clip else "clip-higher"), name
+
+
+def _worked_example() -> str:
+  """The code block of algorithms.py's docstring (its indented lines after the prose)."""
+  doc = algorithms.__doc__
+  start = doc.index("  import jax\n")
+  return textwrap.dedent(doc[start:doc.index("\nPut the form", start)])
+
+
+def test_the_docstring_worked_example_adds_a_form_and_an_entry():
+  """The docstring's CHORD-φ: a form, its registry entry and a table row give an algorithm whose
+  objective equals its numpy reference, (1 − μ)·J_on + μ·mean_OFF(sg(φ)·log π), φ = p(1 − p)."""
+  try:
+    exec(_worked_example(), {})  # noqa: S102 — the repository's own docstring.
+    entry = algorithms.get("chord_phi")
+    cfg = entry.objective_config(sft_coef=0.3, dual_clip=None)
+    rng = np.random.default_rng(0)
+    b, t = 6, 5
+    logp = -rng.uniform(0.05, 3.0, (b, t)).astype(np.float32)
+    old = (logp + 0.1 * rng.standard_normal((b, t))).astype(np.float32)
+    adv = rng.standard_normal(b).astype(np.float32)
+    kind = np.array([ON, OFF, ON, OFF, ZERO, OFF], np.int32)
+    mask = (rng.uniform(size=(b, t)) < 0.8).astype(np.float32)
+    fn = lambda lp: objectives.objective(lp, old, old, adv, kind, mask, cfg)[0]
+    loss, g = jax.value_and_grad(fn)(jnp.asarray(logp))
+    m_on, m_off = mask * (kind == ON)[:, None], mask * (kind == OFF)[:, None]
+    r = np.exp(logp - old)
+    j_on = (np.minimum(r * adv[:, None], np.clip(r, 0.8, 1.28) * adv[:, None]) * m_on).sum()
+    phi = np.exp(logp) * (1 - np.exp(logp))
+    j_sft = (phi * logp * m_off).sum() / m_off.sum()
+    np.testing.assert_allclose(loss, -(0.7 * j_on / m_on.sum() + 0.3 * j_sft), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g)[m_off > 0], (-0.3 * phi / m_off.sum())[m_off > 0],
+                               rtol=1e-5)
+    assert "phi_off" in objectives.objective(jnp.asarray(logp), old, old, adv, kind, mask,
+                                             cfg)[1]
+  finally:
+    objectives.FORMS.pop("sft-phi", None)
+    algorithms.TABLE.pop("chord_phi", None)
+  assert "chord_phi" not in algorithms.names()

@@ -22,6 +22,9 @@ CASES = {
     "bench_rollout": (["--batch=2", "--prompt_len=8", "--new_tokens=8", "--repeats=1"],
                       "of the measured copy bandwidth"),
     "bench_scaling": (["--lengths=16,32", "--tokens=64"], "| 32 | 2 | transformers |"),
+    # mixpo's side only: tunix is not a mixpo dependency (the script's docstring installs it).
+    "bench_peers": (["--layers=1", "--batch=1", "--prompt_len=4", "--new_tokens=4", "--steps=1",
+                     "--rounds=1", "--libs=mixpo"], "mixpo:"),
     "bench_decode_gemm": (TOY + ["--rows=2", "--repeats=1"], "bf16 [out, in]"),
     "bench_lora_memory": (TOY + ["--heads=4", "--kv_heads=2", "--vocab=512", "--rows=2",
                                  "--prompt_len=8", "--response_len=8", "--steps=1"],

@@ -145,7 +145,7 @@ def test_gradients_optimizer_and_state_hold_only_adapters_and_the_base_stays_fro
   a0 = _flat(state.params)
   for _ in range(2):  # step 1 moves B off zero; step 2 then moves A too.
     state, metrics = step(state, batch)
-  assert float(metrics["skipped_updates"]) == 0
+  assert float(metrics["loss/skipped_updates"]) == 0
   a2 = _flat(state.params)
   assert all(np.abs(a2[p] - a0[p]).max() > 0 for p in names)
   for p, v in _flat(policy.base).items():
@@ -159,7 +159,7 @@ def test_lora_train_step_with_remat_equals_without():
     policy = train.Policy(_lora_model(remat=remat))
     step = train.make_train_step(policy, OPT, CFG, donate=False)
     state, metrics = step(train.init_state(policy, OPT, 0), _rl_batch())
-    out.append((float(metrics["loss"]), _flat(state.params)))
+    out.append((float(metrics["loss/loss"]), _flat(state.params)))
   assert abs(out[0][0] - out[1][0]) < 1e-6
   for p, v in out[0][1].items():
     np.testing.assert_allclose(v, out[1][1][p], atol=1e-6, rtol=0)
@@ -546,7 +546,7 @@ def run(policy, mesh):
   losses = []
   for _ in range(2):
     state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
+    losses.append(float(metrics["loss/loss"]))
   logp = np.asarray(sampling.score(policy.pair(state.params), *t._tokens()))
   return losses, jax.tree.leaves(jax.device_get(state)), logp, lora.fingerprint(policy.base), state
 

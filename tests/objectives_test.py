@@ -62,6 +62,9 @@ def ref_objective(logp, old, guide, adv, kind, mask, algo, cfg):
   if algo == "luffy":
     n = m_on.sum() + m_off.sum()
     return -(((clip_on * m_on).sum() + (shaped * m_off).sum()) / n if n else 0.0)
+  if algo == "chord":  # CHORD with a constant μ: (1 − μ)·J_on + μ·token mean of log π on OFF.
+    mu = cfg.sft_coef
+    return -((1 - mu) * j_on + mu * ref_mean(logp, m_off))
   raise KeyError(algo)
 
 
@@ -81,6 +84,7 @@ ALL_CFGS = [(a, {}) for a in ALGOS] + [(a, {"dual_clip": None}) for a in ALGOS] 
     ("mix2", dict(on_weight=0.3, gamma=0.5, dual_clip=3.0)),
     ("dapo", dict(eps_low=0.1, eps_high=0.4, dual_clip=2.0)),
     ("mix2", dict(zero_ratio="old")),
+    ("chord", dict(sft_coef=0.7)),
 ]
 
 
@@ -199,12 +203,17 @@ def test_config_is_hashable_and_validates():
   assert hash(cfg_for("mix2")) == hash(cfg_for("mix2"))
   for bad in [dict(terms=()), dict(gamma=0.0), dict(on_weight=1.5), dict(dual_clip=0.5),
               dict(eps_low=1.0), dict(max_log_ratio=0.0), dict(zero_ratio="new"),
-              dict(loss_agg="sum"), dict(ratio_level="row"), dict(kl_estimator="k4"),
-              dict(kl_coef=-1.0), dict(cispo_eps_high=-0.1)]:
+              dict(loss_agg="sum"), dict(ratio_form="row"), dict(kl_estimator="k4"),
+              dict(kl_coef=-1.0), dict(cispo_eps_high=-0.1), dict(sft_coef=1.5),
+              dict(entropy_agg="sum")]:
     with pytest.raises(ValueError, match=next(iter(bad))):
       ObjectiveConfig(**bad)
   with pytest.raises(ValueError, match="loss_agg_tokens"):
     ObjectiveConfig(loss_agg="seq-mean-token-sum-norm")
+  with pytest.raises(ValueError, match="ratio_level"):
+    algorithms.get("dapo").objective_config(ratio_level="row")
+  with pytest.raises(ValueError, match="Term.form"):
+    Term(sets=(ON,), form="nope")
 
 
 def test_library_defaults_agree_with_the_experiment_config():
@@ -212,11 +221,12 @@ def test_library_defaults_agree_with_the_experiment_config():
   from experiments.configs import default
   c = default.get_config()
   d = ObjectiveConfig()
-  for field in ("eps_low", "eps_high", "gamma", "on_weight", "dual_clip", "max_log_ratio",
-                "zero_ratio", "shaping_grad", "ratio_level", "seq_eps_low", "seq_eps_high",
-                "cispo", "cispo_eps_low", "cispo_eps_high", "kl_coef", "kl_estimator",
-                "entropy_coef"):
+  for field in ("eps_low", "eps_high", "gamma", "on_weight", "sft_coef", "dual_clip",
+                "max_log_ratio", "zero_ratio", "shaping_grad", "seq_eps_low", "seq_eps_high",
+                "cispo_eps_low", "cispo_eps_high", "kl_coef", "kl_estimator", "entropy_coef",
+                "entropy_agg"):
     assert getattr(d, field) == c[field], field
+  assert d.ratio_form == obj.ratio_form(c.ratio_level, c.cispo)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -287,7 +297,7 @@ def test_paper_step_gradient_is_f_prime_without_the_ratio_factor():
 
 # ---------------------------------------------------------------- switches
 TRAINED = {"grpo": (ON,), "dapo": (ON,), "luffy": (ON, OFF), "mix1": (ON, OFF),
-           "mix2": (ON, ZERO, OFF)}
+           "mix2": (ON, ZERO, OFF), "chord": (ON, OFF)}
 
 
 def ref_switched(logp, old, guide, adv, kind, mask, algo, cfg, ref=None, ent=None, sg_logp=None):
@@ -302,11 +312,11 @@ def ref_switched(logp, old, guide, adv, kind, mask, algo, cfg, ref=None, ent=Non
 
   def clipped(lr, sg_lr, m):
     el, eh = cfg.eps_low, cfg.eps_high
-    if cfg.ratio_level == "sequence":
+    if cfg.ratio_form.startswith("sequence-"):
       seq = lambda x: np.broadcast_to(((x * m).sum(1) / np.maximum(m.sum(1), 1))[:, None], x.shape)
       lr, sg_lr = seq(lr), seq(sg_lr)
       el, eh = cfg.seq_eps_low, cfg.seq_eps_high
-    if cfg.cispo:
+    if cfg.ratio_form.endswith("cispo"):
       w = np.clip(np.exp(sg_lr), 1 - cfg.cispo_eps_low, 1 + cfg.cispo_eps_high)
       return w * adv[:, None] * np.exp(lr - sg_lr)
     return ref_clip(lr, adv, el, eh, cfg.dual_clip)
@@ -314,7 +324,7 @@ def ref_switched(logp, old, guide, adv, kind, mask, algo, cfg, ref=None, ent=Non
   zero_ref = old if cfg.zero_ratio == "old" else guide
   per_token = {ON: clipped(logp - old, sg_logp - old, masks[ON]),
                ZERO: clipped(logp - zero_ref, sg_logp - zero_ref, masks[ZERO]),
-               OFF: ref_f(logp - guide, cfg.gamma) * adv[:, None]}
+               OFF: ref_f(logp - guide, cfg.gamma) * adv[:, None], "sft": logp}
 
   def num(x, m):
     if cfg.loss_agg == "token-mean":
@@ -327,15 +337,17 @@ def ref_switched(logp, old, guide, adv, kind, mask, algo, cfg, ref=None, ent=Non
     m = masks[k]
     return m.sum() if cfg.loss_agg == "token-mean" else (m.sum(1) > 0).sum()
 
-  def j(sets, norm=None):
+  def j(sets, norm=None, form=None):
     d = sum(den(k) for k in (norm or sets))
-    return sum(num(per_token[k], masks[k]) for k in sets) / max(d, 1)
+    return sum(num(per_token[form or k], masks[k]) for k in sets) / max(d, 1)
 
   w = cfg.on_weight
   jj = {"grpo": lambda: j((ON,)), "dapo": lambda: j((ON,)),
         "luffy": lambda: j((ON,), (ON, OFF)) + j((OFF,), (ON, OFF)),
         "mix1": lambda: w * j((ON,)) + (1 - w) * j((OFF,)),
-        "mix2": lambda: w * j((ON,)) + (1 - w) * j((OFF, ZERO))}[algo]()
+        "mix2": lambda: w * j((ON,)) + (1 - w) * j((OFF, ZERO)),
+        "chord": lambda: (1 - cfg.sft_coef) * j((ON,)) + cfg.sft_coef * j((OFF,), form="sft"),
+        }[algo]()
   loss = -jj
   m_all = sum(masks[k] for k in TRAINED[algo])
   d_all = max(sum(den(k) for k in TRAINED[algo]), 1)
@@ -343,7 +355,9 @@ def ref_switched(logp, old, guide, adv, kind, mask, algo, cfg, ref=None, ent=Non
     x = np.asarray(ref, np.float64) - logp
     kl = {"k1": -x, "k2": x ** 2 / 2, "k3": np.exp(x) - 1 - x}[cfg.kl_estimator]
     loss += cfg.kl_coef * num(kl, m_all) / d_all
-  if cfg.entropy_coef:
+  if cfg.entropy_coef and cfg.entropy_agg == "token-mean":
+    loss -= cfg.entropy_coef * (np.asarray(ent, np.float64) * m_all).sum() / max(m_all.sum(), 1)
+  elif cfg.entropy_coef:
     loss -= cfg.entropy_coef * num(np.asarray(ent, np.float64), m_all) / d_all
   return loss
 
@@ -364,6 +378,8 @@ SWITCHES = [
     dict(ratio_level="sequence", seq_eps_low=0.05, seq_eps_high=0.08),
     dict(kl_coef=0.3, kl_estimator="k1"), dict(kl_coef=0.3, kl_estimator="k2"),
     dict(kl_coef=0.3, kl_estimator="k3"), dict(entropy_coef=0.2),
+    dict(entropy_coef=0.2, entropy_agg="token-mean", loss_agg="seq-mean-token-sum-norm",
+         loss_agg_tokens=9),
     dict(loss_agg="seq-mean-token-mean", ratio_level="sequence", kl_coef=0.1, entropy_coef=0.1),
     dict(cispo=True, cispo_eps_low=0.03, cispo_eps_high=0.02),
     dict(cispo=True, cispo_eps_low=0.03, cispo_eps_high=0.02, loss_agg="seq-mean-token-mean",
@@ -431,7 +447,7 @@ def test_gspo_sequence_ratio_and_clipping():
   mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
   s = obj.sequence_log_ratio(lr, mask)
   np.testing.assert_allclose(s, [[0.2] * 3, [-0.2 / 3] * 3, [0.0] * 3], rtol=1e-6, atol=1e-7)
-  cfg = ObjectiveConfig(ratio_level="sequence", dual_clip=None)
+  cfg = ObjectiveConfig(ratio_form="sequence-clip", dual_clip=None)
   adv = jnp.array([1.0, -1.0, 1.0])
   kind = jnp.zeros(3, jnp.int32)
   old = jnp.zeros((3, 3))
@@ -488,3 +504,118 @@ def test_denominators_are_named():
   assert (float(d.tokens_on), float(d.tokens_zero), float(d.tokens_off)) == (2.0, 1.0, 2.0)
   assert (float(d.seqs_on), float(d.seqs_zero), float(d.seqs_off)) == (1.0, 1.0, 1.0)
   assert float(d.of(OFF)) == 2.0 and float(d.of(OFF, "seq-mean-token-mean")) == 1.0
+
+
+# ---------------------------------------------------------------- the bound only where exp needs it
+def test_cispo_keeps_the_gradient_of_far_off_policy_tokens():
+  """|log r| > 20: the token still gets −sg(ŵ)·A / N (verl's and TRL's CISPO keep it too)."""
+  cfg = ObjectiveConfig(ratio_form="cispo", cispo_eps_low=1.0, cispo_eps_high=0.28)
+  old = jnp.array([[-1.0, -1.0, -1.0]])
+  logp = jnp.array([[-31.0, 29.0, -1.2]])  # log r = −30, +30, −0.2
+  adv, kind, mask = jnp.array([2.0]), jnp.zeros(1, jnp.int32), jnp.ones((1, 3))
+  g = jax.grad(lambda lp: obj.objective(lp, old, old, adv, kind, mask, cfg)[0])(logp)
+  w = np.clip(np.exp([-20.0, 20.0, -0.2]), 0.0, 1.28)  # the weight's exp is bounded, not its carrier
+  np.testing.assert_allclose(g, -w[None] * 2.0 / 3, rtol=1e-6)
+  assert float(g[0, 1]) != 0.0
+
+
+def test_kl_k1_k2_are_not_clipped_and_k3_only_in_its_exp():
+  logp = jnp.array([[-31.0, 29.0]])
+  ref = jnp.array([[-1.0, -1.0]])  # x = ref − logp = 30, −30
+  np.testing.assert_allclose(obj.kl_penalty(logp, ref, "k1"), [[-30.0, 30.0]])
+  np.testing.assert_allclose(obj.kl_penalty(logp, ref, "k2"), [[450.0, 450.0]])
+  np.testing.assert_allclose(obj.kl_penalty(logp, ref, "k3"),
+                             [[np.exp(20.0) - 31.0, np.exp(-20.0) - 1.0 + 30.0]], rtol=1e-6)
+  for est, want in (("k1", [[1.0, 1.0]]), ("k2", [[-30.0, 30.0]]), ("k3", [[1.0, 1.0 - np.exp(-20.0)]])):
+    g = jax.grad(lambda lp: obj.kl_penalty(lp, ref, est).sum())(logp)
+    np.testing.assert_allclose(g, want, rtol=1e-6)
+
+
+def test_paper_step_keeps_the_largest_off_policy_steps():
+  """OFF tokens with log r̂ < −20, the ones the guide is surest of and the policy least, get the
+  paper's step ≈ A/γ, as at log r̂ = −19."""
+  cfg = ObjectiveConfig(terms=(Term(sets=(OFF,)),), gamma=0.1, shaping_grad="paper_step")
+  guide = jnp.zeros((1, 3))
+  logp = jnp.array([[-19.0, -25.0, -60.0]])
+  adv, kind, mask = jnp.array([1.0]), jnp.full(1, OFF, jnp.int32), jnp.ones((1, 3))
+  g = jax.grad(lambda lp: -obj.objective(lp, logp, guide, adv, kind, mask, cfg)[0])(logp)
+  np.testing.assert_allclose(g, np.full((1, 3), 10.0 / 3), rtol=1e-5)
+
+
+def test_gspo_bounds_the_sequence_ratio_after_the_mean():
+  """One token past ±20 moves its row's log s by its own log-ratio / |y|, not by a clipped one."""
+  cfg = ObjectiveConfig(ratio_form="sequence-clip", seq_eps_low=0.5, seq_eps_high=0.5,
+                        dual_clip=None)
+  old = jnp.zeros((1, 2))
+  logp = jnp.array([[30.0, -29.9]])  # mean log r = 0.05
+  adv, kind, mask = jnp.array([1.0]), jnp.zeros(1, jnp.int32), jnp.ones((1, 2))
+  loss, g = jax.value_and_grad(lambda lp: obj.objective(lp, old, old, adv, kind, mask, cfg)[0])(
+      logp)
+  np.testing.assert_allclose(loss, -np.exp(0.05), rtol=1e-6)
+  np.testing.assert_allclose(g, [[-np.exp(0.05) / 2] * 2], rtol=1e-5)
+  # The row mean itself past the bound: s is held at e^20 (a constant, no overflow).
+  far = jnp.array([[50.0, 40.0]])
+  loss, g = jax.value_and_grad(lambda lp: obj.objective(lp, old, old, -adv, kind, mask, cfg)[0])(
+      far)
+  np.testing.assert_allclose(loss, np.exp(20.0), rtol=1e-6)
+  np.testing.assert_array_equal(g, np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_seq_mean_counts_rows_with_a_loss_token(loss_agg):
+  """SEQ_ROWS: a fully masked row (a truncated response under mask_truncated, a padding slot)
+  changes neither the loss nor its gradient (TRL and verl's trainer would count it)."""
+  logp, old, guide, adv, kind, mask = random_batch(31)
+  kind = np.full_like(kind, ON)
+  cfg = cfg_for("dapo", loss_agg=loss_agg, loss_agg_tokens=7)
+  args = lambda m: [jnp.asarray(x) for x in (old, guide, adv, kind, m)]
+  full = lambda lp, m: obj.objective(lp, *args(m), cfg)[0]
+  masked = mask.copy()
+  masked[0] = 0.0
+  dropped = [x[1:] for x in (logp, old, guide, adv, kind, mask)]
+  want = obj.objective(*map(jnp.asarray, dropped), cfg)[0]
+  np.testing.assert_allclose(full(jnp.asarray(logp), masked), want, rtol=1e-6)
+  g = jax.grad(full)(jnp.asarray(logp), masked)
+  g_dropped = jax.grad(lambda lp: obj.objective(lp, *map(jnp.asarray, dropped[1:]), cfg)[0])(
+      jnp.asarray(dropped[0]))
+  np.testing.assert_allclose(g[1:], g_dropped, rtol=1e-6)
+  assert obj.SEQ_ROWS == "rows with a loss token"
+
+
+def test_luffy_paper_weighs_entropy_as_luffy_does():
+  """luffy_paper's J is LUFFY's micro-batch loss (Σ pg / T − 0.001 · token mean of H, written
+  from its paper and its loss code) divided by the rows it sums over: value and gradient w.r.t.
+  the log-probs and the entropies, on a batch of the preset's rows."""
+  from experiments.configs import luffy_paper  # noqa: PLC0415
+  from mixpo import rl  # noqa: PLC0415
+  c = luffy_paper.get_config()
+  cfg = rl._objective_config(c, algorithms.get(c.algo))
+  rows, t = c.groups * (c.n + c.m) // c.num_minibatches, c.max_new_tokens
+  rng = np.random.default_rng(0)
+  logp = -rng.uniform(0.01, 4.0, (rows, t))
+  old = logp + 0.3 * rng.standard_normal((rows, t))
+  adv = rng.standard_normal(rows)
+  is_off = np.arange(rows) % (c.n + c.m) == c.n  # one trace a group
+  kind = np.where(is_off, OFF, ON).astype(np.int32)
+  mask = (np.arange(t)[None] < rng.integers(1, t + 1, rows)[:, None]).astype(np.float64)
+  ent = rng.uniform(0.1, 3.0, (rows, t))
+
+  def luffy(lp, e):  # policy_loss = Σ m·pg / T − entropy_coeff · token mean of H (ρ ≡ 1: no clip)
+    pg_on = -adv[:, None] * np.exp(lp - old)
+    p = np.exp(lp)
+    pg_off = -adv[:, None] * p / (p + 0.1)
+    pg = np.where(is_off[:, None], pg_off, pg_on)
+    return (pg * mask).sum() / t - 0.001 * (e * mask).sum() / mask.sum()
+
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  fn = lambda lp, e: obj.objective(lp, f32(old), jnp.zeros((rows, t)), f32(adv), jnp.asarray(kind),
+                                   f32(mask), cfg, entropy=e)[0]
+  loss, (g_lp, g_e) = jax.value_and_grad(fn, argnums=(0, 1))(f32(logp), f32(ent))
+  np.testing.assert_allclose(loss, luffy(logp, ent) / rows, rtol=2e-5)
+  h = 1e-6
+  np.testing.assert_allclose(g_e, -0.001 * mask / mask.sum() / rows, rtol=1e-5, atol=1e-12)
+  idx = (3, 2)
+  bump = np.zeros_like(logp)
+  bump[idx] = h
+  fd = (luffy(logp + bump, ent) - luffy(logp - bump, ent)) / (2 * h) / rows
+  np.testing.assert_allclose(g_lp[idx], fd, rtol=1e-3)

@@ -318,7 +318,7 @@ def test_bf16_rollout_trains_with_float32_master_weights(builtin_dir, tmp_path):
     err = np.abs(np.asarray(b16.old_logp_BxT) - np.asarray(b32.old_logp_BxT))[real]
     assert 0 < err.max() < _BF16_LOGP_MAX_TOL and err.mean() < _BF16_LOGP_MEAN_TOL, err
     state, metrics = rl.update(exp, state, b32, timer)
-    assert abs(metrics["ratio_on"] - 1) < 1e-5, metrics  # Mix-2's ZERO ratio is πθ/πϕ.
+    assert abs(metrics["loss/ratio_on"] - 1) < 1e-5, metrics  # Mix-2's ZERO ratio is πθ/πϕ.
     params1 = _leaves(state.params)
     pos = 0
     for _ in range(2):

@@ -116,7 +116,7 @@ def test_one_device_mesh_is_bit_identical_to_no_mesh():
       step = train.make_train_step(policy, opt, step_cfg)
       for _ in range(2):
         state, m = step(state, batch)
-    results.append((float(m["loss"]), [np.asarray(x) for x in jax.tree.leaves(state.params)]))
+    results.append((float(m["loss/loss"]), [np.asarray(x) for x in jax.tree.leaves(state.params)]))
   assert results[0][0] == results[1][0]
   for a, b in zip(results[0][1], results[1][1]):
     np.testing.assert_array_equal(a, b)

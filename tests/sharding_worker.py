@@ -63,7 +63,7 @@ def two_steps(policy, mesh):
   losses = []
   for _ in range(2):
     state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))  # replicated: readable on every process
+    losses.append(float(metrics["loss/loss"]))  # replicated: readable on every process
   return losses, state
 
 

@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eps_high = 0.28  # clip range above 1 (DAPO clip-higher).
   c.gamma = 0.1  # γ of f(r̂) = r̂ / (r̂ + γ).
   c.on_weight = 0.5  # w in J = w·J_on + (1 − w)·J_off / J_mix.
+  c.sft_coef = 0.1  # μ in chord's J = (1 − μ)·J_on + μ·J_sft (CHORD's SFT weight, held constant).
   c.dual_clip = 3.0  # dual-clip constant c > 1 for A < 0 (bounds πθ/πϕ-weighted ZERO terms); 0 = off.
   c.max_log_ratio = 20.0  # |log-ratio| bound before exp.
   # "exact": ∇ of f(r̂)·A (eq. 4); "paper_step": f'(r̂)·A·∇log π, the step of the paper's §3.1.2
@@ -58,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   # x = log π_ref − log πθ: "k1" (−x), "k2" (x²/2), "k3" (exp(x) − 1 − x, verl's low_var_kl).
   c.kl_estimator = "k3"
   c.entropy_coef = 0.0  # entropy bonus on trained tokens (TRL / verl's entropy_coeff).
+  # The bonus' aggregation: "loss_agg" (as the policy terms, verl's) or "token-mean" (TRL's, LUFFY's).
+  c.entropy_agg = "loss_agg"
   c.ratio_level = "token"  # ON / ZERO ratio: "token" (PPO) or "sequence" (GSPO, arXiv 2507.18071).
   c.seq_eps_low = 3e-4  # GSPO's clip range below 1 (its paper's value).
   c.seq_eps_high = 4e-4  # GSPO's clip range above 1.

@@ -33,9 +33,16 @@ mirror mcptest-user/LUFFY of github.com/ElliottYan/LUFFY:
                           (mixpo's clip needs eps_low < 1; a ratio bound of 1e-6 never binds).
   loss_agg="seq-mean-token-sum-norm"
                           `loss_remove_token_mean=True` (line 83): summed token losses divided by
-                          the maximum response length (LUFFY sums over the micro-batch's
-                          sequences where mixpo averages them: a constant factor).
-  entropy_coef=0.001      `actor.entropy_coeff=0.001` (line 59).
+                          the maximum response length T (LUFFY sums over the S rows of its
+                          micro-batch where mixpo averages over them: mixpo's J is LUFFY's / S).
+  entropy_agg="token-mean", entropy_coef=0.001 / S
+                          `actor.entropy_coeff=0.001` (line 59) on a *token mean* of the entropy
+                          (mix_actor.py), added to the Σ/T policy loss of the same micro-batch.
+                          mixpo's J is that loss / S, so its bonus is too: a token mean weighted
+                          0.001 / S, S = the rows of one update = groups·(n + m) / num_minibatches
+                          = 128 here (set entropy_coef = 0.001 / S again when changing those).
+                          The bonus aggregated like the policy term instead would weigh it
+                          (loss tokens of the batch) / T times more than LUFFY does.
   kl_coef=0               `use_kl_loss=False` (line 69), `algorithm.kl_ctrl.kl_coef=0.000` (58).
   temperature=1.0         `rollout.temperature=1.0` (line 51).
   dynamic_sampling=False  GRPO keeps every group (no DAPO filter in the script).
@@ -59,7 +66,8 @@ def get_config():
   c.gamma = 0.1
   c.eps_low, c.eps_high, c.dual_clip = 0.999999, 1e9, 0.0
   c.loss_agg = "seq-mean-token-sum-norm"
-  c.entropy_coef = 0.001
+  c.entropy_agg = "token-mean"
+  c.entropy_coef = 0.001 / (c.groups * (c.n + c.m) // c.num_minibatches)
   c.kl_coef = 0.0
   c.temperature = 1.0
   c.dynamic_sampling = False
