@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from mixpo import models
-from mixpo.models import attention, layers
+from mixpo.models import attention, backend
 
 
 def _reference(q, k, v, key_valid, q_start=0):
   """softmax(q·kᵀ/√H, causal + key mask)·v as written, left to autodiff. k, v [B, S, K, H]."""
   b, t, n, h = q.shape
   kv = k.shape[2]
-  allowed = attention._allowed(q_start, t, jnp.asarray(key_valid) != 0)
+  allowed = attention.allowed_mask(q_start, t, jnp.asarray(key_valid) != 0)
   scores = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv, n // kv, h), k) * h ** -0.5
-  scores = jnp.where(allowed[:, None, None], scores, attention._MASK_VALUE)
+  scores = jnp.where(allowed[:, None, None], scores, attention.MASK_VALUE)
   out = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(scores, -1), v)
   return out.reshape(b, t, n * h)
 
@@ -57,14 +57,14 @@ def _check_against_reference(fn, t, grads=True, atol=2e-5, **kw):
 # ------------------------------------------------------------------------------ auto
 
 
-@pytest.mark.parametrize("backend,dtype,head_dim,expected", [
+@pytest.mark.parametrize("platform,dtype,head_dim,expected", [
     ("cpu", jnp.float32, 64, "xla"), ("cpu", jnp.bfloat16, 64, "xla"),
     ("gpu", jnp.bfloat16, 64, "cudnn"), ("gpu", jnp.float16, 128, "cudnn"),
     ("gpu", jnp.float32, 64, "xla"), ("gpu", jnp.bfloat16, 256, "xla"),
     ("tpu", jnp.float32, 64, "pallas"), ("tpu", jnp.bfloat16, 128, "pallas"),
 ])
-def test_auto_resolves_per_backend(monkeypatch, backend, dtype, head_dim, expected):
-  monkeypatch.setattr(attention, "platform", lambda: backend)
+def test_auto_resolves_per_backend(monkeypatch, platform, dtype, head_dim, expected):
+  monkeypatch.setattr(backend, "platform", lambda: platform)
   assert attention.resolve_impl("auto", dtype=dtype, head_dim=head_dim) == expected
   for explicit in ("xla", "dot_product_attention", "cudnn", "pallas"):
     assert attention.resolve_impl(explicit, dtype=dtype, head_dim=head_dim) == explicit
@@ -88,19 +88,18 @@ def _tiny_model(dtype=jnp.float32):
       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2), 0, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend,dtype,kernel", [("gpu", jnp.bfloat16, "_cudnn_attention"),
-                                                  ("tpu", jnp.float32, "pallas_attention")])
-def test_model_dispatches_by_backend_and_keeps_cpu_kernels_on_cpu(monkeypatch, backend, dtype,
-                                                                  kernel):
+@pytest.mark.parametrize("platform,dtype,kernel", [("gpu", jnp.bfloat16, "_cudnn_attention"),
+                                                   ("tpu", jnp.float32, "pallas_attention")])
+def test_model_dispatches_by_platform_and_keeps_cpu_kernels_on_cpu(monkeypatch, platform, dtype,
+                                                                   kernel):
   """Under a mocked backend the model calls that backend's kernel, and neither the CPU matmul
   VJP nor the CPU attention kernel runs; the KV-cache path stays on the neutral einsum."""
   calls = []
-  monkeypatch.setattr(attention, "platform", lambda: backend)
+  monkeypatch.setattr(backend, "platform", lambda: platform)
   monkeypatch.setattr(attention, kernel,
                       lambda *a: calls.append(kernel) or attention._jax_nn_attention(*a))
-  for name in ("_grouped_attention",):
-    monkeypatch.setattr(attention, name, lambda *a: calls.append(name))
-  monkeypatch.setattr(layers, "_cpu_matmul", lambda *a: calls.append("_cpu_matmul"))
+  for name in ("_grouped_attention", "_cpu_matmul"):
+    monkeypatch.setattr(backend, name, lambda *a, name=name: calls.append(name))
   model = _tiny_model(dtype)
   tokens = jnp.ones((2, 8), jnp.int32)
   model(tokens)
@@ -111,9 +110,9 @@ def test_model_dispatches_by_backend_and_keeps_cpu_kernels_on_cpu(monkeypatch, b
 
 def test_cpu_keeps_the_tuned_kernels(monkeypatch):
   calls = []
-  cpu_matmul, grouped = layers._cpu_matmul, attention._grouped_attention
-  monkeypatch.setattr(layers, "_cpu_matmul", lambda *a: calls.append("mm") or cpu_matmul(*a))
-  monkeypatch.setattr(attention, "_grouped_attention",
+  cpu_matmul, grouped = backend._cpu_matmul, backend._grouped_attention
+  monkeypatch.setattr(backend, "_cpu_matmul", lambda *a: calls.append("mm") or cpu_matmul(*a))
+  monkeypatch.setattr(backend, "_grouped_attention",
                       lambda *a: calls.append("attn") or grouped(*a))
   _tiny_model()(jnp.ones((2, 8), jnp.int32))
   assert "mm" in calls and "attn" in calls
@@ -148,7 +147,7 @@ def test_pallas_splash_equals_reference_in_interpret_mode():
 def test_flash_equals_reference(monkeypatch, t, block, backward_block):
   """Forward and gradient; T not a multiple of the blocks, forward and backward blocks of their
   own lengths, rows with left and right padding."""
-  monkeypatch.setattr(attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
+  monkeypatch.setattr(attention, "_DENSE_MAX_ROW_SCORE_BYTES", 0)
   monkeypatch.setattr(attention, "_FLASH_BLOCK", block)
   monkeypatch.setattr(attention, "_FLASH_BACKWARD_BLOCK", backward_block)
   _check_against_reference(lambda q, k, v, valid: attention.attend(q, k, v, valid, "xla"), t=t)
@@ -156,7 +155,7 @@ def test_flash_equals_reference(monkeypatch, t, block, backward_block):
 
 def test_flash_over_a_cache_with_an_offset(monkeypatch):
   """The KV-cache form: T queries at slots q_start.. over S > T cached keys (a long prefill)."""
-  monkeypatch.setattr(attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
+  monkeypatch.setattr(attention, "_DENSE_MAX_ROW_SCORE_BYTES", 0)
   monkeypatch.setattr(attention, "_FLASH_BLOCK", 16)
   b, t, s, start, n, kv, h = 2, 20, 64, 23, 4, 2, 8
   rs = np.random.RandomState(1)
