@@ -125,14 +125,16 @@ def forward_flops(c, tokens: int, context: float, lora_rank: int = 0, head_token
           "head": 2 * d * c.vocab_size * head_tokens}
 
 
-def train_flops(c, rows: int, t: int, epochs: int, lora_rank: int, remat: bool) -> float:
+def train_flops(c, rows: int, t: int, epochs: int, lora_rank: int, remat: bool,
+                head_remat: bool = False) -> float:
   """One update's model FLOPs: forward, backward (weight and input gradients of the trained
   matrices, input gradients only through a frozen LoRA base; attention's backward 2× its
-  forward), plus the forward again where it is recomputed (per-layer remat; the logits chunk)."""
+  forward), plus the forward again where it is recomputed (`remat`: the decoder layers;
+  `head_remat`: the LM head, when `sampling.token_logp` cuts the logits into chunks)."""
   fwd = forward_flops(c, rows * t, (t + 1) / 2, lora_rank)
   base_backward = 1 if lora_rank else 2
   total = (fwd["layers"] * (1 + base_backward + remat) + fwd["adapters"] * (3 + remat)
-           + fwd["attention"] * (3 + remat) + fwd["head"] * (1 + base_backward + 1))
+           + fwd["attention"] * (3 + remat) + fwd["head"] * (1 + base_backward + head_remat))
   return epochs * total
 
 
@@ -186,20 +188,15 @@ def _rollout_view(spec, model_cfg, state):
   return sampling._graphdef_for(cast), state, True  # pylint: disable=protected-access
 
 
-def build(config, target, policy_hf: dict, guide_hf: dict | None, prompt_len: int,
-          programs=PROGRAMS):
-  """(mesh, programs, resident bytes per device, facts) of `config`'s run on `target`."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-  from jax.sharding import NamedSharding  # noqa: PLC0415
-
-  from mixpo import loop, rl, sampling, sharding, train  # noqa: PLC0415
-  from mixpo.batch import make_batch  # noqa: PLC0415
-  from mixpo.models import CausalLM, from_hf_config, lora  # noqa: PLC0415
-
+def resolve_run(config, num_devices: int, policy_hf: dict, guide_hf: dict | None,
+                prompt_len: int):
+  """(RunSpec, policy ModelConfig, guide ModelConfig or None, LoraConfig or None) of `config` on
+  `num_devices` devices, with the checks the run makes before it computes (`rl.resolve`, the
+  guide's vocabulary, prompt + response within the models' context); UserError naming the flag."""
+  from mixpo import loop, rl  # noqa: PLC0415
+  from mixpo.models import from_hf_config  # noqa: PLC0415
   try:
-    spec = rl.resolve(config, num_devices=target.num_devices)
+    spec = rl.resolve(config, num_devices=num_devices)
     policy_cfg = from_hf_config(policy_hf, **loop.model_options(config))
     guide_cfg = None
     if spec.guide.needs_model:
@@ -208,15 +205,34 @@ def build(config, target, policy_hf: dict, guide_hf: dict | None, prompt_len: in
     lora_cfg = loop.lora_config(config)
   except ValueError as e:
     raise cli.UserError(cli.flagify(str(e))) from None
-  p, n = prompt_len, spec.sample.max_new_tokens
-  t = p + n
+  t = prompt_len + spec.sample.max_new_tokens
   for name, c in (("--config.policy", policy_cfg), ("--config.guide", guide_cfg)):
     if c is not None and t > c.max_position_embeddings:
       raise cli.UserError(
-          f"prompts of up to P={p} tokens + --config.max_new_tokens={n} exceed {name}'s "
-          f"max_position_embeddings={c.max_position_embeddings} (its config.json): generate "
-          "would refuse every full-width prompt; lower --config.max_new_tokens / "
+          f"prompts of up to P={prompt_len} tokens + --config.max_new_tokens="
+          f"{spec.sample.max_new_tokens} exceed {name}'s max_position_embeddings="
+          f"{c.max_position_embeddings} (its config.json): generate would refuse every "
+          "full-width prompt; lower --config.max_new_tokens / "
           "--config.task_kwargs.max_prompt_tokens (or --prompt_len).")
+  return spec, policy_cfg, guide_cfg, lora_cfg
+
+
+def build(config, target, policy_hf: dict, guide_hf: dict | None, prompt_len: int,
+          programs=PROGRAMS):
+  """(mesh, programs, resident bytes per device, facts) of `config`'s run on `target`."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  from jax.sharding import NamedSharding  # noqa: PLC0415
+
+  from mixpo import sampling, sharding, train  # noqa: PLC0415
+  from mixpo.batch import make_batch  # noqa: PLC0415
+  from mixpo.models import CausalLM, lora  # noqa: PLC0415
+
+  spec, policy_cfg, guide_cfg, lora_cfg = resolve_run(config, target.num_devices, policy_hf,
+                                                      guide_hf, prompt_len)
+  p, n = prompt_len, spec.sample.max_new_tokens
+  t = p + n
   devices = targets.devices(target)
   mesh = sharding.make_mesh(spec.mesh_shape, devices=devices)
 
@@ -274,8 +290,11 @@ def build(config, target, policy_hf: dict, guide_hf: dict | None, prompt_len: in
   out = []
   if "train" in programs:
     step = train.make_train_step(policy, optimizer, step_cfg, shardings=(state_sh, batch_sh))
+    micro = rows // (step_cfg.num_minibatches * step_cfg.num_micro_batches)
+    chunk = step_cfg.score_chunk or sampling.auto_chunk_size(micro, t - 1, policy_cfg.vocab_size)
     out.append(Program("train_step", rows, t, train_flops(
-        policy_cfg, rows, t, step_cfg.epochs, facts["lora_rank"], policy_cfg.remat),
+        policy_cfg, rows, t, step_cfg.epochs, facts["lora_rank"], policy_cfg.remat,
+        head_remat=t - 1 > chunk),
         resident["params"] + resident["optimizer"] + resident["base"],
         lambda: step.lower(state, batch, base)))
   if "score" in programs:

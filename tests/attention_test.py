@@ -1,6 +1,8 @@
-"""mixpo.models.attention: `auto` per backend, every explicit kernel against the textbook formula,
-the blockwise (flash) kernel's forward / gradient and its memory at long T."""
+"""mixpo.models.attention: `auto` per platform compiled for, every explicit kernel against the
+textbook formula (the custom-call kernels also per device block under a mesh), the blockwise
+(flash) kernel's forward / gradient and its memory at long T."""
 
+import json
 import logging
 import os
 import subprocess
@@ -218,3 +220,65 @@ def test_flash_gradient_at_4k_tokens_under_rss_bound():
                        capture_output=True, text=True, timeout=900, check=True).stdout.split()
   before_kb, after_kb = int(out[0]), int(out[1])
   assert (after_kb - before_kb) * 1024 < 300e6, (before_kb, after_kb)
+
+
+# ------------------------------------------------------------------------------ compile target
+
+
+def test_platform_is_the_mesh_devices_not_the_host():
+  """backend.platform() reads the devices of the enclosing mesh: a program traced for a TPU
+  (here an abstract TPU mesh; experiments/aot_compile.py uses a real compile-only topology) gets
+  the TPU kernel and none of the XLA:CPU tuning, on this CPU host."""
+  assert backend.platform() == "cpu"
+  with jax.set_mesh(jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))):
+    assert backend.platform() == "cpu"
+  tpu = jax.sharding.AbstractMesh((1, 1, 1), ("data", "fsdp", "tensor"),
+                                  abstract_device=jax.sharding.AbstractDevice(
+                                      device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+  with jax.sharding.use_abstract_mesh(tpu):
+    assert backend.platform() == "tpu" and not backend.on_cpu()
+    assert attention.resolve_impl("auto", dtype=jnp.bfloat16, head_dim=64) == "pallas"
+    assert backend.decode_head(jnp.ones((8, 4)), jnp.float32) is None
+  assert attention.resolve_impl("auto", dtype=jnp.bfloat16, head_dim=64) == "xla"
+
+
+_SHARDED_PROBE = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from attention_test import _inputs
+from mixpo import sharding
+from mixpo.models import attention
+out = {}
+for mesh_shape in [(2, 1, 2), (1, 1, 4)]:  # (1, 1, 4): 2 kv heads repeated to split over 4
+  mesh = sharding.make_mesh(mesh_shape)
+  q, k, v, valid, w = _inputs(t=100, b=4)
+  for impl in ("pallas", "xla_rotation"):
+    fn = (lambda q, k, v, m: attention.attend(q, k, v, m, "pallas")) if impl == "pallas" else (
+        lambda q, k, v, m: attention._cudnn_attention(q, k, v, m, q.shape[-1] ** -0.5,
+                                                      implementation="xla"))
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v, valid).reshape(w.shape) * w)
+    want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    with jax.set_mesh(mesh):
+      hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+      got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    out[f"{mesh_shape}/{impl}"] = [float(jnp.abs(a - b).max()) for a, b in zip(got, want)] + [
+        "shard_map" in hlo or "manual" in hlo]
+print(json.dumps(out))
+"""
+
+
+def test_custom_call_kernels_run_per_device_block_under_a_mesh():
+  """Under a 4-device mesh the Pallas kernel (interpret mode here) and the cuDNN path's row
+  rotation (through jax.nn's XLA kernel) run in shard_map (rows over data × fsdp, heads over
+  tensor, kv heads repeated where tensor does not divide them) with the gradients of the
+  unsharded call."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, "-c", _SHARDED_PROBE, os.path.dirname(__file__)],
+                       env=env, capture_output=True, text=True, timeout=900, check=True)
+  results = json.loads(out.stdout.splitlines()[-1])
+  assert len(results) == 4
+  for name, (dq, dk, dv, manual) in results.items():
+    assert manual, name
+    assert max(dq, dk, dv) < 1e-4, (name, dq, dk, dv)

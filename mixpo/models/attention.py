@@ -357,23 +357,39 @@ def _jax_nn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale):
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, scale=scale)
 
 
+def _split_heads(n: int, kv: int, mesh) -> tuple[str | None, int]:
+  """(mesh axis of the heads or None, copies of each kv head) for `on_shards`."""
+  tensor = mesh.shape["tensor"]
+  if tensor == 1 or n % tensor:
+    return None, 1
+  copies = next(r for r in range(1, n // kv + 1) if (kv * r) % tensor == 0 and n % (kv * r) == 0)
+  return "tensor", copies
+
+
+def _local_heads(n: int, kv: int) -> int:
+  """Query heads per device block of `on_shards` under the current mesh."""
+  mesh = sharding.current_mesh()
+  if mesh is None or mesh.size == 1 or _split_heads(n, kv, mesh)[0] is None:
+    return n
+  return n // mesh.shape["tensor"]
+
+
 def on_shards(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS):
   """`kernel(q, k, v, key_valid) -> [B, T, N, H]` run on each device's block under a mesh.
 
   A custom-call kernel (Pallas / Mosaic, cuDNN) cannot be partitioned by XLA, so under a
   `jax.set_mesh` mesh of several devices it runs in `jax.shard_map`: rows over data × fsdp, query
   and kv heads over tensor (kv heads repeated, when tensor does not divide them, to the fewest
-  copies that it does and that still group the query heads evenly; without such a split heads
-  stay whole). A mesh axis that does not divide its dimension is left out (`sharding.fit_spec`):
-  that dimension is then computed whole on each device. No mesh, or one device: a plain call.
+  copies that it does and that still group the query heads evenly; heads stay whole when tensor
+  does not divide the query heads). A mesh axis that does not divide the rows is left out
+  (`sharding.fit_spec`): they are then computed whole on each device. No mesh, or one device: a
+  plain call.
   """
   mesh = sharding.current_mesh()
   if mesh is None or mesh.size == 1:
     return kernel(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS)
-  n, kv, tensor = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2], mesh.shape["tensor"]
-  heads = "tensor" if tensor > 1 and n % tensor == 0 else None
-  if heads and kv % tensor:
-    copies = next(r for r in range(1, n // kv + 1) if (kv * r) % tensor == 0 and n % (kv * r) == 0)
+  heads, copies = _split_heads(q_BxTxNxH.shape[2], k_BxSxKxH.shape[2], mesh)
+  if copies > 1:
     k_BxSxKxH, v_BxSxKxH = (jnp.repeat(x, copies, axis=2) for x in (k_BxSxKxH, v_BxSxKxH))
   rows = sharding.fit_spec(sharding.ROWS_B, key_valid_BxS.shape[:1], mesh)[0]
   by_head = P(rows, None, heads, None)
@@ -419,8 +435,13 @@ def _splash_kernel(num_heads: int, length: int, interpret: bool):
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
   mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * num_heads)
-  return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
-                                interpret=interpret), splash.SegmentIds
+  # The kernel holds its mask tables as arrays; made inside a trace (under a mesh, jnp.array is
+  # staged) they would be tracers of that trace, leaked into every later one by the cache: made
+  # concrete and kept as numpy, they are constants of every program that uses the kernel.
+  with jax.ensure_compile_time_eval():
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                    interpret=interpret)
+  return jax.tree.map(np.asarray, kernel), splash.SegmentIds
 
 
 def pallas_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale):
@@ -428,11 +449,11 @@ def pallas_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale):
   padding query sees padding keys: finite, unused). [B, T, N, H]. Compiled as a Mosaic kernel
   for TPU, in Pallas interpret mode for any other platform (tests); under a mesh per device
   block (`on_shards`)."""
-  interpret = backend.platform() != "tpu"  # read outside shard_map, where the mesh is whole
+  t, n = q_BxTxNxH.shape[1:3]
+  kernel, segment_ids = _splash_kernel(_local_heads(n, k_BxSxKxH.shape[2]),
+                                       t + (-t % _SPLASH_MULTIPLE), backend.platform() != "tpu")
 
   def rows(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS):
-    b, t, n, h = q_BxTxNxH.shape
-    kernel, segment_ids = _splash_kernel(n, t + (-t % _SPLASH_MULTIPLE), interpret)
     head_major = lambda x: _pad_to(x, 1, _SPLASH_MULTIPLE).swapaxes(1, 2)  # [B, heads, T', H]
     q = head_major(q_BxTxNxH * jnp.asarray(scale, q_BxTxNxH.dtype))
     seg_BxT = _pad_to(key_valid_BxS.astype(jnp.int32), 1, _SPLASH_MULTIPLE)
