@@ -23,7 +23,10 @@ the directory (`/models/Qwen2.5-Math-1.5B` → qwen2.5-math-1.5b.json), or from 
 
 Printed per program: per-device bytes from the compiler (arguments / outputs not aliased to an
 argument / temporaries / code) plus the run's other resident arrays (the train state, LoRA base,
-guide and reference that the program does not take), against the chip's HBM; model FLOPs (an
+guide and reference that the program does not take), against the chip's HBM. A TPU program is
+compiled into the HBM those other arrays leave (XLA:TPU's scheduler uses the budget it is given
+for overlap, so its temporaries are what it chose within that budget, not the least it needs;
+that it compiles is the fit check). Then: model FLOPs (an
 analytic count: XLA's cost analysis counts a loop body once); XLA's bytes accessed (also per loop
 body once); the collectives in the program; the attention kernel compiled (its custom calls);
 compile time. Exit status 2 with one line on stderr when the topology or config is wrong, the run
@@ -335,23 +338,28 @@ def compile_program(program: Program, mesh, target, resident_total: int) -> dict
   """Compiles `program` inside `mesh`; its per-device figures. DoesNotFit when the compiler
   runs out of device memory or the peak exceeds the target's HBM."""
   import jax  # noqa: PLC0415
+  others = resident_total - program.resident_args
+  options = {}
+  if target.platform == "tpu":
+    # XLA:TPU schedules a program into the HBM it is told it has (overlapping collectives and
+    # prefetches until the budget is used): the budget is what the run's other arrays leave.
+    options["xla_tpu_max_hbm_size_mib"] = max(1, (target.hbm_bytes - others) // 2**20)
   start = time.time()
   try:
     with jax.set_mesh(mesh):
-      compiled = program.lower().compile()
+      compiled = program.lower().compile(compiler_options=options)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     first = next((l for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l), str(e))
-    raise DoesNotFit(f"{program.name} does not fit {target.name}: the compiler ran out of "
-                     f"device memory ({first.strip()[:300]})") from None
+    raise DoesNotFit(f"{program.name} does not fit {target.name} next to the run's other "
+                     f"arrays ({_gib(others)} GiB per device): {first.strip()[:300]}") from None
   seconds = time.time() - start
   ma = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   own = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
          + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes)
-  others = resident_total - program.resident_args
   row = {"program": program.name, "rows": program.rows, "tokens": program.tokens,
          "arguments": ma.argument_size_in_bytes,
          "outputs": ma.output_size_in_bytes - ma.alias_size_in_bytes,
@@ -360,7 +368,8 @@ def compile_program(program: Program, mesh, target, resident_total: int) -> dict
          "model_flops": program.model_flops,
          "xla_flops_loop_bodies_once": float((cost or {}).get("flops", 0.0)),
          "xla_bytes_accessed_loop_bodies_once": float((cost or {}).get("bytes accessed", 0.0)),
-         "compile_seconds": seconds, **hlo_facts(compiled.as_text())}
+         "compile_seconds": seconds, "hbm_budget_mib": options.get("xla_tpu_max_hbm_size_mib"),
+         **hlo_facts(compiled.as_text())}
   del compiled
   jax.clear_caches()
   return row
@@ -370,7 +379,7 @@ def _gib(x) -> str:
   return f"{x / GIB:.2f}"
 
 
-def report(config_name, target, mesh, facts, resident, rows) -> str:
+def report(config_name, target, mesh, facts, resident, rows, failure=None) -> str:
   """The human-readable summary of `main`."""
   from mixpo.models import attention  # noqa: PLC0415
   c = facts["policy"]
@@ -396,7 +405,9 @@ def report(config_name, target, mesh, facts, resident, rows) -> str:
         f"{_gib(r['outputs']):>7}{_gib(r['temporaries']):>7}{_gib(r['code']):>7}"
         f"{_gib(r['other_resident']):>10}{_gib(r['peak']):>7}  {r['model_flops'] / 1e12:>9.1f}"
         f"{r['compile_seconds']:>10.0f}  {kernels}; {coll}")
-  if target.hbm_bytes is not None and rows:
+  if failure:
+    lines.append(f"  fits: NO ({failure})")
+  elif target.hbm_bytes is not None and rows:
     worst = max(rows, key=lambda r: r["peak"])
     lines.append(f"  fits: yes, largest peak {_gib(worst['peak'])} of {_gib(target.hbm_bytes)} "
                  f"GiB ({worst['program']})")
@@ -438,36 +449,41 @@ def main(argv):
       raise
     raise cli.UserError(str(e)) from None
   total = sum(resident.values())
-  rows = []
-  try:
-    for program in programs:
+  rows, failure = [], None
+  for program in programs:
+    try:
       row = compile_program(program, mesh, target, total)
-      rows.append(row)
-      if target.hbm_bytes is not None and row["peak"] > target.hbm_bytes:
-        raise DoesNotFit(
-            f"{program.name} does not fit {target.name}: {_gib(row['peak'])} GiB per device "
-            f"(program {_gib(row['program_bytes'])} + other resident arrays "
-            f"{_gib(row['other_resident'])}) of {_gib(target.hbm_bytes)} GiB HBM")
-  except DoesNotFit as e:
-    raise cli.UserError(f"{e}; try a mesh that splits more (--config.mesh_shape, e.g. "
-                        "'(1,-1,1)' or '(1,-1,4)'), more micro-batches "
-                        "(--config.num_micro_batches), LoRA (--config.lora.rank) or a larger "
-                        "topology.") from None
+    except DoesNotFit as e:
+      failure = str(e)
+      break
+    rows.append(row)
+    if target.hbm_bytes is not None and row["peak"] > target.hbm_bytes:
+      failure = (f"{program.name} does not fit {target.name}: {_gib(row['peak'])} GiB per device "
+                 f"(program {_gib(row['program_bytes'])} + other resident arrays "
+                 f"{_gib(row['other_resident'])}) of {_gib(target.hbm_bytes)} GiB HBM")
+      break
   name = _config_name()
-  print(report(name, target, mesh, facts, resident, rows))
+  print(report(name, target, mesh, facts, resident, rows, failure))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump({"config": name, "topology": target.name, "mesh": dict(mesh.shape),
+                 "device_kind": mesh.devices.flat[0].device_kind,
                  "hbm_bytes": target.hbm_bytes, "rows": facts["rows"], "P": facts["P"],
                  "N": facts["N"], "T": facts["T"], "lora_rank": facts["lora_rank"],
                  "num_layers": facts["policy"].num_layers, "resident": resident,
-                 "programs": rows}, f, indent=1)
+                 "programs": rows, "fits": failure is None, "failure": failure}, f, indent=1)
+  if failure:
+    raise cli.UserError(f"{failure}; try a mesh that splits more (--config.mesh_shape, e.g. "
+                        "'(1,-1,1)' or '(1,-1,4)'), more micro-batches "
+                        "(--config.num_micro_batches), LoRA (--config.lora.rank) or a larger "
+                        "topology.")
 
 
 def _config_name() -> str:
   for arg in sys.argv[1:]:
     if arg.startswith("--config="):
-      return os.path.splitext(os.path.basename(arg.split("=", 1)[1].split(":")[0]))[0]
+      name = os.path.basename(arg.split("=", 1)[1].split(":")[0])
+      return name[:-3] if name.endswith(".py") else name
   return "config"
 
 

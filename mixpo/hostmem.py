@@ -101,12 +101,35 @@ def _accelerator_backend() -> str | None:
   return None
 
 
+def _skip_idle_runtimes() -> None:
+  """Sets jax_platforms=cpu when no platform is forced and accelerator runtimes are installed
+  (libtpu, a CUDA / ROCm plugin: e.g. for compile-only targets) but none of their chips is
+  present. jax would compute on the CPU anyway, after starting each runtime, which fails with a
+  page of warnings (libtpu's TPU-VM lookups, the CUDA plugin's missing-library traceback) at the
+  start of every binary."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if (xla_bridge.backends_are_initialized() or jax.config.values.get("jax_platforms")
+      or os.environ.get("JAX_PLATFORMS")):
+    return
+  installed = []
+  for name, _ in _ACCELERATOR_MODULES:
+    try:
+      installed += [name] if importlib.util.find_spec(name) is not None else []
+    except (ImportError, ValueError):
+      continue
+  if installed and _accelerator_backend() is None:
+    jax.config.update("jax_platforms", "cpu")
+
+
 def keep_freed_memory() -> bool:
   """Applies the settings above (XLA:CPU only); True when they are in effect. Idempotent.
 
-  Call it first in a binary's main; `import mixpo` never calls it.
+  Call it first in a binary's main; `import mixpo` never calls it. It also keeps jax from
+  starting accelerator runtimes that have no chip here (`_skip_idle_runtimes`).
   """
   global status
+  _skip_idle_runtimes()
   if os.environ.get(ENV_VAR, "").strip().lower() in ("system", "default", "0", "off"):
     status = f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
     return False

@@ -139,14 +139,19 @@ def test_forward_flops_match_xla_on_a_loop_free_program():
 
 
 @needs_libtpu
-def test_hostmem_applies_cpu_settings_with_libtpu_installed_and_no_tpu():
-  """libtpu (installed for compile-only TPU targets) on a host without a TPU chip: jax computes on
-  the CPU, so the binaries' XLA:CPU allocator settings still apply (they were skipped)."""
-  code = ("from mixpo import hostmem; print(hostmem.keep_freed_memory(), hostmem.status)")
+def test_binaries_start_quietly_on_the_cpu_with_libtpu_installed():
+  """libtpu (installed for compile-only TPU targets) on a host without a TPU chip: a binary's
+  first call (hostmem.keep_freed_memory) keeps jax from starting the TPU runtime (which logged
+  TPU-VM lookup warnings at every start), and the XLA:CPU allocator settings apply (they were
+  skipped, libtpu counting as an accelerator)."""
+  code = ("from mixpo import hostmem; ok = hostmem.keep_freed_memory()\n"
+          "import jax; jax.numpy.ones(3).block_until_ready()\n"
+          "print(ok, hostmem.status, jax.config.jax_platforms, jax.default_backend())")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "MIXPO_MALLOC")}
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, check=True).stdout
-  assert out.split()[:2] == ["True", "on"], out
+                       text=True, timeout=300, check=True)
+  assert out.stdout.split() == ["True", "on", "cpu", "cpu"], out.stdout
+  assert out.stderr == "", out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("num_devices", [1, 8, 16])

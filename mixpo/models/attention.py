@@ -43,7 +43,6 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from mixpo import sharding
@@ -366,14 +365,6 @@ def _split_heads(n: int, kv: int, mesh) -> tuple[str | None, int]:
   return "tensor", copies
 
 
-def _local_heads(n: int, kv: int) -> int:
-  """Query heads per device block of `on_shards` under the current mesh."""
-  mesh = sharding.current_mesh()
-  if mesh is None or mesh.size == 1 or _split_heads(n, kv, mesh)[0] is None:
-    return n
-  return n // mesh.shape["tensor"]
-
-
 def on_shards(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS):
   """`kernel(q, k, v, key_valid) -> [B, T, N, H]` run on each device's block under a mesh.
 
@@ -426,8 +417,10 @@ def _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale,
 _SPLASH_MULTIPLE = 128
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, length: int, interpret: bool):
+  """jax's splash kernel for `num_heads` heads of `length` tokens, causal. Made anew in each
+  trace (its mask tables are arrays of the trace it is made in; cached across traces they would
+  leak as tracers); the numpy work behind the tables is cached by jax."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as splash, splash_attention_mask as splash_mask)
   block = next(bl for bl in (512, 256, 128) if length % bl == 0)
@@ -435,13 +428,8 @@ def _splash_kernel(num_heads: int, length: int, interpret: bool):
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
   mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * num_heads)
-  # The kernel holds its mask tables as arrays; made inside a trace (under a mesh, jnp.array is
-  # staged) they would be tracers of that trace, leaked into every later one by the cache: made
-  # concrete and kept as numpy, they are constants of every program that uses the kernel.
-  with jax.ensure_compile_time_eval():
-    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
-                                    interpret=interpret)
-  return jax.tree.map(np.asarray, kernel), splash.SegmentIds
+  return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                interpret=interpret), splash.SegmentIds
 
 
 def pallas_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale):
@@ -449,11 +437,11 @@ def pallas_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale):
   padding query sees padding keys: finite, unused). [B, T, N, H]. Compiled as a Mosaic kernel
   for TPU, in Pallas interpret mode for any other platform (tests); under a mesh per device
   block (`on_shards`)."""
-  t, n = q_BxTxNxH.shape[1:3]
-  kernel, segment_ids = _splash_kernel(_local_heads(n, k_BxSxKxH.shape[2]),
-                                       t + (-t % _SPLASH_MULTIPLE), backend.platform() != "tpu")
+  interpret = backend.platform() != "tpu"  # read outside shard_map, where the mesh is whole
 
   def rows(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS):
+    t, n = q_BxTxNxH.shape[1:3]
+    kernel, segment_ids = _splash_kernel(n, t + (-t % _SPLASH_MULTIPLE), interpret)
     head_major = lambda x: _pad_to(x, 1, _SPLASH_MULTIPLE).swapaxes(1, 2)  # [B, heads, T', H]
     q = head_major(q_BxTxNxH * jnp.asarray(scale, q_BxTxNxH.dtype))
     seg_BxT = _pad_to(key_valid_BxS.astype(jnp.int32), 1, _SPLASH_MULTIPLE)

@@ -92,9 +92,11 @@ def prepare_process(target: Target) -> None:
   host CPU only (an installed TPU / CUDA runtime is never initialised, so no chip, driver or
   metadata server is looked for), libtpu is told it is on one host (else it warns that it
   cannot find the TPU VM's worker list), and cpu-N targets get N host devices. Values already
-  in the environment are kept."""
+  in the environment are kept. Several compile-only processes may load libtpu at once (it runs no
+  TPU, so its one-process lock guards nothing here)."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
   if target.platform == "cpu":
