@@ -460,6 +460,14 @@ def main(argv):
     except DoesNotFit as e:
       failure = str(e)
       break
+    except RuntimeError as e:
+      if "cuDNN not found" not in str(e):
+        raise
+      raise cli.UserError(
+          f"{program.name}: --config.model.attention_impl={facts['policy'].attention_impl} "
+          "compiles cuDNN's fused attention for a GPU target, which needs the cuDNN library at "
+          "compile time: pip install 'nvidia-cudnn-cu12>=9.8,<10' (BUILD_NOTES), or pass "
+          "--config.model.attention_impl=xla.") from None
     rows.append(row)
     if target.hbm_bytes is not None and row["peak"] > target.hbm_bytes:
       failure = (f"{program.name} does not fit {target.name}: {_gib(row['peak'])} GiB per device "
