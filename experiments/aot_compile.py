@@ -370,8 +370,8 @@ def compile_program(program: Program, mesh, target, resident_total: int) -> dict
          "temporaries": ma.temp_size_in_bytes, "code": ma.generated_code_size_in_bytes,
          "program_bytes": own, "other_resident": others, "peak": own + others,
          "model_flops": program.model_flops,
-         "xla_flops_loop_bodies_once": float((cost or {}).get("flops", 0.0)),
-         "xla_bytes_accessed_loop_bodies_once": float((cost or {}).get("bytes accessed", 0.0)),
+         "xla_flops_loop_bodies_once": (cost or {}).get("flops"),  # None: not reported
+         "xla_bytes_accessed_loop_bodies_once": (cost or {}).get("bytes accessed"),
          "compile_seconds": seconds, "hbm_budget_mib": options.get("xla_tpu_max_hbm_size_mib"),
          **hlo_facts(compiled.as_text())}
   del compiled
@@ -400,15 +400,20 @@ def report(config_name, target, mesh, facts, resident, rows, failure=None) -> st
       f"N={facts['N']}, T={facts['T']}",
       "  resident GiB/device: " + ", ".join(f"{k} {_gib(v)}" for k, v in resident.items() if v),
       f"  {'program':<17}{'rows×tokens':>13}{'args':>7}{'out':>7}{'temp':>7}{'code':>7}"
-      f"{'+resident':>10}{'peak':>7}  {'TFLOPs':>9}{'compile s':>10}  kernels; collectives"]
+      f"{'+resident':>10}{'peak':>7}  {'TFLOPs':>9}{'XLA GB*':>9}{'compile s':>10}  "
+      "kernels; collectives*"]
   for r in rows:
     kernels = ", ".join(f"{v} {k}" for k, v in r["kernel_calls"].items()) or "none"
     coll = ", ".join(f"{v} {k}" for k, v in r["collectives"].items()) or "none"
+    moved = r["xla_bytes_accessed_loop_bodies_once"]
     lines.append(
         f"  {r['program']:<17}{r['rows']:>6}×{r['tokens']:<6}{_gib(r['arguments']):>7}"
         f"{_gib(r['outputs']):>7}{_gib(r['temporaries']):>7}{_gib(r['code']):>7}"
         f"{_gib(r['other_resident']):>10}{_gib(r['peak']):>7}  {r['model_flops'] / 1e12:>9.1f}"
-        f"{r['compile_seconds']:>10.0f}  {kernels}; {coll}")
+        f"{'-' if moved is None else f'{moved / 1e9:.1f}':>9}{r['compile_seconds']:>10.0f}  "
+        f"{kernels}; {coll}")
+  lines.append("  GiB per device; TFLOPs: model FLOPs of the whole program (analytic); * XLA's "
+               "count, each loop body once")
   if failure:
     lines.append(f"  fits: NO ({failure})")
   elif target.hbm_bytes is not None and rows:
