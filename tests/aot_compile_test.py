@@ -172,3 +172,32 @@ def test_qwen_recipe_is_a_run_the_trainer_accepts(num_devices):
   assert p + spec.sample.max_new_tokens <= policy_cfg.max_position_embeddings
   assert spec.sizes.rows % (spec.step.num_minibatches * spec.step.num_micro_batches
                             * num_devices) == 0
+
+
+def test_lowered_programs_are_the_ones_generate_and_score_run():
+  """sampling.lower_generate / lower_score (inputs as shapes, nothing placed) lower the very
+  programs `generate` / `score` run on values: the same StableHLO."""
+  from flax import nnx  # noqa: PLC0415
+  from mixpo import sampling  # noqa: PLC0415
+  from mixpo.models import CausalLM  # noqa: PLC0415
+  cfg = from_hf_config(dict(model_type="qwen2", vocab_size=64, hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2))
+  graphdef, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  b, p, n = 4, 8, 5
+  shape = lambda t: jax.ShapeDtypeStruct((b, t), jnp.int32)
+  ones = lambda t: jnp.ones((b, t), jnp.int32)
+  got = sampling.lower_generate((graphdef, abstract), shape(p), shape(p), n, temperature=0.7,
+                                top_k=10).as_text()
+  want = sampling._generate_program.lower(  # pylint: disable=protected-access
+      graphdef, state, ones(p), ones(p), jax.random.key(0), np.float32(0.7), np.float32(1.0),
+      np.full((1,), 3, np.int32), np.int32(0), max_new_tokens=n, greedy=False, top_k=10,
+      use_top_p=False).as_text()
+  assert got == want
+  got = sampling.lower_score((graphdef, abstract), shape(p + n), shape(p + n),
+                             shape(p + n)).as_text()
+  want = sampling._score_program.lower(  # pylint: disable=protected-access
+      graphdef, state, ones(p + n), ones(p + n), ones(p + n), np.float32(1.0),
+      chunk_size=sampling.auto_chunk_size(b, p + n - 1, 64), return_entropy=False).as_text()
+  assert got == want
