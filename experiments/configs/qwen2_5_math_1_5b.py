@@ -34,20 +34,24 @@ def get_config():
   c.overlong_shaping = True  # DAPO: soft penalty over the last L_cache tokens of L_max.
   c.max_new_tokens = 3072  # + 1024 prompt tokens = Qwen2.5-Math's 4096-token context.
   c.overlong_cache = 512
-  c.groups = 64  # prompts per batch (DAPO uses 512; scale with the mesh).
+  # Prompts per batch (DAPO uses 512), sized for a v5e-16 slice (16 GiB chips; raise them with
+  # the mesh): θ_old and guide scoring take the whole batch in one program, and at 64 groups
+  # (48 rows × 4096 tokens per chip) θ_old's needed 14.69 GiB of temporaries where the run left
+  # 14.67 (experiments/aot_compile.py, docs/scaling.md).
+  c.groups = 32
   c.n = 7
   c.m = 1  # LUFFY's split: 7 policy samples and one guide trace per prompt.
-  c.zero_groups = 32
+  c.zero_groups = 16
   c.max_num_gen_batches = 3
   c.temperature = 1.0
   c.learning_rate = 1e-6
   c.warmup_steps = 10
   c.weight_decay = 0.1
-  # (64 + 32) groups × 8 rows = 768 rows: 8 updates of 96 rows, each in 6 micro-batches of 16
-  # (rows divide over data × fsdp: one row of 4096 tokens per device on 16 devices; with 3, the
-  # v5e-16 train step needs 16.08 of 16 GiB: experiments/aot_compile.py, docs/scaling.md).
+  # (32 + 16) groups × 8 rows = 384 rows: 8 updates of 48 rows, each in 3 micro-batches of 16
+  # (rows divide over data × fsdp: one row of 4096 tokens per device on 16 devices; with 3 rows
+  # per device the v5e-16 train step needed 16.08 of 16 GiB: docs/scaling.md).
   c.num_minibatches = 8
-  c.num_micro_batches = 6
+  c.num_micro_batches = 3
   c.mesh_shape = (1, -1, 1)  # fsdp over every device: 18.5 GB of fp32 weights + AdamW.
   c.dual_clip = 3.0
   c.num_steps = 500
