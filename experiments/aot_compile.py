@@ -168,12 +168,6 @@ class Program:
   lower: object  # () -> jax Lowered (called inside the mesh).
 
 
-def _abstract(tree, shardings):
-  import jax  # noqa: PLC0415
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
-
-
 def _rollout_view(spec, model_cfg, state):
   """(graphdef, abstract state) of a model as rollout and scoring see it (`rl.rollout_view`:
   a copy cast to the rollout dtype unless it is "model"), and whether it is that copy."""
@@ -227,6 +221,7 @@ def build(config, target, policy_hf: dict, guide_hf: dict | None, prompt_len: in
   """(mesh, programs, resident bytes per device, facts) of `config`'s run on `target`."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
   from jax.sharding import NamedSharding  # noqa: PLC0415
 
@@ -254,13 +249,13 @@ def build(config, target, policy_hf: dict, guide_hf: dict | None, prompt_len: in
   state = jax.eval_shape(lambda params: train.init_state(
       types.SimpleNamespace(params=params), optimizer, 0), policy.params)
   state_sh = sharding.train_state_shardings(state, mesh)
-  state = _abstract(state, state_sh)
-  base = None if policy.base is None else _abstract(
+  state = sharding.abstract(state, state_sh)
+  base = None if policy.base is None else sharding.abstract(
       policy.base, sharding.tree_shardings(policy.base, mesh))
 
   def frozen(cfg):  # the guide / reference, held only as their rollout view (loop.setup)
-    graphdef, st = nnx.split(abstract_model(cfg, None))
-    return _rollout_view(spec, cfg, _abstract(st, sharding.tree_shardings(st, mesh)))
+    _, st = nnx.split(abstract_model(cfg, None))
+    return _rollout_view(spec, cfg, sharding.abstract(st, sharding.tree_shardings(st, mesh)))
 
   resident = {"params": sharding.bytes_per_device(state.params),
               "optimizer": sharding.bytes_per_device((state.opt_state, state.step, state.rng,
@@ -281,7 +276,7 @@ def build(config, target, policy_hf: dict, guide_hf: dict | None, prompt_len: in
   sizes = spec.sizes
   rows = sizes.rows
   rows_sh = lambda shape: NamedSharding(mesh, sharding.fit_spec(sharding.ROWS_B, shape, mesh))
-  tiny = make_batch(*(jax.numpy.zeros((1, 1), jnp.int32),) * 4)  # dtypes of every field
+  tiny = make_batch(*(np.zeros((1, 1), np.int32),) * 4)  # the dtype of every field
   if spec.keeps_reference:
     tiny = dataclasses.replace(tiny, ref_logp_BxT=tiny.old_logp_BxT)
   batch_sh = sharding.batch_sharding(mesh)
