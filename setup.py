@@ -49,6 +49,13 @@ EXTRAS = {
         "peft>=0.21,<1",
         # tests/file_task_flags_test.py runs the wandb logger offline (WANDB_MODE=offline).
         "wandb>=0.31,<1",
+        # Ahead-of-time compiles for TPU and GPU targets on a CPU-only host (tests/aot_compile_test.py,
+        # experiments/aot_compile.py): XLA:TPU is libtpu, the version jax[tpu] pins for this jax;
+        # XLA:GPU is jax's CUDA plugin, quiet on a GPU-less host with the CUDA runtime beside it.
+        "libtpu>=0.0.42,<0.0.43",
+        "jax-cuda12-plugin>=0.10.2,<0.12",
+        "jax-cuda12-pjrt>=0.10.2,<0.12",
+        "nvidia-cuda-runtime-cu12>=12.9,<13",
     ],
     "bench": ["torch>=2.5"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.12"],  # NVIDIA, CUDA 12 wheels (driver >= 525).

@@ -1,13 +1,15 @@
 r"""Per-device memory plan of an RL run for a Hugging Face config.json and a mesh; no weights.
 
   python experiments/memory_plan.py --config=experiments/configs/hf/qwen2.5-7b.json \
-      --mesh=1,16,1 --device_memory_gib=16 [--lora_rank=16]
+      --mesh=1,16,1 --device_memory_gib=16 [--lora_rank=16] [--topology=v5e-16]
 
-With --lora_rank=r > 0 (default 16) the LoRA plan is reported next to the full one: the frozen
-base in --lora_base_dtype (`base`), rank-r float32 adapters on every block projection as the
-trained `params` with their AdamW `optimizer` state, the same guide / KV cache, and the step's
-temporaries compiled with adapters (no base weight gradients). θ_old scoring and a KL reference
-(the base with adapters off) reuse the base: nothing extra.
+The quick plan for a checkpoint geometry and a mesh; `experiments/aot_compile.py` compiles a
+whole run (its config's rows, sequence lengths, guide, generation) for a target and is what
+docs/scaling.md's tables come from. With --lora_rank=r > 0 (default 16) the LoRA plan is
+reported next to the full one: the frozen base in --lora_base_dtype (`base`), rank-r float32
+adapters on every block projection as the trained `params` with their AdamW `optimizer` state,
+the same guide / KV cache, and the step's temporaries compiled with adapters (no base weight
+gradients). θ_old scoring and a KL reference (the base with adapters off) reuse the base.
 
 How each figure is obtained (nothing is allocated at model size):
   params / optimizer / guide  nnx.eval_shape of the model and jax.eval_shape of optimizer.init,
@@ -15,15 +17,14 @@ How each figure is obtained (nothing is allocated at model size):
   base (LoRA)                 the frozen base's shard shapes under the same rules;
   kv_cache                    eval_shape of CausalLM.init_cache(rollout_rows, rollout_len)
                               sharded by sharding.KV_LBKSH;
-  step_temp (activations)     temp_size_in_bytes of the compiled, sharded train_step
+  step_temp (activations)     temp_size_in_bytes of the compiled, sharded train_step at full depth
                               (jit(...).lower(abstract sharded inputs).compile().memory_analysis())
-                              on simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_
-                              count=N, set here). The full-depth program is slow to compile on a
-                              laptop, so the step is compiled with 1 and 2 layers and extrapolated
-                              linearly: temp(L) = temp(1) + (L-1)·(temp(2) - temp(1)). The figure
-                              covers everything the step holds besides its inputs: activations kept
-                              for backward (remat per layer), gradients, the logits chunk and XLA
-                              workspace. XLA:CPU's buffer assignment stands in for TPU/GPU's.
+                              on --topology's devices (mixpo/targets: a TPU slice or GPU host,
+                              compiled by its own compiler; default "cpu": simulated host devices,
+                              XLA:CPU's buffer assignment standing in for the accelerator's). It
+                              covers everything the step holds besides its inputs: activations
+                              kept for backward (remat per layer), gradients, the logits chunk and
+                              XLA workspace.
 """
 
 import json
@@ -49,8 +50,10 @@ _ROLLOUT_ROWS = flags.DEFINE_integer("rollout_rows", 0, "Rows generated at once 
 _ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "KV-cache length (0: seq_len).")
 _REMAT = flags.DEFINE_bool("remat", True, "Rematerialise each layer in the backward pass.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the plan as JSON here.")
-_COMPILE = flags.DEFINE_bool("compile", True, "Compile the step for step_temp (slow at 7B+); "
+_COMPILE = flags.DEFINE_bool("compile", True, "Compile the step for step_temp (minutes at 7B); "
                              "--nocompile reports the other figures only (step_temp 0).")
+_TOPOLOGY = flags.DEFINE_string("topology", "cpu", "Compile target of step_temp: cpu (simulated "
+                                "host devices) or a mixpo/targets name (v5e-16, h100-8, ...).")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "Also plan LoRA at this rank (0: full only).")
 _LORA_BASE_DTYPE = flags.DEFINE_string("lora_base_dtype", "bfloat16",
                                        "Storage dtype of the frozen base under LoRA.")
@@ -62,24 +65,32 @@ def _mesh_shape():
   return tuple(int(s) for s in _MESH.value.split(","))
 
 
-def _set_devices():
-  """Simulated CPU devices must be requested before jax initialises its backend."""
-  n = _DEVICES.value or math.prod(s for s in _mesh_shape() if s > 0)
-  if -1 in _mesh_shape() and not _DEVICES.value:
-    raise app.UsageError("--mesh has -1: give --devices (the simulated device count).")
-  flag = f"--xla_force_host_platform_device_count={n}"
-  os.environ["XLA_FLAGS"] = " ".join(
-      f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f) + " " + flag
-  os.environ["JAX_PLATFORMS"] = "cpu"
+def _target():
+  """The compile target (mixpo/targets); `cpu` is cpu-N with N the mesh's devices. Its process
+  settings (simulated host devices, compile-only runtimes) precede jax's backend."""
+  from mixpo import targets
+  if _TOPOLOGY.value == "cpu":
+    n = _DEVICES.value or math.prod(s for s in _mesh_shape() if s > 0)
+    if -1 in _mesh_shape() and not _DEVICES.value:
+      raise app.UsageError("--mesh has -1: give --devices (the simulated device count).")
+    target = targets.get(f"cpu-{n}")
+  else:
+    try:
+      target = targets.get(_TOPOLOGY.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  targets.prepare_process(target)
+  return target
 
 
 def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_rows, seq_len,
          rollout_rows, rollout_len, remat, lora_rank=0, lora_base_dtype="bfloat16",
-         compile_step=True) -> dict:
-  """The full fine-tuning plan; with lora_rank > 0 the LoRA plan under the key "lora"."""
+         compile_step=True, devices=None) -> dict:
+  """The full fine-tuning plan; with lora_rank > 0 the LoRA plan under the key "lora".
+  devices: the mesh's devices (default jax.devices(); `targets.devices(...)` for a target)."""
   kw = dict(dtype=dtype, guide_dtype=guide_dtype, train_rows=train_rows, seq_len=seq_len,
             rollout_rows=rollout_rows, rollout_len=rollout_len, remat=remat,
-            compile_step=compile_step)
+            compile_step=compile_step, devices=devices)
   out = _plan(hf_config, mesh_shape, param_dtype=param_dtype, lora_rank=0, **kw)
   if lora_rank:
     out["lora"] = _plan(hf_config, mesh_shape, param_dtype=lora_base_dtype, lora_rank=lora_rank,
@@ -88,8 +99,7 @@ def plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_
 
 
 def _plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train_rows, seq_len,
-          rollout_rows, rollout_len, remat, lora_rank, compile_step) -> dict:
-  import dataclasses
+          rollout_rows, rollout_len, remat, lora_rank, compile_step, devices) -> dict:
   import types
 
   import jax
@@ -100,7 +110,7 @@ def _plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train
   from mixpo.batch import Batch
   from mixpo.models import CausalLM, from_hf_config, lora
 
-  mesh = sharding.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
   shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
   batch_shards = shape["data"] * shape["fsdp"]
   train_rows = train_rows or batch_shards
@@ -137,9 +147,8 @@ def _plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.params, base)))
   num_trained = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
 
-  def step_temp(num_layers):
-    cfg = dataclasses.replace(config, num_layers=num_layers)
-    pol, _, st = abstract_state(cfg)
+  def step_temp():
+    pol, _, st = abstract_state(config)
     st_sh = sharding.train_state_shardings(st, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     f32, i32 = jnp.float32, jnp.int32
@@ -152,14 +161,12 @@ def _plan(hf_config: dict, mesh_shape, *, param_dtype, dtype, guide_dtype, train
       compiled = step.lower(sharding.abstract(st, st_sh), batch).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  t1, t2 = (step_temp(1), step_temp(2)) if compile_step else (0, 0)
-  act_b = t1 + (config.num_layers - 1) * (t2 - t1)
+  act_b = step_temp() if compile_step else 0
   per_device = {"params": params_b, "optimizer": opt_b, "base": base_b, "guide": guide_b,
                 "kv_cache": kv_b, "step_temp": act_b}
   return {"mesh": shape, "num_params": num_params, "num_trained_params": num_trained,
           "lora_rank": lora_rank, "train_rows": train_rows, "seq_len": seq_len,
           "rollout_rows": rollout_rows, "rollout_len": rollout_len,
-          "step_temp_per_layer": t2 - t1, "step_temp_1_layer": t1,
           "per_device": per_device, "total": sum(per_device.values())}
 
 
@@ -167,15 +174,17 @@ def main(argv):
   del argv
   if not _CONFIG.value:
     raise app.UsageError("--config (a Hugging Face config.json) is required.")
-  _set_devices()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  target = _target()
+  from mixpo import targets
   with open(_CONFIG.value) as f:
     hf_config = json.load(f)
   out = plan(hf_config, _mesh_shape(), param_dtype=_PARAM_DTYPE.value, dtype=_DTYPE.value,
              guide_dtype=_GUIDE_DTYPE.value, train_rows=_TRAIN_ROWS.value,
              seq_len=_SEQ_LEN.value, rollout_rows=_ROLLOUT_ROWS.value,
              rollout_len=_ROLLOUT_LEN.value, remat=_REMAT.value, lora_rank=_LORA_RANK.value,
-             lora_base_dtype=_LORA_BASE_DTYPE.value, compile_step=_COMPILE.value)
+             lora_base_dtype=_LORA_BASE_DTYPE.value, compile_step=_COMPILE.value,
+             devices=targets.devices(target))
   budget = _MEMORY.value * GIB
   plans = [out] + ([out["lora"]] if "lora" in out else [])
   for p in plans:

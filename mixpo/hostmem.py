@@ -22,7 +22,7 @@ call on the CPU backend returns once its result is ready. Both are process-globa
 `keep_freed_memory()` first in its main, before jax's first computation (the CPU client reads
 the dispatch mode once; `status` says what took effect). They are for XLA:CPU only: where jax
 will run on an accelerator (jax_platforms / JAX_PLATFORMS names one first, or an accelerator
-plugin is installed and no platform is forced) nothing is changed. MIXPO_MALLOC=system keeps
+plugin is installed, its chip is present and no platform is forced) nothing is changed. MIXPO_MALLOC=system keeps
 all defaults; anywhere other than Linux/glibc nothing is changed.
 """
 
@@ -56,10 +56,28 @@ def _glibc():
   return libc
 
 
-# jax's accelerator plugins (and TPU runtime); any of them importable means jax's default backend
-# will be an accelerator unless jax_platforms forces the CPU.
-_ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                        "jax_rocm7_plugin", "libtpu")
+# jax's accelerator plugins (and TPU runtime) and the hardware each computes on; one importable
+# with its hardware present means jax's default backend will be an accelerator unless
+# jax_platforms forces the CPU. Installed without it (libtpu and the CUDA plugin compile for TPU /
+# GPU targets on a CPU host: experiments/aot_compile.py) jax computes on the CPU.
+def _tpu_chips() -> bool:
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
+def _nvidia_gpus() -> bool:
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  return hardware_utils.has_visible_nvidia_gpu()
+
+
+def _amd_gpus() -> bool:
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  return hardware_utils.num_available_amd_gpus(stop_at=1) > 0
+
+
+_ACCELERATOR_MODULES = (("jax_cuda12_plugin", _nvidia_gpus), ("jax_cuda13_plugin", _nvidia_gpus),
+                        ("jax_rocm60_plugin", _amd_gpus), ("jax_rocm7_plugin", _amd_gpus),
+                        ("libtpu", _tpu_chips))
 
 
 def _accelerator_backend() -> str | None:
@@ -74,21 +92,44 @@ def _accelerator_backend() -> str | None:
   first = platforms.split(",")[0].strip().lower()
   if first:
     return None if first == "cpu" else first
-  for name in _ACCELERATOR_MODULES:
+  for name, hardware_present in _ACCELERATOR_MODULES:
     try:
-      if importlib.util.find_spec(name) is not None:
+      if importlib.util.find_spec(name) is not None and hardware_present():
         return name
-    except (ImportError, ValueError):
+    except (ImportError, ValueError, OSError):
       continue
   return None
+
+
+def _skip_idle_runtimes() -> None:
+  """Sets jax_platforms=cpu when no platform is forced and accelerator runtimes are installed
+  (libtpu, a CUDA / ROCm plugin: e.g. for compile-only targets) but none of their chips is
+  present. jax would compute on the CPU anyway, after starting each runtime, which fails with a
+  page of warnings (libtpu's TPU-VM lookups, the CUDA plugin's missing-library traceback) at the
+  start of every binary."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if (xla_bridge.backends_are_initialized() or jax.config.values.get("jax_platforms")
+      or os.environ.get("JAX_PLATFORMS")):
+    return
+  installed = []
+  for name, _ in _ACCELERATOR_MODULES:
+    try:
+      installed += [name] if importlib.util.find_spec(name) is not None else []
+    except (ImportError, ValueError):
+      continue
+  if installed and _accelerator_backend() is None:
+    jax.config.update("jax_platforms", "cpu")
 
 
 def keep_freed_memory() -> bool:
   """Applies the settings above (XLA:CPU only); True when they are in effect. Idempotent.
 
-  Call it first in a binary's main; `import mixpo` never calls it.
+  Call it first in a binary's main; `import mixpo` never calls it. It also keeps jax from
+  starting accelerator runtimes that have no chip here (`_skip_idle_runtimes`).
   """
   global status
+  _skip_idle_runtimes()
   if os.environ.get(ENV_VAR, "").strip().lower() in ("system", "default", "0", "off"):
     status = f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
     return False

@@ -31,6 +31,7 @@ from flax import nnx
 
 from mixpo import sharding
 from mixpo.batch import positions_from_mask
+from mixpo.models import backend
 
 # Float32 elements of one logits chunk in `score` when chunk_size is left to us (512 MiB).
 _LOGITS_CHUNK_ELEMENTS = 1 << 27
@@ -101,29 +102,6 @@ def bucket_length(p: int, min_length: int = 16) -> int:
 # Sampling one token.
 
 
-def _gumbel(seed_4, shape):
-  """Standard Gumbel noise from XLA's Philox bit generator.
-
-  One counter-based `rng_bit_generator` call per decode step: jax.random's threefry lowers to a
-  nested loop of small ops on CPU, which costs more than the sampling it feeds.
-  """
-  _, bits = jax.lax.rng_bit_generator(seed_4, shape, dtype=jnp.uint32,
-                                      algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)
-  # 23 random bits -> bin centres of (0, 1): never 0 or 1, so both logs are finite.
-  u = ((bits >> 9).astype(jnp.float32) + 0.5) * (2.0 ** -23)
-  return -jnp.log(-jnp.log(u))
-
-
-def _argmax(x_BxV):
-  """jnp.argmax over the last axis (first index of the maximum; a NaN counts as the maximum)
-  as two plain reductions: XLA:CPU runs argmax's (value, index) pair reduction as a scalar loop,
-  4x slower than a max and a min at V = 512."""
-  max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
-  iota_BxV = jax.lax.broadcasted_iota(jnp.int32, x_BxV.shape, x_BxV.ndim - 1)
-  hit_BxV = (x_BxV == max_Bx1) | jnp.isnan(x_BxV)
-  return jnp.min(jnp.where(hit_BxV, iota_BxV, x_BxV.shape[-1] - 1), axis=-1)
-
-
 def _sample_token(logits_BxV, seed_4, temperature, top_p, *, greedy, top_k, use_top_p):
   """Samples one token per row and its log-prob under the (restricted) sampling distribution.
 
@@ -138,7 +116,7 @@ def _sample_token(logits_BxV, seed_4, temperature, top_p, *, greedy, top_k, use_
     return tok_B, jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
   z_BxV = logits_BxV / temperature
   if top_k == 0 and not use_top_p:
-    tok_B = _argmax(z_BxV + _gumbel(seed_4, z_BxV.shape))
+    tok_B = backend.argmax(z_BxV + backend.gumbel(seed_4, z_BxV.shape))
     z_tok_B = jnp.take_along_axis(z_BxV, tok_B[:, None], axis=-1)[:, 0]
     return tok_B, z_tok_B - jax.nn.logsumexp(z_BxV, axis=-1)
   # Work in the sorted top-k space: lax.top_k returns the k largest logits in descending order,
@@ -150,7 +128,7 @@ def _sample_token(logits_BxV, seed_4, temperature, top_p, *, greedy, top_k, use_
     mass_before_BxK = jnp.cumsum(p_BxK, axis=-1) - p_BxK
     # Keep the smallest prefix reaching top_p; the first token always survives.
     z_BxK = jnp.where(mass_before_BxK < top_p, z_BxK, -jnp.inf)
-  j_B = jnp.argmax(z_BxK + _gumbel(seed_4, z_BxK.shape), axis=-1)
+  j_B = jnp.argmax(z_BxK + backend.gumbel(seed_4, z_BxK.shape), axis=-1)
   tok_B = jnp.take_along_axis(idx_BxK, j_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   z_tok_B = jnp.take_along_axis(z_BxK, j_B[:, None], axis=-1)[:, 0]
   return tok_B, z_tok_B - jax.nn.logsumexp(z_BxK, axis=-1)
@@ -530,3 +508,56 @@ def score(model, tokens, mask, positions=None, *, temperature: float = 1.0,
   tokens_BxT, mask_BxT, positions = sharding.shard_rows((tokens_BxT, mask_BxT, positions))
   return _score_program(graphdef, state, tokens_BxT, mask_BxT, positions, np.float32(temperature),
                         chunk_size=int(chunk_size), return_entropy=bool(return_entropy))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time lowering (experiments/aot_compile.py): the programs `generate` and `score` run,
+# for inputs given as shapes. Nothing is validated or placed on a device (there are no values),
+# so they lower under the compile-only mesh of a TPU / GPU topology a CPU host cannot run.
+
+
+def _replicated_scalar(dtype, like):
+  """A scalar ShapeDtypeStruct, replicated over the mesh of `like` (a sharded ShapeDtypeStruct)."""
+  sh = getattr(like, "sharding", None)
+  if isinstance(sh, jax.sharding.NamedSharding):
+    return jax.ShapeDtypeStruct((), dtype, sharding=jax.sharding.NamedSharding(
+        sh.mesh, jax.sharding.PartitionSpec()))
+  return jax.ShapeDtypeStruct((), dtype)
+
+
+def lower_generate(model, prompt_BxP, prompt_mask_BxP, max_new_tokens: int, *,
+                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                   num_eos: int = 1):
+  """jax's `Lowered` of the program `generate` runs (`.compile()` for its memory and HLO).
+
+  model: a `CausalLM` or `(graphdef, state)`; state leaves may be `jax.ShapeDtypeStruct`s with
+  shardings. prompt_BxP, prompt_mask_BxP: int32 ShapeDtypeStructs [B, P] (rows sharded as
+  `generate` places them: `sharding.fit_spec(sharding.ROWS_B, ...)`). The sampling switches
+  select the program as in `generate`; num_eos: how many EOS ids the run passes.
+  Call it inside `jax.set_mesh(mesh)`, as `generate` runs.
+  """
+  graphdef, state = split_model(model)
+  vocab = _model_config(graphdef, state).vocab_size
+  greedy = temperature == 0
+  f32 = _replicated_scalar(jnp.float32, prompt_BxP)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=f32.sharding)
+  eos_E = jax.ShapeDtypeStruct((num_eos,), jnp.int32, sharding=f32.sharding)
+  return _generate_program.lower(
+      graphdef, state, prompt_BxP, prompt_mask_BxP, rng, f32, f32, eos_E,
+      _replicated_scalar(jnp.int32, prompt_BxP), max_new_tokens=int(max_new_tokens),
+      greedy=greedy, top_k=0 if greedy else min(int(top_k), vocab),
+      use_top_p=(not greedy) and top_p < 1)
+
+
+def lower_score(model, tokens_BxT, mask_BxT, positions_BxT=None, *, chunk_size=None,
+                return_entropy: bool = False):
+  """jax's `Lowered` of the program `score` runs; arguments as `lower_generate`'s (int32
+  ShapeDtypeStructs [B, T]) and `score`'s."""
+  graphdef, state = split_model(model)
+  b, t = tokens_BxT.shape
+  if chunk_size is None:
+    chunk_size = auto_chunk_size(b, t - 1, _model_config(graphdef, state).vocab_size)
+  return _score_program.lower(graphdef, state, tokens_BxT, mask_BxT, positions_BxT,
+                              _replicated_scalar(jnp.float32, tokens_BxT),
+                              chunk_size=int(chunk_size), return_entropy=bool(return_entropy))

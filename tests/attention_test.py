@@ -1,6 +1,8 @@
-"""mixpo.models.attention: `auto` per backend, every explicit kernel against the textbook formula,
-the blockwise (flash) kernel's forward / gradient and its memory at long T."""
+"""mixpo.models.attention: `auto` per platform compiled for, every explicit kernel against the
+textbook formula (the custom-call kernels also per device block under a mesh), the blockwise
+(flash) kernel's forward / gradient and its memory at long T."""
 
+import json
 import logging
 import os
 import subprocess
@@ -12,16 +14,16 @@ import numpy as np
 import pytest
 
 from mixpo import models
-from mixpo.models import attention, layers
+from mixpo.models import attention, backend
 
 
 def _reference(q, k, v, key_valid, q_start=0):
   """softmax(q·kᵀ/√H, causal + key mask)·v as written, left to autodiff. k, v [B, S, K, H]."""
   b, t, n, h = q.shape
   kv = k.shape[2]
-  allowed = attention._allowed(q_start, t, jnp.asarray(key_valid) != 0)
+  allowed = attention.allowed_mask(q_start, t, jnp.asarray(key_valid) != 0)
   scores = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv, n // kv, h), k) * h ** -0.5
-  scores = jnp.where(allowed[:, None, None], scores, attention._MASK_VALUE)
+  scores = jnp.where(allowed[:, None, None], scores, attention.MASK_VALUE)
   out = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(scores, -1), v)
   return out.reshape(b, t, n * h)
 
@@ -57,14 +59,14 @@ def _check_against_reference(fn, t, grads=True, atol=2e-5, **kw):
 # ------------------------------------------------------------------------------ auto
 
 
-@pytest.mark.parametrize("backend,dtype,head_dim,expected", [
+@pytest.mark.parametrize("platform,dtype,head_dim,expected", [
     ("cpu", jnp.float32, 64, "xla"), ("cpu", jnp.bfloat16, 64, "xla"),
     ("gpu", jnp.bfloat16, 64, "cudnn"), ("gpu", jnp.float16, 128, "cudnn"),
     ("gpu", jnp.float32, 64, "xla"), ("gpu", jnp.bfloat16, 256, "xla"),
     ("tpu", jnp.float32, 64, "pallas"), ("tpu", jnp.bfloat16, 128, "pallas"),
 ])
-def test_auto_resolves_per_backend(monkeypatch, backend, dtype, head_dim, expected):
-  monkeypatch.setattr(attention, "platform", lambda: backend)
+def test_auto_resolves_per_backend(monkeypatch, platform, dtype, head_dim, expected):
+  monkeypatch.setattr(backend, "platform", lambda: platform)
   assert attention.resolve_impl("auto", dtype=dtype, head_dim=head_dim) == expected
   for explicit in ("xla", "dot_product_attention", "cudnn", "pallas"):
     assert attention.resolve_impl(explicit, dtype=dtype, head_dim=head_dim) == explicit
@@ -88,19 +90,18 @@ def _tiny_model(dtype=jnp.float32):
       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2), 0, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend,dtype,kernel", [("gpu", jnp.bfloat16, "_cudnn_attention"),
-                                                  ("tpu", jnp.float32, "pallas_attention")])
-def test_model_dispatches_by_backend_and_keeps_cpu_kernels_on_cpu(monkeypatch, backend, dtype,
-                                                                  kernel):
+@pytest.mark.parametrize("platform,dtype,kernel", [("gpu", jnp.bfloat16, "_cudnn_attention"),
+                                                   ("tpu", jnp.float32, "pallas_attention")])
+def test_model_dispatches_by_platform_and_keeps_cpu_kernels_on_cpu(monkeypatch, platform, dtype,
+                                                                   kernel):
   """Under a mocked backend the model calls that backend's kernel, and neither the CPU matmul
   VJP nor the CPU attention kernel runs; the KV-cache path stays on the neutral einsum."""
   calls = []
-  monkeypatch.setattr(attention, "platform", lambda: backend)
+  monkeypatch.setattr(backend, "platform", lambda: platform)
   monkeypatch.setattr(attention, kernel,
                       lambda *a: calls.append(kernel) or attention._jax_nn_attention(*a))
-  for name in ("_grouped_attention",):
-    monkeypatch.setattr(attention, name, lambda *a: calls.append(name))
-  monkeypatch.setattr(layers, "_cpu_matmul", lambda *a: calls.append("_cpu_matmul"))
+  for name in ("_grouped_attention", "_cpu_matmul"):
+    monkeypatch.setattr(backend, name, lambda *a, name=name: calls.append(name))
   model = _tiny_model(dtype)
   tokens = jnp.ones((2, 8), jnp.int32)
   model(tokens)
@@ -111,9 +112,9 @@ def test_model_dispatches_by_backend_and_keeps_cpu_kernels_on_cpu(monkeypatch, b
 
 def test_cpu_keeps_the_tuned_kernels(monkeypatch):
   calls = []
-  cpu_matmul, grouped = layers._cpu_matmul, attention._grouped_attention
-  monkeypatch.setattr(layers, "_cpu_matmul", lambda *a: calls.append("mm") or cpu_matmul(*a))
-  monkeypatch.setattr(attention, "_grouped_attention",
+  cpu_matmul, grouped = backend._cpu_matmul, backend._grouped_attention
+  monkeypatch.setattr(backend, "_cpu_matmul", lambda *a: calls.append("mm") or cpu_matmul(*a))
+  monkeypatch.setattr(backend, "_grouped_attention",
                       lambda *a: calls.append("attn") or grouped(*a))
   _tiny_model()(jnp.ones((2, 8), jnp.int32))
   assert "mm" in calls and "attn" in calls
@@ -148,7 +149,7 @@ def test_pallas_splash_equals_reference_in_interpret_mode():
 def test_flash_equals_reference(monkeypatch, t, block, backward_block):
   """Forward and gradient; T not a multiple of the blocks, forward and backward blocks of their
   own lengths, rows with left and right padding."""
-  monkeypatch.setattr(attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
+  monkeypatch.setattr(attention, "_DENSE_MAX_ROW_SCORE_BYTES", 0)
   monkeypatch.setattr(attention, "_FLASH_BLOCK", block)
   monkeypatch.setattr(attention, "_FLASH_BACKWARD_BLOCK", backward_block)
   _check_against_reference(lambda q, k, v, valid: attention.attend(q, k, v, valid, "xla"), t=t)
@@ -156,7 +157,7 @@ def test_flash_equals_reference(monkeypatch, t, block, backward_block):
 
 def test_flash_over_a_cache_with_an_offset(monkeypatch):
   """The KV-cache form: T queries at slots q_start.. over S > T cached keys (a long prefill)."""
-  monkeypatch.setattr(attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
+  monkeypatch.setattr(attention, "_DENSE_MAX_ROW_SCORE_BYTES", 0)
   monkeypatch.setattr(attention, "_FLASH_BLOCK", 16)
   b, t, s, start, n, kv, h = 2, 20, 64, 23, 4, 2, 8
   rs = np.random.RandomState(1)
@@ -219,3 +220,65 @@ def test_flash_gradient_at_4k_tokens_under_rss_bound():
                        capture_output=True, text=True, timeout=900, check=True).stdout.split()
   before_kb, after_kb = int(out[0]), int(out[1])
   assert (after_kb - before_kb) * 1024 < 300e6, (before_kb, after_kb)
+
+
+# ------------------------------------------------------------------------------ compile target
+
+
+def test_platform_is_the_mesh_devices_not_the_host():
+  """backend.platform() reads the devices of the enclosing mesh: a program traced for a TPU
+  (here an abstract TPU mesh; experiments/aot_compile.py uses a real compile-only topology) gets
+  the TPU kernel and none of the XLA:CPU tuning, on this CPU host."""
+  assert backend.platform() == "cpu"
+  with jax.set_mesh(jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))):
+    assert backend.platform() == "cpu"
+  tpu = jax.sharding.AbstractMesh((1, 1, 1), ("data", "fsdp", "tensor"),
+                                  abstract_device=jax.sharding.AbstractDevice(
+                                      device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+  with jax.sharding.use_abstract_mesh(tpu):
+    assert backend.platform() == "tpu" and not backend.on_cpu()
+    assert attention.resolve_impl("auto", dtype=jnp.bfloat16, head_dim=64) == "pallas"
+    assert backend.decode_head(jnp.ones((8, 4)), jnp.float32) is None
+  assert attention.resolve_impl("auto", dtype=jnp.bfloat16, head_dim=64) == "xla"
+
+
+_SHARDED_PROBE = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from attention_test import _inputs
+from mixpo import sharding
+from mixpo.models import attention
+out = {}
+for mesh_shape in [(2, 1, 2), (1, 1, 4)]:  # (1, 1, 4): 2 kv heads repeated to split over 4
+  mesh = sharding.make_mesh(mesh_shape)
+  q, k, v, valid, w = _inputs(t=100, b=4)
+  for impl in ("pallas", "xla_rotation"):
+    fn = (lambda q, k, v, m: attention.attend(q, k, v, m, "pallas")) if impl == "pallas" else (
+        lambda q, k, v, m: attention._cudnn_attention(q, k, v, m, q.shape[-1] ** -0.5,
+                                                      implementation="xla"))
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v, valid).reshape(w.shape) * w)
+    want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    with jax.set_mesh(mesh):
+      hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+      got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    out[f"{mesh_shape}/{impl}"] = [float(jnp.abs(a - b).max()) for a, b in zip(got, want)] + [
+        "shard_map" in hlo or "manual" in hlo]
+print(json.dumps(out))
+"""
+
+
+def test_custom_call_kernels_run_per_device_block_under_a_mesh():
+  """Under a 4-device mesh the Pallas kernel (interpret mode here) and the cuDNN path's row
+  rotation (through jax.nn's XLA kernel) run in shard_map (rows over data × fsdp, heads over
+  tensor, kv heads repeated where tensor does not divide them) with the gradients of the
+  unsharded call."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, "-c", _SHARDED_PROBE, os.path.dirname(__file__)],
+                       env=env, capture_output=True, text=True, timeout=900, check=True)
+  results = json.loads(out.stdout.splitlines()[-1])
+  assert len(results) == 4
+  for name, (dq, dk, dv, manual) in results.items():
+    assert manual, name
+    assert max(dq, dk, dv) < 1e-4, (name, dq, dk, dv)

@@ -8,6 +8,13 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"mixpo-test-jax-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The suite computes on the host CPU (JAX_PLATFORMS=tpu / cuda, set by the caller, overrides).
+# The test extra installs libtpu and jax's CUDA plugin for compile-only targets
+# (aot_compile_test.py): with the CPU forced, neither starts a runtime, looks for a chip or
+# driver, or logs at start-up, here or in the binaries the tests launch (they inherit this).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ["JAX_PLATFORMS"] == "cpu":
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata-server lookups
 
 import jax  # noqa: E402
 import pytest

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors import safe_open
 
 from mixpo import models
+from mixpo.models import backend
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
@@ -137,7 +138,7 @@ def test_sharded_checkpoints_in_and_out(checkpoints, tmp_path):
 def test_kv_cache_decode_matches_full_forward(checkpoints, monkeypatch, family, impl):
   """impl "flash": the blockwise kernel (blocks of 4) for the full forward and the prefill."""
   if impl == "flash":
-    monkeypatch.setattr(models.attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
+    monkeypatch.setattr(models.attention, "_DENSE_MAX_ROW_SCORE_BYTES", 0)
     monkeypatch.setattr(models.attention, "_FLASH_BLOCK", 4)
     impl = "xla"
   model = models.from_pretrained(checkpoints[family][0], attention_impl=impl)
@@ -235,7 +236,7 @@ def test_gradients_match_transformers(checkpoints, monkeypatch, family, t, flash
   query / key blocks of that length in the forward and half that in the backward (T = 300: a
   partial last block)."""
   if flash_block:
-    monkeypatch.setattr(models.attention, "_FLASH_MIN_ROW_SCORE_BYTES", 0)
+    monkeypatch.setattr(models.attention, "_DENSE_MAX_ROW_SCORE_BYTES", 0)
     monkeypatch.setattr(models.attention, "_FLASH_BLOCK", flash_block)
     monkeypatch.setattr(models.attention, "_FLASH_BACKWARD_BLOCK", flash_block // 2)
   path, torch_model = checkpoints[family]
@@ -271,7 +272,7 @@ def _reference_attention(q, k, v, allowed):
   b, t, n, h = q.shape
   kv = k.shape[2]
   scores = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv, n // kv, h), k) * h ** -0.5
-  scores = jnp.where(allowed[:, None, None], scores, models.attention._MASK_VALUE)
+  scores = jnp.where(allowed[:, None, None], scores, models.attention.MASK_VALUE)
   out = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(scores, -1), v)
   return out.reshape(b, t, n * h)
 
@@ -279,7 +280,7 @@ def _reference_attention(q, k, v, allowed):
 @pytest.mark.parametrize("block_bytes", [1, 1 << 30])  # one row per block / one block
 @pytest.mark.parametrize("t", [12, 64])  # 64: causal query chunks
 def test_attention_backward_equals_autodiff(monkeypatch, block_bytes, t):
-  monkeypatch.setattr(models.attention, "_BLOCK_SCORE_BYTES", block_bytes)
+  monkeypatch.setattr(backend, "_BLOCK_SCORE_BYTES", block_bytes)
   rs = np.random.RandomState(0)
   b, n, kv, h = 4, 6, 2, 8
   q, k, v = (jnp.asarray(rs.randn(b, t, heads, h), jnp.float32) for heads in (n, kv, kv))

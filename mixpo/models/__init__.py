@@ -1,8 +1,10 @@
 """NNX causal LM (Llama 3 / Qwen2 / Qwen2.5 / Qwen3) with a KV cache and HF checkpoints in/out.
 
-  config.py  ModelConfig, parsed from config.json (unsupported fields fail by name)
+  config.py  ModelConfig, parsed from config.json (unsupported fields fail by name); FAMILIES,
+             the one table of per-family switches (docs/models.md: adding a family)
   layers.py  Linear / Embed / RMSNorm / RoPE / GQA attention layer / SwiGLU
-  attention.py  the attention kernels, chosen by backend (attention_impl="auto")
+  attention.py  the attention kernels, chosen for the compile target (attention_impl="auto")
+  backend.py the platform a program is compiled for, and the XLA:CPU-only tuning
   model.py   CausalLM (forward, hidden_states, logits_from_hidden, init_cache, decode), KVCache
   hf_io.py   from_pretrained / save_pretrained / load_tokenizer and the HF <-> mixpo name table
   lora.py    LoRA adapters on the Linear layers (apply, merged, without_adapters)

@@ -1,31 +1,36 @@
-"""Causal GQA attention, with the kernel chosen by backend: `attend` and `resolve_impl`.
+"""Causal GQA attention, with the kernel chosen for the compile target: `attend`, `resolve_impl`.
 
-`ModelConfig.attention_impl` names the kernel; "auto" (the default) resolves once per trace:
+`ModelConfig.attention_impl` names the kernel; "auto" (the default) resolves once per trace for
+the platform the program is compiled for (`backend.platform()`: the devices of the enclosing
+`jax.set_mesh` mesh, else jax's default backend; so a TPU program compiled on a CPU host gets the
+TPU kernel):
 
-  cpu  → "xla"      mixpo's einsum attention, with its CPU tuning (below)
+  cpu  → "xla"      mixpo's einsum attention, with its CPU kernel (mixpo/models/backend.py)
   gpu  → "cudnn"    when the compute dtype is bfloat16 / float16 and head_dim ≤ 128 (a multiple
                     of 8), the shapes cuDNN's fused attention takes; else "xla"
   tpu  → "pallas"   jax's Pallas splash attention (jax.experimental.pallas.ops.tpu)
 
 The kernels (all: causal; key s visible to query i iff slot(s) ≤ q_start + i and key_valid[s]):
-  xla                    On CPU, rows whose float32 scores fit _FLASH_MIN_ROW_SCORE_BYTES run the
-                         CPU-tuned kernel: a custom VJP that recomputes the probabilities,
-                         `optimization_barrier`-guarded transposes, batch row blocks sized for
-                         CPU caches. Longer rows, and every row on other backends, run the
-                         blockwise (flash) kernel: online softmax over key blocks inside query
-                         blocks, forward and backward. Its memory is O(T), see `flash_attention`.
+  xla                    On CPU, rows whose float32 scores fit _DENSE_MAX_ROW_SCORE_BYTES run the
+                         CPU kernel (`backend.cpu_attention`). Longer rows, and every row on
+                         other platforms, run the blockwise (flash) kernel: online softmax over
+                         key blocks inside query blocks, forward and backward. Its memory is
+                         O(T), see `flash_attention`. XLA partitions it like any other program.
   dot_product_attention  jax.nn.dot_product_attention (XLA), dense mask: O(T·S) memory.
   cudnn                  jax.nn.dot_product_attention(implementation="cudnn", is_causal=True),
                          each row rotated so its left padding becomes right padding (which a
                          causal mask hides from every real query): a row's real tokens must be
                          contiguous (left and/or right padding, as `mixpo.batch` builds rows).
   pallas                 splash attention per row (vmap), causal mask + segment ids (1 real,
-                         0 padding); T padded to a multiple of 128. Off TPU it runs in Pallas
-                         interpret mode (for tests).
+                         0 padding); T padded to a multiple of 128. A Mosaic kernel on TPU;
+                         Pallas interpret mode on other platforms (tests).
+cudnn and pallas are custom calls XLA cannot partition: under a mesh they run per device block
+in `jax.shard_map` (`on_shards`: rows over data × fsdp, heads over tensor).
 The KV-cache path (prefill, decode steps) runs the backend-neutral einsum forward over the cache
-on every backend (the splash kernel's query blocks are multiples of 128, a decode step has one
-query); a cache longer than _CACHE_KEY_BLOCK slots is read in key blocks up to the last written
-slot only (the blockwise forward), so a step does not attend past the longest valid prefix.
+on every platform (the splash kernel's query blocks are multiples of 128, a decode step has one
+query), partitioned by XLA under a mesh; a cache longer than _CACHE_KEY_BLOCK slots is read in
+key blocks up to the last written slot only (the blockwise forward), so a step does not attend
+past the longest valid prefix.
 
 A query with no visible key (e.g. a left-padding query of the CPU kernel) gets a finite,
 unspecified output; losses weight such positions 0.
@@ -38,47 +43,48 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from mixpo import sharding
+from mixpo.models import backend
 
 _log = logging.getLogger(__name__)
 
 # Finite "minus infinity": a fully masked row (a left-padding query) stays finite (uniform
 # weights) instead of NaN, so it cannot poison gradients; its output is ignored downstream.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 IMPLS = ("auto", "xla", "dot_product_attention", "cudnn", "pallas")
 
-
-def platform() -> str:
-  """The backend jax computes on ("cpu", "gpu", "tpu"); the one switch the kernels branch on."""
-  return jax.default_backend()
+# Above this many bytes of float32 scores per row (N·T·S·4) rows run the blockwise kernel: the
+# CPU kernel and the one-block KV-cache forward hold a whole row's scores at once.
+_DENSE_MAX_ROW_SCORE_BYTES = 64 << 20
 
 
 _logged: set = set()
 
 
-def resolve_impl(impl: str, *, dtype, head_dim: int, backend: str | None = None) -> str:
-  """The concrete kernel for `attention_impl` on `backend` (default: `platform()`); an explicit
-  choice is returned as is. The first resolution of each (impl, backend, dtype) is logged."""
+def resolve_impl(impl: str, *, dtype, head_dim: int, platform: str | None = None) -> str:
+  """The concrete kernel for `attention_impl` on `platform` (default: `backend.platform()`, the
+  platform the program is compiled for); an explicit choice is returned as is. The first
+  resolution of each (impl, platform, dtype) is logged."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}; set ModelConfig / "
                      "config.model.attention_impl to one of those.")
   if impl != "auto":
     return impl
-  backend = backend or platform()
+  platform = platform or backend.platform()
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if backend == "gpu":
+  if platform == "gpu":
     chosen = "cudnn" if half and head_dim <= 128 and head_dim % 8 == 0 else "xla"
-  elif backend == "tpu":
+  elif platform == "tpu":
     chosen = "pallas"
   else:
     chosen = "xla"
-  key = (impl, backend, jnp.dtype(dtype).name, head_dim)
+  key = (impl, platform, jnp.dtype(dtype).name, head_dim)
   if key not in _logged:
     _logged.add(key)
-    _log.info("attention_impl=auto on %s (dtype %s, head_dim %d): %s", backend,
+    _log.info("attention_impl=auto on %s (dtype %s, head_dim %d): %s", platform,
               jnp.dtype(dtype).name, head_dim, chosen)
   return chosen
 
@@ -109,24 +115,22 @@ def attend(q_BxTxNxH, k, v, key_valid_BxS, impl: str, *, q_start=0, heads_major:
   if not heads_major:
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
   s = k.shape[2]
-  fits = n * t * s * 4 <= _FLASH_MIN_ROW_SCORE_BYTES  # one row's float32 scores
+  fits = n * t * s * 4 <= _DENSE_MAX_ROW_SCORE_BYTES  # one row's float32 scores
   if heads_major and fits and s <= _CACHE_KEY_BLOCK:  # forward only, the cache in one block
-    out_BxKxMxH = _attention_block(q_BxKxMxH, k, v, _allowed(q_start, t, key_valid_BxS), scale)[0]
+    out_BxKxMxH = attention_block(q_BxKxMxH, k, v, allowed_mask(q_start, t, key_valid_BxS), scale)[0]
   elif heads_major:  # key blocks past slot q_start + T - 1 (not written yet) are skipped
     out = flash_attention(q_BxKxMxH.reshape(b, kv, g, t, h), k, v, key_valid_BxS, q_start, scale,
                           block=_CACHE_KEY_BLOCK)
     out_BxKxMxH = out.reshape(b, kv, g * t, h)
-  elif fits and platform() == "cpu":
-    chunks = 2 if t % 2 == 0 and t >= _MIN_CHUNKED_LEN else 1
-    out_BxKxMxH = _grouped_attention(q_BxKxMxH, k, v, key_valid_BxS, scale,
-                                     _rows_per_block(b, kv * g * t * s), chunks)
+  elif fits and backend.on_cpu():
+    out_BxKxMxH = backend.cpu_attention(q_BxKxMxH, k, v, key_valid_BxS, scale)
   else:
     out = flash_attention(q_BxKxMxH.reshape(b, kv, g, t, h), k, v, key_valid_BxS, q_start, scale)
     out_BxKxMxH = out.reshape(b, kv, g * t, h)
   return out_BxKxMxH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
 
 
-def _allowed(q_start, t: int, key_valid_BxS):
+def allowed_mask(q_start, t: int, key_valid_BxS):
   """bool [B, T, S]: query i may see key s (s ≤ q_start + i and key s is real)."""
   s = key_valid_BxS.shape[1]
   q_slot_T = jnp.asarray(q_start, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
@@ -134,169 +138,26 @@ def _allowed(q_start, t: int, key_valid_BxS):
   return causal_TxS[None] & key_valid_BxS[:, None, :]
 
 
-# ---------------------------------------------------------------------------------------------
-# The CPU-tuned kernel (XLA:CPU only).
-
-# Causal query chunking pays for its slicing from this many tokens on.
-_MIN_CHUNKED_LEN = 64
-
-# Rows per block of `_grouped_attention`: keeps a block's float32 scores [rows, K, G*T, S] near
-# this size, so the softmax passes run in cache and peak memory does not grow with the batch.
-_BLOCK_SCORE_BYTES = 8 << 20
-
-# Above this many bytes of float32 scores per row (N·T·S·4) the CPU runs the blockwise kernel:
-# the CPU-tuned one holds a whole row's scores at once (quadratic in T).
-_FLASH_MIN_ROW_SCORE_BYTES = 64 << 20
-
-
-def _rows_per_block(batch: int, scores_per_row: int) -> int:
-  """The largest divisor of `batch` whose block of scores fits _BLOCK_SCORE_BYTES (>= 1). Under
-  a mesh the batch axis is sharded and the whole batch is one block (no loop over shards)."""
-  if sharding.current_mesh() is not None:
-    return batch
-  rows = max(1, min(batch, _BLOCK_SCORE_BYTES // (4 * scores_per_row)))
-  while batch % rows:
-    rows -= 1
-  return rows
-
-
-def _masked_scores(q_BxKxMxH, k_BxKxSxH, allowed_BxTxS, scale):
-  """float32 scaled scores [B, K, M, S] (M = G*T), _MASK_VALUE where not allowed."""
+def masked_scores(q_BxKxMxH, k_BxKxSxH, allowed_BxTxS, scale):
+  """float32 scaled scores [B, K, M, S] (M = G*T), MASK_VALUE where not allowed."""
   b, kv, m, _ = q_BxKxMxH.shape
   t, s = allowed_BxTxS.shape[1:]
   scores = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxH, k_BxKxSxH,
                       preferred_element_type=jnp.float32) * scale
   scores = jnp.where(allowed_BxTxS[:, None, None], scores.reshape(b, kv, m // t, t, s),
-                     _MASK_VALUE)
+                     MASK_VALUE)
   return scores.reshape(b, kv, m, s)
 
 
-def _attention_block(q, k, v, allowed, scale):
+def attention_block(q, k, v, allowed, scale):
   """Forward of one block: (out [b, K, M, H], stats [b, K, M, 2] = (row max, log row sum))."""
-  scores = _masked_scores(q, k, allowed, scale)
+  scores = masked_scores(q, k, allowed, scale)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   unnormed = jnp.exp(scores - row_max)
   row_sum = jnp.sum(unnormed, axis=-1, keepdims=True)
   out = jnp.einsum("bkms,bksh->bkmh", unnormed.astype(v.dtype), v,
                    preferred_element_type=jnp.float32) / row_sum
   return out.astype(v.dtype), jnp.concatenate([row_max, jnp.log(row_sum)], axis=-1)
-
-
-def _attention_block_grad(q, k, v, allowed, out, stats, dout, scale):
-  """Backward of one block from the saved softmax statistics (the probabilities are recomputed
-  instead of stored: one extra q·k GEMM, no [K, M, S] residual per layer)."""
-  b, kv, m, _ = q.shape
-  t, s = allowed.shape[1:]
-  probs = jnp.exp(_masked_scores(q, k, allowed, scale) - stats[..., :1] - stats[..., 1:])
-  # dv = pᵀ·dout and dk = dsᵀ·q contract the M axis of both operands; the CPU GEMM wants one of
-  # them transposed in memory: the narrow [M, H] one (dout, q), not the [M, S] probabilities.
-  # The barrier keeps XLA from folding the transpose back into the dot (whose strided form runs
-  # on a slower XLA:CPU kernel).
-  dout_t, q_t = jax.lax.optimization_barrier((dout.swapaxes(-1, -2), q.swapaxes(-1, -2)))
-  dv_t = jnp.einsum("bkhm,bkms->bkhs", dout_t, probs.astype(dout.dtype),
-                    preferred_element_type=jnp.float32)
-  dprobs = jnp.einsum("bkmh,bksh->bkms", dout, v, preferred_element_type=jnp.float32)
-  row_dot = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  dscores = probs * (dprobs - row_dot) * scale
-  # Masked scores get no gradient (this matters only for rows with no allowed key at all,
-  # whose uniform weights are not a function of the scores).
-  dscores = jnp.where(allowed[:, None, None], dscores.reshape(b, kv, m // t, t, s), 0.0)
-  dscores = dscores.reshape(b, kv, m, s).astype(q.dtype)
-  dq = jnp.einsum("bkms,bksh->bkmh", dscores, k, preferred_element_type=jnp.float32)
-  dk_t = jnp.einsum("bkhm,bkms->bkhs", q_t, dscores, preferred_element_type=jnp.float32)
-  dk, dv = (x.swapaxes(-1, -2) for x in jax.lax.optimization_barrier((dk_t, dv_t)))
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-def _query_chunks(t: int, chunks: int):
-  return [(c * t // chunks, (c + 1) * t // chunks) for c in range(chunks)]
-
-
-def _split_queries(x_BxKxMxC, t: int, lo: int, hi: int):
-  """Rows of queries lo..hi-1 of an [B, K, G*T, C] array (M ordered head-major, then time)."""
-  b, kv, m, c = x_BxKxMxC.shape
-  return x_BxKxMxC.reshape(b, kv, m // t, t, c)[:, :, :, lo:hi].reshape(b, kv, -1, c)
-
-
-def _join_queries(parts, g: int):
-  """Inverse of `_split_queries` over consecutive chunks: [B, K, G*T_c, C] parts → [B, K, M, C]."""
-  b, kv, _, c = parts[0].shape
-  joined = jnp.concatenate([x.reshape(b, kv, g, -1, c) for x in parts], axis=3)
-  return joined.reshape(b, kv, -1, c)
-
-
-def _causal_forward(q, k, v, key_valid, scale, chunks):
-  """_attention_block over query chunks; chunk [lo, hi) attends to keys [0, hi) only (a quarter
-  of the score work skipped with 2 chunks)."""
-  t = key_valid.shape[1]
-  allowed = _allowed(0, t, key_valid)
-  if chunks == 1:
-    return _attention_block(q, k, v, allowed, scale)
-  g = q.shape[2] // t
-  outs, stats = zip(*(
-      _attention_block(_split_queries(q, t, lo, hi), k[:, :, :hi], v[:, :, :hi],
-                       allowed[:, lo:hi, :hi], scale) for lo, hi in _query_chunks(t, chunks)))
-  return _join_queries(outs, g), _join_queries(stats, g)
-
-
-def _causal_backward(q, k, v, key_valid, out, stats, dout, scale, chunks):
-  """_attention_block_grad over the query chunks of `_causal_forward`."""
-  t = key_valid.shape[1]
-  allowed = _allowed(0, t, key_valid)
-  if chunks == 1:
-    return _attention_block_grad(q, k, v, allowed, out, stats, dout, scale)
-  g = q.shape[2] // t
-  s = k.shape[2]
-  dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  for lo, hi in _query_chunks(t, chunks):
-    part = lambda x: _split_queries(x, t, lo, hi)
-    dq_c, dk_c, dv_c = _attention_block_grad(part(q), k[:, :, :hi], v[:, :, :hi],
-                                             allowed[:, lo:hi, :hi], part(out), part(stats),
-                                             part(dout), scale)
-    dqs.append(dq_c)
-    pad = ((0, 0), (0, 0), (0, s - hi), (0, 0))
-    dk = dk + jnp.pad(dk_c.astype(jnp.float32), pad)
-    dv = dv + jnp.pad(dv_c.astype(jnp.float32), pad)
-  return _join_queries(dqs, g), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-def _over_row_blocks(fn, rows: int, *arrays):
-  """fn over blocks of `rows` leading rows (lax.map), results re-joined; one call if rows = B."""
-  if rows >= arrays[0].shape[0]:
-    return fn(*arrays)
-  split = lambda x: x.reshape((x.shape[0] // rows, rows) + x.shape[1:])
-  outs = jax.lax.map(lambda blocks: fn(*blocks), tuple(split(x) for x in arrays))
-  return tuple(o.reshape((-1,) + o.shape[2:]) for o in outs)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _grouped_attention(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS, scale, rows, chunks):
-  """softmax(q·kᵀ·scale, causal and key-masked) · v per (row, kv head), in blocks of `rows`
-  rows and `chunks` causal query chunks; T = S.
-
-  A custom VJP: autodiff of the plain formula keeps the scores, the mask select and the
-  probabilities of every layer and runs about ten elementwise passes over them; this backward
-  recomputes the probabilities from (row max, log row sum) and fuses the softmax derivative
-  into one pass (figures in BUILD_NOTES).
-  """
-  return _grouped_attention_fwd(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxS, scale, rows,
-                                chunks)[0]
-
-
-def _grouped_attention_fwd(q, k, v, key_valid, scale, rows, chunks):
-  out, stats = _over_row_blocks(lambda *a: _causal_forward(*a, scale, chunks), rows, q, k, v,
-                                key_valid)
-  return out, (q, k, v, key_valid, out, stats)
-
-
-def _grouped_attention_bwd(scale, rows, chunks, residuals, dout):
-  q, k, v, key_valid, out, stats = residuals
-  dq, dk, dv = _over_row_blocks(lambda *a: _causal_backward(*a, scale, chunks), rows, q, k, v,
-                                key_valid, out, stats, dout)
-  return dq, dk, dv, None
-
-
-_grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +215,7 @@ def _block_scores(q_i, k_j, valid_j, q_slot0, k_slot0, scale):
   q_slot = q_slot0 + jnp.arange(bq, dtype=jnp.int32)
   k_slot = k_slot0 + jnp.arange(bk, dtype=jnp.int32)
   allowed_Bxbqxbk = (k_slot[None, :] <= q_slot[:, None])[None] & valid_j[:, None, :]
-  return jnp.where(allowed_Bxbqxbk[:, None, None], s, _MASK_VALUE)
+  return jnp.where(allowed_Bxbqxbk[:, None, None], s, MASK_VALUE)
 
 
 def _flash_forward(q, k, v, key_valid, q_start, scale, block):
@@ -491,8 +352,41 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _jax_nn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale):
   t = q_BxTxNxH.shape[1]
-  mask = _allowed(0, t, key_valid_BxS)[:, None]
+  mask = allowed_mask(0, t, key_valid_BxS)[:, None]
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, scale=scale)
+
+
+def _split_heads(n: int, kv: int, mesh) -> tuple[str | None, int]:
+  """(mesh axis of the heads or None, copies of each kv head) for `on_shards`."""
+  tensor = mesh.shape["tensor"]
+  if tensor == 1 or n % tensor:
+    return None, 1
+  copies = next(r for r in range(1, n // kv + 1) if (kv * r) % tensor == 0 and n % (kv * r) == 0)
+  return "tensor", copies
+
+
+def on_shards(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS):
+  """`kernel(q, k, v, key_valid) -> [B, T, N, H]` run on each device's block under a mesh.
+
+  A custom-call kernel (Pallas / Mosaic, cuDNN) cannot be partitioned by XLA, so under a
+  `jax.set_mesh` mesh of several devices it runs in `jax.shard_map`: rows over data × fsdp, query
+  and kv heads over tensor (kv heads repeated, when tensor does not divide them, to the fewest
+  copies that it does and that still group the query heads evenly; heads stay whole when tensor
+  does not divide the query heads). A mesh axis that does not divide the rows is left out
+  (`sharding.fit_spec`): they are then computed whole on each device. No mesh, or one device: a
+  plain call.
+  """
+  mesh = sharding.current_mesh()
+  if mesh is None or mesh.size == 1:
+    return kernel(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS)
+  heads, copies = _split_heads(q_BxTxNxH.shape[2], k_BxSxKxH.shape[2], mesh)
+  if copies > 1:
+    k_BxSxKxH, v_BxSxKxH = (jnp.repeat(x, copies, axis=2) for x in (k_BxSxKxH, v_BxSxKxH))
+  rows = sharding.fit_spec(sharding.ROWS_B, key_valid_BxS.shape[:1], mesh)[0]
+  by_head = P(rows, None, heads, None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(by_head, by_head, by_head, P(rows, None)),
+                       out_specs=by_head, check_vma=False)(
+                           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS)
 
 
 def _rotate_rows(x_BxTx, shift_B, inverse=False):
@@ -506,20 +400,27 @@ def _rotate_rows(x_BxTx, shift_B, inverse=False):
 def _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale,
                      implementation="cudnn"):
   """cuDNN's causal fused attention; left padding rotated to the right end of each row, where
-  the causal mask keeps it from every real query (a row's real tokens must be contiguous)."""
-  lead_B = jnp.argmax(key_valid_BxS, axis=1).astype(jnp.int32)  # leading padding per row
-  q, k, v = (_rotate_rows(x, lead_B) for x in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
-  out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                     implementation=implementation)
-  return _rotate_rows(out, lead_B, inverse=True)
+  the causal mask keeps it from every real query (a row's real tokens must be contiguous).
+  Under a mesh per device block (`on_shards`)."""
+
+  def rows(q, k, v, key_valid_BxS):
+    lead_B = jnp.argmax(key_valid_BxS, axis=1).astype(jnp.int32)  # leading padding per row
+    q, k, v = (_rotate_rows(x, lead_B) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                       implementation=implementation)
+    return _rotate_rows(out, lead_B, inverse=True)
+
+  return on_shards(rows, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS)
 
 
 # Sequence lengths the splash kernel runs on are padded to a multiple of this (its lane width).
 _SPLASH_MULTIPLE = 128
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, length: int, interpret: bool):
+  """jax's splash kernel for `num_heads` heads of `length` tokens, causal. Made anew in each
+  trace (its mask tables are arrays of the trace it is made in; cached across traces they would
+  leak as tracers); the numpy work behind the tables is cached by jax."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as splash, splash_attention_mask as splash_mask)
   block = next(bl for bl in (512, 256, 128) if length % bl == 0)
@@ -532,13 +433,20 @@ def _splash_kernel(num_heads: int, length: int, interpret: bool):
 
 
 def pallas_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, scale):
-  """Pallas splash attention (TPU; interpret mode elsewhere): causal mask, segment ids 1 on real
-  tokens and 0 on padding (a padding query sees padding keys: finite, unused). [B, T, N, H]."""
-  b, t, n, h = q_BxTxNxH.shape
-  kernel, segment_ids = _splash_kernel(n, t + (-t % _SPLASH_MULTIPLE), platform() != "tpu")
-  head_major = lambda x: _pad_to(x, 1, _SPLASH_MULTIPLE).swapaxes(1, 2)  # [B, heads, T', H]
-  q = head_major(q_BxTxNxH * jnp.asarray(scale, q_BxTxNxH.dtype))
-  seg_BxT = _pad_to(key_valid_BxS.astype(jnp.int32), 1, _SPLASH_MULTIPLE)
-  out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=segment_ids(seg, seg)))(
-      q, head_major(k_BxSxKxH), head_major(v_BxSxKxH), seg_BxT)
-  return out.swapaxes(1, 2)[:, :t]
+  """Pallas splash attention: causal mask, segment ids 1 on real tokens and 0 on padding (a
+  padding query sees padding keys: finite, unused). [B, T, N, H]. Compiled as a Mosaic kernel
+  for TPU, in Pallas interpret mode for any other platform (tests); under a mesh per device
+  block (`on_shards`)."""
+  interpret = backend.platform() != "tpu"  # read outside shard_map, where the mesh is whole
+
+  def rows(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS):
+    t, n = q_BxTxNxH.shape[1:3]
+    kernel, segment_ids = _splash_kernel(n, t + (-t % _SPLASH_MULTIPLE), interpret)
+    head_major = lambda x: _pad_to(x, 1, _SPLASH_MULTIPLE).swapaxes(1, 2)  # [B, heads, T', H]
+    q = head_major(q_BxTxNxH * jnp.asarray(scale, q_BxTxNxH.dtype))
+    seg_BxT = _pad_to(key_valid_BxS.astype(jnp.int32), 1, _SPLASH_MULTIPLE)
+    out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=segment_ids(seg, seg)))(
+        q, head_major(k_BxSxKxH), head_major(v_BxSxKxH), seg_BxT)
+    return out.swapaxes(1, 2)[:, :t]
+
+  return on_shards(rows, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS)

@@ -1,14 +1,15 @@
 """`ModelConfig`: the decoder's hyper-parameters, parsed from a Hugging Face config.json.
 
-One config covers the Llama family as implemented in transformers:
+One decoder covers the Llama family as implemented in transformers; the families differ only in
+the switches of `FAMILIES` (one row per config.json `model_type`):
   llama  (Llama 2 / 3 / 3.1; rope "llama3" scaling, optional attention_bias on q/k/v/o)
   qwen2  (Qwen2 / Qwen2.5; bias on q/k/v only, tied or untied embeddings)
   qwen3  (Qwen3; RMSNorm on q and k per head, explicit head_dim, optional attention_bias)
-Anything else fails in `from_hf_config` with an error naming the config.json field and value, as
-do sizes that are not positive integers, head counts that do not divide, an odd head_dim, a
-rope_theta / rms_norm_eps / rope factor that is not a finite number > 0 (they give NaN logits),
-and any field read of the wrong JSON type (a quoted "false" where a boolean belongs, a string
-where a list or object belongs).
+docs/models.md says how to add a family. Anything else fails in `from_hf_config` with an error
+naming the config.json field and value, as do sizes that are not positive integers, head counts
+that do not divide, an odd head_dim, a rope_theta / rms_norm_eps / rope factor that is not a
+finite number > 0 (they give NaN logits), and any field read of the wrong JSON type (a quoted
+"false" where a boolean belongs, a string where a list or object belongs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,22 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How a config.json `model_type` sets the decoder's per-family switches (`ModelConfig`)."""
+  qkv_bias: bool | None  # bias on the q/k/v projections; None: config.json `attention_bias`.
+  o_bias: bool | None  # bias on the output projection; None: config.json `attention_bias`.
+  qk_norm: bool  # per-head RMSNorm on q and k before RoPE.
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(qkv_bias=None, o_bias=None, qk_norm=False),
+    "qwen2": Family(qkv_bias=True, o_bias=False, qk_norm=False),
+    "qwen3": Family(qkv_bias=None, o_bias=None, qk_norm=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention", "cudnn", "pallas")
 
@@ -238,6 +254,7 @@ def from_hf_config(hf_config, **options) -> ModelConfig:
                      "num_attention_heads when absent) is odd; rotary embeddings rotate pairs "
                      "of dimensions, so it must be even. Fix config.json.")
   attention_bias = boolean("attention_bias", hf.get("attention_bias"), False)
+  family = FAMILIES[model_type]
   return ModelConfig(
       model_type=model_type,
       vocab_size=sizes["vocab_size"],
@@ -250,9 +267,9 @@ def from_hf_config(hf_config, **options) -> ModelConfig:
       max_position_embeddings=positive_int("max_position_embeddings",
                                            hf.get("max_position_embeddings", 2048)),
       rms_norm_eps=positive_float("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
-      qkv_bias=True if model_type == "qwen2" else attention_bias,
-      o_bias=False if model_type == "qwen2" else attention_bias,
-      qk_norm=model_type == "qwen3",
+      qkv_bias=attention_bias if family.qkv_bias is None else family.qkv_bias,
+      o_bias=attention_bias if family.o_bias is None else family.o_bias,
+      qk_norm=family.qk_norm,
       tie_word_embeddings=boolean("tie_word_embeddings", hf.get("tie_word_embeddings"), False),
       hf_config_json=json.dumps(hf, sort_keys=True),
       **_rope_fields(hf),

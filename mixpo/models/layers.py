@@ -13,48 +13,8 @@ from flax import nnx
 
 from mixpo import sharding
 from mixpo.models import attention
+from mixpo.models import backend
 from mixpo.models.config import ModelConfig, rope_inv_freq
-
-
-def matmul(x_xI: jax.Array, kernel_IxO: jax.Array) -> jax.Array:
-  """x @ kernel over the last axis of x; on XLA:CPU with the backward of `_cpu_matmul`, elsewhere
-  left to the backend's autodiff (its GEMMs take transposed operands without a copy)."""
-  if attention.platform() == "cpu":
-    return _cpu_matmul(x_xI, kernel_IxO)
-  return jnp.einsum("...i,io->...o", x_xI, kernel_IxO)
-
-
-@jax.custom_vjp
-def _cpu_matmul(x_xI: jax.Array, kernel_IxO: jax.Array) -> jax.Array:
-  """x @ kernel over the last axis of x, with a backward that picks which operand to transpose.
-
-  The weight gradient dW = xᵀ·dy contracts the (batch × time) axis of both operands, and the
-  CPU matmul kernels need one of them transposed in memory. Left to itself XLA:CPU transposes
-  dy and fuses the producer's elementwise work (e.g. the SwiGLU derivative) into that strided
-  copy; for gate/up projections (O = 2.7 I) that copy cost more than the matmul. Here the
-  smaller of x and dy is the one transposed: the same numbers, faster (figures in BUILD_NOTES).
-  """
-  return jnp.einsum("...i,io->...o", x_xI, kernel_IxO)
-
-
-def _matmul_fwd(x_xI, kernel_IxO):
-  return _cpu_matmul(x_xI, kernel_IxO), (x_xI, kernel_IxO)
-
-
-def _matmul_bwd(res, dy_xO):
-  x_xI, kernel_IxO = res
-  i, o = kernel_IxO.shape
-  x_NxI, dy_NxO = x_xI.reshape(-1, i), dy_xO.reshape(-1, o)
-  dx_xI = jnp.einsum("...o,io->...i", dy_xO, kernel_IxO)
-  contract_rows = (((0,), (0,)), ((), ()))
-  if i < o:  # dWᵀ = dyᵀ·x: x, the narrower operand, is the one laid out transposed.
-    dkernel = jax.lax.dot_general(dy_NxO, x_NxI, contract_rows).T
-  else:
-    dkernel = jax.lax.dot_general(x_NxI, dy_NxO, contract_rows)
-  return dx_xI, dkernel.astype(kernel_IxO.dtype)
-
-
-_cpu_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nnx.Module):
@@ -70,7 +30,8 @@ class Linear(nnx.Module):
 
   def __call__(self, x_xI: jax.Array) -> jax.Array:
     x_xI = x_xI.astype(self.dtype)
-    return self.add_bias(self.add_adapter(x_xI, matmul(x_xI, self.kernel[...].astype(self.dtype))))
+    y_xO = backend.matmul(x_xI, self.kernel[...].astype(self.dtype))
+    return self.add_bias(self.add_adapter(x_xI, y_xO))
 
   def add_adapter(self, x_xI: jax.Array, y_xO: jax.Array) -> jax.Array:
     """y + the LoRA update of x (see mixpo/models/lora.py); y unchanged without an adapter."""
@@ -98,7 +59,7 @@ def fused_linear(projections, x_xI: jax.Array) -> tuple[jax.Array, ...]:
   dtype = projections[0].dtype
   kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=1)
   x_xI = x_xI.astype(dtype)
-  y = matmul(x_xI, kernel)
+  y = backend.matmul(x_xI, kernel)
   outs, start = [], 0
   for p in projections:
     width = p.kernel.shape[1]

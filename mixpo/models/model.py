@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mixpo import sharding
-from mixpo.models import attention
+from mixpo.models import backend
 from mixpo.models import remat
 from mixpo.models.config import ModelConfig, from_hf_config
 from mixpo.models.layers import DecoderLayer, Embed, RMSNorm, Linear, rope_cos_sin
@@ -130,19 +130,12 @@ class CausalLM(nnx.Module):
     return self.final_norm(x)
 
   def decode_head(self) -> jax.Array | None:
-    """The LM head as a [D, V] array laid out for a decode loop's `logits_from_hidden`, or None.
-
-    On XLA:CPU a tied head ([V, D] embedding) costs a few-row GEMM a third more CPU time than
-    the same weights stored [D, V] (its kernel re-packs the transposed operand at every call;
-    measured figures in BUILD_NOTES): a decode loop takes this transposed copy once, outside
-    the loop, and passes it to every step (memory: one extra V × D array in config.dtype).
-    Elsewhere, and for an untied head (already [D, V]), None: the head is read as stored.
+    """The LM head as a [D, V] array laid out for a decode loop's `logits_from_hidden`, or None
+    (read the head as stored): a tied head's copy on XLA:CPU (`backend.decode_head`), else None.
     """
-    if self.lm_head is not None or attention.platform() != "cpu":
+    if self.lm_head is not None:
       return None
-    w_DxV = self.embed.embedding[...].astype(self.config.dtype).T
-    # The barrier keeps XLA from folding the transpose back into the dot (a copy is the point).
-    return jax.lax.optimization_barrier(w_DxV)
+    return backend.decode_head(self.embed.embedding[...], self.config.dtype)
 
   def logits_from_hidden(self, h_xD: jax.Array, head_DxV: jax.Array | None = None) -> jax.Array:
     """Logits [..., V] float32 from hidden states [..., D] (chunk over T to bound memory).
