@@ -13,7 +13,7 @@ One regime, "base": the converted pretrained model. Variants (`real_variants`):
   sft_mix                 single-stage SFT + RL: the table entry config.compare.sft_mix_algo (an
                           SFT term on the OFF rows); absent while that field is "".
 Models, built once per work root by the binaries a user runs (`prepare_real`), each reused while
-its recipe file (the command line and the input's sha256) matches:
+its recipe file (the GGUF's sha256; the SFT flags and the base weights' sha256) matches:
   models/base/policy_init        experiments/convert_gguf.py --gguf=<compare.gguf>
   models/guide-same/guide        experiments/sft.py --init=<base> on the task's worked solutions
   models/guide-same/traces.jsonl the guide's samples (grid._ensure_traces)
@@ -21,7 +21,6 @@ its recipe file (the command line and the input's sha256) matches:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -30,7 +29,7 @@ import time
 
 from absl import logging
 
-from experiments import grid
+from experiments import convert_gguf, grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGIME = "base"
@@ -102,14 +101,6 @@ def run_two_stage(sft_config, rl_config, workdir: str) -> dict:
   return loop.run(rl_config, workdir)
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _build(cmd: list[str], out: str, recipe: dict) -> float:
   """Runs `cmd` (a binary of this repo) unless `out`/mixpo_recipe.json holds `recipe`; returns
   the seconds spent (0 when reused). The recipe file is written last: a crash means "rebuild"."""
@@ -145,19 +136,17 @@ def guide_sft_command(base, base_dir: str, out: str) -> list[str]:
 
 def prepare_real(cells, base, workroot: str) -> dict:
   """Builds (or reuses) the base model, the guide and the trace file; {what: seconds now}."""
-  from experiments import convert_gguf  # noqa: PLC0415
   paths = grid.reasoning_paths(workroot, REGIME, "same")
   g, spent = base.compare, {}
   source = convert_gguf.gguf_path(g.gguf)
   cmd = ["experiments/convert_gguf.py", f"--gguf={source}", f"--out={paths['policy']}"]
   os.makedirs(paths["policy"], exist_ok=True)
-  spent["base model"] = _build(cmd, paths["policy"], {"command": cmd[1:2],
-                                                      "sha256": _sha256(source)})
+  # Recipes hold contents, not paths: a work root moved to another machine is reused.
+  spent["base model"] = _build(cmd, paths["policy"], {"sha256": convert_gguf.sha256(source)})
   os.makedirs(paths["guide"], exist_ok=True)
   cmd = guide_sft_command(base, paths["policy"], paths["guide"])
-  spent["guide"] = _build(cmd, paths["guide"], {"command": cmd[3:],
-                                                "base": _sha256(os.path.join(paths["policy"],
-                                                                             "model.safetensors"))})
+  weights = convert_gguf.sha256(os.path.join(paths["policy"], "model.safetensors"))
+  spent["guide"] = _build(cmd, paths["guide"], {"command": cmd[3:], "base": weights})
   if any(dict(c.overrides).get("guide_source") == "traces"
          or c.runner in (grid.SFT, grid.SFT_RL) for c in cells):
     spent["traces"] = grid._ensure_traces(base, paths)

@@ -36,7 +36,8 @@ def run(config, workdir: str) -> dict:
                      "the reasoning grids write it (experiments/grid.py, prepare_reasoning).")
   os.makedirs(workdir, exist_ok=True)
   tokenizer = models.load_tokenizer(config.policy)
-  model = models.from_pretrained(config.policy)
+  from mixpo.loop import model_options  # noqa: PLC0415
+  model = models.from_pretrained(config.policy, **model_options(config))  # remat as RL cells do.
   prompts, _ = read_trace_prompts(config.traces_path, tokenizer=tokenizer)
   pairs = [(p.prompt, p.answer, r.text) for p in prompts for r in p.responses
            if r.correct or not config.traces.only_correct]

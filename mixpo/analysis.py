@@ -291,6 +291,12 @@ def _baselines(baseline) -> tuple[str, ...]:
   return (baseline,) if isinstance(baseline, str) else tuple(baseline or ())
 
 
+def _head(*groups) -> str:
+  """A markdown table's header and rule from groups of column titles."""
+  titles = [t for g in groups for t in g]
+  return "| " + " | ".join(titles) + " |\n|" + "---|" * len(titles) + "\n"
+
+
 def _paired(values: dict, runs: dict, regime: str, baseline: str, variant: str, key,
             n_boot: int) -> str:
   """Paired difference mean [95 % CI] of {seed: value} to the baseline's same seeds ("—" when
@@ -314,10 +320,10 @@ def interval_table(rows: list[dict], baseline, threshold: float | None = None,
   """
   runs, baselines = _runs(rows), _baselines(baseline)
   final_acc = lambda c: _last(c, "eval_accuracy")
-  head = ("| regime | variant | seeds | final eval accuracy [95% CI] | "
-          + "".join(f"Δ vs {b} (paired) [95% CI] | " for b in baselines)
-          + "policy tokens to threshold | policy tokens | guide tokens | wall s incl. guide |\n|"
-          + "---|" * (8 + len(baselines)) + "\n")
+  head = _head(("regime", "variant", "seeds", "final eval accuracy [95% CI]"),
+               [f"Δ vs {b} (paired) [95% CI]" for b in baselines],
+               ("policy tokens to threshold", "policy tokens", "guide tokens",
+                "wall s incl. guide"))
   lines = []
   for regime in _ordered(r for r, _ in runs):
     thr = _threshold(runs, regime, threshold, threshold_delta)
@@ -374,21 +380,21 @@ def compute_table(rows: list[dict], baseline, threshold: float | None = None,
                   threshold_delta: float = 0.2, n_boot: int = 10_000) -> str:
   """Markdown table per (regime, variant) at equal compute (model FLOPs, mixpo/flops.py).
 
-  Per regime, F* = the smallest final FLOPs of any of its cells, so every seed of every variant
-  has spent F*. Columns: final FLOPs (mean over seeds), with its training and guide parts;
+  Per regime, F* = the smallest final FLOPs of any of its cells that trained (a cell with only
+  its step-0 row spent nothing), so every seed of every variant has spent F*. Columns: final FLOPs (mean over seeds), with its training and guide parts;
   eval accuracy at F* (the last evaluation at ≤ F*: the model the run had after F* FLOPs), mean
   [95 % CI], and its paired difference to each `baseline`; FLOPs and policy tokens to the
   threshold accuracy, mean [95 % CI] over the seeds that reached it (k/n).
   """
   runs, baselines = _runs(rows), _baselines(baseline)
-  head = ("| regime | variant | seeds | FLOPs (train + guide) | accuracy at F* [95% CI] | "
-          + "".join(f"Δ at F* vs {b} (paired) [95% CI] | " for b in baselines)
-          + "FLOPs to threshold [95% CI] | policy tokens to threshold [95% CI] |\n|"
-          + "---|" * (7 + len(baselines)) + "\n")
+  head = _head(("regime", "variant", "seeds", "FLOPs (train + guide)", "accuracy at F* [95% CI]"),
+               [f"Δ at F* vs {b} (paired) [95% CI]" for b in baselines],
+               ("FLOPs to threshold [95% CI]", "policy tokens to threshold [95% CI]"))
   lines = []
   for regime in _ordered(r for r, _ in runs):
     cells_of = [c for (reg, _), seeds in runs.items() if reg == regime for c in seeds.values()]
-    f_star = min((_last(c, "flops") for c in cells_of), default=math.nan)
+    f_star = min((_last(c, "flops") for c in cells_of if _last(c, "step") > 0),
+                 default=math.nan)
     thr = _threshold(runs, regime, threshold, threshold_delta)
     at = lambda c, f=f_star: value_at(c, "flops", f)
     lines.append(f"| {regime} | F* = {f_star:.3g} FLOPs | | | | " + "| " * len(baselines)

@@ -32,3 +32,12 @@ def builtin_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("builtin"))
   builtin.ensure_builtin_models(d, smoke.get_config().builtin)
   return d
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+  """(path, transformers model) of a tiny llama GGUF laid out as llama.cpp writes one, the
+  stand-in for SmolLM2-135M-Instruct's file (tests/tiny_gguf.py)."""
+  import tiny_gguf as writer  # noqa: PLC0415  (tests/ is on sys.path: rootdir conftest)
+  path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+  return path, writer.write(path)

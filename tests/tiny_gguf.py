@@ -20,17 +20,11 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def byte_symbols() -> list[str]:
-  """The 256 printable stand-ins byte-level BPE writes bytes as (printable bytes are themselves,
-  the others shifted past 255), in byte order."""
-  printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-  symbols, extra = {}, 0
-  for b in range(256):
-    if b in printable:
-      symbols[b] = chr(b)
-    else:
-      symbols[b] = chr(256 + extra)
-      extra += 1
-  return [symbols[b] for b in range(256)]
+  """Byte-level BPE's symbols of newline, space and the printable ASCII bytes (bytes 0-32 are
+  written chr(256 + byte): "\\n" is "Ċ", " " is "Ġ"; printable bytes are themselves). ASCII
+  only: whatever a random model samples decodes to the text it was sampled as, so a trace
+  re-encodes to the tokens it holds."""
+  return [chr(256 + 10), chr(256 + 32)] + [chr(b) for b in range(ord("!"), ord("~") + 1)]
 
 
 def rotary_rows(w, heads: int):

@@ -34,7 +34,7 @@ def compare_settings(small: bool = False) -> ml_collections.ConfigDict:
   g.gguf = "smollm2"
   # The guide: experiments/sft.py on the task's worked solutions (real_grid.guide_sft_command).
   g.guide_sft = ml_collections.ConfigDict({
-      "steps": 4 if small else 120, "batch_size": 4 if small else 16, "lr": 5e-5,
+      "steps": 4 if small else 320, "batch_size": 4, "lr": 3e-5,
       "seed": 1, "max_response_tokens": 96 if small else 64, "eval_size": 4 if small else 200})
   # Offline traces (LUFFY as published, SFT, SFT → DAPO): guide samples per train prompt.
   g.trace_prompts = 8 if small else 512
@@ -64,6 +64,7 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
   if small:
     s = smoke.get_config()
     c.groups, c.n, c.m, c.zero_groups = s.groups, s.n, s.m, s.zero_groups
+    c.model.remat, c.num_micro_batches = False, 1  # memory settings a tiny model does not need.
     # The stand-in's byte-level vocabulary spells a solution in ~80 tokens; its random guide
     # ends about a third of its samples within 96 (EOS is one of 263 tokens): the trace file of
     # the smoke grid is not empty.
