@@ -131,7 +131,7 @@ def guide_sft_command(base, base_dir: str, out: str) -> list[str]:
   return ["experiments/sft.py", f"--init={base_dir}", f"--out={out}", f"--task={base.task}",
           f"--task_knobs={knobs}", f"--steps={s.steps}", f"--batch_size={s.batch_size}",
           f"--lr={s.lr}", f"--seed={s.seed}", f"--max_response_tokens={s.max_response_tokens}",
-          f"--eval_size={s.eval_size}", f"--eval_max_new_tokens={base.max_new_tokens}"]
+          f"--eval_size={s.eval_size}", f"--eval_max_new_tokens={s.eval_max_new_tokens}"]
 
 
 def prepare_real(cells, base, workroot: str) -> dict:

@@ -41,3 +41,13 @@ def tiny_gguf(tmp_path_factory):
   import tiny_gguf as writer  # noqa: PLC0415  (tests/ is on sys.path: rootdir conftest)
   path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
   return path, writer.write(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tiny_gguf, tmp_path_factory):
+  """(directory, transformers model, tokenizer): `tiny_gguf` converted by
+  experiments/convert_gguf.py's `convert` into a Hugging Face directory mixpo loads."""
+  from experiments import convert_gguf  # noqa: PLC0415
+  out = str(tmp_path_factory.mktemp("converted"))
+  model, tokenizer = convert_gguf.convert(tiny_gguf[0], out)
+  return out, model, tokenizer

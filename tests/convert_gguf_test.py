@@ -18,11 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_gguf, tmp_path_factory):
-  path, reference = tiny_gguf
-  out = str(tmp_path_factory.mktemp("converted"))
-  model, tokenizer = convert_gguf.convert(path, out)
-  return out, reference, model, tokenizer
+def converted(tiny_gguf, tiny_converted):
+  return tiny_converted[0], tiny_gguf[1], *tiny_converted[1:]
 
 
 def test_round_trip_gives_the_original_models_logits(converted):

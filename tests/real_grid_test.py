@@ -62,10 +62,8 @@ def test_cell_configs_and_the_two_stage_budget():
   assert "--task_knobs=max_value=20,min_steps=1,steps=2" in cmd and "--init=/b" in cmd
 
 
-def test_flops_accumulate_per_step_and_resumed_steps_count_once(tiny_gguf, tmp_path):
-  from experiments import convert_gguf  # noqa: PLC0415
-  policy = str(tmp_path / "policy")
-  convert_gguf.convert(tiny_gguf[0], policy)
+def test_flops_accumulate_per_step_and_resumed_steps_count_once(tiny_converted):
+  policy = tiny_converted[0]
   base = compare_real.get_config("small")
   cell = grid.grid_cells("main", base, algos=["dapo"], seeds=[0])[0]  # (sft_dapo runs dapo too)
   assert cell.label == "dapo"

@@ -35,7 +35,8 @@ def compare_settings(small: bool = False) -> ml_collections.ConfigDict:
   # The guide: experiments/sft.py on the task's worked solutions (real_grid.guide_sft_command).
   g.guide_sft = ml_collections.ConfigDict({
       "steps": 4 if small else 320, "batch_size": 4, "lr": 3e-5,
-      "seed": 1, "max_response_tokens": 96 if small else 64, "eval_size": 4 if small else 200})
+      "seed": 1, "max_response_tokens": 96 if small else 64, "eval_size": 4 if small else 200,
+      "eval_max_new_tokens": 96})
   # Offline traces (LUFFY as published, SFT, SFT → DAPO): guide samples per train prompt.
   g.trace_prompts = 8 if small else 512
   g.trace_per_prompt = 2
