@@ -10,6 +10,10 @@ experiments/configs/compare_reasoning.py) are lists of *variants*: an algorithm 
 guide source). Their cells live in <workroot>/<grid>/<regime>/<variant>-s<seed>/ and share models
 built once by `prepare_reasoning`: one weak start per regime (<workroot>/models/<regime>), one
 guide per style (<workroot>/models/guide-<style>) and one trace file of the same-style guide.
+
+The real-model grid (`compare.kind` "real", experiments/configs/compare_real.py) is a reasoning
+grid whose variants, models and two-stage SFT → RL cells are experiments/real_grid.py's; every
+grid's CSV rows carry the model FLOPs spent (experiments/grid_flops.py).
 """
 
 import copy

@@ -82,21 +82,33 @@ def stage_configs(base, cell, workroot: str, budget: int):
 
 
 def run_two_stage(sft_config, rl_config, workdir: str) -> dict:
-  """Stage 1 (SFT, rerun from scratch unless its summary and export are there), then stage 2 (RL,
-  `loop.run` in `workdir`: resumes from its checkpoints); returns the RL stage's summary."""
+  """Stage 1 (SFT into workdir/sft_stage, kept while its summary reached the budget, its export
+  is there and its config is the same), then stage 2 (RL, `loop.run` in `workdir`: resumes from
+  its checkpoints). A redone stage 1 clears stage 2: it would resume from another start."""
+  import shutil  # noqa: PLC0415
+
   from experiments import sft_baseline  # noqa: PLC0415
   from mixpo import loop  # noqa: PLC0415
   stage = os.path.join(workdir, SFT_STAGE)
-  summary_file = os.path.join(stage, "summary.json")
-  done = os.path.exists(summary_file) and os.path.exists(os.path.join(stage, "export",
-                                                                      "config.json"))
-  if done:
-    with open(summary_file) as f:
-      done = json.load(f).get("budget_reached", False)
+  fingerprint = json.loads(json.dumps(loop.fingerprint(sft_config), sort_keys=True, default=str))
+  done = False
+  try:
+    with open(os.path.join(stage, "summary.json")) as f, \
+        open(os.path.join(stage, "stage_config.json")) as g:
+      done = (json.load(f).get("budget_reached", False) and json.load(g) == fingerprint
+              and os.path.exists(os.path.join(stage, "export", "config.json")))
+  except FileNotFoundError:
+    pass
   if not done:
-    if os.path.exists(stage):
-      import shutil  # noqa: PLC0415
-      shutil.rmtree(stage)  # metrics.jsonl is appended to: an interrupted stage starts clean.
+    for name in (SFT_STAGE, "checkpoints", "metrics.jsonl", "summary.json", "tb"):
+      path = os.path.join(workdir, name)  # metrics.jsonl is appended to: start both clean.
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+    os.makedirs(stage)
+    with open(os.path.join(stage, "stage_config.json"), "w") as f:
+      json.dump(fingerprint, f, sort_keys=True, indent=1)
     sft_baseline.run(sft_config, stage)
   return loop.run(rl_config, workdir)
 
