@@ -1,4 +1,5 @@
-"""What the benchmarks share: model shapes by name, dtypes, model FLOPs and device peak FLOP/s.
+"""What the benchmarks share: model shapes by name, dtypes, model FLOPs (mixpo.flops) and device
+peak FLOP/s.
 
 Shapes are Hugging Face config.json dicts with random weights (nothing is downloaded):
   tiny          the config the tiny speed figures use (hidden 256, 4 layers, 8/2 heads, vocab 512)
@@ -12,6 +13,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
+# Model FLOPs per token (weights + causal attention): the library's count, shared with the grids'
+# equal-compute accounting.
+from mixpo.flops import forward_flops_per_token  # noqa: F401
 
 _QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
               rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
@@ -51,18 +56,6 @@ def describe(config: dict) -> str:
   return (f"hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
           f"{config['num_attention_heads']}/{config['num_key_value_heads']} heads, "
           f"F {config['intermediate_size']}, vocab {config['vocab_size']}")
-
-
-def forward_flops_per_token(config: dict, context: float) -> float:
-  """Model FLOPs of one token's forward pass: 2 per multiply-add of every weight matmul (the
-  LM head included) plus attention's q·k and p·v over `context` keys (the mean number of keys a
-  query sees: (T + 1) / 2 for a causal pass over T tokens)."""
-  d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-  n, k = config["num_attention_heads"], config["num_key_value_heads"]
-  h = config.get("head_dim") or d // n
-  layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
-  return 2.0 * (config["num_hidden_layers"] * layer + d * v) + (
-      4.0 * config["num_hidden_layers"] * n * h * context)
 
 
 def device_peak_flops(device_kind: str, cpu_peak_flops: float | None = None) -> float | None:

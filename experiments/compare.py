@@ -39,6 +39,14 @@ reasoning_variants; --algos keeps variant labels or algorithms). Output goes to
 experiments/results/reasoning/, the summary with 95 % bootstrap intervals over seeds, paired
 differences to DAPO and wall-clock including the guide's generation (offline traces: each
 trace-fed cell is charged its share of the file's generation time).
+
+Real-model grid (SmolLM2-135M-Instruct on word problems; experiments/configs/compare_real.py):
+  python experiments/compare.py --config=compare_real --seeds=0,1,2 --workroot=workdir_real
+  main:   GRPO, DAPO, LUFFY / Mix-1 / Mix-2 with the online guide, LUFFY as published, SFT on the
+          guide's traces, SFT → DAPO, single-stage SFT + RL (experiments/real_grid.py); the
+          models are built by the binaries into <workroot>/models (--prepare_only stops there).
+Every row of a grid's CSV carries the model FLOPs spent up to it (mixpo/flops.py;
+experiments/grid_flops.py); the summary compares at equal policy tokens and at equal FLOPs.
 """
 
 import os
@@ -51,7 +59,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from experiments.configs import resolve_config_path  # noqa: E402
 from experiments.grid import (GRIDS, REASONING_GRIDS, check_rows, collect_rows,  # noqa: E402
-                              grid_cells, run_cells)
+                              grid_cells, prepare, run_cells)
 
 _DEFAULT_CONFIG = resolve_config_path("compare")
 
@@ -93,6 +101,9 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rerun cells whose saved conf
 _CHECK = flags.DEFINE_string("check_against", None, "A committed <grid>.csv: after the run, every "
                               "row written is compared with its row there (all columns but "
                               "wall_s, as printed); exit status 1 on any difference.")
+_PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "Build (or check) the models and trace "
+                                   "file the grid's cells share, then stop (the real-model and "
+                                   "reasoning grids).")
 _KEEP_GOING = flags.DEFINE_bool("keep_going", True, "A failing cell is logged and the grid goes "
                                 "on (exit status 1 at the end); false: stop at the first.")
 
@@ -157,10 +168,14 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   logging.info("%s grid: %d cells, budget %d policy tokens, workroot %s", _GRID.value, len(cells),
                budget, workroot)
+  if _PREPARE_ONLY.value:
+    for what, seconds in prepare(cells, base, workroot).items():
+      print(f"compare: {what} ready ({seconds:.0f} s)")
+    return
   done = run_cells(cells, base, workroot, budget, _OVERWRITE.value, _KEEP_GOING.value)
-  paths = analysis.write_reports(collect_rows(cells, workroot), out_dir, _GRID.value,
-                                 _THRESHOLD.value, base.compare.threshold_delta,
-                                 # reasoning grids: intervals, paired differences to DAPO.
+  paths = analysis.write_reports(collect_rows(cells, workroot, base, budget), out_dir,
+                                 _GRID.value, _THRESHOLD.value, base.compare.threshold_delta,
+                                 # reasoning / real grids: intervals, paired differences.
                                  baseline=base.compare.get("baseline") or None)
   print(f"compare: ran {len(done['ran'])} cells, skipped {len(done['skipped'])} finished, "
         f"failed {len(done['failed'])}")

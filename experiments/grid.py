@@ -10,11 +10,16 @@ experiments/configs/compare_reasoning.py) are lists of *variants*: an algorithm 
 guide source). Their cells live in <workroot>/<grid>/<regime>/<variant>-s<seed>/ and share models
 built once by `prepare_reasoning`: one weak start per regime (<workroot>/models/<regime>), one
 guide per style (<workroot>/models/guide-<style>) and one trace file of the same-style guide.
+
+The real-model grid (`compare.kind` "real", experiments/configs/compare_real.py) is a reasoning
+grid whose variants, models and two-stage SFT → RL cells are experiments/real_grid.py's; every
+grid's CSV rows carry the model FLOPs spent (experiments/grid_flops.py).
 """
 
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -79,6 +84,8 @@ RUNNER = "_runner"  # pseudo-field: what runs the cell, "rl" (mixpo.loop, the de
 SFT = "sft"  # the off-policy baseline: SFT on the guide's traces (experiments/sft_baseline.py).
 SHAPING_LABELS = {"paper_step": "step", "exact": "exact"}  # config.shaping_grad → label suffix.
 REASONING_GRIDS = ("main", "style", "source")
+REAL = "real"  # config.compare.kind of the real-model grid (experiments/real_grid.py).
+SFT_RL = "sft_rl"  # runner of a two-stage cell: SFT on the traces, then RL (real_grid.py).
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -154,7 +161,13 @@ def reasoning_variants(grid: str, baseline: str = "") -> list[tuple[str, str, di
 def reasoning_cells(grid: str, base, variants=None, seeds=(0,), regimes=None) -> list[Cell]:
   """The cells of reasoning grid `grid` (order: regime, variant, seed). `variants` keeps those
   whose label or algorithm is listed; `regimes` defaults to config.compare.grid_regimes[grid]."""
-  all_variants = reasoning_variants(grid, base.compare.get("baseline", ""))
+  if base.compare.get("kind") == REAL:
+    from experiments import real_grid  # noqa: PLC0415
+    if grid != "main":
+      raise ValueError(f"--grid={grid!r}: the real-model config has one grid, 'main'.")
+    all_variants = real_grid.real_variants(base)
+  else:
+    all_variants = reasoning_variants(grid, base.compare.get("baseline", ""))
   if variants:
     unknown = [v for v in variants if not any(v in (lab, algo) for lab, algo, _ in all_variants)]
     if unknown:
@@ -262,12 +275,25 @@ def prepare_reasoning(cells, base, workroot: str) -> dict:
   return spent
 
 
+def prepare(cells, base, workroot: str) -> dict:
+  """Builds (or reuses) the models and trace file `cells` share; {what: seconds spent now}. The
+  table grids build theirs inside each regime's first cell (loop.run's builtin_dir)."""
+  if base.compare.get("kind") == REAL:
+    from experiments import real_grid  # noqa: PLC0415
+    return real_grid.prepare_real(cells, base, workroot)
+  if any(c.label for c in cells):
+    return prepare_reasoning(cells, base, workroot)
+  return {}
+
+
 def _ensure_traces(base, paths: dict) -> float:
   """Samples the same-style guide into paths["traces"] unless a file of this recipe exists."""
   import time  # noqa: PLC0415
 
+  from experiments import grid_flops  # noqa: PLC0415
   from experiments.make_traces import make_traces  # noqa: PLC0415
-  from mixpo.data import get_task  # noqa: PLC0415
+  from mixpo import flops as mixpo_flops  # noqa: PLC0415
+  from mixpo import models  # noqa: PLC0415
   from mixpo.data.traces import write_trace_prompts  # noqa: PLC0415
   g = base.compare
   recipe = {"guide": json.load(open(os.path.join(paths["guide"], "mixpo_recipe.json"))),
@@ -279,7 +305,8 @@ def _ensure_traces(base, paths: dict) -> float:
       if json.load(f).get("recipe") == recipe:
         return 0.0
   t0 = time.time()
-  task = get_task(base.task, **dict(base.task_kwargs))
+  tokenizer = models.load_tokenizer(paths["guide"])
+  task = grid_flops.make_task(base, tokenizer)  # a chat model's task renders its prompts.
   examples = task.examples("train", recipe["prompts"], seed=0)
   prompts, counts = make_traces(paths["guide"], examples, recipe["per_prompt"],
                                 recipe["max_new_tokens"], recipe["temperature"], batch_size=64,
@@ -287,17 +314,22 @@ def _ensure_traces(base, paths: dict) -> float:
   write_trace_prompts(paths["traces"], prompts)
   seconds = time.time() - t0
   responses = [r for p in prompts for r in p.responses]
+  guide_tokens = sum(len(r.tokens) for r in responses)
+  # Model FLOPs: every sample generated (an unfinished one ran to max_new_tokens), then the
+  # log-prob forward over each kept response.
+  hf = grid_flops.hf_config(paths["guide"])
+  prompt_tokens = grid_flops.mean_prompt_tokens(tokenizer, examples)
+  sampled = guide_tokens + counts["unfinished"] * recipe["max_new_tokens"]
+  flops = mixpo_flops.traces_flops(hf, prompt_tokens, counts["samples"], sampled,
+                                   len(responses), guide_tokens)
   meta = {"recipe": recipe, "seconds": seconds, "counts": counts,
           "responses": len(responses), "correct": sum(bool(r.correct) for r in responses),
-          "guide_tokens": sum(len(r.tokens) for r in responses)}
+          "guide_tokens": guide_tokens, "flops": flops, "prompt_tokens": prompt_tokens}
   with open(paths["traces_meta"], "w") as f:  # written last: a crash before it means "redo".
     json.dump(meta, f, indent=1)
   logging.info("guide traces: %d responses (%d correct) for %d prompts in %.0f s → %s",
                meta["responses"], meta["correct"], len(prompts), seconds, paths["traces"])
   return seconds
-  workroot = os.path.dirname(os.path.dirname(os.path.dirname(cell_dir("/", cells[0]))))
-  del workroot  # (cells carry no workroot; the caller passes it to reasoning_paths)
-  return {}
 
 
 def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gammas=None):
@@ -305,7 +337,7 @@ def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gamma
 
   A reasoning config (`compare.kind == "reasoning"`) has its own grids: `reasoning_cells`.
   """
-  if base.compare.get("kind") == "reasoning":
+  if base.compare.get("kind") in ("reasoning", REAL):
     return reasoning_cells(grid, base, algos, seeds, regimes)
   grids = algorithms.grids()  # read now: an entry registered after import counts too.
   if grid not in grids:
@@ -335,6 +367,9 @@ def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gamma
 
 def cell_config(base, cell: Cell, workroot: str, budget: int):
   """The run config of `cell`: base minus `compare`, the cell's fields, the shared models."""
+  if cell.runner == SFT_RL:  # the RL stage; its SFT stage: real_grid.stage_configs.
+    from experiments import real_grid  # noqa: PLC0415
+    return real_grid.stage_configs(base, cell, workroot, budget)[1]
   if cell.label:
     return reasoning_config(base, cell, workroot, budget)
   c = copy.deepcopy(base)
@@ -390,14 +425,14 @@ def run_cells(cells, base, workroot: str, budget: int, overwrite=False, keep_goi
 
   from mixpo import loop  # noqa: PLC0415
   done = {"ran": [], "skipped": [], "failed": {}}
-  if any(c.label for c in cells):
-    for what, seconds in prepare_reasoning(cells, base, workroot).items():
-      logging.info("reasoning grid: %s ready (%.0f s)", what, seconds)
+  for what, seconds in prepare(cells, base, workroot).items():
+    logging.info("grid models: %s ready (%.0f s)", what, seconds)
   bar = tqdm(cells, desc="cells", unit="cell", dynamic_ncols=True)
   for cell in bar:
     label = f"{cell.regime}/{cell.name}"
     workdir, config = cell_dir(workroot, cell), cell_config(base, cell, workroot, budget)
-    state = cell_state(workdir, config, budget, overwrite)
+    # A two-stage cell's RL stage has the budget its SFT stage left (config.max_policy_tokens).
+    state = cell_state(workdir, config, int(config.max_policy_tokens), overwrite)
     if state == "done":
       done["skipped"].append(label)
       continue
@@ -412,6 +447,10 @@ def run_cells(cells, base, workroot: str, budget: int, overwrite=False, keep_goi
       if cell.runner == SFT:
         from experiments import sft_baseline  # noqa: PLC0415
         summary = sft_baseline.run(config, workdir)
+      elif cell.runner == SFT_RL:
+        from experiments import real_grid  # noqa: PLC0415
+        summary = real_grid.run_two_stage(
+            real_grid.stage_configs(base, cell, workroot, budget)[0], config, workdir)
       else:
         summary = loop.run(config, workdir)
     except Exception as e:  # noqa: BLE001 — one bad cell must not lose a night's grid.
@@ -434,27 +473,66 @@ def run_cells(cells, base, workroot: str, budget: int, overwrite=False, keep_goi
   return done
 
 
-def collect_rows(cells, workroot: str) -> list[dict]:
-  """CSV rows (mixpo.analysis.COLUMNS) of every cell that has logged metrics."""
+def collect_rows(cells, workroot: str, base=None, budget: int = 0) -> list[dict]:
+  """CSV rows (mixpo.analysis.COLUMNS) of every cell that has logged metrics; with the `base`
+  config and `budget` of the run, each row carries the model FLOPs spent up to it
+  (experiments/grid_flops.py; NaN where a cell's models are gone)."""
   from mixpo import analysis  # noqa: PLC0415
-  from mixpo import logging as mlog  # noqa: PLC0415
   rows = []
   for cell in cells:
-    workdir = cell_dir(workroot, cell)
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      cell_rows = analysis.cell_rows(mlog.read_metrics(workdir), cell.meta())
+    metrics = cell_metrics(cell, workroot, base, budget)
+    if metrics:
+      cell_rows = analysis.cell_rows(metrics, cell.meta())
       if cell.label:
         _charge_offline_guide(cell_rows, cell, workroot)
       rows.extend(cell_rows)
   return rows
 
 
+def cell_metrics(cell: Cell, workroot: str, base=None, budget: int = 0) -> list[dict]:
+  """metrics.jsonl rows of a cell (FLOPs added when `base` is given); a two-stage cell's SFT stage
+  first, then its RL stage with steps, tokens, wall time and FLOPs continuing from the SFT's."""
+  from experiments import grid_flops  # noqa: PLC0415
+  from mixpo import logging as mlog  # noqa: PLC0415
+  workdir = cell_dir(workroot, cell)
+
+  def read(path, config, sft):
+    if not os.path.exists(os.path.join(path, "metrics.jsonl")):
+      return []
+    metrics = mlog.read_metrics(path)
+    if base is None:
+      return metrics
+    try:
+      return grid_flops.with_flops(metrics, config, sft)
+    except FileNotFoundError as e:  # the shared models were deleted: no FLOPs, rows still.
+      logging.warning("cell %s: no FLOPs (%s)", cell.name, e)
+      return metrics
+
+  if cell.runner != SFT_RL:
+    config = cell_config(base, cell, workroot, budget) if base is not None else None
+    return read(workdir, config, cell.runner == SFT)
+  from experiments import real_grid  # noqa: PLC0415
+  sft_config, rl_config = real_grid.stage_configs(base, cell, workroot, budget)
+  first = read(os.path.join(workdir, real_grid.SFT_STAGE), sft_config, True)
+  second = read(workdir, rl_config, False)
+  if not first:
+    return []
+  end = first[-1]
+  offsets = {k: end[k] for k in ("step", "policy_tokens", "guide_tokens", "wall_s", "flops",
+                                 *grid_flops.mixpo_flops.PARTS) if isinstance(end.get(k), (int,
+                                                                                           float))}
+  # The RL stage's step 0 evaluates the SFT stage's final model again: keep the SFT stage's row.
+  return first + [{**r, **{k: r[k] + v for k, v in offsets.items() if isinstance(r.get(k), (
+      int, float))}} for r in second if int(r["step"]) > 0]
+
+
 def check_rows(rows_csv: str, reference_csv: str,
                ignore=("wall_s", "guide_gen_s")) -> tuple[int, list[str]]:
   """(rows matched, problems): every row of `rows_csv` (a rerun's <grid>.csv) against the row of
   `reference_csv` (a committed one) with the same grid, regime, cell and step, field by field as
-  written (to the last printed digit), except the `ignore`d columns (wall-clock times). A cell's
-  steps must be the same in both; cells of the reference that were not rerun are not checked."""
+  written (to the last printed digit), except the `ignore`d columns (wall-clock times) and those
+  the reference does not have. A cell's steps must be the same in both; cells of the reference
+  that were not rerun are not checked."""
   import csv  # noqa: PLC0415
 
   def load(path):
@@ -480,8 +558,9 @@ def check_rows(rows_csv: str, reference_csv: str,
       want = ref[cell].get(step)
       if want is None:
         continue
-      diff = [f"{c}={row[c]!r} (reference {want.get(c)!r})" for c in row
-              if c not in ignore and row[c] != want.get(c)]
+      # A column the reference predates (the FLOP counts) has nothing to be checked against.
+      diff = [f"{c}={row[c]!r} (reference {want[c]!r})" for c in row
+              if c in want and c not in ignore and row[c] != want[c]]
       if diff:
         problems.append(f"{name} step {step}: " + ", ".join(diff))
       else:
@@ -491,11 +570,12 @@ def check_rows(rows_csv: str, reference_csv: str,
 
 def _charge_offline_guide(rows: list[dict], cell: Cell, workroot: str) -> None:
   """Trace-fed cells did not pay for their guide's generation inside the run: charge each row
-  the trace file's generation seconds in proportion to the guide tokens the cell used up to it
-  (an online guide's generation is already inside wall_s)."""
+  the trace file's generation seconds, and its model FLOPs (when the rows count FLOPs), in
+  proportion to the guide tokens the cell used up to it (an online guide's generation is already
+  inside wall_s and the run's own FLOPs)."""
   meta_file = reasoning_paths(workroot, cell.regime, "same")["traces_meta"]
   overrides = dict(cell.overrides)
-  offline = overrides.get("guide_source") == "traces" or cell.runner == SFT
+  offline = overrides.get("guide_source") == "traces" or cell.runner in (SFT, SFT_RL)
   meta = None
   if offline and os.path.exists(meta_file):
     with open(meta_file) as f:
@@ -505,3 +585,6 @@ def _charge_offline_guide(rows: list[dict], cell: Cell, workroot: str) -> None:
     share = (min(1.0, r["guide_tokens"] / meta["guide_tokens"])
              if meta and meta["guide_tokens"] else 0.0)
     r["guide_gen_s"] = meta["seconds"] * share if meta else 0.0
+    if meta and meta.get("flops") and not math.isnan(r.get("flops", math.nan)):
+      r["flops_guide_gen"] += meta["flops"] * share
+      r["flops"] += meta["flops"] * share

@@ -9,7 +9,8 @@ the same count an RL cell spends on generated tokens; they are guide tokens as w
 (`guide_tokens`, the same number). Evaluation is the RL loop's: greedy accuracy of the same
 config.eval_size eval problems at step 0, every config.eval_every steps and at the last step.
 Writes metrics.jsonl and summary.json in the workdir like `mixpo.loop.run` (no checkpoints: an
-interrupted cell reruns from the start).
+interrupted cell reruns from the start), and with config.export_hf the final model in Hugging Face
+format to workdir/export.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def run(config, workdir: str) -> dict:
   """Runs the SFT cell of `config` in `workdir`; returns its summary (as loop.run's)."""
   from mixpo import builtin, models, rl, train  # noqa: PLC0415
   from mixpo import logging as mlog  # noqa: PLC0415
-  from mixpo.data import get_task  # noqa: PLC0415
+  from mixpo.data import task_options  # noqa: PLC0415
   from mixpo.data.tasks import Example  # noqa: PLC0415
   from mixpo.data.traces import read_trace_prompts  # noqa: PLC0415
   from mixpo.rewards import RewardRunner  # noqa: PLC0415
@@ -35,7 +36,8 @@ def run(config, workdir: str) -> dict:
                      "the reasoning grids write it (experiments/grid.py, prepare_reasoning).")
   os.makedirs(workdir, exist_ok=True)
   tokenizer = models.load_tokenizer(config.policy)
-  model = models.from_pretrained(config.policy)
+  from mixpo.loop import model_options  # noqa: PLC0415
+  model = models.from_pretrained(config.policy, **model_options(config))  # remat as RL cells do.
   prompts, _ = read_trace_prompts(config.traces_path, tokenizer=tokenizer)
   pairs = [(p.prompt, p.answer, r.text) for p in prompts for r in p.responses
            if r.correct or not config.traces.only_correct]
@@ -59,7 +61,9 @@ def run(config, workdir: str) -> dict:
       weight_decay=config.weight_decay, grad_clip=config.grad_clip))
   state = train.init_state(policy, optimizer, config.seed)
   step_fn = train.make_sft_step(policy, optimizer)
-  task = get_task(config.task, **dict(config.task_kwargs))
+  # The policy's tokenizer renders a chat model's prompts (word problems, file datasets).
+  task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
+                                tokenizer=tokenizer)
   eval_examples = task.eval_examples(config.eval_size)
   budget = int(config.get("max_policy_tokens", 0) or 0)
   tokens, summary = 0, {"start_step": 0, "preempted": False, "guide_source": "traces",
@@ -89,6 +93,9 @@ def run(config, workdir: str) -> dict:
       logger.write(step, row)
       if last:
         break
+  if config.get("export_hf"):  # the SFT stage of an SFT → RL cell: its RL stage starts here.
+    models.save_pretrained(policy.merge(state.params), os.path.join(workdir, "export"))
+    tokenizer.save_pretrained(os.path.join(workdir, "export"))
   rows = [r for r in mlog.read_metrics(workdir) if "eval/accuracy" in r]
   summary.update(final_step=step, policy_tokens=tokens, guide_tokens=tokens,
                  budget_reached=bool(budget and tokens >= budget),

@@ -15,6 +15,9 @@ import os
 
 import numpy as np
 
+from mixpo import flops
+from mixpo.eval_metrics import bootstrap_ci
+
 # Identity of a cell, then one row per evaluated step.
 META_COLUMNS = ("grid", "regime", "policy_steps", "variant", "algo", "scheme", "gamma", "seed",
                 "cell")
@@ -24,6 +27,9 @@ METRIC_KEYS = {
     "train_reward": "train/reward", "train_accuracy": "train/accuracy",
     "eval_accuracy": "eval/accuracy", "response_length": "train/response_length",
     "entropy": "train/entropy", "wall_s": "wall_s",
+    # Cumulative model FLOPs (mixpo/flops.py) spent up to the row, in total and by part; the
+    # grid runner adds them to the metrics (experiments/grid_flops.py).
+    "flops": "flops", **{part: part for part in flops.PARTS},
 }
 # Seconds of offline guide generation charged to the cell up to the row (its share of its trace
 # file's generation time; 0 for an online guide, whose generation is inside wall_s).
@@ -121,24 +127,6 @@ def _runs(rows: list[dict]) -> dict:
   return out
 
 
-def bootstrap_ci(values, level: float = 0.95, n_boot: int = 10_000, seed: int = 0):
-  """Percentile bootstrap interval of the mean of `values` (NaNs dropped): (mean, lo, hi).
-
-  Resamples the values with replacement `n_boot` times (a fixed `seed`: the same table every
-  time). Fewer than 2 values: (mean, NaN, NaN), no interval. With n seeds the interval only
-  reflects the spread those seeds show (5 seeds: a rough interval, narrower than a t interval).
-  """
-  v = np.asarray([x for x in values if not math.isnan(x)], np.float64)
-  if not len(v):
-    return math.nan, math.nan, math.nan
-  if len(v) < 2:
-    return float(v.mean()), math.nan, math.nan
-  rng = np.random.default_rng(seed)
-  means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-  alpha = (1 - level) / 2
-  return float(v.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
 def paired_differences(values: dict, baseline: dict) -> list[float]:
   """values[s] − baseline[s] for every seed s both hold with a number (seed order of `values`).
 
@@ -205,7 +193,8 @@ def plot_grid(rows: list[dict], x_key: str = "step", y_key: str = "eval_accuracy
       if len(seeds) > 1:
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_title(f"{title} {regime}".strip())
-    ax.set_xlabel("generated policy tokens" if x_key == "policy_tokens" else x_key)
+    ax.set_xlabel({"policy_tokens": "generated policy tokens",
+                   "flops": "model FLOPs (train + guide)"}.get(x_key, x_key))
     ax.set_ylabel(y_key.replace("_", " ") + (" (seed mean, band min–max)" if band == "minmax"
                                               else " (seed mean, 95% bootstrap CI)"))
     ax.grid(alpha=0.3)
@@ -298,33 +287,51 @@ def _nanmean(values: list[float]) -> float:
   return float(np.mean(v)) if v else math.nan
 
 
-def interval_table(rows: list[dict], baseline: str, threshold: float | None = None,
+def _baselines(baseline) -> tuple[str, ...]:
+  return (baseline,) if isinstance(baseline, str) else tuple(baseline or ())
+
+
+def _head(*groups) -> str:
+  """A markdown table's header and rule from groups of column titles."""
+  titles = [t for g in groups for t in g]
+  return "| " + " | ".join(titles) + " |\n|" + "---|" * len(titles) + "\n"
+
+
+def _paired(values: dict, runs: dict, regime: str, baseline: str, variant: str, key,
+            n_boot: int) -> str:
+  """Paired difference mean [95 % CI] of {seed: value} to the baseline's same seeds ("—" when
+  the variant is the baseline or no seed is shared); key(cell rows) gives a seed's value."""
+  base = {s: key(c) for s, c in runs.get((regime, baseline), {}).items()}
+  diffs = paired_differences(values, base) if base and variant != baseline else []
+  return _fmt_ci(*bootstrap_ci(diffs, n_boot=n_boot), signed=True) if diffs else "—"
+
+
+def interval_table(rows: list[dict], baseline, threshold: float | None = None,
                    threshold_delta: float = 0.2, n_boot: int = 10_000) -> str:
   """Markdown table per (regime, variant) with 95 % bootstrap intervals over seeds.
 
-  Columns: final eval accuracy, mean [95 % CI]; its paired difference to the `baseline` variant
-  of the same regime (same seeds), mean [95 % CI] ("—" where the regime has no baseline or no
-  common seed); policy tokens to the threshold accuracy (mean over the seeds that reached it,
-  k/n); final policy and guide tokens (means; a method that reads twice the guide tokens shows
-  it here); wall-clock seconds including the guide's generation (online guides generate inside
-  the run; a trace-fed cell is charged its share of the trace file's generation, the CSV's
-  guide_gen_s), mean over seeds.
+  Columns: final eval accuracy, mean [95 % CI]; its paired difference to each `baseline` variant
+  (a name or several) of the same regime (same seeds), mean [95 % CI] ("—" where the regime has
+  no such baseline or no common seed); policy tokens to the threshold accuracy (mean over the
+  seeds that reached it, k/n); final policy and guide tokens (means; a method that reads twice
+  the guide tokens shows it here); wall-clock seconds including the guide's generation (online
+  guides generate inside the run; a trace-fed cell is charged its share of the trace file's
+  generation, the CSV's guide_gen_s), mean over seeds.
   """
-  runs = _runs(rows)
-  head = (f"| regime | variant | seeds | final eval accuracy [95% CI] | Δ vs {baseline} (paired) "
-          "[95% CI] | policy tokens to threshold | policy tokens | guide tokens | wall s incl. "
-          "guide |\n|---|---|---|---|---|---|---|---|---|\n")
+  runs, baselines = _runs(rows), _baselines(baseline)
+  final_acc = lambda c: _last(c, "eval_accuracy")
+  head = _head(("regime", "variant", "seeds", "final eval accuracy [95% CI]"),
+               [f"Δ vs {b} (paired) [95% CI]" for b in baselines],
+               ("policy tokens to threshold", "policy tokens", "guide tokens",
+                "wall s incl. guide"))
   lines = []
   for regime in _ordered(r for r, _ in runs):
     thr = _threshold(runs, regime, threshold, threshold_delta)
-    base = {s: _last(c, "eval_accuracy") for s, c in runs.get((regime, baseline), {}).items()}
     for (reg, variant), seeds in runs.items():
       if reg != regime:
         continue
-      final = {s: _last(c, "eval_accuracy") for s, c in seeds.items()}
+      final = {s: final_acc(c) for s, c in seeds.items()}
       acc = bootstrap_ci(list(final.values()), n_boot=n_boot)
-      diffs = paired_differences(final, base) if base and variant != baseline else []
-      diff = bootstrap_ci(diffs, n_boot=n_boot) if diffs else (math.nan,) * 3
       cells = list(seeds.values())
       reached = [t for t in (tokens_to_threshold(c, thr) for c in cells) if not math.isnan(t)]
       to_thr = f"{np.mean(reached):,.0f} ({len(reached)}/{len(cells)})" if reached else \
@@ -332,10 +339,84 @@ def interval_table(rows: list[dict], baseline: str, threshold: float | None = No
       wall = [_wall_with_guide(c) for c in cells]
       lines.append(
           f"| {regime} | {variant} | {len(cells)} | {_fmt_ci(*acc)} | "
-          f"{_fmt_ci(*diff, signed=True) if diffs else '—'} | {to_thr} (≥ {thr:.3f}) | "
+          + "".join(f"{_paired(final, runs, regime, b, variant, final_acc, n_boot)} | "
+                    for b in baselines)
+          + f"{to_thr} (≥ {thr:.3f}) | "
           f"{np.mean([_last(c, 'policy_tokens') for c in cells]):,.0f} | "
           f"{np.mean([_last(c, 'guide_tokens') for c in cells]):,.0f} | "
           f"{_nanmean(wall):,.0f} |")
+  return head + "\n".join(lines) + "\n"
+
+
+def value_at(rows: list[dict], x_key: str, x: float, y_key: str = "eval_accuracy") -> float:
+  """y of the last evaluation at x_key ≤ x (rows sorted by step): the model a run had after
+  spending x; NaN when it had not been evaluated by then."""
+  out = math.nan
+  for r in rows:
+    if not math.isnan(r[x_key]) and r[x_key] <= x * (1 + 1e-9):
+      out = r[y_key]
+  return out
+
+
+def first_reaching(rows: list[dict], threshold: float, x_key: str) -> float:
+  """x_key at the first eval with accuracy ≥ threshold (NaN if none)."""
+  for r in rows:
+    if r["eval_accuracy"] >= threshold:
+      return r[x_key]
+  return math.nan
+
+
+def _fmt_big(mean: float, lo: float, hi: float) -> str:
+  if math.isnan(mean):
+    return "—"
+  return f"{mean:.3g}" if math.isnan(lo) else f"{mean:.3g} [{lo:.3g}, {hi:.3g}]"
+
+
+def has_flops(rows: list[dict]) -> bool:
+  return any(not math.isnan(r.get("flops", math.nan)) for r in rows)
+
+
+def compute_table(rows: list[dict], baseline, threshold: float | None = None,
+                  threshold_delta: float = 0.2, n_boot: int = 10_000) -> str:
+  """Markdown table per (regime, variant) at equal compute (model FLOPs, mixpo/flops.py).
+
+  Per regime, F* = the smallest final FLOPs of any of its cells that trained (a cell with only
+  its step-0 row spent nothing), so every seed of every variant has spent F*. Columns: final FLOPs (mean over seeds), with its training and guide parts;
+  eval accuracy at F* (the last evaluation at ≤ F*: the model the run had after F* FLOPs), mean
+  [95 % CI], and its paired difference to each `baseline`; FLOPs and policy tokens to the
+  threshold accuracy, mean [95 % CI] over the seeds that reached it (k/n).
+  """
+  runs, baselines = _runs(rows), _baselines(baseline)
+  head = _head(("regime", "variant", "seeds", "FLOPs (train + guide)", "accuracy at F* [95% CI]"),
+               [f"Δ at F* vs {b} (paired) [95% CI]" for b in baselines],
+               ("FLOPs to threshold [95% CI]", "policy tokens to threshold [95% CI]"))
+  lines = []
+  for regime in _ordered(r for r, _ in runs):
+    cells_of = [c for (reg, _), seeds in runs.items() if reg == regime for c in seeds.values()]
+    f_star = min((_last(c, "flops") for c in cells_of if _last(c, "step") > 0),
+                 default=math.nan)
+    thr = _threshold(runs, regime, threshold, threshold_delta)
+    at = lambda c, f=f_star: value_at(c, "flops", f)
+    lines.append(f"| {regime} | F* = {f_star:.3g} FLOPs | | | | " + "| " * len(baselines)
+                 + f"(threshold {thr:.3f}) | |")
+    for (reg, variant), seeds in runs.items():
+      if reg != regime:
+        continue
+      cells = list(seeds.values())
+      values = {s: at(c) for s, c in seeds.items()}
+      guide = np.mean([_last(c, "flops_guide_gen") for c in cells])
+      to_thr = {}
+      for key in ("flops", "policy_tokens"):
+        reached = [x for x in (first_reaching(c, thr, key) for c in cells) if not math.isnan(x)]
+        to_thr[key] = (f"{_fmt_big(*bootstrap_ci(reached, n_boot=n_boot))} "
+                       f"({len(reached)}/{len(cells)})")
+      lines.append(
+          f"| {regime} | {variant} | {len(cells)} | "
+          f"{np.mean([_last(c, 'flops') for c in cells]):.3g} ({guide:.2g} guide) | "
+          f"{_fmt_ci(*bootstrap_ci(list(values.values()), n_boot=n_boot))} | "
+          + "".join(f"{_paired(values, runs, regime, b, variant, at, n_boot)} | "
+                    for b in baselines)
+          + f"{to_thr['flops']} | {to_thr['policy_tokens']} |")
   return head + "\n".join(lines) + "\n"
 
 
@@ -370,33 +451,44 @@ def plot_final(rows: list[dict], title: str = ""):
 
 
 def write_reports(rows: list[dict], out_dir: str, grid: str, threshold: float | None = None,
-                  threshold_delta: float = 0.2, baseline: str | None = None) -> list[str]:
+                  threshold_delta: float = 0.2, baseline=None) -> list[str]:
   """<grid>.csv, <grid>_accuracy_vs_step.png, <grid>_accuracy_vs_tokens.png and
   <grid>_summary.md in `out_dir`; returns their paths.
 
-  With a `baseline` variant (e.g. "dapo"), the summary adds `interval_table` (bootstrap
-  intervals, paired differences to the baseline, wall-clock with the guide's generation), the
-  curves' bands are 95 % bootstrap intervals of the mean instead of min–max, and
-  <grid>_final_accuracy.png shows each variant's final accuracy with its interval.
+  With a `baseline` variant (e.g. "dapo", or several: ("dapo", "sft_dapo")), the summary adds
+  `interval_table` (bootstrap intervals, paired differences to each baseline, wall-clock with the
+  guide's generation), the curves' bands are 95 % bootstrap intervals of the mean instead of
+  min–max, and <grid>_final_accuracy.png shows each variant's final accuracy with its interval.
+  Rows that count model FLOPs add <grid>_accuracy_vs_flops.png and `compute_table` (equal FLOPs).
   """
   os.makedirs(out_dir, exist_ok=True)
-  band = "ci" if baseline else "minmax"
+  baselines = _baselines(baseline)
+  band = "ci" if baselines else "minmax"
   paths = [write_csv(rows, os.path.join(out_dir, f"{grid}.csv"))]
   for x_key, name in (("step", "step"), ("policy_tokens", "tokens")):
     path = os.path.join(out_dir, f"{grid}_accuracy_vs_{name}.png")
     plot_grid(rows, x_key, title=f"{grid}:", band=band).savefig(path)
     paths.append(path)
-  if baseline:
+  if baselines:
     path = os.path.join(out_dir, f"{grid}_final_accuracy.png")
     plot_final(rows, title=f"{grid}:").savefig(path)
+    paths.append(path)
+  if has_flops(rows):
+    path = os.path.join(out_dir, f"{grid}_accuracy_vs_flops.png")
+    plot_grid(rows, "flops", title=f"{grid}:", band=band).savefig(path)
     paths.append(path)
   path = os.path.join(out_dir, f"{grid}_summary.md")
   with open(path, "w") as f:
     f.write(f"# {grid} grid: eval accuracy at equal policy-token budgets\n\n")
     f.write(summary_table(rows, threshold, threshold_delta))
-    if baseline:
-      f.write(f"\n## 95 % bootstrap intervals over seeds; paired differences to {baseline}\n\n")
-      f.write(interval_table(rows, baseline, threshold, threshold_delta))
+    if baselines:
+      f.write(f"\n## 95 % bootstrap intervals over seeds; paired differences to "
+              f"{', '.join(baselines)}\n\n")
+      f.write(interval_table(rows, baselines, threshold, threshold_delta))
+    if has_flops(rows):
+      f.write("\n## At equal compute: model FLOPs (mixpo/flops.py; policy and guide generation, "
+              "scoring, updates, SFT; evaluation not counted)\n\n")
+      f.write(compute_table(rows, baselines, threshold, threshold_delta))
   paths.append(path)
   return paths
 

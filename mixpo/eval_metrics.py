@@ -55,17 +55,23 @@ def per_problem(correct_PxN: np.ndarray, answers_PxN, k: int) -> dict[str, np.nd
   }
 
 
-def bootstrap_ci(values_P: np.ndarray, resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-  """Percentile bootstrap interval of the mean of `values_P` (resampling problems)."""
-  values_P = np.asarray(values_P, np.float64)
-  if values_P.size == 0:
-    return (float("nan"), float("nan"))
+def bootstrap_ci(values, level: float = 0.95, n_boot: int = 10_000, seed: int = 0):
+  """Percentile bootstrap interval of the mean of `values` (NaNs dropped): (mean, lo, hi).
+
+  Resamples the values with replacement `n_boot` times (a fixed `seed`: the same interval every
+  time). Fewer than 2 values: (mean, NaN, NaN), no interval (NaN mean when empty). The one
+  implementation for problems (evaluate.py: over an eval set) and seeds (mixpo.analysis: over a
+  grid's seeds; 5 seeds give a rough interval, narrower than a t interval).
+  """
+  v = np.asarray([x for x in np.asarray(values, np.float64).ravel() if not np.isnan(x)])
+  if not len(v):
+    return float("nan"), float("nan"), float("nan")
+  if len(v) < 2:
+    return float(v.mean()), float("nan"), float("nan")
   rng = np.random.default_rng(seed)
-  idx = rng.integers(0, values_P.size, size=(resamples, values_P.size))
-  means = values_P[idx].mean(axis=1)
+  means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
   lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-  return (float(lo), float(hi))
+  return float(v.mean()), float(lo), float(hi)
 
 
 def summarize(correct_PxN, answers_PxN, k: int, resamples: int = 1000, seed: int = 0) -> dict:
@@ -73,7 +79,7 @@ def summarize(correct_PxN, answers_PxN, k: int, resamples: int = 1000, seed: int
   out = {"num_examples": int(np.asarray(correct_PxN).shape[0])}
   for name, vals in per_problem(correct_PxN, answers_PxN, k).items():
     out[name] = {"value": float(vals.mean()) if vals.size else 0.0,
-                 "ci95": list(bootstrap_ci(vals, resamples, seed))}
+                 "ci95": list(bootstrap_ci(vals, n_boot=resamples, seed=seed)[1:])}
   return out
 
 

@@ -39,3 +39,22 @@ def builtin_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("builtin"))
   builtin.ensure_builtin_models(d, smoke.get_config().builtin)
   return d
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+  """(path, transformers model) of a tiny llama GGUF laid out as llama.cpp writes one, the
+  stand-in for SmolLM2-135M-Instruct's file (tests/tiny_gguf.py)."""
+  import tiny_gguf as writer  # noqa: PLC0415  (tests/ is on sys.path: rootdir conftest)
+  path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+  return path, writer.write(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tiny_gguf, tmp_path_factory):
+  """(directory, transformers model, tokenizer): `tiny_gguf` converted by
+  experiments/convert_gguf.py's `convert` into a Hugging Face directory mixpo loads."""
+  from experiments import convert_gguf  # noqa: PLC0415
+  out = str(tmp_path_factory.mktemp("converted"))
+  model, tokenizer = convert_gguf.convert(tiny_gguf[0], out)
+  return out, model, tokenizer

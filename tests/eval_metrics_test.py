@@ -41,7 +41,7 @@ def test_bootstrap_interval_narrows_with_more_problems():
   rng = np.random.default_rng(0)
   small = eval_metrics.bootstrap_ci(rng.random(20) < 0.5)
   large = eval_metrics.bootstrap_ci(rng.random(2000) < 0.5)
-  assert (large[1] - large[0]) < (small[1] - small[0]) / 4
+  assert (large[2] - large[1]) < (small[2] - small[1]) / 4
   with pytest.raises(ValueError, match="k=5 > n=4"):
     eval_metrics.pass_at_k(4, 1, 5)
 

@@ -81,7 +81,7 @@ class CotArithmeticTask:
                        f"{eval_fraction}): need 0 <= format_weight < 1, 0 < eval_fraction < 1")
     self.digits, self.ops, self.style, self.eval_fraction = digits, ops, style, eval_fraction
     self.name = f"cot_d{digits}_{'add' if ops == '+' else 'sub' if ops == '-' else 'addsub'}"
-    self.reward_fn = _CotReward(format_weight)
+    self.reward_fn = BoxedAnswerReward(format_weight)
     self.max_solution_chars = max(len(self._solution(10**digits - 1, 10**digits - 1, op))
                                   for op in ops)
 
@@ -113,15 +113,15 @@ class CotArithmeticTask:
     return distinct_eval_examples(self, n, max_tries=50 * n + 1000)
 
 
-class _CotReward:
+class BoxedAnswerReward:
   """math-verify answer reward on the last \\boxed{} (none: 0, a chain must end in its box) plus
-  `format_weight` x a format reward."""
+  `format_weight` x a format reward; `name` is its name in the reward metrics."""
 
-  def __init__(self, format_weight: float):
+  def __init__(self, format_weight: float, name: str = "cot_answer"):
     self.format_weight = format_weight
     self.answer = MathAnswerReward()
     self.format = FormatReward()
-    self.__name__ = "cot_answer"
+    self.__name__ = name
 
   def __call__(self, prompts, completions, answer, **columns) -> list[float]:
     boxed = self.format(prompts, completions)

@@ -216,10 +216,10 @@ def data_error_message(error: Exception, options, flag, fields: dict | None = No
 
 
 def make_task(name: str, options, knobs: str = "", tokenizer=None):
-  """`get_task(name, **task_kwargs(...))`; the file task also gets the tokenizer that renders and
-  measures its prompts."""
+  """`get_task(name, **task_kwargs(...))`; a task that takes a `tokenizer` (the file task, the
+  word problems) gets the one that renders and measures its prompts."""
   kwargs = task_kwargs(name, options, knobs)
-  if name == FILE:
+  if name == FILE or "tokenizer" in _accepted(name)[0]:
     kwargs["tokenizer"] = tokenizer
   return get_task(name, **kwargs)  # the file task logs its dropped rows at WARNING itself.
 

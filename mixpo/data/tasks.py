@@ -85,6 +85,7 @@ def registered_tasks() -> dict[str, Callable[..., Any]]:
   import mixpo.data.rg_tasks  # noqa: F401
   import mixpo.data.file_task  # noqa: F401
   import mixpo.data.cot  # noqa: F401
+  import mixpo.data.word_problems  # noqa: F401
   return dict(_REGISTRY)
 
 
