@@ -64,7 +64,9 @@ def step_cost(config) -> mixpo_flops.StepCost:
   """What each step of the run `config` costs (mixpo.flops.StepCost)."""
   from mixpo import algorithms  # noqa: PLC0415
   policy_dir = model_dir(config, "policy")
-  guided = algorithms.get(config.algo).guided if config.algo in algorithms.names() else False
+  # SFT cells carry a runner's name, not a table entry: they sample no guide.
+  entry = algorithms.TABLE.get(config.algo)
+  guided = entry is not None and entry.guided
   guide = None
   if guided and config.guide:
     guide_dir = model_dir(config, "guide")

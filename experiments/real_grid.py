@@ -7,11 +7,12 @@ One regime, "base": the converted pretrained model. Variants (`real_variants`):
                           config.compare.shaping_grad;
   luffy_paper             LUFFY as published: the guide's offline traces, πϕ ≡ 1, its switches;
   sft                     SFT on the guide's traces (experiments/sft_baseline.py);
-  sft_dapo                SFT → DAPO: SFT on the traces for config.compare.sft_stage_fraction of
-                          the policy-token budget, then DAPO from that checkpoint for the rest
-                          (the SFT stage counts its trained tokens, as the sft cell does);
-  sft_mix                 single-stage SFT + RL: the table entry config.compare.sft_mix_algo (an
-                          SFT term on the OFF rows); absent while that field is "".
+  sft_dapo                SFT → RL: SFT on the traces for config.compare.sft_stage_fraction of
+                          the policy-token budget, then config.compare.sft_rl_algo (DAPO) from
+                          that checkpoint for the rest (the SFT stage counts its trained tokens,
+                          as the sft cell does);
+  sft_mix                 single-stage SFT + RL: the table entry config.compare.sft_mix_algo
+                          (CHORD: an SFT term on the OFF rows); absent when that field is "".
 Models, built once per work root by the binaries a user runs (`prepare_real`), each reused while
 its recipe file (the GGUF's sha256; the SFT flags and the base weights' sha256) matches:
   models/base/policy_init        experiments/convert_gguf.py --gguf=<compare.gguf>
@@ -48,7 +49,8 @@ def real_variants(base) -> list[tuple[str, str, dict]]:
   out.append(("luffy_paper", paper["algo"], {**paper, "shaping_grad": g.shaping_grad,
                                              "traces.only_correct": True}))
   out.append((grid.SFT, grid.SFT, {grid.RUNNER: grid.SFT, "traces.only_correct": True}))
-  out.append(("sft_dapo", "dapo", {grid.RUNNER: grid.SFT_RL, "traces.only_correct": True}))
+  out.append((f"sft_{g.sft_rl_algo}", g.sft_rl_algo, {grid.RUNNER: grid.SFT_RL,
+                                                      "traces.only_correct": True}))
   if g.sft_mix_algo:
     if g.sft_mix_algo not in algorithms.names():
       raise ValueError(f"config.compare.sft_mix_algo={g.sft_mix_algo!r} is not an entry of "

@@ -21,9 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_variants_hold_the_issue_baselines():
   base = compare_real.get_config()
   labels = [c.variant for c in grid.grid_cells("main", base, seeds=[0])]
-  assert labels == [*algorithms.grids()["main"], "luffy_paper", "sft", "sft_dapo"]
+  assert labels == [*algorithms.grids()["main"], "luffy_paper", "sft", "sft_dapo", "sft_mix"]
   assert {"grpo", "dapo", "luffy", "mix1", "mix2"} <= set(labels)
-  # The single-stage SFT + RL entry is a placeholder until its table entry exists.
+  # The single-stage SFT + RL variant runs a table entry (CHORD's by default).
   base.compare.sft_mix_algo = "no_such_entry"
   with pytest.raises(ValueError, match="sft_mix_algo='no_such_entry'"):
     grid.grid_cells("main", base, seeds=[0])

@@ -46,11 +46,13 @@ def compare_settings(small: bool = False) -> ml_collections.ConfigDict:
   g.sft_learning_rate = 2e-5  # the SFT cells' (and SFT stage's) learning rate.
   # SFT → DAPO: the share of the policy-token budget its SFT stage trains on.
   g.sft_stage_fraction = 0.5
+  # The RL algorithm of the SFT → RL cells (the baseline of arXiv 2604.23747: SFT, then DAPO).
+  g.sft_rl_algo = "dapo"
   # shaping_grad of the guided variants (one mode: the grid is sized for one).
   g.shaping_grad = "paper_step"
-  # Single-stage SFT + RL (an SFT term on the OFF rows, as a table entry): the entry's name in
-  # mixpo/algorithms.py once it lands there; "" leaves the variant out.
-  g.sft_mix_algo = ""
+  # Single-stage SFT + RL (an SFT term on the OFF rows, a table entry): CHORD with a constant μ
+  # (config.sft_coef); "" leaves the variant out.
+  g.sft_mix_algo = "chord"
   return g
 
 
