@@ -200,7 +200,12 @@ def resolve_run(config, num_devices: int, policy_hf: dict, guide_hf: dict | None
     guide_cfg = None
     if spec.guide.needs_model:
       guide_cfg = from_hf_config(guide_hf, **loop.model_options(config, guide=True))
-      rl.check_vocabularies(policy_cfg.vocab_size, guide_cfg.vocab_size)
+      # Only config.json files here (no tokenizers): the run itself compares the tokenizers by
+      # content (preflight); the sizes are what the compiled shapes depend on.
+      if guide_cfg.vocab_size != policy_cfg.vocab_size:
+        raise ValueError(f"config.guide: the guide's vocabulary ({guide_cfg.vocab_size}) differs "
+                         f"from the policy's ({policy_cfg.vocab_size}): r̂ = πθ/πϕ needs both "
+                         "over the same tokens.")
     lora_cfg = loop.lora_config(config)
   except ValueError as e:
     raise cli.UserError(cli.flagify(str(e))) from None
