@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+import metrics_doc  # tests/metrics_doc.py
+
 from experiments import byo_example
 from mixpo import logging as mlog
 
@@ -140,6 +142,7 @@ def test_train_two_steps_on_a_file_dataset_with_custom_rewards_and_trackers(file
   assert summary["no_signal_steps"] == 2
   assert any("no learning signal for 2 steps" in w for w in summary["warnings"]), summary
   rows = mlog.read_metrics(workdir)
+  metrics_doc.assert_documented({k for r in rows for k in r})
   train_rows = [r for r in rows if "reward/always_zero" in r]
   assert len(train_rows) == 2 and all(r["reward/always_one"] == 1.0 for r in train_rows)
   # The summary is printed once, as lines a person reads (not a raw dict, not twice).

@@ -173,3 +173,13 @@ def test_reward_components_are_the_functions_only():
            "reward/policy/answer": 0.5, "reward/guide/mean": 1.0, "reward/traces/items": 3,
            **{k: 1 for k in RewardResult.COUNTERS}}]
   assert mlog.reward_components(rows) == ("reward/answer", "reward/format")
+
+
+def test_metrics_doc_patterns_take_the_table_and_refuse_other_keys():
+  import metrics_doc  # noqa: PLC0415  (tests/metrics_doc.py)
+  assert not metrics_doc.undocumented(["loss/clipfrac_zero", "reward/guide/items", "time/score",
+                                       "reward/my_fn", "loss/j_mix", "train/rows_off"])
+  assert metrics_doc.undocumented(["loss/clipfrac_both", "time/nap", "reward/guide/a/b",
+                                   "train/new_thing"]) == ["loss/clipfrac_both",
+                                                           "reward/guide/a/b", "time/nap",
+                                                           "train/new_thing"]

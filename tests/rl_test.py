@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import metrics_doc  # tests/metrics_doc.py
+
 from experiments.configs import smoke
 from mixpo import algorithms, loop, models, objectives, rl, sharding, train
 from mixpo import logging as mlog
@@ -274,6 +276,7 @@ def test_switches_train_end_to_end(builtin_dir, tmp_path, overrides):
   assert exp.reference is not None  # kl_coef > 0 keeps the frozen starting policy.
   assert np.isfinite(metrics["loss/kl"]) and metrics["loss/kl"] >= 0.0
   assert ("loss/entropy_bonus" in metrics) == ("entropy_coef" in overrides)
+  metrics_doc.assert_documented(metrics)  # every key a step reports has its row in the doc.
 
 
 def test_no_reference_policy_without_kl(builtin_dir, tmp_path):
