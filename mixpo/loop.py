@@ -112,21 +112,16 @@ def setup(config, workdir: str):
   """Returns (experiment, initial TrainState, Checkpointer, eval examples).
 
   The config is resolved once into `exp.spec` (`rl.resolve`, which validates it before anything
-  is built). The (data, fsdp, tensor) mesh is `exp.mesh`: every tensor is read straight onto its
-  shards and the train step is jitted with explicit shardings; `run` enters it with
-  `jax.set_mesh` for the run's duration (nothing here sets it process-wide).
+  is built); then the files (tokenizers, dataset, traces) are read and refused before any model
+  is built; then the models, the reward runner, the trainer and the rollout engines. The (data,
+  fsdp, tensor) mesh is `exp.mesh`: every tensor is read straight onto its shards and the train
+  step is jitted with explicit shardings; `run` enters it with `jax.set_mesh` for the run's
+  duration (nothing here sets it process-wide).
   """
   checkpoint.check_directory(workdir)  # creates it; a clear error if unwritable or full.
   spec = rl.resolve(config)
-  lora_cfg = lora_config(config)
   preflight.warn_unused(config, spec)
-  if (jax.default_backend() == "gpu" and config.model.dtype == "float32"
-      and jax.config.jax_default_matmul_precision in (None, "default")):
-    # Measured on an H200 (jax 0.11.2): logits 3.8e-4 from transformers' instead of < 1e-4, and
-    # θ_old log-probs that differ between score shapes, i.e. ratios r ≠ 1 at θ = θ_old.
-    logging.warning("float32 on GPU with the default matmul precision: XLA:GPU multiplies in "
-                    "TF32. Set JAX_DEFAULT_MATMUL_PRECISION=highest for float32 numbers (or "
-                    "config.model.dtype=bfloat16 for speed).")
+  _warn_gpu_precision(config)
   # Files before models: tokenizers, the dataset and the traces are read (and refused) first.
   tokenizer = preflight.tokenizer_of(config, "policy")
   preflight.check_guide(config, spec, tokenizer)
@@ -142,6 +137,32 @@ def setup(config, workdir: str):
   # One code path for 1 device and a pod; a 1-device mesh leaves the numbers unchanged.
   mesh = sharding.make_mesh(spec.mesh_shape)
   sharding.log_layout(mesh)
+  model, guide, reference = build_models(config, spec, mesh, policy_path, guide_path)
+  runner = build_reward_runner(config, task)
+  policy, state, train_step = build_trainer(config, spec, model, mesh, ckpt, policy_path)
+  policy_engine, guide_engine = rl.make_engines(spec, guide, policy_path, guide_path,
+                                                config.model.dtype)
+  exp = rl.Experiment(config=config, spec=spec, policy=policy, guide=guide, tokenizer=tokenizer,
+                      task=task, reward_runner=runner, train_step=train_step,
+                      reference=reference, mesh=mesh, traces=traces,
+                      policy_engine=policy_engine, guide_engine=guide_engine)
+  return exp, state, ckpt, eval_examples
+
+
+def _warn_gpu_precision(config) -> None:
+  if (jax.default_backend() == "gpu" and config.model.dtype == "float32"
+      and jax.config.jax_default_matmul_precision in (None, "default")):
+    # Measured on an H200 (jax 0.11.2): logits 3.8e-4 from transformers' instead of < 1e-4, and
+    # θ_old log-probs that differ between score shapes, i.e. ratios r ≠ 1 at θ = θ_old.
+    logging.warning("float32 on GPU with the default matmul precision: XLA:GPU multiplies in "
+                    "TF32. Set JAX_DEFAULT_MATMUL_PRECISION=highest for float32 numbers (or "
+                    "config.model.dtype=bfloat16 for speed).")
+
+
+def build_models(config, spec: rl.RunSpec, mesh, policy_path: str, guide_path: str | None):
+  """(policy model, guide, KL reference): the policy as loaded (LoRA adapters added later, by
+  `build_trainer`); the guide and the reference frozen as (graphdef, state) in the rollout dtype,
+  None where the run does not use them. Every tensor is read straight onto its shards."""
   on_shards = sharding.path_shardings(mesh)
   model = models.from_pretrained(policy_path, shardings=on_shards, **model_options(config))
   guide = reference = None
@@ -153,14 +174,26 @@ def setup(config, workdir: str):
   if spec.keeps_reference:  # the KL reference: the starting policy, frozen (no remat, no grads).
     reference = rl.rollout_view(spec, _frozen(models.from_pretrained(
         policy_path, shardings=on_shards, **model_options(config, guide=True))))
-  # Every process holds the same rollouts (see rl.py); each scores 1/P of them.
-  runner = RewardRunner(custom.reward_fns(config.get("rewards", ""),
-                                          config.get("reward_weights", ""), task.reward_fn),
+  return model, guide, reference
+
+
+def build_reward_runner(config, task) -> RewardRunner:
+  """The task's reward, or config.rewards' functions, in the sandboxed runner. Every process holds
+  the same rollouts (see rl.py); each scores 1/P of them."""
+  runner = RewardRunner(custom.reward_fns(config.rewards, config.reward_weights, task.reward_fn),
                         timeout_s=config.reward_timeout_s,
                         on_error=config.reward_on_error, split_across_processes=True,
-                        batch_timeout_s=config.get("reward_batch_timeout_s", 0) or None)
+                        batch_timeout_s=config.reward_batch_timeout_s or None)
   logging.info("reward workers: %s", runner.sandbox)
-  _apply_lora(config, lora_cfg, model)
+  return runner
+
+
+def build_trainer(config, spec: rl.RunSpec, model, mesh, ckpt: checkpoint.Checkpointer,
+                  policy_path: str):
+  """(train.Policy, initial TrainState on the mesh, jitted train_step): LoRA adapters applied
+  (fresh or config.lora.init_from's; the checkpoints then hold adapters only, tied to this base),
+  AdamW, the state laid out by the partition rules."""
+  _apply_lora(config, lora_config(config), model)
   policy = train.Policy(model)
   if policy.base is not None:  # the checkpoints hold adapters only: tie them to this base.
     ckpt.check_base({"path": os.path.abspath(policy_path), **lora.fingerprint(policy.base)},
@@ -173,13 +206,7 @@ def setup(config, workdir: str):
   state = jax.device_put(state, state_sh)
   train_step = train.make_train_step(policy, optimizer, spec.step,
                                      shardings=(state_sh, sharding.batch_sharding(mesh)))
-  policy_engine, guide_engine = rl.make_engines(spec, guide, policy_path, guide_path,
-                                                config.model.dtype)
-  exp = rl.Experiment(config=config, spec=spec, policy=policy, guide=guide, tokenizer=tokenizer,
-                      task=task, reward_runner=runner, train_step=train_step,
-                      reference=reference, mesh=mesh, traces=traces,
-                      policy_engine=policy_engine, guide_engine=guide_engine)
-  return exp, state, ckpt, eval_examples
+  return policy, state, train_step
 
 
 def _frozen(model) -> tuple:
@@ -317,8 +344,8 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str, preempt: _Preemp
              "guide_logp": exp.spec.guide.logp, "eval_size": len(eval_examples)}
   if exp.traces is not None:  # what was read and dropped, by reason (also in the log above).
     summary.update(exp.traces.report())
-  health = mlog.RunHealth(config.get("max_skip_ratio", 1.0), config.get("no_signal_steps", 0),
-                          reward_failure_ratio=config.get("reward_failure_warn_ratio", 0.5))
+  health = mlog.RunHealth(config.max_skip_ratio, config.no_signal_steps,
+                          reward_failure_ratio=config.reward_failure_warn_ratio)
   # Logged at WARNING when the task read its files; listed again where a person looks last.
   health.warnings += task_options.dropped_rows_warnings(exp.task)
   live = _Live(state, extra)

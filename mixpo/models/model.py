@@ -47,14 +47,10 @@ class KVCache:
   valid_BxS: jax.Array  # int32 1 where slot s holds a real (non-padding) token.
   index: jax.Array  # int32 scalar: next slot to write.
 
-  # Short aliases. k / v stack the layers ([L, B, K, S, H], a copy): for inspection and
-  # eval_shape-based memory plans, not for the decode loop.
+  # k / v stack the layers ([L, B, K, S, H], a copy): for inspection and eval_shape-based
+  # memory plans, not for the decode loop.
   k = property(lambda self: _stacked(self.k_layers))
   v = property(lambda self: _stacked(self.v_layers))
-  mask = property(lambda self: self.valid_BxS)
-  valid = property(lambda self: self.valid_BxS)
-  max_len = property(lambda self: self.valid_BxS.shape[1])
-  batch_size = property(lambda self: self.valid_BxS.shape[0])
 
 
 def _stacked(layers):
