@@ -35,28 +35,35 @@ import sys
 
 from absl import app, flags
 
-_CONFIG = flags.DEFINE_string("config", None, "Path of a Hugging Face config.json.")
-_MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor sizes (-1: the rest).")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Simulated devices (0: the mesh's product).")
-_MEMORY = flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device, GiB.")
-_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "Policy parameter (and Adam) dtype.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype of activations.")
-_GUIDE_DTYPE = flags.DEFINE_string("guide_dtype", "bfloat16", "Frozen guide's parameter dtype.")
-_TRAIN_ROWS = flags.DEFINE_integer("train_rows", 0, "Rows of one micro-batch (global); "
-                                   "0: one row per data×fsdp shard.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Prompt + response tokens of a train row.")
-_ROLLOUT_ROWS = flags.DEFINE_integer("rollout_rows", 0, "Rows generated at once (global); "
-                                     "0: 4 per data×fsdp shard.")
-_ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "KV-cache length (0: seq_len).")
-_REMAT = flags.DEFINE_bool("remat", True, "Rematerialise each layer in the backward pass.")
-_JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the plan as JSON here.")
-_COMPILE = flags.DEFINE_bool("compile", True, "Compile the step for step_temp (minutes at 7B); "
-                             "--nocompile reports the other figures only (step_temp 0).")
-_TOPOLOGY = flags.DEFINE_string("topology", "cpu", "Compile target of step_temp: cpu (simulated "
-                                "host devices) or a mixpo/targets name (v5e-16, h100-8, ...).")
-_LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "Also plan LoRA at this rank (0: full only).")
-_LORA_BASE_DTYPE = flags.DEFINE_string("lora_base_dtype", "bfloat16",
-                                       "Storage dtype of the frozen base under LoRA.")
+
+def _define_flags() -> None:
+  """The binary's flags, defined when it runs (not on import: experiments/aot_compile.py
+  defines --config / --topology / --json_out too, and tests import both)."""
+  global _CONFIG, _MESH, _DEVICES, _MEMORY, _PARAM_DTYPE, _DTYPE, _GUIDE_DTYPE, _TRAIN_ROWS
+  global _SEQ_LEN, _ROLLOUT_ROWS, _ROLLOUT_LEN, _REMAT, _JSON_OUT, _COMPILE, _TOPOLOGY
+  global _LORA_RANK, _LORA_BASE_DTYPE
+  _CONFIG = flags.DEFINE_string("config", None, "Path of a Hugging Face config.json.")
+  _MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor sizes (-1: the rest).")
+  _DEVICES = flags.DEFINE_integer("devices", 0, "Simulated devices (0: the mesh's product).")
+  _MEMORY = flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device, GiB.")
+  _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "Policy parameter (and Adam) dtype.")
+  _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype of activations.")
+  _GUIDE_DTYPE = flags.DEFINE_string("guide_dtype", "bfloat16", "Frozen guide's parameter dtype.")
+  _TRAIN_ROWS = flags.DEFINE_integer("train_rows", 0, "Rows of one micro-batch (global); "
+                                     "0: one row per data×fsdp shard.")
+  _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Prompt + response tokens of a train row.")
+  _ROLLOUT_ROWS = flags.DEFINE_integer("rollout_rows", 0, "Rows generated at once (global); "
+                                       "0: 4 per data×fsdp shard.")
+  _ROLLOUT_LEN = flags.DEFINE_integer("rollout_len", 0, "KV-cache length (0: seq_len).")
+  _REMAT = flags.DEFINE_bool("remat", True, "Rematerialise each layer in the backward pass.")
+  _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the plan as JSON here.")
+  _COMPILE = flags.DEFINE_bool("compile", True, "Compile the step for step_temp (minutes at 7B); "
+                               "--nocompile reports the other figures only (step_temp 0).")
+  _TOPOLOGY = flags.DEFINE_string("topology", "cpu", "Compile target of step_temp: cpu (simulated "
+                                  "host devices) or a mixpo/targets name (v5e-16, h100-8, ...).")
+  _LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "Also plan LoRA at this rank (0: full only).")
+  _LORA_BASE_DTYPE = flags.DEFINE_string("lora_base_dtype", "bfloat16",
+                                         "Storage dtype of the frozen base under LoRA.")
 
 GIB = 2**30
 
@@ -206,4 +213,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

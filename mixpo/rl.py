@@ -166,6 +166,7 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
                           temperature=config.temperature,
                           response_tokens=int(config.max_new_tokens))
   step.check(sizes.rows, batch_shards=mesh_shape[0] * mesh_shape[1])
+  train.OptimConfig(learning_rate=float(config.learning_rate))  # checked before anything is built
   overlong = None
   if config.overlong_shaping or config.mask_truncated:
     overlong = OverlongConfig(shaping=config.overlong_shaping, max_len=config.max_new_tokens,

@@ -46,10 +46,15 @@ class OptimConfig:
   b2: float = 0.999
   grad_clip: float = 1.0  # global-norm clip; <= 0 disables.
 
+  def __post_init__(self):
+    # The non-finite guard decides from the loss and the gradient norm: an infinite learning
+    # rate would turn finite gradients into NaN parameters it never sees.
+    if not math.isfinite(self.learning_rate) or self.learning_rate < 0:
+      raise ValueError(f"config.learning_rate={self.learning_rate}: must be a finite number "
+                       ">= 0.")
+
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  if not math.isfinite(cfg.learning_rate) or cfg.learning_rate < 0:
-    raise ValueError(f"config.learning_rate={cfg.learning_rate}: must be a finite number >= 0.")
   if cfg.warmup_steps > 0:
     lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
   else:

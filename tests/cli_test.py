@@ -109,6 +109,8 @@ def test_override_of_wrong_type_names_the_flag():
     ({"rewards": "no_such_pkg.mod:fn"}, ["--config.rewards", "no_such_pkg.mod"]),
     ({"reward_weights": "1,2"}, ["--config.reward_weights", "2 weights"]),
     ({"mesh_shape": ("2", "x")}, ["--config.mesh_shape", "3 integers"]),
+    # Before: a traceback from the optimizer's set-up, after the models were built.
+    ({"learning_rate": float("inf")}, ["--config.learning_rate=inf", "finite"]),
 ])
 def test_more_bad_values_name_the_flag(overrides, expected):
   config = default.get_config()

@@ -381,9 +381,13 @@ def test_nan_updates_are_skipped_counted_then_stop_naming_the_step(env, referenc
   import orbax.checkpoint as ocp
   import jax
   workdir = os.path.join(env.base, "nan")
-  # lr = inf: every Adam update is inf·0 = NaN; max 3 consecutive skips → fails at step 3.
-  rc, out = env.run(workdir, "--config.learning_rate=inf", "--config.max_consecutive_skips=3",
-                    "--config.num_minibatches=2", ok=False)
+  # Every loss NaN (the objective patched in the binary's process; a non-finite learning rate is
+  # refused at set-up): every update is skipped; max 3 consecutive skips → fails at step 3.
+  nan_loss = ("import mixpo.objectives as o; f = o.objective_stats; "
+              "o.objective_stats = lambda *a, **k: (lambda r: (r[0] * float('nan'), r[1]))"
+              "(f(*a, **k))")
+  rc, out = env.run(workdir, "--config.max_consecutive_skips=3", "--config.num_minibatches=2",
+                    ok=False, prelude=nan_loss)
   assert rc != 0
   assert "NonFiniteUpdateError" in out and "step 3: 3 consecutive steps" in out, out[-3000:]
   assert "learning rate" in out

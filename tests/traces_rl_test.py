@@ -163,7 +163,10 @@ def test_luffy_paper_preset_is_seven_rollouts_plus_one_trace_normalised_together
   assert (spec.algorithm.name, spec.sizes.n, spec.sizes.m, spec.guide.logp) == ("luffy", 7, 1,
                                                                                  "one")
   assert not spec.std_normalize and spec.objective.gamma == 0.1
-  assert spec.objective.entropy_coef == 0.001 and not spec.dynamic_sampling
+  # LUFFY's 0.001 on a token mean beside its Σ/T loss of S = 128 rows: 0.001 / S in mixpo's J
+  # (experiments/configs/luffy_paper.py; set at the preset's own sizes).
+  assert spec.objective.entropy_coef == pytest.approx(0.001 / 128) and not spec.dynamic_sampling
+  assert spec.objective.entropy_agg == "token-mean"
   exp, state, ckpt, _ = loop.setup(config, str(tmp_path))
   ckpt.close()
   assert exp.guide is None  # πϕ ≡ 1 needs no guide checkpoint
