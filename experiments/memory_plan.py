@@ -36,6 +36,20 @@ import sys
 from absl import app, flags
 
 
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory. Linux: VmHWM, whose mark a new program starts afresh;
+  getrusage's ru_maxrss survives execve, so a plan launched from a large process (a test runner)
+  would report that process's size."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _define_flags() -> None:
   """The binary's flags, defined when it runs (not on import: experiments/aot_compile.py
   defines --config / --topology / --json_out too, and tests import both)."""
@@ -197,7 +211,7 @@ def main(argv):
   for p in plans:
     p["fits"] = p["total"] <= budget
   out.update(config=_CONFIG.value, device_memory_gib=_MEMORY.value,
-             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+             peak_rss_bytes=peak_rss_bytes())
   print(f"{os.path.basename(_CONFIG.value)}  mesh {out['mesh']}  "
         f"({out['num_params'] / 1e9:.2f}B params)  GiB per device")
   names = ["full"] + [f"LoRA r={p['lora_rank']}" for p in plans[1:]]
