@@ -10,6 +10,7 @@ Shapes are Hugging Face config.json dicts with random weights (nothing is downlo
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import numpy as np
@@ -126,3 +127,31 @@ def adamw_stepper(model, loss_fn, tokens_BxT, learning_rate: float):
     return loss.block_until_ready()
 
   return step
+
+
+def alternating_medians(fns: dict, repeats: int, log=None) -> dict:
+  """{name: median seconds}: one warm-up call each, then `repeats` rounds calling every fn once
+  in turn, so load from other jobs and the heap's state fall on all alike. `log(line)`, when
+  given, gets each call's time as it ends (long runs on a loaded box show progress)."""
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    fn()
+    if log:
+      log(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s")
+  times = {name: [] for name in fns}
+  for i in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+      if log:
+        log(f"  round {i} {name}: {times[name][-1]:.2f} s")
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def rl_lengths(rows: int, cap: int, seed: int) -> np.ndarray:
+  """Per-row response lengths of an RL step's batch, long-tailed as RLVR's are (most rows end
+  early, a few reach the cap): clip(ceil(LogNormal(4.5, 1.0)), 1, cap), a fixed draw of `seed`
+  (64 rows, cap 512, seed 0: mean 142, 3 rows at the cap)."""
+  return np.clip(np.ceil(np.random.default_rng(seed).lognormal(4.5, 1.0, rows)), 1,
+                 cap).astype(np.int32)

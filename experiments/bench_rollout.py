@@ -115,20 +115,6 @@ def hf_model(arch: str, seed: int, shape: str = "tiny"):
   return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
 
 
-def alternating_medians(fns: dict, repeats: int) -> dict:
-  """{name: median seconds}: one warm-up call each, then `repeats` rounds calling every fn once
-  in turn, so load from other jobs and the heap's state fall on all alike."""
-  for fn in fns.values():
-    fn()
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
 def median_seconds(fn, repeats: int) -> float:
   fn()  # warm-up (compilation on the JAX side, allocator / kernel selection on the torch side)
   times = []
@@ -137,12 +123,6 @@ def median_seconds(fn, repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
-
-
-def rl_lengths(rows: int, cap: int, seed: int) -> np.ndarray:
-  """The rl_shaped work's row lengths: clip(ceil(LogNormal(4.5, 1.0)), 1, cap), fixed seed."""
-  return np.clip(np.ceil(np.random.default_rng(seed).lognormal(4.5, 1.0, rows)), 1,
-                 cap).astype(np.int32)
 
 
 def vllm_rl_shaped(hf_dir: str, dtype: str, prompt_BxP, budgets_B, temperature: float):
@@ -169,7 +149,7 @@ def rl_shaped(model, hf_dir: str):
   """--work=rl_shaped (module docstring)."""
   rows = _RL_PROMPTS.value * _RL_SAMPLES.value
   cap, temp = _RL_CAP.value, _TEMP.value
-  lengths = rl_lengths(rows, cap, _SEED.value)
+  lengths = bench_common.rl_lengths(rows, cap, _SEED.value)
   rng = np.random.default_rng(_SEED.value + 1)
   prompt_BxP = np.repeat(rng.integers(1, model.config.vocab_size,
                                       (_RL_PROMPTS.value, _PROMPT.value)).astype(np.int32),
@@ -361,7 +341,8 @@ def main(argv):
   def mixpo_score():
     return jax.block_until_ready(sampling.score(scored, tokens_BxT, mask_BxT))
 
-  medians = alternating_medians({"hf": hf_score, "mixpo": mixpo_score}, _REPEATS.value)
+  medians = bench_common.alternating_medians({"hf": hf_score, "mixpo": mixpo_score},
+                                             _REPEATS.value)
   t_hf_score, t_mx_score = medians["hf"], medians["mixpo"]
   agree = np.abs(np.asarray(mixpo_score())[:, 1:] - hf_score().numpy()).max()
 

@@ -1,8 +1,9 @@
 r"""vLLM rollout backend benchmark: useful tokens/s on the RL-shaped batch, and weight-sync time.
 
 --work=rl_shaped: 8 prompts × 8 samples = 64 rows of random prompt tokens (--prompt_len), each
-row with its own token budget drawn once from a fixed seed (`rl_shaped_budgets`: log-normal,
-σ = 1, clipped to [1, 512], mean ≈ 140; printed). Random weights and no EOS, so every row runs
+row with its own token budget drawn once from a fixed seed (`bench_common.rl_lengths`, the
+workload of bench_rollout.py --work=rl_shaped: log-normal, clipped to [1, 512], mean 142;
+printed). Random weights and no EOS, so every row runs
 exactly its budget: useful tokens = the sum of the budgets. Two sides on the same engine,
 alternating, one warm-up call each, median of --rounds:
   mixpo   `VllmEngine.generate` (padded [B, P] arrays in, a `sampling.Rollout` out)
@@ -18,7 +19,6 @@ Needs the `vllm` extra (README "Install"). Checkpoints are written to a temporar
 """
 
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -44,15 +44,6 @@ _EAGER = flags.DEFINE_bool("eager", True, "enforce_eager (no torch.compile); --n
 _KV_GIB = flags.DEFINE_float("kv_cache_gib", 1.0, "The engine's KV cache, GiB.")
 
 
-def rl_shaped_budgets(seed: int = 0, prompts: int = 8, samples: int = 8, mean: float = 140.0,
-                      cap: int = 512) -> np.ndarray:
-  """int [prompts·samples] per-row response lengths of an RL step: long-tailed (log-normal with
-  σ = 1, median ≈ 0.6·mean: most rows end early, a few reach the cap), a fixed draw of `seed`."""
-  rng = np.random.default_rng(seed)
-  lengths = np.exp(rng.normal(np.log(mean) - 0.5, 1.0, prompts * samples))
-  return np.clip(np.round(lengths), 1, cap).astype(np.int64)
-
-
 def _checkpoint(directory: str, shape: str, seed: int, max_positions: int):
   """A random `shape` model written as an HF checkpoint (float32); returns the mixpo model."""
   hf = bench_common.hf_config(shape, max_positions)
@@ -63,28 +54,12 @@ def _checkpoint(directory: str, shape: str, seed: int, max_positions: int):
   return model, hf
 
 
-def _median_alternating(fns: dict, rounds: int) -> dict:
-  """{name: median seconds}: one warm-up call each, then `rounds` rounds of one call each."""
-  for name, fn in fns.items():
-    t0 = time.perf_counter()
-    fn()
-    print(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s", flush=True)
-  times = {name: [] for name in fns}
-  for i in range(rounds):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-      print(f"  round {i} {name}: {times[name][-1]:.2f} s", flush=True)
-  return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def main(argv):
   del argv
   from mixpo.engines.vllm import VllmEngine  # noqa: PLC0415
   from vllm import SamplingParams  # noqa: PLC0415
   from vllm.inputs import TokensPrompt  # noqa: PLC0415
-  budget_B = rl_shaped_budgets(_SEED.value)
+  budget_B = bench_common.rl_lengths(64, 512, _SEED.value)
   b, p = len(budget_B), _PROMPT.value
   with tempfile.TemporaryDirectory() as tmp:
     model, hf = _checkpoint(tmp, _SHAPE.value, _SEED.value, p + int(budget_B.max()) + 1)
@@ -116,13 +91,15 @@ def main(argv):
         f"{np.median(budget_B):.0f}, max {budget_B.max()}, {(budget_B == 512).sum()} at the cap, "
         f"{useful} useful tokens; median of {_ROUNDS.value}, alternating")
   if _WORK.value == "rl_shaped":
-    t = _median_alternating({"mixpo": mixpo_generate, "vllm": vllm_generate}, _ROUNDS.value)
+    t = bench_common.alternating_medians({"mixpo": mixpo_generate, "vllm": vllm_generate},
+                                         _ROUNDS.value, log=lambda line: print(line, flush=True))
     for name, s in t.items():
       print(f"generate  {name:6s} {useful / s:8.0f} useful tok/s  ({s:.2f} s)")
     print(f"mixpo backend / plain vLLM: {t['vllm'] / t['mixpo']:.2f}x")
     return
-  t = _median_alternating({"sync": lambda: engine.update_weights(model),
-                           "generate": mixpo_generate}, _ROUNDS.value)
+  t = bench_common.alternating_medians({"sync": lambda: engine.update_weights(model),
+                                        "generate": mixpo_generate}, _ROUNDS.value,
+                                       log=lambda line: print(line, flush=True))
   sent = engine.update_weights(model)
   print(f"weight sync  {t['sync']:.2f} s ({sent} tensors, float32 → {_DTYPE.value}); generate "
         f"of the RL-shaped batch {t['generate']:.2f} s; sync / generate = "
