@@ -42,7 +42,10 @@ from mixpo.models import hf_io, lora
 _QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                   "vllm.model_executor.model_loader.reload.inplace",
                   # With skip_tokenizer_init vLLM's chat-template warm-up fails and logs a trace.
-                  "vllm.renderers.base")
+                  "vllm.renderers.base",
+                  # float32 master weights written into a bf16 engine (the intended cast) warn
+                  # once per tensor and step: ~100 lines a step at the Qwen2.5-0.5B geometry.
+                  "vllm.model_executor.models.utils")
 _DTYPES = ("float32", "bfloat16", "float16")
 _LAYER_MODULE = re.compile(r"^(.*)\.(weight|bias)$")
 
