@@ -209,8 +209,9 @@ def test_readme_two_command_workflow(tmp_path):
   models_dir = tmp_path / "models"
   train = [sys.executable, "experiments/train.py", "--config=smoke",
            f"--config.builtin_dir={models_dir}", "--config.num_steps=2"]
-  # The built-in models (guide and weak policy) are built by a first, trace-free run.
-  out = subprocess.run(train + [f"--workdir={tmp_path / 'w0'}", "--config.algo=grpo"], cwd=REPO,
+  # The built-in models (guide and weak policy) are built by a first, trace-free guided run (an
+  # unguided one builds only the policy it uses).
+  out = subprocess.run(train + [f"--workdir={tmp_path / 'w0'}", "--config.algo=mix1"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   traces = tmp_path / "traces.jsonl"
