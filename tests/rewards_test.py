@@ -400,7 +400,8 @@ def test_rg_countdown_run_from_the_command_line_has_no_blocked_rewards(tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   steps = [r for r in rows if "reward/items" in r]
-  assert len(steps) == 2 and all(r["reward/items"] == 16 for r in steps), steps
+  # At least one batch of 16 scored a step (dynamic sampling may score more draws: all counted).
+  assert len(steps) == 2 and all(r["reward/items"] >= 16 for r in steps), steps
   assert all(r["reward/blocked"] == r["reward/errors"] == 0 for r in steps), steps
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["reward_blocked"] == 0 and summary["reward_failure_steps"] == 0
