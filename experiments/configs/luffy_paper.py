@@ -13,8 +13,8 @@ traces_path at its openr1.parquet (verl schema, detected) and evaluate on a task
 mixpo's plain `--config.algo=luffy` is the guide-model variant (m online samples of a guide
 checkpoint per prompt, scored by it); this preset is LUFFY's published setting. Each switch and
 where LUFFY sets it: its training script exp_scripts/train.sh and its loss
-luffy/verl/verl/mix_src/mix_core_alg.py (`compute_token_on_off_policy_loss`), read in the public
-mirror mcptest-user/LUFFY of github.com/ElliottYan/LUFFY:
+luffy/verl/verl/mix_src/mix_core_alg.py (`compute_token_on_off_policy_loss`), read in the code
+released with LUFFY (arXiv 2504.14945):
   guide_source="traces"   the off-policy responses come from the training file
                           (`data.train_files=$DATA_DIR/openr1.parquet`, train.sh line 29).
   n=7, m=1                `rollout.n=8` (line 54) with `rollout.n_prefix=1` (line 73) and
