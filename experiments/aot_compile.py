@@ -51,6 +51,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mixpo import cli  # noqa: E402
+from mixpo import flops as mixpo_flops  # noqa: E402
 from mixpo import targets  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (or a short "
@@ -114,20 +115,13 @@ def hf_config_for(value: str, flag: str, builtin_cfg=None) -> dict:
 
 
 def forward_flops(c, tokens: int, context: float, lora_rank: int = 0, head_tokens=None) -> dict:
-  """Model FLOPs of a forward pass over `tokens` tokens that attend to `context` keys on average.
-
-  Each matmul costs 2·in·out per token: the block projections (`layers`), the LM head (over
-  `head_tokens`, default every token) and LoRA adapters (2·r·(in + out) per adapted projection);
-  attention 4·N·H per (query, key) pair per layer (q·k and p·v).
-  """
-  d, n, kv, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-  projections = [(d, n * h), (d, kv * h), (d, kv * h), (n * h, d), (d, f), (d, f), (f, d)]
-  layer = sum(2 * i * o for i, o in projections)
-  adapters = sum(2 * lora_rank * (i + o) for i, o in projections)
-  head_tokens = tokens if head_tokens is None else head_tokens
-  return {"layers": c.num_layers * layer * tokens, "adapters": c.num_layers * adapters * tokens,
-          "attention": c.num_layers * 4 * n * h * tokens * context,
-          "head": 2 * d * c.vocab_size * head_tokens}
+  """`mixpo.flops.forward_parts` of a `ModelConfig`: per part, the model FLOPs of a forward
+  pass over `tokens` tokens that attend to `context` keys on average."""
+  hf = {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "vocab_size": c.vocab_size, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "num_hidden_layers": c.num_layers}
+  return mixpo_flops.forward_parts(hf, tokens, context, lora_rank, head_tokens)
 
 
 def train_flops(c, rows: int, t: int, epochs: int, lora_rank: int, remat: bool,

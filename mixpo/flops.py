@@ -32,21 +32,42 @@ def _dims(config: dict) -> tuple[int, int, int, int, int, int, int]:
   return d, f, v, n, k, h, config["num_hidden_layers"]
 
 
+def _projections(config: dict) -> tuple[tuple[int, int], ...]:
+  """[in, out] of a decoder block's weight matmuls: q, k, v, o, gate, up, down."""
+  d, f, _, n, k, h, _ = _dims(config)
+  return ((d, n * h), (d, k * h), (d, k * h), (n * h, d), (d, f), (d, f), (f, d))
+
+
 def forward_flops_per_token(config: dict, context: float) -> float:
   """Model FLOPs of one token's forward pass: 2 per multiply-add of every weight matmul (the
   LM head included) plus attention's q·k and p·v over `context` keys (the mean number of keys a
   query sees: (T + 1) / 2 for a causal pass over T tokens)."""
-  d, f, v, n, k, h, layers = _dims(config)
-  layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
+  d, _, v, n, _, h, layers = _dims(config)
+  layer = sum(i * o for i, o in _projections(config))
   return 2.0 * (layers * layer + d * v) + 4.0 * layers * n * h * context
 
 
 def lora_flops_per_token(config: dict, rank: int) -> float:
   """Forward FLOPs of rank-`rank` adapters on every decoder projection: x·A·B costs
   2·r·(in + out) per adapted [in, out] kernel and token."""
-  d, f, _, n, k, h, layers = _dims(config)
-  shapes = ((d, n * h), (d, k * h), (d, k * h), (n * h, d), (d, f), (d, f), (f, d))
-  return 2.0 * rank * layers * sum(i + o for i, o in shapes)
+  layers = config["num_hidden_layers"]
+  return 2.0 * rank * layers * sum(i + o for i, o in _projections(config))
+
+
+def forward_parts(config: dict, tokens: float, context: float, lora_rank: int = 0,
+                  head_tokens: float | None = None) -> dict[str, float]:
+  """A forward pass over `tokens` tokens attending to `context` keys on average, by part, for
+  callers that weigh the parts differently (a backward pass, recomputation under remat): the
+  block projections ("layers"), rank-`lora_rank` adapters on them ("adapters"), attention's q·k
+  and p·v ("attention") and the LM head over `head_tokens` (default: every token; a prefill
+  computes the last position's logits only)."""
+  d, _, v, n, _, h, layers = _dims(config)
+  projections = _projections(config)
+  layer = sum(2 * i * o for i, o in projections)
+  adapters = sum(2 * lora_rank * (i + o) for i, o in projections)
+  head_tokens = tokens if head_tokens is None else head_tokens
+  return {"layers": layers * layer * tokens, "adapters": layers * adapters * tokens,
+          "attention": layers * 4 * n * h * tokens * context, "head": 2 * d * v * head_tokens}
 
 
 def sequence_flops(config: dict, tokens: float) -> float:

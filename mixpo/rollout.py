@@ -17,7 +17,6 @@ not reached are generated again by the next step (so nothing depends on which ro
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import numpy as np
@@ -165,13 +164,8 @@ class SampleSpec:
                                eos_E=eos, pad_id=tokenizer.pad_token_id or 0)
 
 
-def _no_timer(name):
-  del name
-  return contextlib.nullcontext()
-
-
 def sample_groups(model, tokenizer, prompts, answers, k, rng, spec: SampleSpec, reward_runner,
-                  extra_columns=None, timer=_no_timer, phase="generate"
+                  extra_columns=None, timer=slots.no_timer, phase="generate"
                   ) -> tuple[Groups, RewardResult]:
   """k samples of each prompt, rewarded: (Groups, the reward runner's result).
 
@@ -377,7 +371,7 @@ class GroupStream:
 
 
 def stream_groups(engine, tokenizer, examples, k: int, rng, spec: SampleSpec, reward_runner,
-                  groups: int, zero_groups: int, enabled: bool = True, timer=_no_timer,
+                  groups: int, zero_groups: int, enabled: bool = True, timer=slots.no_timer,
                   phase: str = "generate_policy") -> Collected:
   """DAPO dynamic sampling as a stream over `examples` (the step's candidate prompts in train
   order, at most max_num_gen_batches × groups of them; objects with .prompt, .answer,

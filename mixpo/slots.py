@@ -286,7 +286,8 @@ def _gather_program(slots: SlotState, idx_b, real, *, batch):
   return dataclasses.replace(out, cache=cache, live_B=live, step=slots.step)
 
 
-def _no_timer(name):
+def no_timer(name):
+  """A `timer(phase)` that times nothing (the callers' default for `logging.PhaseTimer`)."""
   del name
   return contextlib.nullcontext()
 
@@ -457,7 +458,7 @@ class SlotSampler:
         raise ValueError(f"row {req.row}: token id {int(prompt[bad][0])} outside the vocabulary "
                          f"[0, {self.vocab_size}); the tokenizer and the model disagree")
 
-  def run(self, work: WorkList, timer: Callable = _no_timer, phase: str = "generate") -> RunStats:
+  def run(self, work: WorkList, timer: Callable = no_timer, phase: str = "generate") -> RunStats:
     """Generates `work` until it stops the run or has nothing left; returns this run's stats.
 
     `timer(phase)` (a `logging.PhaseTimer`) times the device work; `work.finished` runs outside

@@ -25,7 +25,6 @@ of `cfg.slots` rows through `generate`.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import jax
@@ -63,12 +62,7 @@ class JaxEngine:
   def stream(self, work, cfg: slots.SlotConfig, options: slots.SampleOptions, rng,
              timer=None, phase="generate") -> slots.RunStats:
     sampler = slots.SlotSampler(self._ready(), cfg, options, rng)
-    return sampler.run(work, timer or _no_timer, phase)
-
-
-def _no_timer(name):
-  del name
-  return contextlib.nullcontext()
+    return sampler.run(work, timer or slots.no_timer, phase)
 
 
 def run_stream(engine, work, cfg: slots.SlotConfig, options: slots.SampleOptions, rng,
@@ -78,7 +72,7 @@ def run_stream(engine, work, cfg: slots.SlotConfig, options: slots.SampleOptions
   end before the next round starts, so ended rows cost that engine's decode work)."""
   if hasattr(engine, "stream"):
     return engine.stream(work, cfg, options, rng, timer, phase)
-  timer = timer or _no_timer
+  timer = timer or slots.no_timer
   stats, round_ = slots.RunStats(), 0
   eos = None if options.eos_E == (-1,) else list(options.eos_E)
   while True:
