@@ -140,7 +140,7 @@ def setup(config, workdir: str):
   model, guide, reference = build_models(config, spec, mesh, policy_path, guide_path)
   runner = build_reward_runner(config, task)
   policy, state, train_step = build_trainer(config, spec, model, mesh, ckpt, policy_path)
-  policy_engine, guide_engine = rl.make_engines(spec, guide, policy_path, guide_path,
+  policy_engine, guide_engine = rl.make_engines(spec, policy_path, guide_path,
                                                 config.model.dtype)
   exp = rl.Experiment(config=config, spec=spec, policy=policy, guide=guide, tokenizer=tokenizer,
                       task=task, reward_runner=runner, train_step=train_step,

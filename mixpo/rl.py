@@ -293,14 +293,15 @@ def _guide_spec(config, algo: algorithms.Algorithm) -> GuideSpec:
   return spec
 
 
-def make_engines(spec: RunSpec, guide, policy_path: str, guide_path: str | None,
+def make_engines(spec: RunSpec, policy_path: str, guide_path: str | None,
                  model_dtype: str) -> tuple[Any, Any]:
-  """(policy engine, guide engine) of `spec.rollout_engine` (mixpo/engines). "jax": mixpo's
-  sampler (the policy's gets θ_old each step; the guide's holds `guide`). "vllm": engines built
-  from the Hugging Face directories of the starting policy and of the guide (the guide's only
-  when it samples rows). dtype: the rollout dtype ("model": `model_dtype`)."""
+  """(policy engine, guide engine) of `spec.rollout_engine` (mixpo/engines). "jax": (None, None),
+  `Experiment`'s default (mixpo's sampler; the policy's gets θ_old each step, the guide's holds
+  the guide). "vllm": engines built from the Hugging Face directories of the starting policy and
+  of the guide (the guide's only when it samples rows). dtype: the rollout dtype ("model":
+  `model_dtype`)."""
   if spec.rollout_engine == "jax":
-    return engines.JaxEngine(), (None if guide is None else engines.JaxEngine(guide))
+    return None, None
   dtype = model_dtype if spec.rollout_dtype == "model" else spec.rollout_dtype
   policy = engines.make(spec.rollout_engine, hf_dir=policy_path, dtype=dtype, seed=spec.seed)
   guide_engine = None
