@@ -463,21 +463,17 @@ PANELS = (
     ("guide_ratio.png", "Guide ratio on OFF", "mean", ("loss/ratio_guide_off", "loss/f_ratio_off"),
      "step"),
 )
-# reward/* keys that are the reward runner's counts or the weighted mean, not a reward function's
-# mean value; reward/<source>/* repeat the keys per row source (policy, guide, traces).
-REWARD_COUNTERS = ("reward/mean", "reward/items", "reward/timeouts", "reward/errors",
-                   "reward/blocked", "reward/batch_timeouts", "reward/retries",
-                   "reward/unverifiable", "reward/scorer_errors")
-REWARD_SOURCES = ("reward/policy/", "reward/guide/", "reward/traces/")
 
 
 def reward_components(rows: list[dict]) -> tuple[str, ...]:
-  """The per-function reward keys (`reward/<function>`) a run logged, in first-seen order."""
+  """The per-function reward keys (`reward/<function>`) a run logged, in first-seen order: not
+  the runner's weighted mean and counters, nor their per-source repeats (reward/<source>/*)."""
+  from mixpo.rewards.runner import RewardResult  # noqa: PLC0415  (the counters' one list)
+  not_functions = {"reward/mean", *RewardResult.COUNTERS}
   seen = {}
   for r in rows:
     for k in r:
-      if (k.startswith("reward/") and k not in REWARD_COUNTERS
-          and not k.startswith(REWARD_SOURCES)):
+      if k.startswith("reward/") and k.count("/") == 1 and k not in not_functions:
         seen.setdefault(k, None)
   return tuple(seen)
 
