@@ -17,7 +17,7 @@ import os
 import jax
 from absl import logging
 
-from mixpo import builtin, models, rl
+from mixpo import algorithms, builtin, models, rl
 from mixpo import logging as mlog
 from mixpo.data import task_options
 from mixpo.data.chat_render import TemplateLimitError
@@ -61,9 +61,10 @@ def warn_unused(config, spec: rl.RunSpec) -> None:
   """WARNING for settings the resolved run does not use (they would otherwise pass silently)."""
   algo = spec.algorithm.name
   if not spec.algorithm.guided and config.get("guide_source", "model") == "traces":
+    guided = ", ".join(n for n in algorithms.names() if algorithms.get(n).guided)
     logging.warning("config.algo=%s is unguided: config.guide_source='traces' makes %s the "
                     "prompt stream only; its guide responses are not trained on (a guided algo "
-                    "trains on them: luffy, mix1, mix2).", algo, config.traces_path)
+                    "trains on them: %s).", algo, config.traces_path, guided)
   if not spec.guide.needs_model and config.guide not in ("", "builtin"):
     logging.warning("config.guide=%s is not loaded: config.algo=%s with guide_source=%r and "
                     "guide_logp=%r uses no guide model.", config.guide, algo, spec.guide.source,
