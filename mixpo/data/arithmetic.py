@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from mixpo.data.tasks import (Example, check_split, derive_seed, distinct_eval_examples,
+from mixpo.data.tasks import (Example, GeneratedTask, check_split, derive_seed,
                               register_task, split_of)
 
 _INT = re.compile(r"\s*(-?\d{1,40})\s*")
@@ -53,7 +53,7 @@ def digit_credit_reward(prompts, completions, answer, **_) -> list[float]:
 REWARDS = {"exact": exact_integer_reward, "digits": digit_credit_reward}
 
 
-class AdditionTask:
+class AdditionTask(GeneratedTask):
   """Sums of `terms` non-negative integers with up to `digits` digits each.
 
   reward: "exact" (1 iff the completion is the sum) or "digits" (`digit_credit_reward`).
@@ -85,13 +85,6 @@ class AdditionTask:
         return Example(prompt="+".join(map(str, ops)) + "=", answer=str(sum(ops)),
                        metadata={"operands": ops})
     raise RuntimeError(f"{self.name}: no {split} problem in 10000 draws; raise eval_fraction")
-
-  def examples(self, split: str, n: int, seed: int = 0, start: int = 0) -> list[Example]:
-    return [self.example(split, i, seed) for i in range(start, start + n)]
-
-  def eval_examples(self, n: int) -> list[Example]:
-    """A fixed set of n distinct eval-split problems (same for every run and seed)."""
-    return distinct_eval_examples(self, n, max_tries=50 * n + 1000)
 
 
 register_task("addition", AdditionTask)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixpo.data.tasks import (Example, check_split, derive_seed, distinct_eval_examples,
+from mixpo.data.tasks import (Example, GeneratedTask, check_split, derive_seed,
                               register_task, split_of)
 from mixpo.data.tokenizer import DEFAULT_ALPHABET
 from mixpo.rewards.math_answer import FormatReward, MathAnswerReward
@@ -64,7 +64,7 @@ def solution(a: int, b: int, op: str, style: str) -> str:
   return ". ".join(steps) + f". so \\boxed{{{result}}}"
 
 
-class CotArithmeticTask:
+class CotArithmeticTask(GeneratedTask):
   """Two-operand column addition / subtraction solved in written steps.
 
   format_weight: weight of a format reward (a non-empty, balanced \\boxed{}) added to the answer
@@ -104,13 +104,6 @@ class CotArithmeticTask:
                        metadata={"operands": [a, b], "op": op,
                                  "solution": self._solution(a, b, op)})
     raise RuntimeError(f"{self.name}: no {split} problem in 10000 draws; raise eval_fraction")
-
-  def examples(self, split: str, n: int, seed: int = 0, start: int = 0) -> list[Example]:
-    return [self.example(split, i, seed) for i in range(start, start + n)]
-
-  def eval_examples(self, n: int) -> list[Example]:
-    """A fixed set of n distinct eval-split problems (same for every run and seed)."""
-    return distinct_eval_examples(self, n, max_tries=50 * n + 1000)
 
 
 class BoxedAnswerReward:

@@ -15,7 +15,8 @@ from absl import logging
 
 from mixpo.data.readers import MAX_LINE_BYTES, DataError, ReadSummary, read_examples
 from mixpo.data.schemas import dataset_fields
-from mixpo.data.tasks import EVAL_SEED, Example, check_split, derive_seed, register_task, split_of
+from mixpo.data.tasks import (EVAL_SEED, Example, GeneratedTask, check_split, derive_seed,
+                              register_task, split_of)
 from mixpo.rewards.math_answer import math_answer_reward
 
 
@@ -30,7 +31,7 @@ def _log_summary(summary: ReadSummary) -> None:
                   summary.rows, counts, "; ".join(summary.first.values()))
 
 
-class FileTask:
+class FileTask(GeneratedTask):
   """Args as in `mixpo.data.readers.read_examples`, plus eval_path / eval_fraction (the held-out
   split), eval_prompt_field / eval_answer_field (the eval file's fields when they differ; "" =
   the train file's), max_line_bytes (the JSONL line cap) and schema (mixpo.data.schemas: "verl"
@@ -82,9 +83,6 @@ class FileTask:
     epoch, i = divmod(index, len(rows))
     perm = np.random.default_rng(derive_seed(self.name, seed, epoch)).permutation(len(rows))
     return rows[perm[i]]
-
-  def examples(self, split: str, n: int, seed: int = 0, start: int = 0) -> list[Example]:
-    return [self.example(split, i, seed) for i in range(start, start + n)]
 
   def eval_examples(self, n: int) -> list[Example]:
     return self.examples("eval", min(n, len(self._eval)), seed=EVAL_SEED)

@@ -26,7 +26,7 @@ import decimal
 import functools
 import re
 
-from mixpo.data.tasks import Example, check_split, derive_seed, distinct_eval_examples, split_of
+from mixpo.data.tasks import Example, GeneratedTask, check_split, derive_seed, split_of
 from mixpo.rewards import sandbox
 from mixpo.rewards.runner import ScorerError
 
@@ -192,7 +192,7 @@ class ReasoningGymReward:
     return out
 
 
-class ReasoningGymTask:
+class ReasoningGymTask(GeneratedTask):
   """A reasoning-gym dataset with hash-disjoint train/eval splits; knobs go to its config."""
 
   def __init__(self, dataset: str, eval_fraction: float = 0.1, **knobs):
@@ -215,9 +215,3 @@ class ReasoningGymTask:
         return Example(prompt=entry["question"], answer=str(entry["answer"]),
                        metadata={"rg_entry": entry})
     raise RuntimeError(f"{self.name}: no {split} problem in 1000 draws; raise eval_fraction")
-
-  def examples(self, split: str, n: int, seed: int = 0, start: int = 0) -> list[Example]:
-    return [self.example(split, i, seed) for i in range(start, start + n)]
-
-  def eval_examples(self, n: int) -> list[Example]:
-    return distinct_eval_examples(self, n, max_tries=50 * n + 1000)

@@ -58,6 +58,23 @@ def reward_columns(examples: list[Example], repeat: int = 1) -> dict[str, list]:
           "metadata": [e.metadata for e in examples for _ in range(repeat)]}
 
 
+class GeneratedTask:
+  """The stream methods of a task whose problems are made from (split, index, seed) by its
+  `example`: train examples in index order (a resumed run needs only the position) and a fixed
+  eval set of distinct prompts (the same for every run and seed)."""
+
+  name: str
+
+  def example(self, split: str, index: int, seed: int = 0) -> Example:
+    raise NotImplementedError
+
+  def examples(self, split: str, n: int, seed: int = 0, start: int = 0) -> list[Example]:
+    return [self.example(split, i, seed) for i in range(start, start + n)]
+
+  def eval_examples(self, n: int) -> list[Example]:
+    return distinct_eval_examples(self, n, max_tries=50 * n + 1000)
+
+
 def distinct_eval_examples(task, n: int, max_tries: int) -> list[Example]:
   """The first n distinct-prompt eval-split examples of the fixed eval stream."""
   out, seen = [], set()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixpo.data.cot import BoxedAnswerReward
-from mixpo.data.tasks import (Example, check_split, derive_seed, distinct_eval_examples,
+from mixpo.data.tasks import (Example, GeneratedTask, check_split, derive_seed,
                               register_task, split_of)
 from mixpo.rewards.math_answer import math_answer_reward
 
@@ -48,7 +48,7 @@ INSTRUCTION = "Put the final answer in \\boxed{}."
 REWARDS = ("answer", "boxed")
 
 
-class WordProblemTask:
+class WordProblemTask(GeneratedTask):
   """Word problems of `steps` events on a starting amount (module docstring).
 
   tokenizer: renders the prompt with its chat template (one user turn + generation prompt);
@@ -157,13 +157,6 @@ class WordProblemTask:
                        metadata={"question": question, "solution": solution,
                                  "arithmetic": key[5:]})
     raise RuntimeError(f"{self.name}: no {split} problem in 10000 draws; raise eval_fraction")
-
-  def examples(self, split: str, n: int, seed: int = 0, start: int = 0) -> list[Example]:
-    return [self.example(split, i, seed) for i in range(start, start + n)]
-
-  def eval_examples(self, n: int) -> list[Example]:
-    """A fixed set of n distinct eval-split problems (same for every run and seed)."""
-    return distinct_eval_examples(self, n, max_tries=50 * n + 1000)
 
 
 register_task("word_problems", WordProblemTask)
