@@ -216,6 +216,35 @@ def describe_model(model) -> str:
           f"vocab {c.vocab_size}")
 
 
+def decode_parts(work, run) -> dict:
+  """The decode row-steps of one stream run (`work`: its `rollout.GroupStream`, `run`: its
+  `slots.RunStats`) by what they produced: rows of kept groups (the G + Z groups the step trains
+  on), rows of groups rewarded but not kept, rows that ended but whose group was not rewarded
+  when the decision came, rows dropped in flight, and idle slot-steps (a slot whose row had ended
+  or that held none, computed with the bucket). A row of n tokens took n − 1 decode steps (its
+  first token comes from its prefill)."""
+  prefix, kept, zero = work.decision
+  keep = set(kept) | set(zero)
+  k = work.k
+  parts = dict.fromkeys(("kept", "not_kept", "unrewarded", "dropped", "idle"), 0)
+  tokens = 0
+  for row, r in work.rows.items():
+    g = row // k
+    part = "kept" if g in keep else "not_kept" if g < len(work.has_var) else "unrewarded"
+    parts[part] += len(r.tokens) - 1
+    tokens += len(r.tokens) if part == "kept" else 0
+  dropped_rows = work.next_row - len(work.rows)
+  parts["dropped"] = run.dropped_tokens - dropped_rows
+  parts["idle"] = run.slot_steps - sum(parts.values())
+  parts["kept_tokens"] = tokens
+  parts["groups_started"] = -(-work.next_row // k)
+  parts["groups_rewarded"] = len(work.has_var)
+  parts["prefix"] = prefix
+  parts["prefill_rows"] = run.prefill_rows
+  parts["returns"] = run.returns
+  return parts
+
+
 class _StaticEngine:
   """The pre-stream policy rollouts: static generation batches of `sampling.static_generate`."""
 
@@ -234,7 +263,7 @@ def rl_step():
   import dataclasses as dc  # noqa: PLC0415
   import importlib  # noqa: PLC0415
   from mixpo import logging as mlog  # noqa: PLC0415
-  from mixpo import loop, rl  # noqa: PLC0415
+  from mixpo import loop, rl, rollout  # noqa: PLC0415
   config = importlib.import_module(f"experiments.configs.{_CONFIG.value}").get_config()
   with tempfile.TemporaryDirectory() as workdir:
     config.builtin_dir = _BUILTIN.value or os.path.join(workdir, "models")
@@ -249,6 +278,15 @@ def rl_step():
       variants[f"stream {v}"] = (exp.policy_engine, dc.replace(exp.spec, sample=sample))
     seconds = {k: [] for k in variants}
     ratio = {k: [] for k in variants}
+    parts = {k: [] for k in variants}
+    streams = []
+
+    class Recorded(rollout.GroupStream):  # the bench keeps each run's work list
+      def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        streams.append(self)
+
+    rollout.GroupStream = Recorded
     pos, timer = 0, mlog.PhaseTimer()
     with jax.set_mesh(exp.mesh):
       for step in range(_STEPS.value + 1):  # step 0 compiles: not counted
@@ -265,6 +303,7 @@ def rl_step():
             rows, n_groups = rl.policy_block(collected, exp.spec.sizes)
             kept = int(rows.lengths_B[:n_groups * exp.spec.sizes.n].sum())
             ratio[name].append(collected.run.slot_steps / max(kept, 1))
+            parts[name].append(decode_parts(streams[-1], collected.run))
         state, pos, _, _ = rl.rl_step(exp, state, pos, timer)
     exp.reward_runner.close()
   print(f"config: {_CONFIG.value} (algo {config.algo}, groups {config.groups} x n {config.n}, "
@@ -275,6 +314,17 @@ def rl_step():
     print(f"rl_step policy rollouts {name:30s} {np.mean(seconds[name]):.3f} s/step "
           f"({base / np.mean(seconds[name]):.2f}x static), decode row-steps per kept token "
           f"{np.mean(ratio[name]):.2f}")
+  for name in variants:
+    total = {k: sum(p[k] for p in parts[name]) for k in parts[name][0]}
+    kept = total["kept_tokens"]
+    steps = ", ".join(f"{k} {total[k] / kept:.3f}" for k in
+                      ("kept", "not_kept", "unrewarded", "dropped", "idle"))
+    print(f"rl_step {name:30s} decode row-steps per kept token: {steps}; per step: groups "
+          f"started {total['groups_started'] / len(parts[name]):.1f}, rewarded "
+          f"{total['groups_rewarded'] / len(parts[name]):.1f}, decided at "
+          f"{total['prefix'] / len(parts[name]):.1f}, prefill rows "
+          f"{total['prefill_rows'] / len(parts[name]):.0f}, returns "
+          f"{total['returns'] / len(parts[name]):.1f}")
 
 
 def main(argv):
