@@ -155,7 +155,7 @@ def rl_shaped(model, hf_dir: str):
                                       (_RL_PROMPTS.value, _PROMPT.value)).astype(np.int32),
                          _RL_SAMPLES.value, axis=0)
   mask_BxP = np.ones_like(prompt_BxP)
-  pair = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))
+  pair = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))  # a rollout_dtype run's copy
   calls = iter(range(1 << 30))
   runs = {
       "static": lambda: jax.block_until_ready(sampling.static_generate(
@@ -181,6 +181,11 @@ def rl_shaped(model, hf_dir: str):
   for n in _SLOTS.value:  # "32": refill and compaction; "32nc": refill alone
     name = f"slots={n}"
     runs[name] = slot_run(name, int(n.removesuffix("nc")), not n.endswith("nc"))
+  if compute_dtype(pair) != jax.numpy.dtype(_DTYPE.value):  # bf16 on CPU: also bf16 compute
+    exact = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value), exact=True)
+    runs["compact " + _DTYPE.value[:4]] = lambda: jax.block_until_ready(sampling.generate(
+        exact, prompt_BxP, mask_BxP, jax.random.key(next(calls)), cap, temperature=temp,
+        row_budgets=lengths))
   vllm = vllm_rl_shaped(hf_dir, _DTYPE.value, prompt_BxP, lengths, temp)
   if vllm is not None:
     runs["vllm"] = vllm
@@ -195,7 +200,8 @@ def rl_shaped(model, hf_dir: str):
         f"{_RL_PROMPTS.value} prompts x {_RL_SAMPLES.value}, P={prompt_BxP.shape[1]}, lengths "
         f"clip(ceil(LogNormal(4.5, 1.0)), 1, {cap}) seed {_SEED.value}: mean {lengths.mean():.1f}, "
         f"{int((lengths == cap).sum())} at the cap, {useful} useful tokens; T={temp} "
-        f"{_DTYPE.value}; jax {jax.__version__}; median of {_REPEATS.value} alternating rounds"
+        f"{_DTYPE.value} (mixpo computes in {compute_dtype(pair)}: sampling.with_dtype); jax "
+        f"{jax.__version__}; median of {_REPEATS.value} alternating rounds"
         f"{'' if vllm is not None else '; vLLM: not installed'}")
   base = statistics.median(t for t, _ in times["static"])
   for k, ts in times.items():
@@ -208,6 +214,12 @@ def rl_shaped(model, hf_dir: str):
                f"{s.shifts} shifts")
     print(f"rl_shaped {k:10s} {useful / wall:8.0f} useful tok/s  ({wall:.2f} s wall, "
           f"{cpu:.2f} CPU s; {base / wall:.2f}x static){extra}")
+
+
+def compute_dtype(pair) -> str:
+  """The dtype a (graphdef, state) computes in."""
+  from flax import nnx  # noqa: PLC0415
+  return jax.numpy.dtype(nnx.merge(*pair).config.dtype).name
 
 
 def describe_model(model) -> str:
@@ -361,7 +373,7 @@ def main(argv):
                         pad_token_id=0)
     assert out.shape == (b, p + n), out.shape
 
-  graphdef, state = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))
+  graphdef, state = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))  # rollout_dtype's
   calls = iter(range(1 << 30))
 
   def mixpo_generate():
@@ -399,8 +411,8 @@ def main(argv):
   decode = {}
   if _DECODE.value and n > 1:
     dtypes = [_DTYPE.value] + (["float32"] if _DTYPE.value != "float32" else [])
-    for name in dtypes:
-      gd, st = sampling.with_dtype(model, jax.numpy.dtype(name))
+    for name in dtypes:  # the dtype computed in (exact: bf16 compute on CPU too)
+      gd, st = sampling.with_dtype(model, jax.numpy.dtype(name), exact=True)
       run = lambda k: (lambda: jax.block_until_ready(sampling.generate(
           (gd, st), prompt_BxP, mask_BxP, jax.random.key(next(calls)), k,
           temperature=_TEMP.value)))
@@ -411,7 +423,8 @@ def main(argv):
 
   gen_tokens, score_tokens = b * n, b * (p + n)
   print(f"config: {_SHAPE.value} ({bench_common.describe(hf.config.to_dict())}), B={b} P={p} "
-        f"N={n} T={_TEMP.value} {_DTYPE.value}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
+        f"N={n} T={_TEMP.value} {_DTYPE.value} (mixpo computes in "
+        f"{compute_dtype((graphdef, state))}); jax {jax.__version__} on {jax.devices()[0].platform}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads); median of {_REPEATS.value} "
         f"(score: alternating rounds); hostmem: {hostmem.status or 'not applied'}")
   print(f"generate  transformers {gen_tokens / t_hf_gen:9.0f} tok/s  ({t_hf_gen:.3f} s)")
