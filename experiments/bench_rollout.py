@@ -155,7 +155,7 @@ def rl_shaped(model, hf_dir: str):
                                       (_RL_PROMPTS.value, _PROMPT.value)).astype(np.int32),
                          _RL_SAMPLES.value, axis=0)
   mask_BxP = np.ones_like(prompt_BxP)
-  pair = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))
+  pair = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))  # a rollout_dtype run's copy
   calls = iter(range(1 << 30))
   runs = {
       "static": lambda: jax.block_until_ready(sampling.static_generate(
@@ -181,6 +181,11 @@ def rl_shaped(model, hf_dir: str):
   for n in _SLOTS.value:  # "32": refill and compaction; "32nc": refill alone
     name = f"slots={n}"
     runs[name] = slot_run(name, int(n.removesuffix("nc")), not n.endswith("nc"))
+  if compute_dtype(pair) != jax.numpy.dtype(_DTYPE.value):  # bf16 on CPU: also bf16 compute
+    exact = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value), exact=True)
+    runs["compact " + _DTYPE.value[:4]] = lambda: jax.block_until_ready(sampling.generate(
+        exact, prompt_BxP, mask_BxP, jax.random.key(next(calls)), cap, temperature=temp,
+        row_budgets=lengths))
   vllm = vllm_rl_shaped(hf_dir, _DTYPE.value, prompt_BxP, lengths, temp)
   if vllm is not None:
     runs["vllm"] = vllm
@@ -195,7 +200,8 @@ def rl_shaped(model, hf_dir: str):
         f"{_RL_PROMPTS.value} prompts x {_RL_SAMPLES.value}, P={prompt_BxP.shape[1]}, lengths "
         f"clip(ceil(LogNormal(4.5, 1.0)), 1, {cap}) seed {_SEED.value}: mean {lengths.mean():.1f}, "
         f"{int((lengths == cap).sum())} at the cap, {useful} useful tokens; T={temp} "
-        f"{_DTYPE.value}; jax {jax.__version__}; median of {_REPEATS.value} alternating rounds"
+        f"{_DTYPE.value} (mixpo computes in {compute_dtype(pair)}: sampling.with_dtype); jax "
+        f"{jax.__version__}; median of {_REPEATS.value} alternating rounds"
         f"{'' if vllm is not None else '; vLLM: not installed'}")
   base = statistics.median(t for t, _ in times["static"])
   for k, ts in times.items():
@@ -210,10 +216,45 @@ def rl_shaped(model, hf_dir: str):
           f"{cpu:.2f} CPU s; {base / wall:.2f}x static){extra}")
 
 
+def compute_dtype(pair) -> str:
+  """The dtype a (graphdef, state) computes in."""
+  from flax import nnx  # noqa: PLC0415
+  return jax.numpy.dtype(nnx.merge(*pair).config.dtype).name
+
+
 def describe_model(model) -> str:
   c = model.config
   return (f"hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads}/{c.num_kv_heads} heads, "
           f"vocab {c.vocab_size}")
+
+
+def decode_parts(work, run) -> dict:
+  """The decode row-steps of one stream run (`work`: its `rollout.GroupStream`, `run`: its
+  `slots.RunStats`) by what they produced: rows of kept groups (the G + Z groups the step trains
+  on), rows of groups rewarded but not kept, rows that ended but whose group was not rewarded
+  when the decision came, rows dropped in flight, and idle slot-steps (a slot whose row had ended
+  or that held none, computed with the bucket). A row of n tokens took n − 1 decode steps (its
+  first token comes from its prefill)."""
+  prefix, kept, zero = work.decision
+  keep = set(kept) | set(zero)
+  k = work.k
+  parts = dict.fromkeys(("kept", "not_kept", "unrewarded", "dropped", "idle"), 0)
+  tokens = 0
+  for row, r in work.rows.items():
+    g = row // k
+    part = "kept" if g in keep else "not_kept" if g < len(work.has_var) else "unrewarded"
+    parts[part] += len(r.tokens) - 1
+    tokens += len(r.tokens) if part == "kept" else 0
+  dropped_rows = work.next_row - len(work.rows)
+  parts["dropped"] = run.dropped_tokens - dropped_rows
+  parts["idle"] = run.slot_steps - sum(parts.values())
+  parts["kept_tokens"] = tokens
+  parts["groups_started"] = -(-work.next_row // k)
+  parts["groups_rewarded"] = len(work.has_var)
+  parts["prefix"] = prefix
+  parts["prefill_rows"] = run.prefill_rows
+  parts["returns"] = run.returns
+  return parts
 
 
 class _StaticEngine:
@@ -234,7 +275,7 @@ def rl_step():
   import dataclasses as dc  # noqa: PLC0415
   import importlib  # noqa: PLC0415
   from mixpo import logging as mlog  # noqa: PLC0415
-  from mixpo import loop, rl  # noqa: PLC0415
+  from mixpo import loop, rl, rollout  # noqa: PLC0415
   config = importlib.import_module(f"experiments.configs.{_CONFIG.value}").get_config()
   with tempfile.TemporaryDirectory() as workdir:
     config.builtin_dir = _BUILTIN.value or os.path.join(workdir, "models")
@@ -249,6 +290,15 @@ def rl_step():
       variants[f"stream {v}"] = (exp.policy_engine, dc.replace(exp.spec, sample=sample))
     seconds = {k: [] for k in variants}
     ratio = {k: [] for k in variants}
+    parts = {k: [] for k in variants}
+    streams = []
+
+    class Recorded(rollout.GroupStream):  # the bench keeps each run's work list
+      def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        streams.append(self)
+
+    rollout.GroupStream = Recorded
     pos, timer = 0, mlog.PhaseTimer()
     with jax.set_mesh(exp.mesh):
       for step in range(_STEPS.value + 1):  # step 0 compiles: not counted
@@ -265,6 +315,7 @@ def rl_step():
             rows, n_groups = rl.policy_block(collected, exp.spec.sizes)
             kept = int(rows.lengths_B[:n_groups * exp.spec.sizes.n].sum())
             ratio[name].append(collected.run.slot_steps / max(kept, 1))
+            parts[name].append(decode_parts(streams[-1], collected.run))
         state, pos, _, _ = rl.rl_step(exp, state, pos, timer)
     exp.reward_runner.close()
   print(f"config: {_CONFIG.value} (algo {config.algo}, groups {config.groups} x n {config.n}, "
@@ -275,6 +326,17 @@ def rl_step():
     print(f"rl_step policy rollouts {name:30s} {np.mean(seconds[name]):.3f} s/step "
           f"({base / np.mean(seconds[name]):.2f}x static), decode row-steps per kept token "
           f"{np.mean(ratio[name]):.2f}")
+  for name in variants:
+    total = {k: sum(p[k] for p in parts[name]) for k in parts[name][0]}
+    kept = total["kept_tokens"]
+    steps = ", ".join(f"{k} {total[k] / kept:.3f}" for k in
+                      ("kept", "not_kept", "unrewarded", "dropped", "idle"))
+    print(f"rl_step {name:30s} decode row-steps per kept token: {steps}; per step: groups "
+          f"started {total['groups_started'] / len(parts[name]):.1f}, rewarded "
+          f"{total['groups_rewarded'] / len(parts[name]):.1f}, decided at "
+          f"{total['prefix'] / len(parts[name]):.1f}, prefill rows "
+          f"{total['prefill_rows'] / len(parts[name]):.0f}, returns "
+          f"{total['returns'] / len(parts[name]):.1f}")
 
 
 def main(argv):
@@ -311,7 +373,7 @@ def main(argv):
                         pad_token_id=0)
     assert out.shape == (b, p + n), out.shape
 
-  graphdef, state = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))
+  graphdef, state = sampling.with_dtype(model, jax.numpy.dtype(_DTYPE.value))  # rollout_dtype's
   calls = iter(range(1 << 30))
 
   def mixpo_generate():
@@ -349,8 +411,8 @@ def main(argv):
   decode = {}
   if _DECODE.value and n > 1:
     dtypes = [_DTYPE.value] + (["float32"] if _DTYPE.value != "float32" else [])
-    for name in dtypes:
-      gd, st = sampling.with_dtype(model, jax.numpy.dtype(name))
+    for name in dtypes:  # the dtype computed in (exact: bf16 compute on CPU too)
+      gd, st = sampling.with_dtype(model, jax.numpy.dtype(name), exact=True)
       run = lambda k: (lambda: jax.block_until_ready(sampling.generate(
           (gd, st), prompt_BxP, mask_BxP, jax.random.key(next(calls)), k,
           temperature=_TEMP.value)))
@@ -361,7 +423,8 @@ def main(argv):
 
   gen_tokens, score_tokens = b * n, b * (p + n)
   print(f"config: {_SHAPE.value} ({bench_common.describe(hf.config.to_dict())}), B={b} P={p} "
-        f"N={n} T={_TEMP.value} {_DTYPE.value}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
+        f"N={n} T={_TEMP.value} {_DTYPE.value} (mixpo computes in "
+        f"{compute_dtype((graphdef, state))}); jax {jax.__version__} on {jax.devices()[0].platform}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads); median of {_REPEATS.value} "
         f"(score: alternating rounds); hostmem: {hostmem.status or 'not applied'}")
   print(f"generate  transformers {gen_tokens / t_hf_gen:9.0f} tok/s  ({t_hf_gen:.3f} s)")

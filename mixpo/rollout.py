@@ -414,7 +414,7 @@ def stream_groups(engine, tokenizer, examples, k: int, rng, spec: SampleSpec, re
   work = GroupStream(prompt_ids, k, spec.max_new_tokens, score, groups, zero_groups, enabled)
   cfg = slots.SlotConfig(slots=spec.slots or groups * k, prompt_width=width,
                          max_new_tokens=spec.max_new_tokens, refill_at=spec.refill_at,
-                         min_steps=spec.min_steps)
+                         min_steps=spec.min_steps, group_rows=k)
   run = engines.run_stream(engine, work, cfg, spec.options(tokenizer), rng, timer, phase)
   prefix, kept_idx, zero_idx = work.decision
   every = concat_groups(scored) if scored else None

@@ -65,28 +65,38 @@ def _graphdef_for(config) -> nnx.GraphDef:
   return nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))[0]
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def _cast_floats(state, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      state)
+def with_dtype(model, dtype=jnp.bfloat16, exact: bool = False):
+  """`(graphdef, state)` of `model` with its parameters held in `dtype`: the form to roll out and
+  score with (e.g. bfloat16) while training keeps float32 master weights.
 
-
-def with_dtype(model, dtype=jnp.bfloat16):
-  """`(graphdef, state)` of `model` with its parameters stored and computed in `dtype`: the form
-  to roll out and score with (e.g. bfloat16) while training keeps float32 master weights.
+  It computes in `backend.rollout_compute_dtype(dtype)`: `dtype` itself, except bfloat16 on a
+  CPU platform, where the copy holds the bf16-rounded weights as float32 and computes in float32
+  (XLA:CPU's bf16 decode is slower than its float32; the values are a bf16 copy's). `exact`:
+  store and compute in `dtype` on every platform (to measure bf16 compute on CPU).
 
   One jitted cast per call (reads 4 and writes 2 bytes per parameter for float32 → bfloat16);
   the KV cache of `generate` follows the compute dtype. Log-probs stay float32 (logits are
-  computed with float32 accumulation and reduced in float32). A model already in `dtype` is
-  returned as is. model: a `CausalLM` or its `(graphdef, state)`.
+  computed with float32 accumulation and reduced in float32). A model already in the dtype is
+  returned as is (a bf16 copy computing in float32 is rounded again: the values do not change).
+  model: a `CausalLM` or its `(graphdef, state)`.
   """
+  from mixpo.models import backend  # noqa: PLC0415
   graphdef, state = split_model(model)
   config = _model_config(graphdef, state)
   dtype = jnp.dtype(dtype)
-  if jnp.dtype(config.dtype) == dtype and jnp.dtype(config.param_dtype) == dtype:
+  compute = dtype if exact else backend.rollout_compute_dtype(dtype)
+  same = jnp.dtype(config.dtype) == compute and jnp.dtype(config.param_dtype) == compute
+  if same and compute == dtype:
     return graphdef, state
-  config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
-  return _graphdef_for(config), _cast_floats(state, dtype)
+  config = dataclasses.replace(config, dtype=compute, param_dtype=compute)
+  return _graphdef_for(config), _round_floats(state, dtype, compute)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "compute"))
+def _round_floats(state, dtype, compute):
+  """Floating leaves rounded to `dtype`, held as `compute` (one program)."""
+  return jax.tree.map(lambda x: x.astype(dtype).astype(compute)
+                      if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
 
 
 def bucket_length(p: int, min_length: int = 16) -> int:
@@ -317,6 +327,17 @@ def rollout_from_rows(results, rows: int, max_new_tokens: int, pad_id: int) -> R
                  truncated_B=jnp.asarray(truncated_B))
 
 
+def _prompt_runs(prompt_BxP, mask_BxP) -> int:
+  """g > 1 when the rows are runs of g equal prompts (k samples of each prompt, as
+  `rollout.encode_prompts` lays them out): their prefill is then shared (`SlotConfig.group_rows`).
+  1 otherwise."""
+  b = len(prompt_BxP)
+  rows = np.concatenate([np.asarray(prompt_BxP), np.asarray(mask_BxP)], axis=1)
+  new = np.flatnonzero(np.any(rows[1:] != rows[:-1], axis=1)) + 1  # rows where a run starts
+  g = int(np.gcd.reduce(np.concatenate([new, [b]])))
+  return g if g > 1 else 1
+
+
 def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] | None = None,
              pad_id: int = 0, prompt_length: int | None = None, row_budgets=None,
@@ -356,7 +377,8 @@ def generate(model, prompt_tokens, prompt_mask, rng, max_new_tokens: int, temper
       slots.Request(i, prep.prompt_BxP[i, width - prep.lengths_B[i]:], int(prep.budgets_B[i]))
       for i in range(b)])
   cfg = slots.SlotConfig(slots=b, prompt_width=width, max_new_tokens=int(max_new_tokens),
-                         refill_at=b, min_bucket=min_bucket, refills=False)
+                         refill_at=b, min_bucket=min_bucket, refills=False,
+                         group_rows=_prompt_runs(prep.prompt_BxP, prep.mask_BxP))
   slots.SlotSampler((prep.graphdef, prep.state), cfg, prep.options, rng).run(work)
   return rollout_from_rows(work.results, b, int(max_new_tokens), prep.options.pad_id)
 

@@ -171,30 +171,35 @@ def _head_program(graphdef, state):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p"),
                    donate_argnames=("slots",))
-def _insert_program(graphdef, state, slots: SlotState, prompt_RxP, mask_RxP, slot_R, budget_R,
-                    rng, draw, temperature, top_p, eos_E, pad_id, *, greedy, top_k, use_top_p):
-  """Prefills R prompts apart and writes them into slots `slot_R` (an index B drops the row).
+def _insert_program(graphdef, state, slots: SlotState, prompt_UxP, mask_UxP, src_R, slot_R,
+                    budget_R, rng, draw, temperature, top_p, eos_E, pad_id, *, greedy, top_k,
+                    use_top_p):
+  """Prefills U distinct prompts and writes R rows into slots `slot_R` (an index B drops the
+  row); row i is prompt `src_R[i]`.
 
-  Each prompt's keys / values go to slots [index − P, index) of its cache row (the rest of the
-  row is marked invalid), its first token is sampled from the prefill's last logits.
+  Each row's keys / values go to slots [index − P, index) of its cache row (the rest of the row
+  is marked invalid), its first token is sampled from its prompt's last logits with its own
+  noise (rows of one prompt share the prefill, not the sample).
   """
   model = nnx.merge(graphdef, state)
-  r, p = prompt_RxP.shape
+  u, p = prompt_UxP.shape
+  r = src_R.shape[0]
   n = slots.tokens_BxN.shape[1]
   sample = _sampler(temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-  fresh = model.init_cache(r, p)
-  h_RxPxD, fresh = model.decode(prompt_RxP, positions_from_mask(mask_RxP), mask_RxP, fresh)
-  logits_RxV = model.logits_from_hidden(h_RxPxD[:, -1:])[:, 0]
+  fresh = model.init_cache(u, p)
+  h_UxPxD, fresh = model.decode(prompt_UxP, positions_from_mask(mask_UxP), mask_UxP, fresh)
+  logits_RxV = model.logits_from_hidden(h_UxPxD[:, -1:])[:, 0][src_R]
+  mask_RxP = mask_UxP[src_R]
   tok_R, logp_R = sample(logits_RxV, _step_seed(rng, 2 * draw + 1))
   cache = slots.cache
   index = cache.index
   cols_P = index - p + jnp.arange(p, dtype=jnp.int32)
   rows_Rx1, cols_1xP = slot_R[:, None], cols_P[None, :]
 
-  def put(big_BxKxWxH, new_RxKxPxH):
+  def put(big_BxKxWxH, new_UxKxPxH):
     # Advanced indices on axes 0 and 2: the update is laid out [R, P, K, H].
     return big_BxKxWxH.at[rows_Rx1, :, cols_1xP, :].set(
-        new_RxKxPxH.swapaxes(1, 2).astype(big_BxKxWxH.dtype), mode="drop")
+        new_UxKxPxH[src_R].swapaxes(1, 2).astype(big_BxKxWxH.dtype), mode="drop")
 
   valid_RxW = jax.lax.dynamic_update_slice(
       jnp.zeros((r, cache.valid_BxS.shape[1]), cache.valid_BxS.dtype),
@@ -320,8 +325,10 @@ class SlotConfig:
   # take the run only returns to compact or at the end. 0 = slots // 8 (at least 1).
   refill_at: int = 0
   # ... but not before this many decode steps (or every row ended): a return costs a host round
-  # trip and, in the dynamic-sampling stream, a reward call, more than a few steps of short rows
-  # (e.g. N = 6: the slots then run in waves, as generation batches did).
+  # trip and, in the dynamic-sampling stream, a reward call, more than a few steps of short rows.
+  # Not applied when no row may take that many steps (max_new_tokens <= min_steps): the slots
+  # would run in waves, each as long as its longest row (the default experiment, N = 6: 0.58
+  # idle row-steps per kept token, 0.22 without the wait; BUILD_NOTES).
   min_steps: int = 8
   compact: bool = True  # gather the live rows into smaller buckets once the work is exhausted.
   min_bucket: int = 4  # the smallest bucket compaction makes.
@@ -329,9 +336,14 @@ class SlotConfig:
   # and each bucket is a program of its own, which short rows (e.g. N = 6) never pay back.
   compact_min_steps: int = 16
   refills: bool = True  # False: all rows start at once (no window beyond P + N − 1).
+  # Rows the work list offers in runs of this many with one prompt (a group's samples): a prefill
+  # of R such rows computes at most ceil(R / g) + 1 prompts and copies each prompt's keys /
+  # values to its rows. 1: every row is prefilled apart. Prefill is most of the compute of short
+  # responses (P = 8 prompt tokens per row against ~2.5 decode steps in the default experiment).
+  group_rows: int = 1
 
   def __post_init__(self):
-    for name in ("slots", "prompt_width", "max_new_tokens", "min_bucket"):
+    for name in ("slots", "prompt_width", "max_new_tokens", "min_bucket", "group_rows"):
       if getattr(self, name) < 1:
         raise ValueError(f"SlotConfig.{name}={getattr(self, name)}: must be >= 1.")
 
@@ -350,6 +362,11 @@ class SlotConfig:
   def refill_rows(self) -> int:
     return self.refill_at or max(1, self.slots // 8)
 
+  def prefill_prompts(self, rows: int) -> int:
+    """U: the prompts a prefill of `rows` rows computes (the distinct prompts of `rows`
+    consecutive rows in runs of `group_rows`, at most)."""
+    return min(rows, -(-rows // self.group_rows) + 1) if self.group_rows > 1 else rows
+
 
 @dataclasses.dataclass
 class RunStats:
@@ -358,7 +375,7 @@ class RunStats:
   slot_steps: int = 0  # Σ over decode steps of the bucket size (row-steps computed).
   steps: int = 0  # decode steps.
   prefills: int = 0  # insert calls.
-  prefill_rows: int = 0  # rows prefilled (padding rows of a prefill bucket included).
+  prefill_rows: int = 0  # prompts prefilled (padding of a prefill bucket included).
   tokens: int = 0  # tokens of the rows that ended (what was kept of the decode work).
   dropped_tokens: int = 0  # tokens of live rows dropped when the work list stopped the run.
   shifts: int = 0
@@ -420,26 +437,37 @@ class SlotSampler:
   def _insert(self, slots, requests, slot_ids, bucket, rows=None):
     """Prefills `requests` into `slot_ids`. The prefill batch is padded to one of two sizes, the
     refill size (refill_rows up to a power of two) or the whole bucket: two programs per bucket
-    (a prefill program compiles as slowly as a decode program), little padding in either."""
+    (a prefill program compiles as slowly as a decode program), little padding in either. Rows
+    with equal prompts share one prefill (`SlotConfig.group_rows`); rows of more distinct
+    prompts than `prefill_prompts` allows (a work list not in runs) are prefilled apart."""
     p = self.cfg.prompt_width
     small = min(bucket, 1 << (self.cfg.refill_rows - 1).bit_length())
     r = rows or (small if len(requests) <= small else bucket)
-    prompt_RxP = np.full((r, p), self.options.pad_id, np.int32)
-    mask_RxP = np.zeros((r, p), np.int32)
-    mask_RxP[:, -1] = 1  # padding rows: one token, so no row is empty (they are dropped)
+    distinct: dict[bytes, int] = {}
+    src_R = np.zeros((r,), np.int32)  # padding rows read prompt 0 (they are dropped)
+    for i, req in enumerate(requests):
+      src_R[i] = distinct.setdefault(np.asarray(req.prompt, np.int32).tobytes(), len(distinct))
+    u = self.cfg.prefill_prompts(r)
+    prompts = [np.frombuffer(b, np.int32) for b in distinct]
+    if len(distinct) > u:
+      u, src_R[:len(requests)] = r, np.arange(len(requests))
+      prompts = [np.asarray(req.prompt, np.int32) for req in requests]
+    prompt_UxP = np.full((u, p), self.options.pad_id, np.int32)
+    mask_UxP = np.zeros((u, p), np.int32)
+    mask_UxP[:, -1] = 1  # padding prompts: one token, so no row is empty
+    for i, prompt in enumerate(prompts):
+      prompt_UxP[i, p - len(prompt):] = prompt
+      mask_UxP[i] = 0
+      mask_UxP[i, p - len(prompt):] = 1
     budget_R = np.ones((r,), np.int32)
     slot_R = np.full((r,), bucket, np.int32)  # index B: dropped
     for i, (req, s) in enumerate(zip(requests, slot_ids)):
-      length = len(req.prompt)
-      prompt_RxP[i, p - length:] = req.prompt
-      mask_RxP[i] = 0
-      mask_RxP[i, p - length:] = 1
       budget_R[i], slot_R[i] = req.budget, s
     self.stats.prefills += 1
-    self.stats.prefill_rows += r
+    self.stats.prefill_rows += u
     self._draws += 1
-    prompt_RxP, mask_RxP = sharding.shard_rows((prompt_RxP, mask_RxP))
-    return _insert_program(self.graphdef, self.state, slots, prompt_RxP, mask_RxP, slot_R,
+    prompt_UxP, mask_UxP = sharding.shard_rows((prompt_UxP, mask_UxP))
+    return _insert_program(self.graphdef, self.state, slots, prompt_UxP, mask_UxP, src_R, slot_R,
                            budget_R, self.rng, np.int32(self._draws),
                            *self.options.dynamic_args(), **self.options.static_args())
 
@@ -476,6 +504,7 @@ class SlotSampler:
     start = [0] * bucket  # first cache slot of each slot's row (host mirror)
     left = [0] * bucket  # budget minus tokens at the last return: the steps a row may still take
     index = p  # host mirror of the cache's write index
+    min_steps = cfg.min_steps if cfg.max_new_tokens > cfg.min_steps else 1
     while True:
       free = [s for s in range(bucket) if slot_row[s] < 0]
       requests = work.take(len(free)) if free else []
@@ -515,7 +544,7 @@ class SlotSampler:
         if exhausted and compact:  # return once the live rows fit the next bucket down
           stop_live = max(stop_live, smaller_bucket(bucket, cfg.min_bucket))
         slots = _decode_program(self.graphdef, self.state, head, slots, self.rng,
-                                np.int32(w - index), np.int32(stop_live), np.int32(cfg.min_steps),
+                                np.int32(w - index), np.int32(stop_live), np.int32(min_steps),
                                 *self.options.dynamic_args(), **self.options.static_args())
         live_B, count_B, budget_B, eos_B, new_index = sharding.to_host(
             (slots.live_B, slots.count_B, slots.budget_B, slots.eos_B, slots.cache.index))

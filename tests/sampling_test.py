@@ -333,12 +333,12 @@ _BF16_LOGP_MEAN_TOL, _BF16_LOGP_MAX_TOL = 0.05, 0.3
 def test_bf16_view_logp_within_tolerance_of_f32(qwen2):
   _, model = qwen2
   tokens, mask = _prompts([40, 33, 40, 20], seed=3)
-  view = sampling.with_dtype(model, jnp.bfloat16)
+  view = sampling.with_dtype(model, jnp.bfloat16, exact=True)
   graphdef, state = view
   params = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
   assert params and all(x.dtype == jnp.bfloat16 for x in params)
   assert nnx.merge(graphdef, state).config.dtype == jnp.bfloat16
-  assert sampling.with_dtype(view, jnp.bfloat16)[1] is state  # already bf16: no copy
+  assert sampling.with_dtype(view, jnp.bfloat16, exact=True)[1] is state  # already bf16: no copy
   lp32 = np.asarray(sampling.score(model, tokens, mask))
   lp16 = sampling.score(view, tokens, mask)
   assert lp16.dtype == jnp.float32
@@ -348,6 +348,37 @@ def test_bf16_view_logp_within_tolerance_of_f32(qwen2):
   assert err.max() > 0 and np.abs(lp32).max() > 1.0  # really bf16, really scored
   out = sampling.generate(view, tokens[:, -8:], mask[:, -8:], jax.random.key(0), 6, eos_id=None)
   assert out.logp_BxN.dtype == jnp.float32 and np.all(np.asarray(out.logp_BxN) < 0)
+
+
+def _floats(state):
+  return [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+def test_bf16_rollout_on_cpu_computes_in_f32_on_bf16_rounded_weights(qwen2, monkeypatch):
+  """On CPU a bfloat16 rollout copy holds the float32 weights rounded to bf16 (as float32) and
+  computes in float32: its log-probs differ from the float32 model's by the weight rounding
+  alone, less than bf16 compute's. On another platform the copy stays bf16."""
+  _, model = qwen2
+  tokens, mask = _prompts([40, 33, 40, 20], seed=3)
+  graphdef, state = sampling.with_dtype(model, jnp.bfloat16)
+  assert nnx.merge(graphdef, state).config.dtype == jnp.float32
+  f32 = _floats(nnx.split(model)[1])
+  got = _floats(state)
+  assert got and all(x.dtype == jnp.float32 for x in got)
+  for x, w in zip(got, f32):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(w.astype(jnp.bfloat16), np.float32))
+  assert any(np.any(np.asarray(x) != np.asarray(w)) for x, w in zip(got, f32))  # really rounded
+  again = sampling.with_dtype((graphdef, state), jnp.bfloat16)[1]  # idempotent
+  assert all(np.array_equal(a, b) for a, b in zip(_floats(again), got))
+  real = np.concatenate([np.zeros((4, 1), bool), (mask[:, 1:] * mask[:, :-1]) == 1], 1)
+  lp32 = np.asarray(sampling.score(model, tokens, mask))
+  err = lambda view: np.abs(np.asarray(sampling.score(view, tokens, mask)) - lp32)[real]
+  rounded, bf16 = err((graphdef, state)), err(sampling.with_dtype(model, jnp.bfloat16, True))
+  assert 0 < rounded.max() < _BF16_LOGP_MAX_TOL and rounded.mean() < bf16.mean(), (rounded, bf16)
+  monkeypatch.setattr(backend, "platform", lambda: "gpu")
+  graphdef, state = sampling.with_dtype(model, jnp.bfloat16)
+  assert all(x.dtype == jnp.bfloat16 for x in _floats(state))
+  assert nnx.merge(graphdef, state).config.dtype == jnp.bfloat16
 
 
 def test_bf16_training_ratios_come_from_f32_logp(tmp_path):
@@ -362,7 +393,7 @@ def test_bf16_training_ratios_come_from_f32_logp(tmp_path):
   graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   tokens, mask = _prompts([30, 24, 30], seed=4)
-  old_logp = sampling.score(sampling.with_dtype(policy, jnp.bfloat16), tokens, mask)
+  old_logp = sampling.score(sampling.with_dtype(policy, jnp.bfloat16, exact=True), tokens, mask)
   kind_B, adv_B = jnp.zeros((3,), jnp.int32), jnp.ones((3,), jnp.float32)
   resp_mask = jnp.asarray(np.concatenate([np.zeros((3, 1), np.int32), mask[:, 1:] * mask[:, :-1]],
                                          1))

@@ -66,3 +66,49 @@ def test_slots_return_the_static_batch_under_greedy_decoding(model):
   assert stats.shifts > 0 and stats.compactions > 0 and stats.prefills > 1
   assert stats.tokens == lengths.sum() and stats.slot_steps < 3 * n * 24 / 3
   _assert_same(sampling.rollout_from_rows(work.results, 24, n, 0), want)
+
+
+def test_rows_of_one_prompt_share_a_prefill_and_sample_the_same(model):
+  """Runs of k rows with one prompt (a group's samples): with group_rows=k each prefill computes
+  at most ceil(R / k) + 1 prompts, and every row's tokens are those of the unshared prefill (the
+  same logits, the row's own noise); log-probs within 1e-5."""
+  k, groups, n = 4, 6, 12
+  tokens, mask, budgets = _ragged(groups, 10, n, seed=1)
+  tokens, mask, budgets = (np.repeat(x, k, axis=0) for x in (tokens, mask, budgets))
+  results, stats = [], []
+  for share in (1, k):
+    work = _rows(tokens, mask, budgets)
+    cfg = slots.SlotConfig(slots=8, prompt_width=16, max_new_tokens=n, refill_at=3, min_steps=1,
+                           group_rows=share)
+    stats.append(slots.SlotSampler(model, cfg, slots.SampleOptions(temperature=1.0),
+                                   jax.random.key(3)).run(work))
+    results.append(sampling.rollout_from_rows(work.results, groups * k, n, 0))
+  _assert_same(results[1], results[0])
+  assert stats[1].prefills == stats[0].prefills > 2
+  assert stats[1].prefill_rows < stats[0].prefill_rows / 2
+  # generate finds the runs itself: the same rows as the static batch (greedy).
+  want = sampling.static_generate(model, tokens, mask, jax.random.key(0), n, temperature=0.0)
+  _assert_same(sampling.generate(model, tokens, mask, jax.random.key(0), n, temperature=0.0,
+                                 min_bucket=32), want)
+  assert sampling._prompt_runs(tokens, mask) == k  # pylint: disable=protected-access
+  assert sampling._prompt_runs(tokens[1:], mask[1:]) == 1  # pylint: disable=protected-access
+  assert slots.SlotConfig(8, 16, n, group_rows=4).prefill_prompts(8) == 3
+
+
+def test_short_budgets_refill_as_rows_end_instead_of_in_waves(model):
+  """With max_new_tokens <= min_steps no row could take min_steps steps: the run returns (and
+  refills) once refill_at rows ended, as with min_steps=1, instead of running waves as long as
+  their longest row."""
+  n = 6
+  tokens, mask, budgets = _ragged(48, 8, n, seed=2)
+  stats = {}
+  for wait in (1, 8):
+    cfg = slots.SlotConfig(slots=16, prompt_width=8, max_new_tokens=n, refill_at=4,
+                           min_steps=wait)
+    stats[wait] = slots.SlotSampler(model, cfg, slots.SampleOptions(temperature=1.0),
+                                    jax.random.key(0)).run(_rows(tokens, mask, budgets))
+  assert stats[8] == stats[1]
+  waves = 0  # row-steps of waves of 16 rows, each as long as its longest row
+  for i in range(0, 48, 16):
+    waves += 16 * (budgets[i:i + 16].max() - 1)
+  assert stats[8].slot_steps < waves and stats[8].tokens == budgets.sum()

@@ -16,12 +16,15 @@ runs. That tuning runs on CPU only; GPU and TPU get the plain formulation and th
   argmax          argmax over the last axis as two plain reductions (CPU)
   gumbel          Gumbel noise from one Philox `rng_bit_generator` call (every platform: a
                   counter-based generator native to each backend; see its docstring)
+  rollout_compute_dtype  a bfloat16 rollout copy computes in float32 on CPU (bf16-rounded
+                  weights): XLA:CPU's bf16 decode is slower than its float32
 Figures behind each choice are in BUILD_NOTES.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -292,3 +295,30 @@ def gumbel(seed_4: jax.Array, shape) -> jax.Array:
   # 23 random bits -> bin centres of (0, 1): never 0 or 1, so both logs are finite.
   u = ((bits >> 9).astype(jnp.float32) + 0.5) * (2.0 ** -23)
   return -jnp.log(-jnp.log(u))
+
+
+# ---------------------------------------------------------------------------------------------
+# rollout_compute_dtype
+
+
+@functools.cache
+def _say_bf16_computes_in_f32() -> None:
+  logging.info("rollout dtype bfloat16 on CPU: weights rounded to bfloat16, computed in float32 "
+               "(activations and KV cache float32): XLA:CPU's bf16 decode is slower than its "
+               "float32 (BUILD_NOTES, 'Rollouts at RL shape')")
+
+
+def rollout_compute_dtype(dtype) -> jnp.dtype:
+  """The dtype a rollout copy asked for in `dtype` computes in (`sampling.with_dtype`): `dtype`
+  itself, except bfloat16 on CPU, which computes in float32 on weights rounded to bfloat16.
+
+  bf16 is chosen on accelerators for speed and memory. XLA:CPU does not run these decode dots on
+  the CPU's bf16 units; converting operands makes its bf16 decode 1.4-2.6x slower than float32
+  on the RL-shaped benchmark (BUILD_NOTES). The bf16-rounded weights keep the numbers a bf16
+  copy holds, and float32 compute on them is closer to the trainer's float32 than bf16 compute
+  is (a smaller sampler / trainer mismatch)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16 and on_cpu():
+    _say_bf16_computes_in_f32()
+    return jnp.dtype(jnp.float32)
+  return dtype
