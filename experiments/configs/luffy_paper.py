@@ -6,7 +6,7 @@ workdir/default/models): traces from the built-in guide, then LUFFY's switches o
       --digits=2 --terms=2 --n_prompts=4096 --n_per_prompt=1 --max_new_tokens=6 \
       --out=workdir/traces.jsonl
   python experiments/train.py --config=luffy_paper --workdir=workdir/luffy_paper \
-      --config.builtin_dir=workdir/default/models --config.traces_path=workdir/traces.jsonl
+      --config.builtin_dir=workdir/default/models --config.guide.traces_path=workdir/traces.jsonl
 (--guide may be any checkpoint sharing the policy's tokenizer). For LUFFY's own data, point
 traces_path at its openr1.parquet (verl schema, detected) and evaluate on a task="file" set.
 
@@ -57,19 +57,21 @@ from experiments.configs import default
 def get_config():
   c = default.get_config()
   c.algo = "luffy"
-  c.guide_source = "traces"
-  c.traces_path = ""  # required: the trace file (see the commands above).
-  c.guide_logp = "one"
-  c.n, c.m = 7, 1
-  c.groups = 16
-  c.std_normalize = False
-  c.gamma = 0.1
-  c.eps_low, c.eps_high, c.dual_clip = 0.999999, 1e9, 0.0
-  c.loss_agg = "seq-mean-token-sum-norm"
-  c.entropy_agg = "token-mean"
-  c.entropy_coef = 0.001 / (c.groups * (c.n + c.m) // c.num_minibatches)
-  c.kl_coef = 0.0
-  c.temperature = 1.0
-  c.dynamic_sampling = False
-  c.shaping_grad = "exact"  # LUFFY differentiates f(π) itself (autograd of p / (p + 0.1)).
+  c.guide.source = "traces"
+  c.guide.traces_path = ""  # required: the trace file (see the commands above).
+  c.guide.logp = "one"
+  c.rollout.n, c.rollout.m = 7, 1
+  c.rollout.groups = 16
+  c.advantage.std_normalize = False
+  c.objective.gamma = 0.1
+  c.objective.eps_low, c.objective.eps_high, c.objective.dual_clip = 0.999999, 1e9, 0.0
+  c.objective.loss_agg = "seq-mean-token-sum-norm"
+  c.objective.entropy_agg = "token-mean"
+  r = c.rollout
+  c.objective.entropy_coef = 0.001 / (r.groups * (r.n + r.m) // c.step.num_minibatches)
+  c.objective.kl_coef = 0.0
+  c.rollout.temperature = 1.0
+  c.rollout.dynamic_sampling = False
+  # LUFFY differentiates f(π) itself (autograd of p / (p + 0.1)).
+  c.objective.shaping_grad = "exact"
   return c
