@@ -11,7 +11,7 @@ One line per prompt, the mixpo trace format the RL loop reads (mixpo/data/traces
 Responses are the guide's finished samples (EOS within --max_new_tokens); "correct" is the task's
 reward (1 = correct). With --logp (default), each response's tokens are the loop's tokenization
 of its text (EOS appended) and "guide_logp" the guide's natural-log probability of each of them
-at the sampling temperature, so `--config.guide_logp=file` trains without re-scoring the guide;
+at the sampling temperature, so `--config.guide.logp=file` trains without re-scoring the guide;
 "tokenizer" fingerprints the tokenizer they hold for. `mixpo.guide_source.TraceSource` reads the
 file back as a train stream plus each prompt's OFF rows.
 """

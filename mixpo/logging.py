@@ -294,13 +294,13 @@ class _AboveBar:
 class Progress:
   """tqdm bar over steps: the step's sample reward, the last eval accuracy, seconds per step, ETA.
 
-  "reward" is `reward/mean`: the mean (weighted sum of config.reward.functions) reward the
-  policy's fresh samples got, over the step's last generation batch (every sample of `groups`
-  prompts, before DAPO's dynamic sampling keeps the groups with reward variance) — the reward users mean;
-  `train/reward` in metrics.jsonl is over the rows trained on, which dynamic sampling biases
-  towards groups of mixed rewards. The ETA counts the steps after the first of this invocation
-  (the first also compiles). While the bar is shown, absl's log lines (INFO, WARNING) are written
-  above it, not through it.
+  "reward" is `reward/mean`: the mean (weighted sum of config.reward.functions) reward the policy's
+  fresh samples got, over the step's last generation batch (every sample of `groups` prompts, before
+  DAPO's dynamic sampling keeps the groups with reward variance) — the reward users mean;
+  `train/reward` in metrics.jsonl is over the rows trained on, which dynamic sampling biases towards
+  groups of mixed rewards. The ETA counts the steps after the first of this invocation (the first
+  also compiles). While the bar is shown, absl's log lines (INFO, WARNING) are written above it, not
+  through it.
   """
 
   KEYS = (("reward/mean", "reward"), ("eval/accuracy", "acc"), ("time/step", "s/step"))
