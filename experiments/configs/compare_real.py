@@ -66,8 +66,8 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
   c.policy = c.guide.path = ""  # the grid sets both to the models it builds.
   if small:
     s = smoke.get_config()
-    r = c.rollout
-    r.groups, r.n, r.m, r.zero_groups = s.groups, s.n, s.m, s.zero_groups
+    for field in ("groups", "n", "m", "zero_groups"):  # the smoke sizes
+      c.rollout[field] = s.rollout[field]
     # Memory settings a tiny model does not need.
     c.model.remat, c.step.num_micro_batches = False, 1
     # The stand-in's byte-level vocabulary spells a solution in ~80 tokens; its random guide

@@ -66,8 +66,8 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
     b.task_kwargs = c.task_kwargs = {"digits": 2, "ops": "+", "style": "columns"}
     b.max_answer_tokens = c.rollout.max_new_tokens = 40
     c.rollout.overlong_cache = 4
-    r = c.rollout
-    r.groups, r.n, r.m, r.zero_groups = s.groups, s.n, s.m, s.zero_groups
+    for field in ("groups", "n", "m", "zero_groups"):  # the smoke sizes
+      c.rollout[field] = s.rollout[field]
     c.eval_size = c.eval_batch_size = 8
   c.num_steps = 100_000  # effectively unbounded: every cell stops at max_policy_tokens.
   c.max_policy_tokens = 1 if small else 30_000  # policy tokens per cell (--budget_tokens).

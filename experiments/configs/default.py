@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.objective.cispo_eps_high = 0.28  # CISPO weight <= 1 + this.
   # --- models
   c.policy = "builtin"  # HF checkpoint directory of the starting policy, or "builtin".
-  c.guide.path = ml_collections.ConfigDict()  # rl.GuideSpec: where OFF rows come from.
+  c.guide = ml_collections.ConfigDict()  # rl.GuideSpec: where OFF rows come from.
   c.guide.path = "builtin"  # HF checkpoint directory of the frozen guide, or "builtin"; "" = none.
   # πϕ of the OFF rows: "model" (score with the guide checkpoint), "one" (πϕ ≡ 1, LUFFY), or,
   # with guide.source="traces", "file" (the per-token log-probs stored in the trace file).
