@@ -114,16 +114,16 @@ def test_train_two_steps_on_a_file_dataset_with_custom_rewards_and_trackers(file
   workdir = str(tmp_path / "run")
   out = _run("train.py", [
       "--config=default", f"--workdir={workdir}", "--config.algo=dapo",
-      f"--config.policy={files['init']}", "--config.task=file",  # config.guide stays 'builtin'
+      f"--config.policy={files['init']}", "--config.task=file",  # config.guide.path stays 'builtin'
       f"--config.task_kwargs.train_path={files['train']}",
       f"--config.task_kwargs.eval_path={files['renamed']}",
       "--config.task_kwargs.eval_prompt_field=problem",
       "--config.task_kwargs.eval_answer_field=final",
       "--config.task_kwargs.prompt_field=question", "--config.task_kwargs.chat_template=True",
-      f"--config.rewards={files['zero']}:always_zero,{files['zero']}:always_one",
-      "--config.max_new_tokens=4",
-      "--config.groups=2", "--config.n=2", "--config.zero_groups=0",
-      "--config.max_num_gen_batches=1", "--config.num_steps=2", "--config.eval_every=2",
+      f"--config.reward.functions={files['zero']}:always_zero,{files['zero']}:always_one",
+      "--config.rollout.max_new_tokens=4",
+      "--config.rollout.groups=2", "--config.rollout.n=2", "--config.rollout.zero_groups=0",
+      "--config.rollout.max_num_gen_batches=1", "--config.num_steps=2", "--config.eval_every=2",
       "--config.eval_size=4", "--config.eval_batch_size=4", "--config.checkpoint_every=2",
       "--config.export_hf=False", "--config.progress=False", "--config.no_signal_steps=2",
       "--config.loggers=tb,wandb"], WANDB_MODE="offline", WANDB_SILENT="true")

@@ -457,7 +457,7 @@ def _smoke(builtin_dir, **overrides):
   c = smoke_config(builtin_dir)
   c.lora.rank = 4
   c.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}  # gives groups reward variance
-  c.warmup_steps = 0  # the first update already moves the adapters.
+  c.optim.warmup_steps = 0  # the first update already moves the adapters.
   for k, v in overrides.items():
     setattr(c, k, v)
   return c

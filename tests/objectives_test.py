@@ -226,7 +226,7 @@ def test_library_defaults_agree_with_the_experiment_config():
                 "cispo_eps_low", "cispo_eps_high", "kl_coef", "kl_estimator", "entropy_coef",
                 "entropy_agg"):
     assert getattr(d, field) == c[field], field
-  assert d.ratio_form == obj.ratio_form(c.ratio_level, c.cispo)
+  assert d.ratio_form == obj.ratio_form(c.objective.ratio_level, c.objective.cispo)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -590,12 +590,12 @@ def test_luffy_paper_weighs_entropy_as_luffy_does():
   from mixpo import rl  # noqa: PLC0415
   c = luffy_paper.get_config()
   cfg = rl._objective_config(c, algorithms.get(c.algo))
-  rows, t = c.groups * (c.n + c.m) // c.num_minibatches, c.max_new_tokens
+  rows, t = c.rollout.groups * (c.rollout.n + c.rollout.m) // c.step.num_minibatches, c.rollout.max_new_tokens
   rng = np.random.default_rng(0)
   logp = -rng.uniform(0.01, 4.0, (rows, t))
   old = logp + 0.3 * rng.standard_normal((rows, t))
   adv = rng.standard_normal(rows)
-  is_off = np.arange(rows) % (c.n + c.m) == c.n  # one trace a group
+  is_off = np.arange(rows) % (c.rollout.n + c.rollout.m) == c.rollout.n  # one trace a group
   kind = np.where(is_off, OFF, ON).astype(np.int32)
   mask = (np.arange(t)[None] < rng.integers(1, t + 1, rows)[:, None]).astype(np.float64)
   ent = rng.uniform(0.1, 3.0, (rows, t))

@@ -49,7 +49,7 @@ def run_two_steps(config, workdir):
     for _ in range(2):
       state, pos, metrics, samples = rl.rl_step(exp, state, pos, timer)
   exp.reward_runner.close()
-  assert int(state.step) == 2 and pos >= 2 * config.groups
+  assert int(state.step) == 2 and pos >= 2 * config.rollout.groups
   assert any(np.abs(a - b).max() > 0 for a, b in zip(params0, _leaves(state.params)))
   assert metrics["loss/skipped_updates"] == 0
   for a, b in zip(guide_before, _leaves(exp.guide[1]) if exp.guide else []):
@@ -145,11 +145,11 @@ def test_group_stream_decides_the_same_groups_whatever_order_rows_end_in():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("algo", "ppo", "algo"), ("n", 1, "config.n"), ("scheme", "x", "scheme"),
-    ("guide", "", "config.guide"), ("num_minibatches", 7, "num_minibatches"),
+    ("algo", "ppo", "algo"), ("n", 1, "config.rollout.n"), ("scheme", "x", "scheme"),
+    ("guide", "", "config.guide.path"), ("num_minibatches", 7, "num_minibatches"),
     ("guide_logp", "maybe", "guide_logp"), ("max_num_gen_batches", 0, "max_num_gen_batches"),
     ("loss_agg", "sum", "loss_agg"), ("kl_estimator", "k9", "kl_estimator"),
-    ("ratio_level", "row", "ratio_level"), ("eps_low", 1.5, "config.eps_low"),
+    ("ratio_level", "row", "ratio_level"), ("eps_low", 1.5, "config.objective.eps_low"),
     ("mesh_shape", (3, 1, 1), "mesh_shape"),
 ])
 def test_inconsistent_configs_fail_before_compute(tmp_path, field, value, match):
@@ -234,7 +234,7 @@ def test_padding_rows_enter_no_pool_and_no_loss():
   """Mix-2 with Z = 2 zero slots but no zero group drawn: 2 slots are padding (policy and guide
   rows). Their rewards are poisoned here; still no advantage, no loss token, no gradient."""
   config = smoke.get_config()
-  config.groups, config.zero_groups, config.n, config.m = 2, 2, 2, 2
+  config.rollout.groups, config.rollout.zero_groups, config.rollout.n, config.rollout.m = 2, 2, 2, 2
   spec = rl.resolve(config)
   kept = _fake_groups([True, True])
   policy_rows, n_groups = rl.policy_block(
@@ -334,12 +334,12 @@ def test_bf16_rollout_trains_with_float32_master_weights(builtin_dir, tmp_path):
 
 
 def test_rollout_dtype_is_validated():
-  with pytest.raises(ValueError, match="config.rollout_dtype='float16'"):
+  with pytest.raises(ValueError, match="config.rollout.dtype='float16'"):
     rl.resolve(smoke_config("", rollout_dtype="float16"))
   config = smoke_config("", rollout_dtype="bfloat16")
   assert rl.resolve(config).rollout_dtype == "bfloat16"
   config.lora.rank = 4
-  with pytest.raises(ValueError, match="config.rollout_dtype='bfloat16' with config.lora.rank=4"):
+  with pytest.raises(ValueError, match="config.rollout.dtype='bfloat16' with config.lora.rank=4"):
     rl.resolve(config)
   assert rl.resolve(smoke_config("")).rollout_dtype == "model"  # default: the models as loaded.
 
@@ -408,8 +408,8 @@ def test_reward_counters_sum_over_every_draw_and_row_source(builtin_dir, tmp_pat
   workdir = tmp_path / "run"
   summary = loop.run(config, str(workdir))
   row = [r for r in mlog.read_metrics(str(workdir)) if r["step"] == 1][0]
-  g, n, m, z, cap = config.groups, config.n, config.m, config.zero_groups, 3
-  assert config.max_num_gen_batches == cap
+  g, n, m, z, cap = config.rollout.groups, config.rollout.n, config.rollout.m, config.rollout.zero_groups, 3
+  assert config.rollout.max_num_gen_batches == cap
   policy_rows, guide_rows = cap * g * n, (g + z) * m
   assert row["reward/errors"] == policy_rows + guide_rows
   assert summary["reward_errors"] == policy_rows + guide_rows
