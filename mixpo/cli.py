@@ -82,8 +82,12 @@ def check_renamed(config, source: str) -> None:
   field: `guide` holding a value instead of its group, or any other old name."""
   for key, value in config.items():
     if key in RENAMED and not (key == "guide" and hasattr(value, "items")):
-      raise UserError(f"{source} sets config.{key}, which was renamed: set "
-                      f"config.{RENAMED[key]} instead (README \"Config groups\").")
+      raise UserError(_renamed_in_file(source, key))
+
+
+def _renamed_in_file(source: str, key: str) -> str:
+  return (f"{source} sets config.{key}, which was renamed: set config.{RENAMED[key]} instead "
+          "(README \"Config groups\").")
 
 
 # ----------------------------------------------------------------------------- config names
@@ -128,6 +132,10 @@ def load_config_file(value: str):
   try:
     config = module.get_config(arg) if arg else module.get_config()
   except (ValueError, TypeError) as e:  # a config argument it refuses (e.g. compare.py:<mode>).
+    # ml_collections refuses a value over a group (`c.guide = "dir"`) before check_renamed can.
+    old = re.search(r"override field '(\w+)'", str(e))
+    if old and old.group(1) in RENAMED:
+      raise UserError(_renamed_in_file(f"--config={value}: {path}", old.group(1))) from None
     raise UserError(f"--config={value}: {e}") from None
   check_renamed(config, f"--config={value}: {path}")
   return config
@@ -415,7 +423,7 @@ def config_help(config, path: str) -> str:
     node = config
     for part in key.split("."):
       node = node[part]
-    if hasattr(node, "items") and hasattr(node, "to_dict") and key != "traces.fields":
+    if hasattr(node, "items") and hasattr(node, "to_dict") and key != "guide.traces.fields":
       continue  # a group: its fields follow
     value = node.to_dict() if hasattr(node, "to_dict") else node
     lines.append(f"  --config.{key}=" + (f"'{value}'" if isinstance(value, str) else f"{value}"))
