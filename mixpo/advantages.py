@@ -22,8 +22,8 @@ class AdvantageConfig:
   """config.advantage: the ON / ZERO / OFF partition scheme (`partition`) and whether every pool
   is divided by its std (`group_advantages`)."""
 
-  scheme: str = "dapo"
-  std_normalize: bool = True
+  scheme: str
+  std_normalize: bool
 
   def __post_init__(self):
     if self.scheme not in SCHEMES:

@@ -80,7 +80,8 @@ def test_truncated_chain_is_penalised_by_overlong_shaping_and_solutions_are_not(
   lengths.append(c.rollout.max_new_tokens)
   rewards = t.reward_fn(["999+999=?"] * 2, texts, answer=["1998"] * 2)
   shaped, _ = shape_rewards(rewards, lengths, [True, False], OverlongConfig(
-      shaping=c.rollout.overlong_shaping, max_len=c.rollout.max_new_tokens, cache_len=c.rollout.overlong_cache))
+      shaping=c.rollout.overlong_shaping, max_len=c.rollout.max_new_tokens,
+      cache_len=c.rollout.overlong_cache))
   assert rewards == [1.0, 0.0] and shaped.tolist() == [1.0, -1.0]
 
 

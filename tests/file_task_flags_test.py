@@ -202,7 +202,7 @@ def test_evaluate_a_run_beside_it_and_never_on_zero_problems(files, tmp_path):
   run = tmp_path / "run"  # a finished run's directory: export/, checkpoints/, config.json
   shutil.copytree(files["init"], run / "export")
   os.makedirs(run / "checkpoints")
-  (run / "config.json").write_text(json.dumps({"algo": "dapo", "max_new_tokens": 3}))
+  (run / "config.json").write_text(json.dumps({"algo": "dapo", "rollout": {"max_new_tokens": 3}}))
   args = [f"--model={run}", "--task=file", f"--eval_path={files['renamed']}",
           "--eval_prompt_field=problem", "--eval_answer_field=final", "--eval_size=2",
           "--bootstrap=50"]

@@ -46,7 +46,8 @@ def test_cell_configs_and_the_two_stage_budget():
                                                  "/w/models/guide-same/guide", "model")
   assert c.objective.shaping_grad == base.compare.shaping_grad and c.max_policy_tokens == 1000
   _, c = config("luffy_paper")
-  assert (c.algo, c.guide.source, c.guide.logp, c.rollout.n, c.rollout.m) == ("luffy", "traces", "one", 7, 1)
+  assert (c.algo, c.guide.source, c.guide.logp, c.rollout.n, c.rollout.m) == (
+      "luffy", "traces", "one", 7, 1)
   assert c.guide.traces_path == "/w/models/guide-same/traces.jsonl" and c.guide.traces.only_correct
   cell, rl = config("sft_dapo")
   sft, rl_again = real_grid.stage_configs(base, cell, "/w", 1000)

@@ -115,8 +115,8 @@ def test_reasoning_cell_configs():
   cell, c = config("main", "luffy_paper-exact")
   assert cell.name == "luffy_paper-exact-s3" and grid.cell_dir("/w", cell).endswith(
       "main/weak/luffy_paper-exact-s3")
-  assert (c.algo, c.rollout.n, c.rollout.m, c.guide.source, c.guide.logp, c.objective.shaping_grad) == (
-      "luffy", 7, 1, "traces", "one", "exact")
+  assert (c.algo, c.rollout.n, c.rollout.m, c.guide.source, c.guide.logp,
+          c.objective.shaping_grad) == ("luffy", 7, 1, "traces", "one", "exact")
   assert c.guide.traces_path == "/w/models/guide-same/traces.jsonl" and c.guide.traces.only_correct
   assert c.policy == "/w/models/weak/policy_init" and c.max_policy_tokens == 777
   assert c.seed == 3 and "compare" not in c
@@ -124,7 +124,8 @@ def test_reasoning_cell_configs():
   assert c.objective.shaping_grad == "paper_step" and c.policy == "/w/models/moderate/policy_init"
   assert c.builtin.policy_steps == base.compare.regimes.moderate
   _, c = config("main", "sft")
-  assert c.optim.learning_rate == base.compare.sft_learning_rate and c.guide.traces_path.endswith(".jsonl")
+  assert c.optim.learning_rate == base.compare.sft_learning_rate
+  assert c.guide.traces_path.endswith(".jsonl")
   _, c = config("style", "mix1-words")
   assert c.guide.path == "/w/models/guide-words/guide"
   assert c.rollout.max_new_tokens == base.compare.style_max_new_tokens

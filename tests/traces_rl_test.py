@@ -18,6 +18,7 @@ from mixpo.data import char_tokenizer, get_task
 from mixpo.data.traces import read_trace_prompts, write_trace_prompts
 from mixpo.guide_source import response_tokens
 from mixpo.logging import PhaseTimer
+from rl_test import set_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = {"digits": 2, "terms": 2, "reward": "digits"}  # partial credit: groups have variance.
@@ -52,9 +53,7 @@ def traces_config(tiny, **overrides):
   # A reward past its deadline scores 0: on a loaded machine that would make two equal runs
   # differ, and this file compares runs bit for bit.
   c.reward.timeout_s = 120.0
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return c
+  return set_fields(c, overrides)
 
 
 def one_step_batch(exp, state):
@@ -77,7 +76,7 @@ SLOW = [(a, g) for a in ("luffy", "mix1", "mix2") for g in ("file", "model", "on
 @pytest.mark.parametrize("algo,guide_logp", CASES + [
     pytest.param(a, g, marks=pytest.mark.slow) for a, g in SLOW])
 def test_guided_algorithms_train_from_traces(tiny, tmp_path, algo, guide_logp):
-  config = traces_config(tiny, algo=algo, guide_logp=guide_logp)
+  config = traces_config(tiny, algo=algo, **{"guide.logp": guide_logp})
   if algo == "mix2" and guide_logp == "file":
     config.objective.zero_ratio = "old"  # ZERO rows are the policy's: a trace holds no πϕ for them.
   exp, state, ckpt, _ = loop.setup(config, str(tmp_path))
@@ -95,7 +94,8 @@ def test_guided_algorithms_train_from_traces(tiny, tmp_path, algo, guide_logp):
         kind == objectives.OFF) & (np.asarray(batch.loss_mask_BxT).sum(1) > 0))
     drawn = [asm.row_prompt[i] for i in range(n_groups * config.rollout.n)]
     assert set(drawn) <= set(traces)  # the step's prompts come from the trace file
-    m, base = config.rollout.m, (config.rollout.groups + exp.spec.sizes.zero_groups) * config.rollout.n
+    r = config.rollout
+    m, base = r.m, (r.groups + exp.spec.sizes.zero_groups) * r.n
     want_off = 0
     for g in range(n_groups):
       prompt = asm.rows.prompts[g]
@@ -139,7 +139,8 @@ def _rows(workdir):
 
 
 def test_traces_run_resumes_bit_identically_and_reports(tiny, tmp_path):
-  full = traces_config(tiny, algo="mix1", guide_logp="file", num_steps=4, checkpoint_every=2)
+  full = traces_config(tiny, algo="mix1", num_steps=4, checkpoint_every=2,
+                       **{"guide.logp": "file"})
   loop.run(full, str(tmp_path / "full"))
   part = copy.deepcopy(full)
   part.num_steps = 2
@@ -185,19 +186,18 @@ def test_luffy_paper_preset_is_seven_rollouts_plus_one_trace_normalised_together
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"guide_source": "file"}, "config.guide.source='file'"),
-    ({"guide_source": "traces", "traces_path": ""}, "traces_path is empty"),
-    ({"guide_source": "traces", "traces_path": "t.jsonl", "guide_logp": "maybe"}, "guide_logp"),
-    ({"guide_logp": "file"}, "'file' needs config.guide.source='traces'"),
-    ({"guide_source": "traces", "traces_path": "t.jsonl", "guide_logp": "file", "algo": "mix2"},
-     "zero_ratio='old'"),
-    ({"guide_source": "traces", "traces_path": "t.jsonl", "guide_logp": "model", "guide": ""},
-     "needs a guide policy"),
+    ({"guide.source": "file"}, "guide.source='file'"),
+    ({"guide.source": "traces", "guide.traces_path": ""}, "guide.traces_path='': empty"),
+    ({"guide.source": "traces", "guide.traces_path": "t.jsonl", "guide.logp": "maybe"},
+     "guide.logp='maybe'"),
+    ({"guide.logp": "file"}, "'file' needs config.guide.source='traces'"),
+    ({"guide.source": "traces", "guide.traces_path": "t.jsonl", "guide.logp": "file",
+      "algo": "mix2"}, "zero_ratio='old'"),
+    ({"guide.source": "traces", "guide.traces_path": "t.jsonl", "guide.logp": "model",
+      "guide.path": ""}, "needs a guide policy"),
 ])
 def test_trace_config_errors_name_the_field(overrides, match):
-  config = smoke.get_config()
-  for k, v in overrides.items():
-    setattr(config, k, v)
+  config = set_fields(smoke.get_config(), overrides)
   with pytest.raises(ValueError, match=match):
     rl.resolve(config)
 
@@ -248,7 +248,7 @@ def test_luffy_trains_from_the_other_trace_formats(tiny, tmp_path, fmt):
              "correctness_math_verify": [True] * len(g.responses)} for g in groups]
   path = str(tmp_path / f"{fmt}.parquet")
   pq.write_table(pa.Table.from_pylist(rows), path)
-  config = traces_config(tiny, algo="luffy", guide_logp="one", traces_path=path)
+  config = traces_config(tiny, algo="luffy", **{"guide.logp": "one", "guide.traces_path": path})
   config.guide.traces.format = fmt
   if fmt == "verl":  # chat-list prompts need the policy tokenizer's chat template
     with pytest.raises(ValueError, match="has none.*chat_template=never"):
