@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from mixpo import builtin, checkpoint, models, rl, sharding, train
+from mixpo import builtin, checkpoint, cli, models, rl, sharding, train
 from mixpo import logging as mlog
 from mixpo import preflight
 from mixpo.data import task_options
@@ -118,6 +118,8 @@ def setup(config, workdir: str):
   step is jitted with explicit shardings; `run` enters it with `jax.set_mesh` for the run's
   duration (nothing here sets it process-wide).
   """
+  # A notebook's `config.eps_low = ...` would add a field nothing reads: refused by its new name.
+  cli.check_renamed(config, "the config")
   checkpoint.check_directory(workdir)  # creates it; a clear error if unwritable or full.
   spec = rl.resolve(config)
   preflight.warn_unused(config, spec)

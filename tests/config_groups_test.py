@@ -177,3 +177,13 @@ def test_help_lists_grouped_fields_with_their_comments():
                         ("--config.guide.traces.fields={}", "dotted field paths")):
     i = lines.index("  " + flag)
     assert comment in lines[i + 1], (flag, lines[i + 1])
+
+
+def test_a_library_run_refuses_a_config_with_an_old_field(tmp_path):
+  from mixpo import loop  # noqa: PLC0415
+  config = default.get_config()
+  config.kl_coef = 0.05  # a new, unread field of the ConfigDict
+  with pytest.raises(cli.UserError, match=r"the config sets config.kl_coef, which was renamed: "
+                     r"set config.objective.kl_coef"):
+    loop.setup(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")

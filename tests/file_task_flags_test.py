@@ -155,7 +155,7 @@ def test_train_two_steps_on_a_file_dataset_with_custom_rewards_and_trackers(file
   assert config["_resolved"]["guide"] is None
   hparams = _tb_hparams(workdir)
   assert hparams["algo"] == "dapo" and hparams["task_kwargs.eval_answer_field"] == "final"
-  assert hparams["learning_rate"] == 3e-4
+  assert hparams["optim.learning_rate"] == 3e-4
   # The wandb offline run logged the same keys as metrics.jsonl.
   assert _wandb_history_keys(workdir) == {k for r in rows for k in r} - {"step"}
   # Samples from the first step on, with the reference answer and each reward's own value.
