@@ -15,6 +15,7 @@ from experiments import byo_example
 from experiments.configs import smoke
 from mixpo import builtin, cli, loop, preflight
 from mixpo.data.traces import TracePrompt, TraceResponse, write_trace_prompts
+from rl_test import set_fields
 
 
 def _forbidden(*args, **kwargs):
@@ -54,13 +55,7 @@ def _config(own, **overrides):
   c.policy, c.guide.path, c.algo, c.task = own["init"], "", "dapo", "file"
   c.task_kwargs.train_path, c.task_kwargs.prompt_field = own["train"], "question"
   c.task_kwargs.chat_template = True
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[last] = value
-  return c
+  return set_fields(c, overrides)
 
 
 def _refused(config, workdir, monkeypatch) -> str:

@@ -44,13 +44,13 @@ def _default_config():
 def test_rollout_engine_flag_is_checked():
   c = _default_config()
   c.rollout.engine = "tensorrt"
-  with pytest.raises(cli.UserError, match=r"^--config.rollout.engine='tensorrt'.*'jax', 'vllm'"):
+  with pytest.raises(cli.UserError, match=r"^--config.rollout.engine=tensorrt: .*'jax', 'vllm'"):
     cli.check_config(c)
   c.rollout.engine = "vllm"
   if vllm_engine.available():
     assert rl.validate(c).rollout_engine == "vllm"
   else:  # the user without vLLM: one line naming the flag and the install.
-    with pytest.raises(cli.UserError, match=r"^--config.rollout.engine='vllm': vLLM is not "
+    with pytest.raises(cli.UserError, match=r"^--config.rollout.engine=vllm: vLLM is not "
                        r"installed; install the vllm extra"):
       cli.check_config(c)
 
