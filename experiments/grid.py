@@ -406,7 +406,9 @@ def cell_state(workdir: str, config, budget: int, overwrite: bool = False) -> st
     with open(cfg_file) as f:
       have = json.load(f)
     if have != want:
-      diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+      have_flat, want_flat = _flat(have), _flat(want)  # name the grouped fields by their path
+      diff = sorted(k for k in set(have_flat) | set(want_flat)
+                    if have_flat.get(k) != want_flat.get(k))
       if not overwrite:
         raise ValueError(f"{workdir}: this cell was run with another config (fields {diff}); "
                          "pass --overwrite to rerun it, or use a new --workroot.")

@@ -47,10 +47,10 @@ def real_variants(base) -> list[tuple[str, str, dict]]:
     out.append((algo, algo, {"objective.shaping_grad": g.shaping_grad} if guided else {}))
   paper = grid.luffy_paper_overrides()
   out.append(("luffy_paper", paper["algo"], {**paper, "objective.shaping_grad": g.shaping_grad,
-                                             "traces.only_correct": True}))
-  out.append((grid.SFT, grid.SFT, {grid.RUNNER: grid.SFT, "traces.only_correct": True}))
+                                             "guide.traces.only_correct": True}))
+  out.append((grid.SFT, grid.SFT, {grid.RUNNER: grid.SFT, "guide.traces.only_correct": True}))
   out.append((f"sft_{g.sft_rl_algo}", g.sft_rl_algo, {grid.RUNNER: grid.SFT_RL,
-                                                      "traces.only_correct": True}))
+                                                      "guide.traces.only_correct": True}))
   if g.sft_mix_algo:
     if g.sft_mix_algo not in algorithms.names():
       raise ValueError(f"config.compare.sft_mix_algo={g.sft_mix_algo!r} is not an entry of "
@@ -79,7 +79,7 @@ def stage_configs(base, cell, workroot: str, budget: int):
   sft.export_hf = True
   rl = grid.reasoning_config(base, cell, workroot, rl_tokens)
   rl.policy = os.path.join(grid.cell_dir(workroot, cell), SFT_STAGE, "export")
-  rl.traces_path = ""  # DAPO reads no traces: only the SFT stage did.
+  rl.guide.traces_path = ""  # DAPO reads no traces: only the SFT stage did.
   return sft, rl
 
 

@@ -54,8 +54,8 @@ def test_cell_configs_and_the_two_stage_budget():
   assert rl.to_dict() == rl_again.to_dict()  # the grid's config of the cell is its RL stage.
   assert sft.max_policy_tokens + rl.max_policy_tokens == 1000  # the same budget in all.
   assert sft.max_policy_tokens == round(1000 * base.compare.sft_stage_fraction)
-  assert sft.export_hf and sft.learning_rate == base.compare.sft_learning_rate
-  assert sft.traces_path.endswith("traces.jsonl") and rl.traces_path == ""
+  assert sft.export_hf and sft.optim.learning_rate == base.compare.sft_learning_rate
+  assert sft.guide.traces_path.endswith("traces.jsonl") and rl.guide.traces_path == ""
   assert rl.algo == "dapo" and rl.policy == os.path.join(
       grid.cell_dir("/w", cell), real_grid.SFT_STAGE, "export")
   assert (rl.seed, sft.seed) == (2, 2)
