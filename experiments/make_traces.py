@@ -38,7 +38,8 @@ _N_PER_PROMPT = flags.DEFINE_integer("n_per_prompt", 1, "Guide samples per promp
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Response token budget.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per generate call.")
-_LOGP = flags.DEFINE_bool("logp", True, "Store per-token guide log-probs (for guide_logp='file').")
+_LOGP = flags.DEFINE_bool("logp", True,
+                          "Store per-token guide log-probs (for --config.guide.logp=file).")
 
 
 def load_examples(tokenizer):
