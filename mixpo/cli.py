@@ -78,8 +78,9 @@ def renamed(field: str, config) -> str | None:
 
 
 def check_renamed(config, source: str) -> None:
-  """UserError for a top-level key of `config` (from `source`, a config file) that is an old flat
-  field: `guide` holding a value instead of its group, or any other old name."""
+  """UserError for a top-level key of `config` (from `source`: a config file, or the config a
+  library run was handed) that is an old flat field: `guide` holding a value instead of its
+  group, or any other old name."""
   for key, value in config.items():
     if key in RENAMED and not (key == "guide" and hasattr(value, "items")):
       raise UserError(_renamed_in_file(source, key))
