@@ -17,7 +17,7 @@ of prompt width P and max_new_tokens N). Shapes are the run's: rows (G + Z)·(n 
 `sampling.bucket_length(task_kwargs.max_prompt_tokens)` (or --prompt_len), T = P + N.
 
 The model geometry is read from the config's checkpoint directory (`config.policy`,
-`config.guide`: their config.json), else from the preset in experiments/configs/hf/ named like
+`config.guide.path`: their config.json), else from the preset in experiments/configs/hf/ named like
 the directory (`/models/Qwen2.5-Math-1.5B` → qwen2.5-math-1.5b.json), or from --model /
 --guide_model (a preset name, a config.json or a directory); no weights are read or allocated.
 
@@ -63,7 +63,7 @@ _MODEL = flags.DEFINE_string("model", None, "Policy geometry: a preset of experi
                              "(e.g. qwen2.5-7b), a config.json or a checkpoint directory "
                              "(default: from --config.policy).")
 _GUIDE_MODEL = flags.DEFINE_string("guide_model", None, "Guide geometry, as --model (default: "
-                                   "from --config.guide).")
+                                   "from --config.guide.path).")
 _PROGRAMS = flags.DEFINE_list("programs", ["train", "score", "generate"], "Which programs.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "Prompt width P (default: bucketed "
                                    "--config.task_kwargs.max_prompt_tokens).")
@@ -197,20 +197,20 @@ def resolve_run(config, num_devices: int, policy_hf: dict, guide_hf: dict | None
       # Only config.json files here (no tokenizers): the run itself compares the tokenizers by
       # content (preflight); the sizes are what the compiled shapes depend on.
       if guide_cfg.vocab_size != policy_cfg.vocab_size:
-        raise ValueError(f"config.guide: the guide's vocabulary ({guide_cfg.vocab_size}) differs "
-                         f"from the policy's ({policy_cfg.vocab_size}): r̂ = πθ/πϕ needs both "
-                         "over the same tokens.")
+        raise ValueError(f"config.guide.path: the guide's vocabulary ({guide_cfg.vocab_size}) "
+                         f"differs from the policy's ({policy_cfg.vocab_size}): r̂ = πθ/πϕ needs "
+                         "both over the same tokens.")
     lora_cfg = loop.lora_config(config)
   except ValueError as e:
     raise cli.UserError(cli.flagify(str(e))) from None
   t = prompt_len + spec.sample.max_new_tokens
-  for name, c in (("--config.policy", policy_cfg), ("--config.guide", guide_cfg)):
+  for name, c in (("--config.policy", policy_cfg), ("--config.guide.path", guide_cfg)):
     if c is not None and t > c.max_position_embeddings:
       raise cli.UserError(
-          f"prompts of up to P={prompt_len} tokens + --config.max_new_tokens="
+          f"prompts of up to P={prompt_len} tokens + --config.rollout.max_new_tokens="
           f"{spec.sample.max_new_tokens} exceed {name}'s max_position_embeddings="
           f"{c.max_position_embeddings} (its config.json): generate would refuse every "
-          "full-width prompt; lower --config.max_new_tokens / "
+          "full-width prompt; lower --config.rollout.max_new_tokens / "
           "--config.task_kwargs.max_prompt_tokens (or --prompt_len).")
   return spec, policy_cfg, guide_cfg, lora_cfg
 
@@ -241,9 +241,7 @@ def build(config, target, policy_hf: dict, guide_hf: dict | None, prompt_len: in
       return lora.apply(model, adapters) if adapters else model
     return nnx.eval_shape(make)
 
-  optimizer = train.make_optimizer(train.OptimConfig(
-      learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-      weight_decay=config.weight_decay, grad_clip=config.grad_clip))
+  optimizer = train.make_optimizer(train.OptimConfig(**config.optim))
   policy = train.Policy(abstract_model(policy_cfg, lora_cfg))
   state = jax.eval_shape(lambda params: train.init_state(
       types.SimpleNamespace(params=params), optimizer, 0), policy.params)
@@ -435,9 +433,9 @@ def main(argv):
   policy_hf = hf_config_for(_MODEL.value or config.policy,
                             "--model" if _MODEL.value else "--config.policy", config.builtin)
   guide_hf = None
-  if config.guide:
-    guide_hf = hf_config_for(_GUIDE_MODEL.value or config.guide,
-                             "--guide_model" if _GUIDE_MODEL.value else "--config.guide",
+  if config.guide.path:
+    guide_hf = hf_config_for(_GUIDE_MODEL.value or config.guide.path,
+                             "--guide_model" if _GUIDE_MODEL.value else "--config.guide.path",
                              config.builtin)
   prompt_len = _PROMPT_LEN.value or int(config.task_kwargs.get("max_prompt_tokens", 0) or 0)
   if prompt_len <= 0:
@@ -486,7 +484,7 @@ def main(argv):
   if failure:
     raise cli.UserError(f"{failure}; try a mesh that splits more (--config.mesh_shape, e.g. "
                         "'(1,-1,1)' or '(1,-1,4)'), more micro-batches "
-                        "(--config.num_micro_batches), LoRA (--config.lora.rank) or a larger "
+                        "(--config.step.num_micro_batches), LoRA (--config.lora.rank) or a larger "
                         "topology.")
 
 

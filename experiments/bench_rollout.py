@@ -318,9 +318,10 @@ def rl_step():
             parts[name].append(decode_parts(streams[-1], collected.run))
         state, pos, _, _ = rl.rl_step(exp, state, pos, timer)
     exp.reward_runner.close()
-  print(f"config: {_CONFIG.value} (algo {config.algo}, groups {config.groups} x n {config.n}, "
-        f"zero_groups {exp.spec.sizes.zero_groups}, max_new_tokens {config.max_new_tokens}, "
-        f"cap {config.max_num_gen_batches} batches); {_STEPS.value} steps after one warm-up")
+  r = config.rollout
+  print(f"config: {_CONFIG.value} (algo {config.algo}, groups {r.groups} x n {r.n}, "
+        f"zero_groups {exp.spec.sizes.zero_groups}, max_new_tokens {r.max_new_tokens}, "
+        f"cap {r.max_num_gen_batches} batches); {_STEPS.value} steps after one warm-up")
   base = np.mean(seconds["static"])
   for name in variants:
     print(f"rl_step policy rollouts {name:30s} {np.mean(seconds[name]):.3f} s/step "

@@ -44,7 +44,8 @@ def main(argv):
 
     def report(step, m):
       if step in at:
-        acc = rl.evaluate(m, tok, examples, runner, c.max_new_tokens, batch_size=len(examples))
+        acc = rl.evaluate(m, tok, examples, runner, c.rollout.max_new_tokens,
+                          batch_size=len(examples))
         print(f"step {step}: greedy eval accuracy {acc['accuracy']:.3f} ({time.time() - t0:.0f} s)",
               flush=True)
 

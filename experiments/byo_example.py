@@ -10,8 +10,8 @@ runs, each as the command you would type (printed before it runs):
   2. train.py      — DAPO on the file task, the task's math verifier plus the custom reward;
   3. evaluate.py   — mean@4 / pass@4 / maj@4 with 95 % intervals on the held-out file;
 and leaves the exported policy in <workdir>/run/export (Hugging Face format). For a real Qwen
-checkpoint replace the paths, drop the tiny sizes (--config.max_new_tokens, ...), and add
---config.guide=<guide checkpoint> --config.algo=mix2 for the guided methods.
+checkpoint replace the paths, drop the tiny sizes (--config.rollout.max_new_tokens, ...), and add
+--config.guide.path=<guide checkpoint> --config.algo=mix2 for the guided methods.
 """
 
 import json
@@ -117,16 +117,16 @@ def commands(workdir: str, paths: dict, sft_steps: int, rl_steps: int) -> list[l
             *data, "--response_field=solution", "--max_response_tokens=16",
             f"--steps={sft_steps}", "--batch_size=32", "--lr=3e-3", "--eval_size=16"],
       py + [os.path.join(EXPERIMENTS, "train.py"), "--config=default", f"--workdir={run_dir}",
-            "--config.algo=dapo", f"--config.policy={sft_dir}", "--config.guide=",
+            "--config.algo=dapo", f"--config.policy={sft_dir}", "--config.guide.path=",
             "--config.task=file", f"--config.task_kwargs.train_path={paths['train']}",
             f"--config.task_kwargs.eval_path={paths['test']}",
             "--config.task_kwargs.prompt_field=question", "--config.task_kwargs.chat_template=True",
-            f"--config.rewards=task,{paths['reward']}:boxed_format",
-            "--config.reward_weights=1.0,1.0", "--config.max_new_tokens=16",
-            "--config.groups=4", "--config.n=4", "--config.zero_groups=0",
+            f"--config.reward.functions=task,{paths['reward']}:boxed_format",
+            "--config.reward.weights=1.0,1.0", "--config.rollout.max_new_tokens=16",
+            "--config.rollout.groups=4", "--config.rollout.n=4", "--config.rollout.zero_groups=0",
             f"--config.num_steps={rl_steps}", "--config.eval_every=3", "--config.eval_size=16",
             "--config.eval_batch_size=16", "--config.checkpoint_every=3",
-            "--config.learning_rate=1e-4", "--config.progress=False"],
+            "--config.optim.learning_rate=1e-4", "--config.progress=False"],
       py + [os.path.join(EXPERIMENTS, "evaluate.py"), f"--model={run_dir}", *data[:1],
             f"--eval_path={paths['test']}", "--prompt_field=question", "--chat_template",
             "--k=4", "--temperature=1.0", "--max_new_tokens=16", "--eval_size=16",

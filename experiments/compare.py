@@ -2,7 +2,7 @@ r"""Equal-budget comparison of GRPO / DAPO / LUFFY / Mix-1 / Mix-2 on the built-
 
   python experiments/compare.py --grid=main --seeds=0,1,2 --regimes=weak,moderate
   python experiments/compare.py --grid=gamma --budget_tokens=100000
-  python experiments/compare.py --grid=scheme --config.learning_rate=5e-4
+  python experiments/compare.py --grid=scheme --config.optim.learning_rate=5e-4
   python experiments/compare.py --grid=main --small --algos=dapo,mix2 --seeds=0   # seconds
 
 Grids (each cell = one loop.run in <workroot>/<grid>/<regime>/<algo>-<scheme>[-g<γ>]-s<seed>/):
@@ -10,8 +10,8 @@ Grids (each cell = one loop.run in <workroot>/<grid>/<regime>/<algo>-<scheme>[-g
   gamma:  Mix-2 × config.compare.gammas × regimes × seeds.
   scheme: Mix-1, Mix-2 × partition schemes (paper, dapo) × regimes × seeds, binary rewards.
 Scheme rule: the scheme only changes what Mix-1 / Mix-2 are (the paper's literal ON = R > 0 vs
-DAPO's kept groups), so they run under config.scheme (main, gamma) or both (scheme grid); GRPO,
-DAPO and LUFFY always run under "dapo", the partition their own papers' losses use.
+DAPO's kept groups), so they run under config.advantage.scheme (main, gamma) or both (scheme
+grid); GRPO, DAPO and LUFFY always run under "dapo", the partition their own papers' losses use.
 Equal budgets: every cell stops once it has generated --budget_tokens policy tokens (its step ends
 with an eval and a checkpoint); guide tokens are counted and reported apart. All cells of a regime
 share one weak start and one guide (<workroot>/models/<regime>, built once, reused).

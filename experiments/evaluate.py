@@ -101,7 +101,7 @@ def token_budget(model_path: str, flag_value: int) -> tuple[int, str]:
   run = run_dir(model_path)
   if run and os.path.isfile(os.path.join(run, "config.json")):
     with open(os.path.join(run, "config.json")) as f:
-      budget = json.load(f).get("max_new_tokens")
+      budget = (json.load(f).get("rollout") or {}).get("max_new_tokens")
     if isinstance(budget, int) and budget > 0:
       return budget, f"{run}/config.json"
   return DEFAULT_BUDGET, "default"

@@ -82,7 +82,8 @@ class Cell:
 GUIDE_STYLE = "_guide_style"  # pseudo-field of a variant's overrides: which guide it learns from.
 RUNNER = "_runner"  # pseudo-field: what runs the cell, "rl" (mixpo.loop, the default) or SFT.
 SFT = "sft"  # the off-policy baseline: SFT on the guide's traces (experiments/sft_baseline.py).
-SHAPING_LABELS = {"paper_step": "step", "exact": "exact"}  # config.shaping_grad → label suffix.
+# config.objective.shaping_grad → label suffix.
+SHAPING_LABELS = {"paper_step": "step", "exact": "exact"}
 REASONING_GRIDS = ("main", "style", "source")
 REAL = "real"  # config.compare.kind of the real-model grid (experiments/real_grid.py).
 SFT_RL = "sft_rl"  # runner of a two-stage cell: SFT on the traces, then RL (real_grid.py).
@@ -105,7 +106,7 @@ def luffy_paper_overrides() -> dict:
   from experiments.configs import default, luffy_paper  # noqa: PLC0415
   base, paper = _flat(default.get_config().to_dict()), _flat(luffy_paper.get_config().to_dict())
   return {k: v for k, v in paper.items()
-          if base.get(k) != v and k not in ("traces_path", "shaping_grad")}
+          if base.get(k) != v and k not in ("guide.traces_path", "objective.shaping_grad")}
 
 
 def reasoning_variants(grid: str, baseline: str = "") -> list[tuple[str, str, dict]]:
@@ -128,13 +129,13 @@ def reasoning_variants(grid: str, baseline: str = "") -> list[tuple[str, str, di
     for algo in table:
       modes = SHAPING_LABELS if algorithms.get(algo).guided else {None: ""}
       for mode, suffix in modes.items():
-        over = {"shaping_grad": mode} if mode else {}
+        over = {"objective.shaping_grad": mode} if mode else {}
         out.append((f"{algo}-{suffix}" if suffix else algo, algo, over))
     paper = luffy_paper_overrides()
     for mode, suffix in SHAPING_LABELS.items():
       out.append((f"luffy_paper-{suffix}", paper["algo"],
-                  {**paper, "shaping_grad": mode, "traces.only_correct": True}))
-    out.append((SFT, SFT, {RUNNER: SFT, "traces.only_correct": True}))
+                  {**paper, "objective.shaping_grad": mode, "guide.traces.only_correct": True}))
+    out.append((SFT, SFT, {RUNNER: SFT, "guide.traces.only_correct": True}))
   elif grid == "style":
     out += [(baseline, baseline, {})] if baseline else []
     for algo in guided:
@@ -147,11 +148,11 @@ def reasoning_variants(grid: str, baseline: str = "") -> list[tuple[str, str, di
     for algo in paper:
       out.append((f"{algo}-online", algo, {}))
       for logp in ("one", "file"):
-        over = {"guide_source": "traces", "guide_logp": logp}
+        over = {"guide.source": "traces", "guide.logp": logp}
         if logp == "file" and algorithms.get(algo).zero_set:
           # A trace file holds πϕ of the guide's responses only, not of the policy's ZERO
           # samples: their ratio falls back to πθ/πθ_old (rl.py refuses anything else).
-          over["zero_ratio"] = "old"
+          over["objective.zero_ratio"] = "old"
         out.append((f"{algo}-traces-{logp}", algo, over))
   else:
     raise ValueError(f"--grid={grid!r}: the reasoning grids are {REASONING_GRIDS}.")
@@ -179,8 +180,8 @@ def reasoning_cells(grid: str, base, variants=None, seeds=(0,), regimes=None) ->
   unknown = [r for r in regimes if r not in table]
   if unknown:
     raise ValueError(f"--regimes: {unknown} not in config.compare.regimes {sorted(table)}.")
-  return [Cell(grid, regime, int(table[regime]), algo, base.scheme, base.gamma, int(s), label,
-               tuple(sorted(over.items())))
+  return [Cell(grid, regime, int(table[regime]), algo, base.advantage.scheme,
+               base.objective.gamma, int(s), label, tuple(sorted(over.items())))
           for regime in regimes for label, algo, over in all_variants for s in seeds]
 
 
@@ -220,23 +221,24 @@ def reasoning_config(base, cell: Cell, workroot: str, budget: int):
   g = base.compare
   with c.unlocked():
     del c["compare"]
-  c.algo, c.scheme, c.gamma, c.seed = cell.algo, cell.scheme, cell.gamma, cell.seed
+  c.algo, c.seed = cell.algo, cell.seed
+  c.advantage.scheme, c.objective.gamma = cell.scheme, cell.gamma
   c.builtin.policy_steps = cell.policy_steps
   paths = reasoning_paths(workroot, cell.regime, cell.guide_style)
-  c.policy, c.guide, c.builtin_dir = paths["policy"], paths["guide"], ""
+  c.policy, c.guide.path, c.builtin_dir = paths["policy"], paths["guide"], ""
   c.max_policy_tokens = int(budget)
   c.progress = False
   if cell.grid == "style":  # the words style is longer: every variant of the grid gets its room.
-    c.max_new_tokens = int(g.style_max_new_tokens)
+    c.rollout.max_new_tokens = int(g.style_max_new_tokens)
   for field, value in cell.overrides:
     if field not in (GUIDE_STYLE, RUNNER):
       _set(c, field, value)
-  if c.guide_source == "traces" or cell.runner == SFT:
-    c.traces_path = paths["traces"]
+  if c.guide.source == "traces" or cell.runner == SFT:
+    c.guide.traces_path = paths["traces"]
   if not g.only_correct:  # the smoke grid's guide solves nothing: train on what it wrote.
-    c.traces.only_correct = False
+    c.guide.traces.only_correct = False
   if cell.runner == SFT:  # supervised steps take a larger step than the RL learning rate.
-    c.learning_rate = float(g.sft_learning_rate)
+    c.optim.learning_rate = float(g.sft_learning_rate)
   return c
 
 
@@ -260,7 +262,7 @@ def prepare_reasoning(cells, base, workroot: str) -> dict:
     builtin.ensure_builtin_models(paths["policy_dir"], b, only=("policy_init",))
     spent[f"weak start {regime}"] = time.time() - t0
   styles = dict.fromkeys(c.guide_style for c in cells)
-  needs_traces = any(dict(c.overrides).get("guide_source") == "traces" or c.runner == SFT
+  needs_traces = any(dict(c.overrides).get("guide.source") == "traces" or c.runner == SFT
                      for c in cells)
   if needs_traces:
     styles.setdefault("same")
@@ -299,7 +301,8 @@ def _ensure_traces(base, paths: dict) -> float:
   recipe = {"guide": json.load(open(os.path.join(paths["guide"], "mixpo_recipe.json"))),
             "task": base.task, "task_kwargs": dict(base.task_kwargs),
             "prompts": int(g.trace_prompts), "per_prompt": int(g.trace_per_prompt),
-            "max_new_tokens": int(base.max_new_tokens), "temperature": float(base.temperature)}
+            "max_new_tokens": int(base.rollout.max_new_tokens),
+            "temperature": float(base.rollout.temperature)}
   if os.path.exists(paths["traces_meta"]):
     with open(paths["traces_meta"]) as f:
       if json.load(f).get("recipe") == recipe:
@@ -349,7 +352,8 @@ def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gamma
     raise ValueError(f"--regimes: {unknown} not in config.compare.regimes {sorted(table)}; add "
                      "them there (name → builtin.policy_steps).")
   algos = list(algos or grids[grid])
-  gammas = [float(g) for g in (gammas or base.compare.gammas)] if grid == "gamma" else [base.gamma]
+  gammas = ([float(g) for g in (gammas or base.compare.gammas)] if grid == "gamma"
+            else [base.objective.gamma])
   cells = []
   for regime in regimes:
     for algo in algos:
@@ -357,7 +361,7 @@ def grid_cells(grid: str, base, algos=None, seeds=(0, 1, 2), regimes=None, gamma
         schemes = list(advantages.SCHEMES)
       else:
         # The baselines run under the scheme their papers' losses use (the entry's grid_scheme).
-        schemes = [algorithms.get(algo).grid_scheme or base.scheme]
+        schemes = [algorithms.get(algo).grid_scheme or base.advantage.scheme]
       for scheme in schemes:
         for gamma in gammas:
           cells.extend(Cell(grid, regime, int(table[regime]), algo, scheme, gamma, int(s))
@@ -375,7 +379,8 @@ def cell_config(base, cell: Cell, workroot: str, budget: int):
   c = copy.deepcopy(base)
   with c.unlocked():  # config_flags locks the config it parses.
     del c["compare"]
-  c.algo, c.scheme, c.gamma, c.seed = cell.algo, cell.scheme, cell.gamma, cell.seed
+  c.algo, c.seed = cell.algo, cell.seed
+  c.advantage.scheme, c.objective.gamma = cell.scheme, cell.gamma
   c.builtin.policy_steps = cell.policy_steps
   c.builtin_dir = os.path.join(workroot, "models", cell.regime)
   c.max_policy_tokens = int(budget)
@@ -401,7 +406,9 @@ def cell_state(workdir: str, config, budget: int, overwrite: bool = False) -> st
     with open(cfg_file) as f:
       have = json.load(f)
     if have != want:
-      diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+      have_flat, want_flat = _flat(have), _flat(want)  # name the grouped fields by their path
+      diff = sorted(k for k in set(have_flat) | set(want_flat)
+                    if have_flat.get(k) != want_flat.get(k))
       if not overwrite:
         raise ValueError(f"{workdir}: this cell was run with another config (fields {diff}); "
                          "pass --overwrite to rerun it, or use a new --workroot.")
@@ -575,7 +582,7 @@ def _charge_offline_guide(rows: list[dict], cell: Cell, workroot: str) -> None:
   inside wall_s and the run's own FLOPs)."""
   meta_file = reasoning_paths(workroot, cell.regime, "same")["traces_meta"]
   overrides = dict(cell.overrides)
-  offline = overrides.get("guide_source") == "traces" or cell.runner in (SFT, SFT_RL)
+  offline = overrides.get("guide.source") == "traces" or cell.runner in (SFT, SFT_RL)
   meta = None
   if offline and os.path.exists(meta_file):
     with open(meta_file) as f:

@@ -24,7 +24,7 @@ PROMPT_SAMPLE = 256  # train prompts the mean prompt length is measured on.
 
 def model_dir(config, which: str) -> str:
   """The policy's ("policy") or guide's ("guide") checkpoint directory of a run config."""
-  path = config.policy if which == "policy" else config.guide
+  path = config.policy if which == "policy" else config.guide.path
   if path == "builtin":  # the table grids: built-in models in builtin_dir.
     return os.path.join(config.builtin_dir, "policy_init" if which == "policy" else "guide")
   return path
@@ -39,7 +39,7 @@ def hf_config(path: str) -> dict:
 
 def make_task(config, tokenizer):
   from mixpo.data import task_options  # noqa: PLC0415
-  return task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
+  return task_options.make_task(config.task, config.task_kwargs, config.task_knobs,
                                 tokenizer=tokenizer)
 
 
@@ -68,17 +68,17 @@ def step_cost(config) -> mixpo_flops.StepCost:
   entry = algorithms.TABLE.get(config.algo)
   guided = entry is not None and entry.guided
   guide = None
-  if guided and config.guide:
+  if guided and config.guide.path:
     guide_dir = model_dir(config, "guide")
     guide = hf_config(guide_dir) if os.path.exists(os.path.join(guide_dir, "config.json")) else None
   return mixpo_flops.StepCost(
       policy=hf_config(policy_dir),
       prompt_tokens=_prompt_tokens(policy_dir, config.task,
                                    json.dumps(dict(config.task_kwargs), sort_keys=True),
-                                   config.get("task_knobs", "")),
-      guide=guide, guide_online=guided and config.guide_source == "model",
-      guide_scores=guided and config.guide_logp == "model", reference=config.kl_coef > 0,
-      epochs=int(config.epochs), lora_rank=int(config.lora.rank))
+                                   config.task_knobs),
+      guide=guide, guide_online=guided and config.guide.source == "model",
+      guide_scores=guided and config.guide.logp == "model", reference=config.objective.kl_coef > 0,
+      epochs=int(config.step.epochs), lora_rank=int(config.lora.rank))
 
 
 def with_flops(metrics: list[dict], config, sft: bool = False) -> list[dict]:
@@ -91,12 +91,12 @@ def with_flops(metrics: list[dict], config, sft: bool = False) -> list[dict]:
     if step > 0 and sft:
       tokens = r.get("policy_tokens", last_tokens)
       total["flops_sft"] += mixpo_flops.sft_step_flops(
-          cost.policy, int(config.groups) * int(config.m), cost.prompt_tokens,
+          cost.policy, int(config.rollout.groups) * int(config.rollout.m), cost.prompt_tokens,
           tokens - last_tokens, cost.lora_rank)
       last_tokens = tokens
     elif step > 0 and "step_policy_tokens" in r:
-      for part, value in mixpo_flops.rl_step_flops(r, cost, int(config.groups),
-                                                   int(config.n)).items():
+      for part, value in mixpo_flops.rl_step_flops(r, cost, int(config.rollout.groups),
+                                                   int(config.rollout.n)).items():
         total[part] += value
     out.append({**r, **total, "flops": sum(total.values())})
   return out

@@ -11,7 +11,7 @@ One line per prompt, the mixpo trace format the RL loop reads (mixpo/data/traces
 Responses are the guide's finished samples (EOS within --max_new_tokens); "correct" is the task's
 reward (1 = correct). With --logp (default), each response's tokens are the loop's tokenization
 of its text (EOS appended) and "guide_logp" the guide's natural-log probability of each of them
-at the sampling temperature, so `--config.guide_logp=file` trains without re-scoring the guide;
+at the sampling temperature, so `--config.guide.logp=file` trains without re-scoring the guide;
 "tokenizer" fingerprints the tokenizer they hold for. `mixpo.guide_source.TraceSource` reads the
 file back as a train stream plus each prompt's OFF rows.
 """
@@ -38,7 +38,8 @@ _N_PER_PROMPT = flags.DEFINE_integer("n_per_prompt", 1, "Guide samples per promp
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Response token budget.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per generate call.")
-_LOGP = flags.DEFINE_bool("logp", True, "Store per-token guide log-probs (for guide_logp='file').")
+_LOGP = flags.DEFINE_bool("logp", True,
+                          "Store per-token guide log-probs (for --config.guide.logp=file).")
 
 
 def load_examples(tokenizer):

@@ -44,19 +44,19 @@ def real_variants(base) -> list[tuple[str, str, dict]]:
   out = []
   for algo in algorithms.grids()["main"]:
     guided = algorithms.get(algo).guided
-    out.append((algo, algo, {"shaping_grad": g.shaping_grad} if guided else {}))
+    out.append((algo, algo, {"objective.shaping_grad": g.shaping_grad} if guided else {}))
   paper = grid.luffy_paper_overrides()
-  out.append(("luffy_paper", paper["algo"], {**paper, "shaping_grad": g.shaping_grad,
-                                             "traces.only_correct": True}))
-  out.append((grid.SFT, grid.SFT, {grid.RUNNER: grid.SFT, "traces.only_correct": True}))
+  out.append(("luffy_paper", paper["algo"], {**paper, "objective.shaping_grad": g.shaping_grad,
+                                             "guide.traces.only_correct": True}))
+  out.append((grid.SFT, grid.SFT, {grid.RUNNER: grid.SFT, "guide.traces.only_correct": True}))
   out.append((f"sft_{g.sft_rl_algo}", g.sft_rl_algo, {grid.RUNNER: grid.SFT_RL,
-                                                      "traces.only_correct": True}))
+                                                      "guide.traces.only_correct": True}))
   if g.sft_mix_algo:
     if g.sft_mix_algo not in algorithms.names():
       raise ValueError(f"config.compare.sft_mix_algo={g.sft_mix_algo!r} is not an entry of "
                        f"mixpo/algorithms.py's table ({algorithms.names()}); set it to the "
                        "single-stage SFT + RL entry, or '' to leave the variant out.")
-    out.append(("sft_mix", g.sft_mix_algo, {"shaping_grad": g.shaping_grad}))
+    out.append(("sft_mix", g.sft_mix_algo, {"objective.shaping_grad": g.shaping_grad}))
   return out
 
 
@@ -79,7 +79,7 @@ def stage_configs(base, cell, workroot: str, budget: int):
   sft.export_hf = True
   rl = grid.reasoning_config(base, cell, workroot, rl_tokens)
   rl.policy = os.path.join(grid.cell_dir(workroot, cell), SFT_STAGE, "export")
-  rl.traces_path = ""  # DAPO reads no traces: only the SFT stage did.
+  rl.guide.traces_path = ""  # DAPO reads no traces: only the SFT stage did.
   return sft, rl
 
 
@@ -161,7 +161,7 @@ def prepare_real(cells, base, workroot: str) -> dict:
   cmd = guide_sft_command(base, paths["policy"], paths["guide"])
   weights = convert_gguf.sha256(os.path.join(paths["policy"], "model.safetensors"))
   spent["guide"] = _build(cmd, paths["guide"], {"command": cmd[3:], "base": weights})
-  if any(dict(c.overrides).get("guide_source") == "traces"
+  if any(dict(c.overrides).get("guide.source") == "traces"
          or c.runner in (grid.SFT, grid.SFT_RL) for c in cells):
     spent["traces"] = grid._ensure_traces(base, paths)
   return spent

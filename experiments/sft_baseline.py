@@ -2,7 +2,7 @@
 
 A cell of the reasoning grids (experiments/grid.py) whose algorithm is "sft": the starting policy
 is fine-tuned by supervised steps (token-mean NLL of response + EOS, `train.make_sft_step`) on the
-responses of config.traces_path, `groups × m` responses a step, drawn without replacement in a
+responses of config.guide.traces_path, `groups × m` responses a step, drawn without replacement in a
 seeded order (a new permutation each pass over the file). No policy sample is generated, so its
 budget counts the tokens it trains on: `policy_tokens` = trained response tokens (EOS included),
 the same count an RL cell spends on generated tokens; they are guide tokens as well
@@ -31,20 +31,21 @@ def run(config, workdir: str) -> dict:
   from mixpo.data.traces import read_trace_prompts  # noqa: PLC0415
   from mixpo.rewards import RewardRunner  # noqa: PLC0415
 
-  if not config.traces_path or not os.path.exists(config.traces_path):
-    raise ValueError(f"sft baseline: config.traces_path={config.traces_path!r} is not a file; "
-                     "the reasoning grids write it (experiments/grid.py, prepare_reasoning).")
+  if not config.guide.traces_path or not os.path.exists(config.guide.traces_path):
+    raise ValueError(f"sft baseline: config.guide.traces_path={config.guide.traces_path!r} is "
+                     "not a file; the reasoning grids write it (experiments/grid.py, "
+                     "prepare_reasoning).")
   os.makedirs(workdir, exist_ok=True)
   tokenizer = models.load_tokenizer(config.policy)
   from mixpo.loop import model_options  # noqa: PLC0415
   model = models.from_pretrained(config.policy, **model_options(config))  # remat as RL cells do.
-  prompts, _ = read_trace_prompts(config.traces_path, tokenizer=tokenizer)
+  prompts, _ = read_trace_prompts(config.guide.traces_path, tokenizer=tokenizer)
   pairs = [(p.prompt, p.answer, r.text) for p in prompts for r in p.responses
-           if r.correct or not config.traces.only_correct]
+           if r.correct or not config.guide.traces.only_correct]
   if not pairs:
-    raise ValueError(f"sft baseline: {config.traces_path} has no usable response "
-                     f"(traces.only_correct={config.traces.only_correct}).")
-  rows_per_step = int(config.groups) * int(config.m)
+    raise ValueError(f"sft baseline: {config.guide.traces_path} has no usable response "
+                     f"(traces.only_correct={config.guide.traces.only_correct}).")
+  rows_per_step = int(config.rollout.groups) * int(config.rollout.m)
   rng = np.random.default_rng(config.seed)
   order: list[int] = []
 
@@ -56,25 +57,23 @@ def run(config, workdir: str) -> dict:
             for i in take]
 
   policy = train.Policy(model)
-  optimizer = train.make_optimizer(train.OptimConfig(
-      learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-      weight_decay=config.weight_decay, grad_clip=config.grad_clip))
+  optimizer = train.make_optimizer(train.OptimConfig(**config.optim))
   state = train.init_state(policy, optimizer, config.seed)
   step_fn = train.make_sft_step(policy, optimizer)
   # The policy's tokenizer renders a chat model's prompts (word problems, file datasets).
-  task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
+  task = task_options.make_task(config.task, config.task_kwargs, config.task_knobs,
                                 tokenizer=tokenizer)
   eval_examples = task.eval_examples(config.eval_size)
-  budget = int(config.get("max_policy_tokens", 0) or 0)
+  budget = int(config.max_policy_tokens)
   tokens, summary = 0, {"start_step": 0, "preempted": False, "guide_source": "traces",
                         "guide_logp": "none", "sft_rows": len(pairs)}
   t_start = time.time()
-  with RewardRunner([(task.reward_fn, 1.0)], timeout_s=config.reward_timeout_s) as runner, \
+  with RewardRunner([(task.reward_fn, 1.0)], timeout_s=config.reward.timeout_s) as runner, \
       mlog.MetricLogger(workdir, resume_step=-1, tensorboard=False) as logger:
 
     def evaluate(params):
       out = rl.evaluate(policy.merge(params), tokenizer, eval_examples, runner,
-                        config.max_new_tokens, batch_size=config.eval_batch_size)
+                        config.rollout.max_new_tokens, batch_size=config.eval_batch_size)
       return out["accuracy"]
 
     summary["initial_eval_accuracy"] = evaluate(state.params)
@@ -82,7 +81,7 @@ def run(config, workdir: str) -> dict:
                      "guide_tokens": 0})
     step = 0
     for step in range(1, config.num_steps + 1):
-      batch = builtin.sft_batch(tokenizer, next_batch(), config.max_new_tokens)
+      batch = builtin.sft_batch(tokenizer, next_batch(), config.rollout.max_new_tokens)
       state, metrics = step_fn(state, batch)
       tokens += int(np.asarray(batch.loss_mask_BxT).sum())
       row = {"train/loss": float(metrics["loss"]), "policy_tokens": tokens,
@@ -93,7 +92,7 @@ def run(config, workdir: str) -> dict:
       logger.write(step, row)
       if last:
         break
-  if config.get("export_hf"):  # the SFT stage of an SFT → RL cell: its RL stage starts here.
+  if config.export_hf:  # the SFT stage of an SFT → RL cell: its RL stage starts here.
     models.save_pretrained(policy.merge(state.params), os.path.join(workdir, "export"))
     tokenizer.save_pretrained(os.path.join(workdir, "export"))
   rows = [r for r in mlog.read_metrics(workdir) if "eval/accuracy" in r]

@@ -6,12 +6,28 @@ static B: groups are handled with a [B, B] same-group matrix, never a Python loo
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax.numpy as jnp
 
+from mixpo.fields import FieldError
 from mixpo.objectives import OFF, ON, ZERO
 
 SCHEMES = ("paper", "dapo")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+  """config.advantage: the ON / ZERO / OFF partition scheme (`partition`) and whether every pool
+  is divided by its std (`group_advantages`)."""
+
+  scheme: str
+  std_normalize: bool
+
+  def __post_init__(self):
+    if self.scheme not in SCHEMES:
+      raise FieldError("advantage.scheme", self.scheme, f"expected one of {SCHEMES}.")
 
 
 def group_advantages(rewards, group_ids, pool_mask, eps=1e-6, std_normalize=True):

@@ -10,7 +10,7 @@ An algorithm is what the rest of the code would otherwise infer from its name:
   terms       its objective J, as `objectives.Term`s over the ON / ZERO / OFF sets (LUFFY's joint
               token mean is two terms sharing the normaliser ON ∪ OFF);
   symmetric_clip  clip range [1 − eps_low, 1 + eps_low] (GRPO's; the others use clip-higher);
-  loss_agg    its own aggregation, used when config.loss_agg = "default";
+  loss_agg    its own aggregation, used when config.objective.loss_agg = "default";
   grid_scheme the partition scheme it always runs under in the comparison grids (the baselines use
               the one their papers' losses use), None = the config's;
   grids       the comparison grids (experiments/grid.py) that hold it.
@@ -39,9 +39,9 @@ near-impossible, teach little. One function, its registry entry, a table row, a 
              Term(sets=(OFF,), weight="sft", form="sft-phi", name="j_sft"))))
 
 Put the form in mixpo/objectives.py's `FORMS` and the entry in `TABLE` below to make them
-permanent (then `--algo=chord_phi` exists; μ is --config.sft_coef), and add the entry's branch to
-tests/objectives_test.py's numpy reference (`ref_objective`; a test fails until it exists).
-tests/algorithms_test.py also runs a registered entry end to end at smoke size.
+permanent (then `--algo=chord_phi` exists; μ is --config.objective.sft_coef), and add the entry's
+branch to tests/objectives_test.py's numpy reference (`ref_objective`; a test fails until it
+exists). tests/algorithms_test.py also runs a registered entry end to end at smoke size.
 """
 
 from __future__ import annotations
@@ -83,16 +83,19 @@ class Algorithm:
       raise ValueError(f"Algorithm {self.name}: grid_scheme={self.grid_scheme!r}.")
 
   def objective_config(self, loss_agg: str = "default", ratio_level: str = "token",
-                       cispo: bool = False, **fields) -> ObjectiveConfig:
-    """This algorithm's ObjectiveConfig: its terms, its clip symmetry, `loss_agg` ("default" =
-    the entry's own), the ON / ZERO form the config flags `ratio_level` ("token" / "sequence") and
-    `cispo` name (`objectives.ratio_form`; a `ratio_form` field overrides them), and any other
-    ObjectiveConfig `fields` (eps_low, gamma, switches...)."""
-    fields.setdefault("ratio_form", ratio_form(ratio_level, cispo))
+                       cispo: bool = False,
+                       dual_clip: float | None = ObjectiveConfig.__dataclass_fields__["dual_clip"]
+                       .default, **fields) -> ObjectiveConfig:
+    """This algorithm's ObjectiveConfig from the fields of `config.objective` (rl.resolve passes
+    the group as it is): its terms, its clip symmetry, `loss_agg` ("default" = the entry's own),
+    the ON / ZERO form that `ratio_level` ("token" / "sequence") and `cispo` name
+    (`objectives.ratio_form`; a `ratio_form` field overrides them), `dual_clip` (0 or None: off)
+    and any other ObjectiveConfig `fields` (eps_low, gamma, switches...)."""
+    fields.setdefault("ratio_form", ratio_form(ratio_level, bool(cispo)))
     if self.symmetric_clip:
       fields["eps_high"] = fields.get("eps_low", ObjectiveConfig.__dataclass_fields__["eps_low"]
                                       .default)
-    return ObjectiveConfig(terms=self.terms,
+    return ObjectiveConfig(terms=self.terms, dual_clip=dual_clip or None,
                            loss_agg=self.loss_agg if loss_agg == "default" else loss_agg, **fields)
 
 

@@ -34,7 +34,7 @@ class Batch:
   ref_logp_BxT: jax.Array | None = None
   # float32 truncated importance weights min(π_old/π_rollout, C) of the sampler / trainer
   # mismatch (`rl.correct_rollout`), 1 on rows the policy's engine did not sample; they multiply
-  # the per-token objectives. None: no correction (config.rollout_is="none").
+  # the per-token objectives. None: no correction (config.rollout.importance="none").
   is_weight_BxT: jax.Array | None = None
 
   @property

@@ -13,8 +13,11 @@
 - `--help` prints the binary's docstring, its flags (the task flags included) and, for a binary
   with a config, every `--config.<field>` with its value and comment; `--helpfull` adds absl's
   and jax's flags. Both exit 0.
-`check_config(config)` (train.py, before `loop.run`) checks enum values, ranges, paths that must
-exist (policy, guide, dataset files), task options and reward specs, naming `--config.<field>`.
+`check_config(config)` (train.py, before `loop.run`) builds the config's groups into their
+dataclasses (`rl.validate`; each checks its own fields and names them, mixpo/fields.py), then
+checks what no dataclass holds: paths that must exist (policy, guide, dataset files), task
+options, reward specs and the run's top-level fields, naming `--config.<field>`. An old flat
+field (`RENAMED`) is refused with its new name, as a flag and in a config file.
 """
 
 from __future__ import annotations
@@ -34,6 +37,58 @@ _OWN_CODE = (os.path.join(_REPO, "mixpo") + os.sep, os.path.join(_REPO, "experim
 
 class UserError(Exception):
   """A mistake in the command line; the message names the flag and says what fixes it."""
+
+
+# Fields of the old flat config → their place in the groups of experiments/configs/default.py.
+# Both a `--config.<old>` flag and a config file that still sets `<old>` are refused with the new
+# name (one spelling of every field in configs, fingerprints and grids).
+RENAMED = {
+    **{f: f"advantage.{f}" for f in ("scheme", "std_normalize")},
+    **{f: f"objective.{f}" for f in (
+        "eps_low", "eps_high", "gamma", "on_weight", "sft_coef", "dual_clip", "max_log_ratio",
+        "shaping_grad", "zero_ratio", "loss_agg", "ratio_level", "seq_eps_low", "seq_eps_high",
+        "cispo", "cispo_eps_low", "cispo_eps_high", "kl_coef", "kl_estimator", "entropy_coef",
+        "entropy_agg")},
+    **{f: f"rollout.{f}" for f in (
+        "groups", "n", "m", "zero_groups", "dynamic_sampling", "max_num_gen_batches",
+        "max_new_tokens", "temperature", "top_p", "top_k", "overlong_shaping", "overlong_cache",
+        "mask_truncated")},
+    "rollout_slots": "rollout.slots", "rollout_engine": "rollout.engine",
+    "rollout_dtype": "rollout.dtype", "rollout_is": "rollout.importance",
+    "rollout_is_cap": "rollout.importance_cap",
+    **{f: f"optim.{f}" for f in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip")},
+    **{f: f"step.{f}" for f in ("epochs", "num_minibatches", "num_micro_batches")},
+    "guide": "guide.path", "guide_source": "guide.source", "guide_logp": "guide.logp",
+    "traces_path": "guide.traces_path", "traces": "guide.traces",
+    "rewards": "reward.functions", "reward_weights": "reward.weights",
+    **{f"reward_{f}": f"reward.{f}" for f in (
+        "timeout_s", "batch_timeout_s", "on_error", "failure_warn_ratio")},
+}
+
+
+def renamed(field: str, config) -> str | None:
+  """The new dotted name of `field` when it is an old flat one (or inside one: traces.format →
+  guide.traces.format), else None. `guide` is a group now: only a value set on it is old."""
+  if field in RENAMED:
+    return RENAMED[field]
+  head, _, rest = field.partition(".")
+  if rest and head in RENAMED and head not in config:
+    return f"{RENAMED[head]}.{rest}"
+  return None
+
+
+def check_renamed(config, source: str) -> None:
+  """UserError for a top-level key of `config` (from `source`: a config file, or the config a
+  library run was handed) that is an old flat field: `guide` holding a value instead of its
+  group, or any other old name."""
+  for key, value in config.items():
+    if key in RENAMED and not (key == "guide" and hasattr(value, "items")):
+      raise UserError(_renamed_in_file(source, key))
+
+
+def _renamed_in_file(source: str, key: str) -> str:
+  return (f"{source} sets config.{key}, which was renamed: set config.{RENAMED[key]} instead "
+          "(README \"Config groups\").")
 
 
 # ----------------------------------------------------------------------------- config names
@@ -76,9 +131,15 @@ def load_config_file(value: str):
     raise UserError(f"--config={value}: {path} defines no get_config(); a config file returns "
                     "its ml_collections.ConfigDict from get_config().")
   try:
-    return module.get_config(arg) if arg else module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
   except (ValueError, TypeError) as e:  # a config argument it refuses (e.g. compare.py:<mode>).
+    # ml_collections refuses a value over a group (`c.guide = "dir"`) before check_renamed can.
+    old = re.search(r"override field '(\w+)'", str(e))
+    if old and old.group(1) in RENAMED:
+      raise UserError(_renamed_in_file(f"--config={value}: {path}", old.group(1))) from None
     raise UserError(f"--config={value}: {e}") from None
+  check_renamed(config, f"--config={value}: {path}")
+  return config
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -156,6 +217,9 @@ def check_overrides(argv: list[str], config, name: str = "config") -> None:
   keys = flat_keys(config)
   for field, value in _override_args(argv, name):
     flag = f"--{name}.{field}"
+    new = renamed(field, config)
+    if new is not None:
+      raise UserError(f"{flag} was renamed: use --{name}.{new}")
     node, parts = config, field.split(".")
     for depth, part in enumerate(parts):
       if not (hasattr(node, "items") and part in node):
@@ -176,8 +240,7 @@ def check_overrides(argv: list[str], config, name: str = "config") -> None:
 
 
 def flagify(message: str, prefix: str = "--config.") -> str:
-  """A library message's `config.x` / `ObjectiveConfig.x` names → the flag `--config.x`."""
-  message = re.sub(r"\bObjectiveConfig\.", prefix, message)
+  """A library message's `config.x` names → the flag `--config.x`."""
   return re.sub(r"(?<![\w.\-/])config\.(?!json\b)(?=\w)", prefix, message)
 
 
@@ -236,44 +299,44 @@ def check_task(task: str, options, knobs: str, flag: Callable[[str], str],
 
 
 def check_config(config) -> None:
-  """Every check that needs no model: UserError naming `--config.<field>` and the fix."""
-  from mixpo import advantages, algorithms, guide_source, objectives, rl
+  """Every check that needs no model: UserError naming `--config.<field>` and the fix. The groups'
+  fields are checked by the dataclasses `rl.validate` builds (FieldError names the field)."""
+  from mixpo import algorithms, rl
   from mixpo.rewards import custom, runner
   _enum("--config.algo", config.algo, algorithms.names())
-  _enum("--config.scheme", config.scheme, advantages.SCHEMES)
-  _enum("--config.guide_logp", config.guide_logp, guide_source.GUIDE_LOGP)
-  _enum("--config.shaping_grad", config.shaping_grad, objectives.SHAPING_GRADS)
-  _enum("--config.zero_ratio", config.zero_ratio, objectives.ZERO_RATIOS)
-  _enum("--config.reward_on_error", config.reward_on_error, runner.ON_ERROR)
+  _enum("--config.reward.on_error", config.reward.on_error, runner.ON_ERROR)
   for field in ("dtype", "param_dtype"):
     _enum(f"--config.model.{field}", config.model[field], ("float32", "bfloat16", "float16"))
   try:
     rl.validate(config)
   except ValueError as e:
-    raise UserError(flagify(str(e))) from None
+    raise UserError(field_error_message(e)) from None
   for field, positive in (("num_steps", 1), ("eval_every", 1), ("checkpoint_every", 1),
-                          ("keep_checkpoints", 1), ("max_new_tokens", 1), ("eval_size", 1),
-                          ("eval_batch_size", 1), ("num_minibatches", 1),
-                          ("num_micro_batches", 1), ("epochs", 1)):
+                          ("keep_checkpoints", 1), ("eval_size", 1), ("eval_batch_size", 1)):
     if config[field] < positive:
       raise UserError(f"--config.{field}={config[field]}: must be >= {positive}.")
-  if not config.reward_timeout_s > 0:
-    raise UserError(f"--config.reward_timeout_s={config.reward_timeout_s}: must be > 0 seconds.")
-  mesh = tuple(config.get("mesh_shape", (-1, 1, 1)))
-  if len(mesh) != 3 or not all(isinstance(d, int) and (d >= 1 or d == -1) for d in mesh):
-    raise UserError(f"--config.mesh_shape={mesh}: expected 3 integers (data, fsdp, tensor), each "
-                    ">= 1 or -1 for the remaining devices, e.g. --config.mesh_shape='(-1,1,1)'.")
+  if not config.reward.timeout_s > 0:
+    raise UserError(f"--config.reward.timeout_s={config.reward.timeout_s}: must be > 0 seconds.")
   if config.policy != "builtin":
     _checkpoint_dir("--config.policy", config.policy)
-  if config.guide not in ("builtin", "") and algorithms.get(config.algo).guided:
-    _checkpoint_dir("--config.guide", config.guide)
-  check_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
+  if config.guide.path not in ("builtin", "") and algorithms.get(config.algo).guided:
+    _checkpoint_dir("--config.guide.path", config.guide.path)
+  check_task(config.task, config.task_kwargs, config.task_knobs,
              lambda o: "--config." + (o if o in ("task", "task_knobs") else f"task_kwargs.{o}"))
   try:
-    custom.reward_fns(config.get("rewards", ""), config.get("reward_weights", ""), _no_reward)
+    custom.reward_fns(config.reward.functions, config.reward.weights, _no_reward)
   except custom.RewardSpecError as e:
-    field = "reward_weights" if "weight" in str(e) else "rewards"
-    raise UserError(f"--config.{field}: {e}.") from None
+    field = "weights" if "weight" in str(e) else "functions"
+    raise UserError(f"--config.reward.{field}: {e}.") from None
+
+
+def field_error_message(e: ValueError) -> str:
+  """A config check's message naming the flag: a FieldError's field as `--config.<field>=value`,
+  any other's `config.<x>` mentions as flags."""
+  from mixpo.fields import FieldError
+  if isinstance(e, FieldError):
+    return f"--config.{e.field}={e.value}: {flagify(e.reason)}"
+  return flagify(str(e))
 
 
 def _no_reward(prompts, completions, **columns):  # stands for the task's verifier in checks.
@@ -361,7 +424,7 @@ def config_help(config, path: str) -> str:
     node = config
     for part in key.split("."):
       node = node[part]
-    if hasattr(node, "items") and hasattr(node, "to_dict") and key != "traces.fields":
+    if hasattr(node, "items") and hasattr(node, "to_dict") and key != "guide.traces.fields":
       continue  # a group: its fields follow
     value = node.to_dict() if hasattr(node, "to_dict") else node
     lines.append(f"  --config.{key}=" + (f"'{value}'" if isinstance(value, str) else f"{value}"))
@@ -423,6 +486,9 @@ def user_error_message(exc: BaseException) -> str | None:
     return flagify(str(exc))
   if isinstance(exc, UserError):
     return str(exc)
+  from mixpo.fields import FieldError
+  if isinstance(exc, FieldError):  # a group's dataclass refused a value after check_config
+    return field_error_message(exc)
   preflight = sys.modules.get("mixpo.preflight")  # loaded whenever it raised
   if preflight is not None and isinstance(exc, preflight.SetupError):
     return flagify(str(exc))

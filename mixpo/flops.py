@@ -98,9 +98,9 @@ class StepCost:
 
   policy / guide: config.json dicts of the policy and the guide (None when unguided);
   prompt_tokens: mean prompt length in tokens (chat template included);
-  guide_online: OFF rows sampled from the guide every step (config.guide_source == "model");
-  guide_scores: πϕ of every row by a guide forward (config.guide_logp == "model");
-  reference: a frozen π_ref scores every row (config.kl_coef > 0).
+  guide_online: OFF rows sampled from the guide every step (config.guide.source == "model");
+  guide_scores: πϕ of every row by a guide forward (config.guide.logp == "model");
+  reference: a frozen π_ref scores every row (config.objective.kl_coef > 0).
   """
 
   policy: dict

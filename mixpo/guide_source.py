@@ -1,6 +1,6 @@
 """Guide rows from a trace file: the offline guide (LUFFY's setting) next to the online one.
 
-With `guide_source = "traces"` the trace file is the training dataset: a step draws its prompts
+With `guide.source = "traces"` the trace file is the training dataset: a step draws its prompts
 from it (`TraceSource.examples`, the same interface as a task's train stream, so the position in
 the file is one resumable integer and every process draws the same rows), and each drawn
 prompt's OFF rows are its stored guide responses (`TraceSource.guide_rows`), not samples of a
@@ -33,6 +33,7 @@ import numpy as np
 from mixpo.data.readers import DataError
 from mixpo.data.tasks import Example, check_split, derive_seed
 from mixpo.data.traces import TracePrompt, read_trace_prompts, tokenizer_fingerprint
+from mixpo.fields import FieldError
 
 GUIDE_LOGP = ("file", "model", "one")
 OVERLONG = ("drop", "truncate")
@@ -53,14 +54,16 @@ class TraceOptions:
   skip_bad_rows: bool = False  # count and skip bad rows instead of raising DataError.
 
   def validate(self) -> None:
+    """FieldError naming the experiment config's field (`guide.*`) of a bad option."""
     if not self.path:
-      raise ValueError("traces_path is empty: point it at a trace file (.jsonl / .parquet) "
-                       "written by experiments/make_traces.py or in the verl / openr1 format")
+      raise FieldError("guide.traces_path", self.path, "empty with guide.source='traces': point "
+                       "it at a trace file (.jsonl / .parquet) written by "
+                       "experiments/make_traces.py or in the verl / openr1 format.")
     if self.guide_logp not in GUIDE_LOGP:
-      raise ValueError(f"guide_logp={self.guide_logp!r} with traces: use 'file' (stored "
-                       "log-probs), 'model' (score with the guide checkpoint) or 'one' (πϕ ≡ 1)")
+      raise FieldError("guide.logp", self.guide_logp, "with traces: use 'file' (stored "
+                       "log-probs), 'model' (score with the guide checkpoint) or 'one' (πϕ ≡ 1).")
     if self.overlong not in OVERLONG:
-      raise ValueError(f"trace overlong={self.overlong!r}: use 'drop' or 'truncate'")
+      raise FieldError("guide.traces.overlong", self.overlong, "use 'drop' or 'truncate'.")
 
 
 @dataclasses.dataclass
@@ -192,19 +195,19 @@ class TraceSource:
   def _stored_logp(self, r, j, ids, fingerprint, temperature) -> np.ndarray:
     where = f"{r.source}: response {j}"
     if r.logp is None:
-      raise DataError(f"{where} has no stored log-probs, but guide_logp='file' reads them; write "
-                      "them with experiments/make_traces.py, or use guide_logp='model' / 'one'",
+      raise DataError(f"{where} has no stored log-probs, but guide.logp='file' reads them; write "
+                      "them with experiments/make_traces.py, or use guide.logp='model' / 'one'",
                       "missing_logp")
     if r.tokenizer != fingerprint:
       # Not a bad row but a wrong file: never skipped.
       raise ValueError(
           f"{where}: its log-probs were made with tokenizer {r.tokenizer!r}, the policy's is "
           f"{fingerprint!r}; per-token log-probs only hold for the tokenizer that made them. "
-          "Remake the traces with the policy's tokenizer, or use guide_logp='model' / 'one'")
+          "Remake the traces with the policy's tokenizer, or use guide.logp='model' / 'one'")
     if r.logp_temperature is not None and not _same_temperature(r.logp_temperature, temperature):
       raise ValueError(f"{where}: log-probs scored at temperature {r.logp_temperature}, the run "
                        f"samples and scores at {temperature}; πθ/πϕ needs both at one "
-                       "temperature: set config.temperature or remake the traces")
+                       "temperature: set config.rollout.temperature or remake the traces")
     if r.tokens != ids:
       if len(r.tokens) != len(ids):
         detail = (f"stores {len(r.tokens)} tokens, the policy tokenizer gives {len(ids)} "
@@ -213,7 +216,7 @@ class TraceSource:
         t = next(i for i, (a, b) in enumerate(zip(r.tokens, ids)) if a != b)
         detail = f"stored token {t} is {r.tokens[t]}, the policy tokenizer gives {ids[t]}"
       raise DataError(f"{where}: {detail}; stored log-probs only hold for the stored tokens. "
-                      "Remake the traces with the policy's tokenizer or use guide_logp='model'",
+                      "Remake the traces with the policy's tokenizer or use guide.logp='model'",
                       "bad_logp")
     return np.asarray(r.logp, np.float32)
 

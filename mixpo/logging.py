@@ -30,6 +30,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from mixpo.fields import FieldError
+
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -292,13 +294,13 @@ class _AboveBar:
 class Progress:
   """tqdm bar over steps: the step's sample reward, the last eval accuracy, seconds per step, ETA.
 
-  "reward" is `reward/mean`: the mean (weighted sum of config.rewards) reward the policy's fresh
-  samples got, over the step's last generation batch (every sample of `groups` prompts, before
+  "reward" is `reward/mean`: the mean (weighted sum of config.reward.functions) reward the policy's
+  fresh samples got, over the step's last generation batch (every sample of `groups` prompts, before
   DAPO's dynamic sampling keeps the groups with reward variance) — the reward users mean;
-  `train/reward` in metrics.jsonl is over the rows trained on, which dynamic sampling biases
-  towards groups of mixed rewards. The ETA counts the steps after the first of this invocation
-  (the first also compiles). While the bar is shown, absl's log lines (INFO, WARNING) are written
-  above it, not through it.
+  `train/reward` in metrics.jsonl is over the rows trained on, which dynamic sampling biases towards
+  groups of mixed rewards. The ETA counts the steps after the first of this invocation (the first
+  also compiles). While the bar is shown, absl's log lines (INFO, WARNING) are written above it, not
+  through it.
   """
 
   KEYS = (("reward/mean", "reward"), ("eval/accuracy", "acc"), ("time/step", "s/step"))
@@ -659,7 +661,7 @@ class RunHealth:
         float(max_skip_ratio), int(no_signal_steps), int(min_steps))
     self.reward_failure_ratio = float(reward_failure_ratio)
     if not 0 <= self.reward_failure_ratio <= 1:
-      raise ValueError(f"config.reward_failure_warn_ratio={reward_failure_ratio}: a share of the "
+      raise FieldError("reward.failure_warn_ratio", reward_failure_ratio, "a share of the "
                        "reward items, in [0, 1]")
     self.steps = self.skipped_steps = self.no_signal_total = self.timeouts = self.errors = 0
     self.reward_failure_steps = self.reward_items = 0
@@ -688,7 +690,7 @@ class RunHealth:
     self.timeouts, self.errors = self.timeouts + timeouts, self.errors + errors
     if timeouts or errors:
       self.warn(f"step {step}: {timeouts} reward timeouts and {errors} reward errors scored 0 "
-                "(config.reward_timeout_s / reward_on_error)")
+                "(config.reward.timeout_s / reward_on_error)")
     self._observe_reward_failures(step, metrics)
     if metrics.get("loss/skipped_updates", 0) > 0:
       self.skipped_steps += 1
@@ -724,7 +726,7 @@ class RunHealth:
     if self.reward_failure_steps == 1:
       parts = ", ".join(f"{v} {k.split('/')[1]}" for k, v in counts.items() if v)
       self.warn(f"step {step}: {failed} of {items} reward items scored 0 without a verdict on the "
-                f"answer ({parts}), more than config.reward_failure_warn_ratio="
+                f"answer ({parts}), more than config.reward.failure_warn_ratio="
                 f"{self.reward_failure_ratio:g}: the rewards are mostly the reward code's or the "
                 "sandbox's failures; see the reward workers' log lines and docs/rewards.md "
                 "(later such steps are counted in summary.json, not logged)")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from mixpo import builtin, checkpoint, models, rl, sharding, train
+from mixpo import builtin, checkpoint, cli, models, rl, sharding, train
 from mixpo import logging as mlog
 from mixpo import preflight
 from mixpo.data import task_options
@@ -65,7 +65,7 @@ def resolve_models(config, workdir: str, spec: rl.RunSpec | None = None) -> tupl
   workdir/models."""
   spec = spec or rl.resolve(config)
   used = preflight.builtin_models_used(config, spec)
-  policy, guide = config.policy, (config.guide or None) if spec.guide.needs_model else None
+  policy, guide = config.policy, (config.guide.path or None) if spec.guide.needs_model else None
   if used:
     directory = config.builtin_dir or os.path.join(workdir, "models")
     if jax.process_count() > 1:  # process 0 builds them (shared filesystem), the others wait.
@@ -88,8 +88,8 @@ def model_options(config, guide: bool = False) -> dict:
 
 def lora_config(config) -> lora.LoraConfig | None:
   """`config.lora` as a LoraConfig (checked before any compute), None when rank is 0."""
-  c = config.get("lora")
-  if c is None or not c.rank:
+  c = config.lora
+  if not c.rank:
     return None
   return lora.LoraConfig(rank=int(c.rank), alpha=float(c.alpha), targets=c.targets,
                          dropout=float(c.dropout))
@@ -118,6 +118,8 @@ def setup(config, workdir: str):
   step is jitted with explicit shardings; `run` enters it with `jax.set_mesh` for the run's
   duration (nothing here sets it process-wide).
   """
+  # A notebook's `config.eps_low = ...` would add a field nothing reads: refused by its new name.
+  cli.check_renamed(config, "the config")
   checkpoint.check_directory(workdir)  # creates it; a clear error if unwritable or full.
   spec = rl.resolve(config)
   preflight.warn_unused(config, spec)
@@ -178,12 +180,12 @@ def build_models(config, spec: rl.RunSpec, mesh, policy_path: str, guide_path: s
 
 
 def build_reward_runner(config, task) -> RewardRunner:
-  """The task's reward, or config.rewards' functions, in the sandboxed runner. Every process holds
+  """The task's reward, or config.reward.functions, in the sandboxed runner. Every process holds
   the same rollouts (see rl.py); each scores 1/P of them."""
-  runner = RewardRunner(custom.reward_fns(config.rewards, config.reward_weights, task.reward_fn),
-                        timeout_s=config.reward_timeout_s,
-                        on_error=config.reward_on_error, split_across_processes=True,
-                        batch_timeout_s=config.reward_batch_timeout_s or None)
+  r = config.reward
+  runner = RewardRunner(custom.reward_fns(r.functions, r.weights, task.reward_fn),
+                        timeout_s=r.timeout_s, on_error=r.on_error, split_across_processes=True,
+                        batch_timeout_s=r.batch_timeout_s or None)
   logging.info("reward workers: %s", runner.sandbox)
   return runner
 
@@ -198,9 +200,7 @@ def build_trainer(config, spec: rl.RunSpec, model, mesh, ckpt: checkpoint.Checkp
   if policy.base is not None:  # the checkpoints hold adapters only: tie them to this base.
     ckpt.check_base({"path": os.path.abspath(policy_path), **lora.fingerprint(policy.base)},
                     overwrite=config.overwrite)
-  optimizer = train.make_optimizer(train.OptimConfig(
-      learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-      weight_decay=config.weight_decay, grad_clip=config.grad_clip))
+  optimizer = train.make_optimizer(train.OptimConfig(**config.optim))
   state = train.init_state(policy, optimizer, config.seed)
   state_sh = sharding.train_state_shardings(state, mesh)
   state = jax.device_put(state, state_sh)
@@ -294,7 +294,7 @@ class _Preemption:
 
 def _evaluate(exp, params, examples) -> dict:
   out = rl.evaluate(exp.policy.pair(params), exp.tokenizer, examples, exp.reward_runner,
-                    exp.config.max_new_tokens, batch_size=exp.config.eval_batch_size)
+                    exp.spec.sample.max_new_tokens, batch_size=exp.config.eval_batch_size)
   # The set's size is logged with the accuracy: plots and readers see "of how many problems".
   return {"eval/accuracy": out["accuracy"], "eval/num_examples": out["num_examples"]}
 
@@ -337,7 +337,7 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str, preempt: _Preemp
   config_dict = json.loads(json.dumps(config.to_dict(), default=str))
   logger = mlog.MetricLogger(workdir, is_main=is_main, resume_step=start if restored else -1,
                              loggers=preflight.loggers(config), config=config_dict,
-                             project=config.get("wandb_project", "mixpo"))
+                             project=config.wandb_project)
   if restored:
     logger.event(start, "resumed")
   summary = {"start_step": start, "preempted": False, "guide_source": exp.spec.guide.source,
@@ -345,7 +345,7 @@ def _run(exp, state, ckpt, eval_examples, config, workdir: str, preempt: _Preemp
   if exp.traces is not None:  # what was read and dropped, by reason (also in the log above).
     summary.update(exp.traces.report())
   health = mlog.RunHealth(config.max_skip_ratio, config.no_signal_steps,
-                          reward_failure_ratio=config.reward_failure_warn_ratio)
+                          reward_failure_ratio=config.reward.failure_warn_ratio)
   # Logged at WARNING when the task read its files; listed again where a person looks last.
   health.warnings += task_options.dropped_rows_warnings(exp.task)
   live = _Live(state, extra)
@@ -373,7 +373,7 @@ def _steps(exp, live, ckpt, logger, bar, eval_examples, config, preempt, health,
   timer = mlog.PhaseTimer()
   t_start = time.time()
   # Equal-budget comparisons stop on generated policy tokens (0 = off); guide tokens not counted.
-  budget = int(config.get("max_policy_tokens", 0) or 0)
+  budget = int(config.max_policy_tokens)
   for step in range(start + 1, config.num_steps + 1):
     if budget and extra["policy_tokens"] >= budget:  # resumed after the final step.
       break
@@ -391,7 +391,7 @@ def _steps(exp, live, ckpt, logger, bar, eval_examples, config, preempt, health,
           f"step {step}: {extra['consecutive_skips']} consecutive steps had non-finite loss or "
           "gradients (updates skipped, parameters unchanged). Likely causes: a learning rate "
           "too high, -inf log-probs from θ_old or the guide (tokens outside the model's "
-          "support), or config.max_log_ratio too large. Last loss: "
+          "support), or config.objective.max_log_ratio too large. Last loss: "
           f"{metrics.get('loss/loss')}.")
     metrics.update(policy_tokens=extra["policy_tokens"], guide_tokens=extra["guide_tokens"],
                    data_pos=extra["data_pos"], wall_s=time.time() - t_start)

@@ -67,6 +67,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from mixpo.fields import FieldError
+
 ON, ZERO, OFF = 0, 1, 2
 SET_NAMES = {ON: "on", ZERO: "zero", OFF: "off"}
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -239,8 +241,7 @@ def register_form(name: str, fn: FormFn, replace: bool = False) -> FormFn:
 def ratio_form(ratio_level: str = "token", cispo: bool = False) -> str:
   """The ON / ZERO form the config flags `ratio_level` and `cispo` name."""
   if ratio_level not in RATIO_LEVELS:
-    raise ValueError(f"ObjectiveConfig.ratio_level={ratio_level!r}: 'token' (PPO) or 'sequence' "
-                     "(GSPO).")
+    raise FieldError("objective.ratio_level", ratio_level, "'token' (PPO) or 'sequence' (GSPO).")
   return {("token", False): "clip", ("sequence", False): "sequence-clip",
           ("token", True): "cispo", ("sequence", True): "sequence-cispo"}[ratio_level, bool(cispo)]
 
@@ -277,8 +278,10 @@ class Term:
 class ObjectiveConfig:
   """Static (hashable) configuration of the objective; safe as a `jax.jit` static argument.
 
-  Built from the experiment config by `mixpo.rl.resolve` (terms from the algorithm's table
-  entry); the defaults equal experiments/configs/default.py's, so a config and the library agree.
+  Built from the config group `config.objective` by `Algorithm.objective_config` (terms from the
+  algorithm's table entry) and the one place its fields are checked (FieldError naming
+  `objective.<field>`); the defaults equal experiments/configs/default.py's, so a config and the
+  library agree.
   """
 
   # The algorithm's J (mixpo/algorithms.py); the default is J_on alone (PPO / DAPO's form).
@@ -317,24 +320,25 @@ class ObjectiveConfig:
     if not self.terms:
       raise ValueError("ObjectiveConfig.terms is empty: an objective needs at least one Term.")
     if not 0.0 <= self.eps_low < 1.0:
-      raise ValueError(f"ObjectiveConfig.eps_low={self.eps_low}: must lie in [0, 1).")
+      raise FieldError("objective.eps_low", self.eps_low, "must lie in [0, 1).")
     if self.eps_high < 0.0:
-      raise ValueError(f"ObjectiveConfig.eps_high={self.eps_high}: must be >= 0.")
+      raise FieldError("objective.eps_high", self.eps_high, "must be >= 0.")
     if not self.gamma > 0.0:
-      raise ValueError(f"ObjectiveConfig.gamma={self.gamma}: the shaping f(r)=r/(r+γ) needs γ > 0.")
+      raise FieldError("objective.gamma", self.gamma, "the shaping f(r)=r/(r+γ) needs γ > 0.")
     for name, w in (("on_weight", self.on_weight), ("sft_coef", self.sft_coef)):
       if not 0.0 <= w <= 1.0:
-        raise ValueError(f"ObjectiveConfig.{name}={w}: must lie in [0, 1].")
+        raise FieldError(f"objective.{name}", w, "must lie in [0, 1].")
     if self.dual_clip is not None and not self.dual_clip > 1.0:
-      raise ValueError(f"ObjectiveConfig.dual_clip={self.dual_clip}: must be > 1 or None.")
+      raise FieldError("objective.dual_clip", self.dual_clip, "must be > 1, or 0 (off).")
     if self.shaping_grad not in SHAPING_GRADS:
-      raise ValueError(f"ObjectiveConfig.shaping_grad={self.shaping_grad!r}: 'exact' or 'paper_step'.")
+      raise FieldError("objective.shaping_grad", self.shaping_grad, f"one of {SHAPING_GRADS}.")
     if self.zero_ratio not in ZERO_RATIOS:
-      raise ValueError(f"ObjectiveConfig.zero_ratio={self.zero_ratio!r}: 'guide' (paper) or 'old'.")
+      raise FieldError("objective.zero_ratio", self.zero_ratio, "'guide' (paper) or 'old'.")
     if not self.max_log_ratio > 0.0:
-      raise ValueError(f"ObjectiveConfig.max_log_ratio={self.max_log_ratio}: must be > 0.")
+      raise FieldError("objective.max_log_ratio", self.max_log_ratio, "must be > 0.")
     if self.loss_agg not in LOSS_AGGS:
-      raise ValueError(f"ObjectiveConfig.loss_agg={self.loss_agg!r}: expected one of {LOSS_AGGS}.")
+      raise FieldError("objective.loss_agg", self.loss_agg,
+                       f"'default' (the algorithm's own) or one of {LOSS_AGGS}.")
     if self.loss_agg == "seq-mean-token-sum-norm" and self.loss_agg_tokens < 1:
       raise ValueError(f"ObjectiveConfig.loss_agg_tokens={self.loss_agg_tokens}: "
                        "'seq-mean-token-sum-norm' needs the constant C >= 1 (max response tokens).")
@@ -344,17 +348,16 @@ class ObjectiveConfig:
     for name, low, high, low_max in (("seq_eps", self.seq_eps_low, self.seq_eps_high, 0.999999),
                                      ("cispo_eps", self.cispo_eps_low, self.cispo_eps_high, 1.0)):
       if not 0.0 <= low <= low_max:
-        raise ValueError(f"ObjectiveConfig.{name}_low={low}: must lie in [0, {low_max:g}].")
+        raise FieldError(f"objective.{name}_low", low, f"must lie in [0, {low_max:g}].")
       if high < 0.0:
-        raise ValueError(f"ObjectiveConfig.{name}_high={high}: must be >= 0.")
-    if self.kl_coef < 0.0 or self.entropy_coef < 0.0:
-      raise ValueError(f"ObjectiveConfig.kl_coef={self.kl_coef}, entropy_coef="
-                       f"{self.entropy_coef}: must be >= 0.")
+        raise FieldError(f"objective.{name}_high", high, "must be >= 0.")
+    for name, coef in (("kl_coef", self.kl_coef), ("entropy_coef", self.entropy_coef)):
+      if coef < 0.0:
+        raise FieldError(f"objective.{name}", coef, "must be >= 0.")
     if self.kl_estimator not in KL_ESTIMATORS:
-      raise ValueError(f"ObjectiveConfig.kl_estimator={self.kl_estimator!r}: one of "
-                       f"{KL_ESTIMATORS}.")
+      raise FieldError("objective.kl_estimator", self.kl_estimator, f"one of {KL_ESTIMATORS}.")
     if self.entropy_agg not in ENTROPY_AGGS:
-      raise ValueError(f"ObjectiveConfig.entropy_agg={self.entropy_agg!r}: one of {ENTROPY_AGGS}.")
+      raise FieldError("objective.entropy_agg", self.entropy_agg, f"one of {ENTROPY_AGGS}.")
 
   @property
   def trained_sets(self) -> tuple[int, ...]:

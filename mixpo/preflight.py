@@ -35,18 +35,18 @@ class SetupError(ValueError):
 
 def builtin_models_used(config, spec: rl.RunSpec) -> tuple[str, ...]:
   """The built-in models (ensure_builtin_models' names) the run loads: the policy only when
-  config.policy='builtin', the guide only when the algorithm loads a guide and config.guide is
-  'builtin'. A dapo run, or one from a checkpoint of your own, builds none it does not use."""
+  config.policy='builtin', the guide only when the algorithm loads a guide and config.guide.path
+  is 'builtin'. A dapo run, or one from a checkpoint of your own, builds none it does not use."""
   used = ("policy_init",) if config.policy == "builtin" else ()
-  if spec.guide.needs_model and config.guide == "builtin":
+  if spec.guide.needs_model and config.guide.path == "builtin":
     used += ("guide",)
   return used
 
 
 def tokenizer_of(config, field: str):
-  """The tokenizer of config.<field> ('policy' / 'guide'): the built-in char tokenizer for
+  """The tokenizer of config.<field> ('policy' / 'guide.path'): the built-in char tokenizer for
   'builtin', else the checkpoint's tokenizer files."""
-  path = config[field]
+  path = config.policy if field == "policy" else config.guide.path
   if path == "builtin":
     return builtin.builtin_tokenizer(config.builtin)
   try:
@@ -60,15 +60,15 @@ def tokenizer_of(config, field: str):
 def warn_unused(config, spec: rl.RunSpec) -> None:
   """WARNING for settings the resolved run does not use (they would otherwise pass silently)."""
   algo = spec.algorithm.name
-  if not spec.algorithm.guided and config.get("guide_source", "model") == "traces":
+  if not spec.algorithm.guided and config.guide.source == "traces":
     guided = ", ".join(n for n in algorithms.names() if algorithms.get(n).guided)
-    logging.warning("config.algo=%s is unguided: config.guide_source='traces' makes %s the "
+    logging.warning("config.algo=%s is unguided: config.guide.source='traces' makes %s the "
                     "prompt stream only; its guide responses are not trained on (a guided algo "
-                    "trains on them: %s).", algo, config.traces_path, guided)
-  if not spec.guide.needs_model and config.guide not in ("", "builtin"):
-    logging.warning("config.guide=%s is not loaded: config.algo=%s with guide_source=%r and "
-                    "guide_logp=%r uses no guide model.", config.guide, algo, spec.guide.source,
-                    spec.guide.logp)
+                    "trains on them: %s).", algo, config.guide.traces_path, guided)
+  if not spec.guide.needs_model and config.guide.path not in ("", "builtin"):
+    logging.warning("config.guide.path=%s is not loaded: config.algo=%s with guide.source=%r "
+                    "and guide.logp=%r uses no guide model.", config.guide.path, algo,
+                    spec.guide.source, spec.guide.logp)
 
 
 def check_guide(config, spec: rl.RunSpec, tokenizer) -> None:
@@ -77,17 +77,17 @@ def check_guide(config, spec: rl.RunSpec, tokenizer) -> None:
   if not spec.guide.needs_model:
     return
   try:
-    rl.check_vocabularies(tokenizer, tokenizer_of(config, "guide"))
+    rl.check_vocabularies(tokenizer, tokenizer_of(config, "guide.path"))
   except ValueError as e:
-    if config.guide == "builtin":
+    if config.guide.path == "builtin":
       raise SetupError(
-          f"config.guide=builtin with config.policy={config.policy}: the built-in guide is a "
-          f"char-level model of the built-in addition task, not a guide for this policy "
+          f"config.guide.path=builtin with config.policy={config.policy}: the built-in guide is "
+          f"a char-level model of the built-in addition task, not a guide for this policy "
           f"({str(e).rstrip('.')}). "
-          f"config.algo={spec.algorithm.name} trains on a guide's samples: set config.guide to "
-          "a checkpoint that shares the policy's tokenizer, or config.guide_source=traces with "
-          "config.guide_logp=one, or an unguided config.algo (grpo, dapo).") from None
-    raise SetupError(f"config.guide={config.guide}: {e}") from None
+          f"config.algo={spec.algorithm.name} trains on a guide's samples: set config.guide.path "
+          "to a checkpoint that shares the policy's tokenizer, or config.guide.source=traces "
+          "with config.guide.logp=one, or an unguided config.algo (grpo, dapo).") from None
+    raise SetupError(f"config.guide.path={config.guide.path}: {e}") from None
 
 
 def _task_flag(option: str) -> str:
@@ -98,7 +98,7 @@ def make_task(config, tokenizer):
   """(task, eval examples); a dataset problem (a missing field, a bad row with skip_bad_rows=
   False, no usable row, an empty eval split) is a SetupError naming the option at fault."""
   try:
-    task = task_options.make_task(config.task, config.task_kwargs, config.get("task_knobs", ""),
+    task = task_options.make_task(config.task, config.task_kwargs, config.task_knobs,
                                   tokenizer=tokenizer)
   except (DataError, TemplateLimitError, FileNotFoundError) as e:
     raise SetupError(task_options.data_error_message(e, config.task_kwargs, _task_flag)) from None
@@ -111,21 +111,22 @@ def make_task(config, tokenizer):
 
 
 def read_traces(config, spec: rl.RunSpec, tokenizer) -> TraceSource | None:
-  """The trace file as the train stream (guide_source='traces'); any problem with it (not a trace
+  """The trace file as the train stream (guide.source='traces'); any problem with it (not a trace
   file, a bad row, log-probs of another tokenizer or temperature) is a SetupError naming it."""
   if spec.guide.source != "traces":
     return None
   try:
     traces = TraceSource.from_options(spec.guide.traces, tokenizer,
-                                      max_new_tokens=config.max_new_tokens,
-                                      temperature=config.temperature)
+                                      max_new_tokens=spec.sample.max_new_tokens,
+                                      temperature=spec.sample.temperature)
   except (DataError, ValueError, KeyError, FileNotFoundError) as e:
     message = " ".join(str(e).strip("'\"").split())
     if getattr(e, "reason", "") == "missing_field":
       message += (". A trace file holds each prompt, its reference answer and the guide's "
                   "response(s): the formats mixpo (experiments/make_traces.py), verl / LUFFY and "
-                  "openr1 (config.traces.format); other field names: config.traces.fields")
-    raise SetupError(f"config.traces_path={config.traces_path}: {message}") from None
+                  "openr1 (config.guide.traces.format); other field names: "
+                  "config.guide.traces.fields")
+    raise SetupError(f"config.guide.traces_path={config.guide.traces_path}: {message}") from None
   logging.info("guide traces: %s; %s", traces.summary, traces.report())
   return traces
 
@@ -150,7 +151,7 @@ def write_run_config(config, workdir: str, spec: rl.RunSpec, policy_path: str,
 
 def loggers(config) -> tuple[str, ...]:
   """config.loggers ("tb", "tb,wandb", "" = metrics.jsonl only) as a tuple of backend names."""
-  names = tuple(n.strip() for n in str(config.get("loggers", "tb")).split(",") if n.strip())
+  names = tuple(n.strip() for n in str(config.loggers).split(",") if n.strip())
   unknown = [n for n in names if n not in mlog.LOGGERS]
   if unknown:
     raise SetupError(f"config.loggers={config.loggers}: unknown logger {unknown[0]!r}; use a "

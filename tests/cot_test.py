@@ -74,13 +74,14 @@ def test_truncated_chain_is_penalised_by_overlong_shaping_and_solutions_are_not(
   t = get_task(c.task, **c.task_kwargs)
   tok = char_tokenizer(COT_ALPHABET)
   longest = solution(999, 999, "+", "columns")
-  cut = ("2+9=11 c1\n" * 40)[:c.max_new_tokens]  # rambles until the budget runs out.
+  cut = ("2+9=11 c1\n" * 40)[:c.rollout.max_new_tokens]  # rambles until the budget runs out.
   texts = [longest, cut]
   lengths = [len(tok(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts[:1]]
-  lengths.append(c.max_new_tokens)
+  lengths.append(c.rollout.max_new_tokens)
   rewards = t.reward_fn(["999+999=?"] * 2, texts, answer=["1998"] * 2)
   shaped, _ = shape_rewards(rewards, lengths, [True, False], OverlongConfig(
-      shaping=c.overlong_shaping, max_len=c.max_new_tokens, cache_len=c.overlong_cache))
+      shaping=c.rollout.overlong_shaping, max_len=c.rollout.max_new_tokens,
+      cache_len=c.rollout.overlong_cache))
   assert rewards == [1.0, 0.0] and shaped.tolist() == [1.0, -1.0]
 
 
@@ -129,6 +130,6 @@ def test_reasoning_recipe_guide_solves_and_weak_start_rarely_does(tmp_path):
   with RewardRunner([(task.reward_fn, 1.0)], timeout_s=60) as r:
     for name, path in (("guide", guide), ("policy", policy)):
       out = rl.evaluate(models.from_pretrained(path), models.load_tokenizer(path), examples, r,
-                        c.max_new_tokens, batch_size=100)
+                        c.rollout.max_new_tokens, batch_size=100)
       acc[name] = out["accuracy"]
   assert acc["guide"] >= 0.9 and acc["policy"] <= 0.2, acc

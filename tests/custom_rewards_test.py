@@ -119,7 +119,8 @@ def test_a_run_whose_rewards_are_all_blocked_says_so(builtin_dir, tmp_path):
   from rl_test import smoke_config  # the smoke config on the session's built-in models
   from mixpo import loop
   spec, _ = _writer(tmp_path)
-  summary = loop.run(smoke_config(builtin_dir, num_steps=1, rewards=spec), str(tmp_path / "run"))
+  summary = loop.run(smoke_config(builtin_dir, num_steps=1, **{"reward.functions": spec}),
+                     str(tmp_path / "run"))
   assert summary["reward_blocked"] == summary["reward_items"] > 0
   assert summary["reward_failure_steps"] == 1
   assert any(w.startswith("step 1: ") and "without a verdict" in w for w in summary["warnings"])

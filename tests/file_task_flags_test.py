@@ -114,16 +114,16 @@ def test_train_two_steps_on_a_file_dataset_with_custom_rewards_and_trackers(file
   workdir = str(tmp_path / "run")
   out = _run("train.py", [
       "--config=default", f"--workdir={workdir}", "--config.algo=dapo",
-      f"--config.policy={files['init']}", "--config.task=file",  # config.guide stays 'builtin'
+      f"--config.policy={files['init']}", "--config.task=file",  # config.guide.path stays 'builtin'
       f"--config.task_kwargs.train_path={files['train']}",
       f"--config.task_kwargs.eval_path={files['renamed']}",
       "--config.task_kwargs.eval_prompt_field=problem",
       "--config.task_kwargs.eval_answer_field=final",
       "--config.task_kwargs.prompt_field=question", "--config.task_kwargs.chat_template=True",
-      f"--config.rewards={files['zero']}:always_zero,{files['zero']}:always_one",
-      "--config.max_new_tokens=4",
-      "--config.groups=2", "--config.n=2", "--config.zero_groups=0",
-      "--config.max_num_gen_batches=1", "--config.num_steps=2", "--config.eval_every=2",
+      f"--config.reward.functions={files['zero']}:always_zero,{files['zero']}:always_one",
+      "--config.rollout.max_new_tokens=4",
+      "--config.rollout.groups=2", "--config.rollout.n=2", "--config.rollout.zero_groups=0",
+      "--config.rollout.max_num_gen_batches=1", "--config.num_steps=2", "--config.eval_every=2",
       "--config.eval_size=4", "--config.eval_batch_size=4", "--config.checkpoint_every=2",
       "--config.export_hf=False", "--config.progress=False", "--config.no_signal_steps=2",
       "--config.loggers=tb,wandb"], WANDB_MODE="offline", WANDB_SILENT="true")
@@ -155,7 +155,7 @@ def test_train_two_steps_on_a_file_dataset_with_custom_rewards_and_trackers(file
   assert config["_resolved"]["guide"] is None
   hparams = _tb_hparams(workdir)
   assert hparams["algo"] == "dapo" and hparams["task_kwargs.eval_answer_field"] == "final"
-  assert hparams["learning_rate"] == 3e-4
+  assert hparams["optim.learning_rate"] == 3e-4
   # The wandb offline run logged the same keys as metrics.jsonl.
   assert _wandb_history_keys(workdir) == {k for r in rows for k in r} - {"step"}
   # Samples from the first step on, with the reference answer and each reward's own value.
@@ -202,7 +202,7 @@ def test_evaluate_a_run_beside_it_and_never_on_zero_problems(files, tmp_path):
   run = tmp_path / "run"  # a finished run's directory: export/, checkpoints/, config.json
   shutil.copytree(files["init"], run / "export")
   os.makedirs(run / "checkpoints")
-  (run / "config.json").write_text(json.dumps({"algo": "dapo", "max_new_tokens": 3}))
+  (run / "config.json").write_text(json.dumps({"algo": "dapo", "rollout": {"max_new_tokens": 3}}))
   args = [f"--model={run}", "--task=file", f"--eval_path={files['renamed']}",
           "--eval_prompt_field=problem", "--eval_answer_field=final", "--eval_size=2",
           "--bootstrap=50"]

@@ -15,6 +15,7 @@ from experiments import byo_example
 from experiments.configs import smoke
 from mixpo import builtin, cli, loop, preflight
 from mixpo.data.traces import TracePrompt, TraceResponse, write_trace_prompts
+from rl_test import set_fields
 
 
 def _forbidden(*args, **kwargs):
@@ -51,16 +52,10 @@ def own(tmp_path_factory):
 
 def _config(own, **overrides):
   c = smoke.get_config()
-  c.policy, c.guide, c.algo, c.task = own["init"], "", "dapo", "file"
+  c.policy, c.guide.path, c.algo, c.task = own["init"], "", "dapo", "file"
   c.task_kwargs.train_path, c.task_kwargs.prompt_field = own["train"], "question"
   c.task_kwargs.chat_template = True
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[last] = value
-  return c
+  return set_fields(c, overrides)
 
 
 def _refused(config, workdir, monkeypatch) -> str:
@@ -77,15 +72,16 @@ def _refused(config, workdir, monkeypatch) -> str:
 
 def test_own_policy_with_the_builtin_guide_names_config_guide(own, tmp_path, monkeypatch):
   # Before: the built-in guide was trained (1,200 SFT steps on `default`), then a traceback.
-  message = _refused(_config(own, algo="mix2", guide="builtin"), tmp_path, monkeypatch)
-  assert message.startswith("--config.guide=builtin with --config.policy="), message
-  assert "set --config.guide to a checkpoint that shares the policy's tokenizer" in message
+  message = _refused(_config(own, algo="mix2", **{"guide.path": "builtin"}), tmp_path, monkeypatch)
+  assert message.startswith("--config.guide.path=builtin with --config.policy="), message
+  assert "set --config.guide.path to a checkpoint that shares the policy's tokenizer" in message
 
 
 def test_a_guide_of_the_same_vocabulary_size_with_other_ids_is_refused(own, tmp_path,
                                                                        monkeypatch):
-  message = _refused(_config(own, algo="mix1", guide=own["guide"]), tmp_path, monkeypatch)
-  assert message.startswith(f"--config.guide={own['guide']}: the guide's tokenizer"), message
+  message = _refused(_config(own, algo="mix1", **{"guide.path": own["guide"]}), tmp_path,
+                     monkeypatch)
+  assert message.startswith(f"--config.guide.path={own['guide']}: the guide's tokenizer"), message
   assert "differs from the policy's" in message
 
 
@@ -98,11 +94,12 @@ def test_a_guide_of_the_same_vocabulary_size_with_other_ids_is_refused(own, tmp_
     # An eval file with other field names: named by the eval option that would map them.
     ({"task_kwargs.eval_path": "RENAMED"}, "--config.task_kwargs.eval_prompt_field=question:",
      ["renamed.jsonl", "field 'question' is missing", "'problem'"]),
-    ({"algo": "dapo", "guide_source": "traces", "traces_path": "TRAIN"},
-     "--config.traces_path=", ["train.jsonl:line 1", "field 'prompt' is missing",
-                               "--config.traces.format", "--config.traces.fields"]),
-    ({"algo": "mix1", "guide": "", "guide_source": "traces", "guide_logp": "file",
-      "traces_path": "TRACES"}, "--config.traces_path=",
+    ({"algo": "dapo", "guide.source": "traces", "guide.traces_path": "TRAIN"},
+     "--config.guide.traces_path=", ["train.jsonl:line 1", "field 'prompt' is missing",
+                                     "--config.guide.traces.format",
+                                     "--config.guide.traces.fields"]),
+    ({"algo": "mix1", "guide.path": "", "guide.source": "traces", "guide.logp": "file",
+      "guide.traces_path": "TRACES"}, "--config.guide.traces_path=",
      ["traces.jsonl", "made with tokenizer '0123456789abcdef'", "Remake the traces"]),
 ])
 def test_data_and_trace_errors_name_the_flag_file_row_and_field(own, tmp_path, monkeypatch,
@@ -134,20 +131,21 @@ def test_builtin_models_are_built_only_when_the_run_uses_them(own, tmp_path, mon
       ("mix2", own["init"], own["init"], None)):
     built.clear()
     config = smoke.get_config()
-    config.algo, config.policy, config.guide = algo, policy, guide
+    config.algo, config.policy, config.guide.path = algo, policy, guide
     policy_path, guide_path = loop.resolve_models(config, str(tmp_path))
     assert built == ([want] if want else []), (algo, policy, guide, built)
     assert (guide_path is None) == (algo == "dapo")
 
 
 def test_settings_the_run_ignores_are_warned_about(own, caplog):
-  config = _config(own, algo="dapo", guide_source="traces", traces_path=own["traces"],
-                   guide=own["guide"])
+  config = _config(own, algo="dapo", **{"guide.source": "traces",
+                                        "guide.traces_path": own["traces"],
+                                        "guide.path": own["guide"]})
   with caplog.at_level(logging.WARNING):
     preflight.warn_unused(config, loop.rl.resolve(config))
   text = caplog.text
-  assert "config.algo=dapo is unguided: config.guide_source='traces' makes" in text, text
-  assert "prompt stream only" in text and f"config.guide={own['guide']} is not loaded" in text
+  assert "config.algo=dapo is unguided: config.guide.source='traces' makes" in text, text
+  assert "prompt stream only" in text and f"config.guide.path={own['guide']} is not loaded" in text
   # The guided algorithms it points to are the table's (a hand-written list missed chord).
   from mixpo import algorithms  # noqa: PLC0415
   guided = [n for n in algorithms.names() if algorithms.get(n).guided]

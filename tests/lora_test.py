@@ -16,7 +16,7 @@ from mixpo import algorithms, models, objectives, sampling, train
 from mixpo.batch import make_batch
 from mixpo.models import lora
 from mixpo.objectives import OFF, ON, ZERO
-from rl_test import smoke_config  # the smoke config on the session's built-in models
+from rl_test import set_fields, smoke_config  # the smoke config on the built-in models
 
 TINY = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 32,
@@ -457,10 +457,8 @@ def _smoke(builtin_dir, **overrides):
   c = smoke_config(builtin_dir)
   c.lora.rank = 4
   c.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}  # gives groups reward variance
-  c.warmup_steps = 0  # the first update already moves the adapters.
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return c
+  c.optim.warmup_steps = 0  # the first update already moves the adapters.
+  return set_fields(c, overrides)
 
 
 def test_default_config_targets_are_the_library_default():

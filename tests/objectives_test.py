@@ -1,5 +1,7 @@
 """objectives.py against a plain numpy reference, per algorithm (the table's entries) and piece."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,12 +223,14 @@ def test_library_defaults_agree_with_the_experiment_config():
   from experiments.configs import default
   c = default.get_config()
   d = ObjectiveConfig()
-  for field in ("eps_low", "eps_high", "gamma", "on_weight", "sft_coef", "dual_clip",
-                "max_log_ratio", "zero_ratio", "shaping_grad", "seq_eps_low", "seq_eps_high",
-                "cispo_eps_low", "cispo_eps_high", "kl_coef", "kl_estimator", "entropy_coef",
-                "entropy_agg"):
-    assert getattr(d, field) == c[field], field
-  assert d.ratio_form == obj.ratio_form(c.ratio_level, c.cispo)
+  fields = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+  # The config's spellings that Algorithm.objective_config maps: the algorithm's own loss_agg,
+  # the ratio form named by two switches.
+  assert set(c.objective) - fields == {"ratio_level", "cispo"}
+  for field in sorted(set(c.objective) & fields - {"loss_agg"}):
+    assert getattr(d, field) == c.objective[field], field
+  assert c.objective.loss_agg == "default"
+  assert d.ratio_form == obj.ratio_form(c.objective.ratio_level, c.objective.cispo)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -590,12 +594,13 @@ def test_luffy_paper_weighs_entropy_as_luffy_does():
   from mixpo import rl  # noqa: PLC0415
   c = luffy_paper.get_config()
   cfg = rl._objective_config(c, algorithms.get(c.algo))
-  rows, t = c.groups * (c.n + c.m) // c.num_minibatches, c.max_new_tokens
+  r = c.rollout
+  rows, t = r.groups * (r.n + r.m) // c.step.num_minibatches, r.max_new_tokens
   rng = np.random.default_rng(0)
   logp = -rng.uniform(0.01, 4.0, (rows, t))
   old = logp + 0.3 * rng.standard_normal((rows, t))
   adv = rng.standard_normal(rows)
-  is_off = np.arange(rows) % (c.n + c.m) == c.n  # one trace a group
+  is_off = np.arange(rows) % (c.rollout.n + c.rollout.m) == c.rollout.n  # one trace a group
   kind = np.where(is_off, OFF, ON).astype(np.int32)
   mask = (np.arange(t)[None] < rng.integers(1, t + 1, rows)[:, None]).astype(np.float64)
   ent = rng.uniform(0.1, 3.0, (rows, t))

@@ -42,19 +42,20 @@ def test_cell_configs_and_the_two_stage_budget():
     return cell, grid.cell_config(base, cell, "/w", budget=1000)
 
   _, c = config("mix2")
-  assert (c.policy, c.guide, c.guide_source) == ("/w/models/base/policy_init",
+  assert (c.policy, c.guide.path, c.guide.source) == ("/w/models/base/policy_init",
                                                  "/w/models/guide-same/guide", "model")
-  assert c.shaping_grad == base.compare.shaping_grad and c.max_policy_tokens == 1000
+  assert c.objective.shaping_grad == base.compare.shaping_grad and c.max_policy_tokens == 1000
   _, c = config("luffy_paper")
-  assert (c.algo, c.guide_source, c.guide_logp, c.n, c.m) == ("luffy", "traces", "one", 7, 1)
-  assert c.traces_path == "/w/models/guide-same/traces.jsonl" and c.traces.only_correct
+  assert (c.algo, c.guide.source, c.guide.logp, c.rollout.n, c.rollout.m) == (
+      "luffy", "traces", "one", 7, 1)
+  assert c.guide.traces_path == "/w/models/guide-same/traces.jsonl" and c.guide.traces.only_correct
   cell, rl = config("sft_dapo")
   sft, rl_again = real_grid.stage_configs(base, cell, "/w", 1000)
   assert rl.to_dict() == rl_again.to_dict()  # the grid's config of the cell is its RL stage.
   assert sft.max_policy_tokens + rl.max_policy_tokens == 1000  # the same budget in all.
   assert sft.max_policy_tokens == round(1000 * base.compare.sft_stage_fraction)
-  assert sft.export_hf and sft.learning_rate == base.compare.sft_learning_rate
-  assert sft.traces_path.endswith("traces.jsonl") and rl.traces_path == ""
+  assert sft.export_hf and sft.optim.learning_rate == base.compare.sft_learning_rate
+  assert sft.guide.traces_path.endswith("traces.jsonl") and rl.guide.traces_path == ""
   assert rl.algo == "dapo" and rl.policy == os.path.join(
       grid.cell_dir("/w", cell), real_grid.SFT_STAGE, "export")
   assert (rl.seed, sft.seed) == (2, 2)
@@ -73,7 +74,7 @@ def test_flops_accumulate_per_step_and_resumed_steps_count_once(tiny_converted):
           "train/rows_off": 0, "train/response_length": 5.0, "dynamic/gen_batches": 1}
   metrics = [{"step": 0}, {"step": 1, **step}, {"step": 2, **step}, {"step": 2, **step}]
   rows = grid_flops.with_flops(metrics, c)
-  one = flops.rl_step_flops(step, grid_flops.step_cost(c), c.groups, c.n)
+  one = flops.rl_step_flops(step, grid_flops.step_cost(c), c.rollout.groups, c.rollout.n)
   assert [r["step"] for r in rows] == [0, 1, 2]
   assert rows[0]["flops"] == 0 and rows[2]["flops"] == pytest.approx(2 * sum(one.values()))
   assert grid_flops.step_cost(c).prompt_tokens > 20  # the chat template's tokens count.

@@ -115,30 +115,31 @@ def test_reasoning_cell_configs():
   cell, c = config("main", "luffy_paper-exact")
   assert cell.name == "luffy_paper-exact-s3" and grid.cell_dir("/w", cell).endswith(
       "main/weak/luffy_paper-exact-s3")
-  assert (c.algo, c.n, c.m, c.guide_source, c.guide_logp, c.shaping_grad) == (
-      "luffy", 7, 1, "traces", "one", "exact")
-  assert c.traces_path == "/w/models/guide-same/traces.jsonl" and c.traces.only_correct
+  assert (c.algo, c.rollout.n, c.rollout.m, c.guide.source, c.guide.logp,
+          c.objective.shaping_grad) == ("luffy", 7, 1, "traces", "one", "exact")
+  assert c.guide.traces_path == "/w/models/guide-same/traces.jsonl" and c.guide.traces.only_correct
   assert c.policy == "/w/models/weak/policy_init" and c.max_policy_tokens == 777
   assert c.seed == 3 and "compare" not in c
   _, c = config("main", "mix2-step", ["moderate"])
-  assert c.shaping_grad == "paper_step" and c.policy == "/w/models/moderate/policy_init"
+  assert c.objective.shaping_grad == "paper_step" and c.policy == "/w/models/moderate/policy_init"
   assert c.builtin.policy_steps == base.compare.regimes.moderate
   _, c = config("main", "sft")
-  assert c.learning_rate == base.compare.sft_learning_rate and c.traces_path.endswith(".jsonl")
+  assert c.optim.learning_rate == base.compare.sft_learning_rate
+  assert c.guide.traces_path.endswith(".jsonl")
   _, c = config("style", "mix1-words")
-  assert c.guide == "/w/models/guide-words/guide"
-  assert c.max_new_tokens == base.compare.style_max_new_tokens
+  assert c.guide.path == "/w/models/guide-words/guide"
+  assert c.rollout.max_new_tokens == base.compare.style_max_new_tokens
   words = grid._style_builtin(base, "words")
   assert dict(words.guide_task_kwargs) == {"style": "words"} and words.max_answer_tokens == 144
   assert words.guide_steps == base.compare.style_guide_steps
   assert grid._style_builtin(base, "same").to_dict() == base.builtin.to_dict()
   _, c = config("source", "mix2-traces-file")
-  assert (c.guide_source, c.guide_logp, c.guide, c.zero_ratio) == (
+  assert (c.guide.source, c.guide.logp, c.guide.path, c.objective.zero_ratio) == (
       "traces", "file", "/w/models/guide-same/guide", "old")  # no stored πϕ for ZERO rows.
   _, c = config("source", "mix1-traces-file")
-  assert c.zero_ratio == base.zero_ratio
+  assert c.objective.zero_ratio == base.objective.zero_ratio
   _, c = config("source", "mix2-online")
-  assert c.guide_source == "model" and c.traces_path == ""
+  assert c.guide.source == "model" and c.guide.traces_path == ""
 
 
 def test_reasoning_overlong_window_never_penalises_a_solution():
@@ -148,11 +149,11 @@ def test_reasoning_overlong_window_never_penalises_a_solution():
   from mixpo.data.cot import COT_ALPHABET
   base = compare_reasoning.get_config()
   tok = char_tokenizer(COT_ALPHABET)
-  for style, width in (("columns", base.max_new_tokens),
+  for style, width in (("columns", base.rollout.max_new_tokens),
                        ("words", base.compare.style_max_new_tokens)):
     task = get_task("cot_arithmetic", **{**base.task_kwargs, "style": style})
     longest = task.max_solution_chars + 1  # char tokens, plus EOS.
-    assert longest <= width - base.overlong_cache, (style, longest, width)
+    assert longest <= width - base.rollout.overlong_cache, (style, longest, width)
     assert len(tok(task.examples("train", 1)[0].metadata["solution"],
                    add_special_tokens=False)["input_ids"]) < longest
 

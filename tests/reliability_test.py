@@ -386,7 +386,7 @@ def test_nan_updates_are_skipped_counted_then_stop_naming_the_step(env, referenc
   nan_loss = ("import mixpo.objectives as o; f = o.objective_stats; "
               "o.objective_stats = lambda *a, **k: (lambda r: (r[0] * float('nan'), r[1]))"
               "(f(*a, **k))")
-  rc, out = env.run(workdir, "--config.max_consecutive_skips=3", "--config.num_minibatches=2",
+  rc, out = env.run(workdir, "--config.max_consecutive_skips=3", "--config.step.num_minibatches=2",
                     ok=False, prelude=nan_loss)
   assert rc != 0
   assert "NonFiniteUpdateError" in out and "step 3: 3 consecutive steps" in out, out[-3000:]
@@ -426,7 +426,7 @@ def test_determinism_same_seed_same_metrics_other_seed_differs(env, reference):
 def test_reward_hang_end_to_end_is_cut_off_and_counted(env, reference):
   workdir = os.path.join(env.base, "hang")
   t = time.monotonic()
-  env.run(workdir, "--config.task=hang_addition", "--config.reward_timeout_s=0.3",
+  env.run(workdir, "--config.task=hang_addition", "--config.reward.timeout_s=0.3",
           "--config.num_steps=1", prelude="import test_tasks")
   assert time.monotonic() - t < 120
   rows = _rows(workdir)

@@ -25,14 +25,24 @@ from mixpo.rollout import Collected, Groups, select_groups
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def set_fields(config, overrides: dict):
+  """config with each {dotted field: value} of `overrides` set ("rollout.n": 4)."""
+  for field, value in overrides.items():
+    *groups, name = field.split(".")
+    node = config
+    for g in groups:
+      node = node[g]
+    node[name] = value
+  return config
+
+
 def smoke_config(builtin_dir, **overrides):
-  """The smoke config on the session's built-in models (conftest `builtin_dir`), no export."""
+  """The smoke config on the session's built-in models (conftest `builtin_dir`), no export;
+  `overrides` as `set_fields`' (dotted ones passed as **{"rollout.n": 4})."""
   c = smoke.get_config()
   c.builtin_dir = builtin_dir
   c.export_hf = False
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return c
+  return set_fields(c, overrides)
 
 
 def _leaves(tree):
@@ -50,7 +60,7 @@ def run_two_steps(config, workdir):
     for _ in range(2):
       state, pos, metrics, samples = rl.rl_step(exp, state, pos, timer)
   exp.reward_runner.close()
-  assert int(state.step) == 2 and pos >= 2 * config.groups
+  assert int(state.step) == 2 and pos >= 2 * config.rollout.groups
   assert any(np.abs(a - b).max() > 0 for a, b in zip(params0, _leaves(state.params)))
   assert metrics["loss/skipped_updates"] == 0
   for a, b in zip(guide_before, _leaves(exp.guide[1]) if exp.guide else []):
@@ -64,7 +74,7 @@ def test_every_algo_and_scheme_runs_two_steps_and_changes_params(builtin_dir, tm
                                                                  scheme):
   # The smoke models solve nothing yet: the dense partial-credit reward gives groups variance
   # (and R > 0 for the paper scheme's ON set) so every algorithm has a non-zero gradient.
-  config = smoke_config(builtin_dir, algo=algo, scheme=scheme)
+  config = smoke_config(builtin_dir, algo=algo, **{"advantage.scheme": scheme})
   config.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}
   exp, metrics, samples = run_two_steps(config, str(tmp_path))
   entry = algorithms.get(algo)
@@ -146,16 +156,19 @@ def test_group_stream_decides_the_same_groups_whatever_order_rows_end_in():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("algo", "ppo", "algo"), ("n", 1, "config.n"), ("scheme", "x", "scheme"),
-    ("guide", "", "config.guide"), ("num_minibatches", 7, "num_minibatches"),
-    ("guide_logp", "maybe", "guide_logp"), ("max_num_gen_batches", 0, "max_num_gen_batches"),
-    ("loss_agg", "sum", "loss_agg"), ("kl_estimator", "k9", "kl_estimator"),
-    ("ratio_level", "row", "ratio_level"), ("eps_low", 1.5, "config.eps_low"),
+    ("algo", "ppo", "algo"), ("rollout.n", 1, "rollout.n"), ("advantage.scheme", "x", "scheme"),
+    ("guide.path", "", "guide.path"), ("step.num_minibatches", 7, "num_minibatches"),
+    ("guide.logp", "maybe", "guide.logp"),
+    ("rollout.max_num_gen_batches", 0, "rollout.max_num_gen_batches"),
+    ("objective.loss_agg", "sum", "loss_agg"), ("objective.kl_estimator", "k9", "kl_estimator"),
+    ("objective.ratio_level", "row", "ratio_level"),
+    ("objective.eps_low", 1.5, "objective.eps_low"),
     ("mesh_shape", (3, 1, 1), "mesh_shape"),
 ])
 def test_inconsistent_configs_fail_before_compute(tmp_path, field, value, match):
   config = smoke.get_config()
-  setattr(config, field, value)
+  *group, name = field.split(".")
+  (config[group[0]] if group else config)[name] = value
   with pytest.raises(ValueError, match=match):
     loop.setup(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "models"))  # no model was built.
@@ -235,7 +248,7 @@ def test_padding_rows_enter_no_pool_and_no_loss():
   """Mix-2 with Z = 2 zero slots but no zero group drawn: 2 slots are padding (policy and guide
   rows). Their rewards are poisoned here; still no advantage, no loss token, no gradient."""
   config = smoke.get_config()
-  config.groups, config.zero_groups, config.n, config.m = 2, 2, 2, 2
+  config.rollout.groups, config.rollout.zero_groups, config.rollout.n, config.rollout.m = 2, 2, 2, 2
   spec = rl.resolve(config)
   kept = _fake_groups([True, True])
   policy_rows, n_groups = rl.policy_block(
@@ -266,9 +279,11 @@ def test_padding_rows_enter_no_pool_and_no_loss():
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(algo="mix2", loss_agg="seq-mean-token-sum-norm", std_normalize=False, kl_coef=0.05,
-         kl_estimator="k2", entropy_coef=0.01, ratio_level="sequence"),
-    dict(algo="luffy", loss_agg="seq-mean-token-mean", cispo=True, kl_coef=0.05),
+    {"algo": "mix2", "objective.loss_agg": "seq-mean-token-sum-norm",
+     "advantage.std_normalize": False, "objective.kl_coef": 0.05, "objective.kl_estimator": "k2",
+     "objective.entropy_coef": 0.01, "objective.ratio_level": "sequence"},
+    {"algo": "luffy", "objective.loss_agg": "seq-mean-token-mean", "objective.cispo": True,
+     "objective.kl_coef": 0.05},
 ], ids=["mix2-drgrpo-kl-entropy-gspo", "luffy-seqmean-cispo-kl"])
 def test_switches_train_end_to_end(builtin_dir, tmp_path, overrides):
   config = smoke_config(builtin_dir, **overrides)
@@ -276,7 +291,7 @@ def test_switches_train_end_to_end(builtin_dir, tmp_path, overrides):
   exp, metrics, _ = run_two_steps(config, str(tmp_path))
   assert exp.reference is not None  # kl_coef > 0 keeps the frozen starting policy.
   assert np.isfinite(metrics["loss/kl"]) and metrics["loss/kl"] >= 0.0
-  assert ("loss/entropy_bonus" in metrics) == ("entropy_coef" in overrides)
+  assert ("loss/entropy_bonus" in metrics) == ("objective.entropy_coef" in overrides)
   metrics_doc.assert_documented(metrics)  # every key a step reports has its row in the doc.
 
 
@@ -293,12 +308,13 @@ _BF16_LOGP_MEAN_TOL, _BF16_LOGP_MAX_TOL = 2e-3, 1e-2
 
 
 def test_bf16_rollout_trains_with_float32_master_weights(builtin_dir, tmp_path):
-  """rollout_dtype=bfloat16: the guide and KL reference hold bf16 weights (on CPU as float32
+  """rollout.dtype=bfloat16: the guide and KL reference hold bf16 weights (on CPU as float32
   values rounded to bf16, computed in float32: `backend.rollout_compute_dtype`), θ_old is scored
   from bf16 weights within a stated tolerance of float32 (as float32 numbers), and the update
   differentiates float32 log-probs of the float32 master weights: against float32 scoring of the
   same θ_old its first ratio is 1 to float32 rounding (< 1e-5)."""
-  config = smoke_config(builtin_dir, algo="mix2", rollout_dtype="bfloat16", kl_coef=0.05)
+  config = smoke_config(builtin_dir, algo="mix2", **{"rollout.dtype": "bfloat16",
+                                                       "objective.kl_coef": 0.05})
   config.task_kwargs = {"digits": 2, "terms": 2, "reward": "digits"}
   exp, state, ckpt, _ = loop.setup(config, str(tmp_path))
   ckpt.close()
@@ -343,12 +359,12 @@ def test_bf16_rollout_trains_with_float32_master_weights(builtin_dir, tmp_path):
 
 
 def test_rollout_dtype_is_validated():
-  with pytest.raises(ValueError, match="config.rollout_dtype='float16'"):
-    rl.resolve(smoke_config("", rollout_dtype="float16"))
-  config = smoke_config("", rollout_dtype="bfloat16")
+  with pytest.raises(ValueError, match="rollout.dtype='float16': expected one of"):
+    rl.resolve(smoke_config("", **{"rollout.dtype": "float16"}))
+  config = smoke_config("", **{"rollout.dtype": "bfloat16"})
   assert rl.resolve(config).rollout_dtype == "bfloat16"
   config.lora.rank = 4
-  with pytest.raises(ValueError, match="config.rollout_dtype='bfloat16' with config.lora.rank=4"):
+  with pytest.raises(ValueError, match="rollout.dtype='bfloat16': with config.lora.rank=4"):
     rl.resolve(config)
   assert rl.resolve(smoke_config("")).rollout_dtype == "model"  # default: the models as loaded.
 
@@ -413,12 +429,14 @@ def test_reward_counters_sum_over_every_draw_and_row_source(builtin_dir, tmp_pat
   reward_file.write_text("def always_raises(prompts, completions, **kwargs):\n"
                          "  raise RuntimeError('reward service down')\n")
   config = smoke_config(builtin_dir, algo="mix2", num_steps=1, eval_size=4, eval_batch_size=4,
-                        rewards=f"{reward_file}:always_raises", reward_on_error="zero")
+                        **{"reward.functions": f"{reward_file}:always_raises",
+                           "reward.on_error": "zero"})
   workdir = tmp_path / "run"
   summary = loop.run(config, str(workdir))
   row = [r for r in mlog.read_metrics(str(workdir)) if r["step"] == 1][0]
-  g, n, m, z, cap = config.groups, config.n, config.m, config.zero_groups, 3
-  assert config.max_num_gen_batches == cap
+  r = config.rollout
+  g, n, m, z, cap = r.groups, r.n, r.m, r.zero_groups, 3
+  assert config.rollout.max_num_gen_batches == cap
   policy_rows, guide_rows = cap * g * n, (g + z) * m
   assert row["reward/errors"] == policy_rows + guide_rows
   assert summary["reward_errors"] == policy_rows + guide_rows

@@ -54,10 +54,10 @@ def test_rewards_mostly_not_verdicts_warn_once_and_reach_the_summary(caplog):
   assert len(caplog.messages) == 1
   assert caplog.messages[0].startswith("step 2: 16 of 16 reward items scored 0 without a verdict")
   assert "16 blocked" in caplog.messages[0]
-  assert "reward_failure_warn_ratio=0.5" in caplog.messages[0]
+  assert "reward.failure_warn_ratio=0.5" in caplog.messages[0]
   s = h.summary()
   assert s["warnings"] == caplog.messages and s["reward_failure_steps"] == 2
   assert (s["reward_items"], s["reward_blocked"], s["reward_unverifiable"],
           s["reward_scorer_errors"]) == (48, 20, 9, 4)
-  with pytest.raises(ValueError, match="reward_failure_warn_ratio=1.5"):
+  with pytest.raises(ValueError, match="reward.failure_warn_ratio=1.5"):
     mlog.RunHealth(reward_failure_ratio=1.5)

@@ -18,6 +18,7 @@ from mixpo.data import char_tokenizer, get_task
 from mixpo.data.traces import read_trace_prompts, write_trace_prompts
 from mixpo.guide_source import response_tokens
 from mixpo.logging import PhaseTimer
+from rl_test import set_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = {"digits": 2, "terms": 2, "reward": "digits"}  # partial credit: groups have variance.
@@ -45,16 +46,14 @@ def tiny(tmp_path_factory):
 
 def traces_config(tiny, **overrides):
   c = smoke.get_config()
-  c.policy, c.guide = tiny["policy"], tiny["guide"]
+  c.policy, c.guide.path = tiny["policy"], tiny["guide"]
   c.task_kwargs = dict(TASK)
-  c.guide_source, c.traces_path = "traces", tiny["traces"]
+  c.guide.source, c.guide.traces_path = "traces", tiny["traces"]
   c.export_hf = False
   # A reward past its deadline scores 0: on a loaded machine that would make two equal runs
   # differ, and this file compares runs bit for bit.
-  c.reward_timeout_s = 120.0
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return c
+  c.reward.timeout_s = 120.0
+  return set_fields(c, overrides)
 
 
 def one_step_batch(exp, state):
@@ -77,9 +76,9 @@ SLOW = [(a, g) for a in ("luffy", "mix1", "mix2") for g in ("file", "model", "on
 @pytest.mark.parametrize("algo,guide_logp", CASES + [
     pytest.param(a, g, marks=pytest.mark.slow) for a, g in SLOW])
 def test_guided_algorithms_train_from_traces(tiny, tmp_path, algo, guide_logp):
-  config = traces_config(tiny, algo=algo, guide_logp=guide_logp)
+  config = traces_config(tiny, algo=algo, **{"guide.logp": guide_logp})
   if algo == "mix2" and guide_logp == "file":
-    config.zero_ratio = "old"  # ZERO rows are the policy's: a trace holds no πϕ for them.
+    config.objective.zero_ratio = "old"  # ZERO rows are the policy's: a trace holds no πϕ for them.
   exp, state, ckpt, _ = loop.setup(config, str(tmp_path))
   ckpt.close()
   assert (exp.guide is not None) == (guide_logp == "model")  # no checkpoint unless it scores
@@ -93,9 +92,10 @@ def test_guided_algorithms_train_from_traces(tiny, tmp_path, algo, guide_logp):
     off = np.flatnonzero((kind == objectives.OFF) & real)
     assert off.size and np.all(asm.is_guide_B[off]) and not np.any(asm.is_guide_B & ~real & (
         kind == objectives.OFF) & (np.asarray(batch.loss_mask_BxT).sum(1) > 0))
-    drawn = [asm.row_prompt[i] for i in range(n_groups * config.n)]
+    drawn = [asm.row_prompt[i] for i in range(n_groups * config.rollout.n)]
     assert set(drawn) <= set(traces)  # the step's prompts come from the trace file
-    m, base = config.m, (config.groups + exp.spec.sizes.zero_groups) * config.n
+    r = config.rollout
+    m, base = r.m, (r.groups + exp.spec.sizes.zero_groups) * r.n
     want_off = 0
     for g in range(n_groups):
       prompt = asm.rows.prompts[g]
@@ -113,7 +113,7 @@ def test_guided_algorithms_train_from_traces(tiny, tmp_path, algo, guide_logp):
     assert off.size == want_off
     trained = np.asarray(batch.loss_mask_BxT)[off] > 0  # the OFF rows' response tokens
     guide_logp = np.asarray(batch.guide_logp_BxT)[off][trained]
-    if config.guide_logp == "one":
+    if config.guide.logp == "one":
       np.testing.assert_array_equal(guide_logp, 0.0)  # πϕ ≡ 1
     else:  # stored or scored: the guide model's log-probs of exactly these tokens
       guide = models.from_pretrained(tiny["guide"])
@@ -139,7 +139,8 @@ def _rows(workdir):
 
 
 def test_traces_run_resumes_bit_identically_and_reports(tiny, tmp_path):
-  full = traces_config(tiny, algo="mix1", guide_logp="file", num_steps=4, checkpoint_every=2)
+  full = traces_config(tiny, algo="mix1", num_steps=4, checkpoint_every=2,
+                       **{"guide.logp": "file"})
   loop.run(full, str(tmp_path / "full"))
   part = copy.deepcopy(full)
   part.num_steps = 2
@@ -155,10 +156,10 @@ def test_traces_run_resumes_bit_identically_and_reports(tiny, tmp_path):
 
 def test_luffy_paper_preset_is_seven_rollouts_plus_one_trace_normalised_together(tiny, tmp_path):
   config = luffy_paper.get_config()
-  config.policy, config.guide = tiny["policy"], ""
+  config.policy, config.guide.path = tiny["policy"], ""
   config.task_kwargs = dict(TASK)
-  config.traces_path = tiny["traces"]
-  config.groups, config.export_hf, config.eval_size, config.eval_batch_size = 4, False, 8, 8
+  config.guide.traces_path = tiny["traces"]
+  config.rollout.groups, config.export_hf, config.eval_size, config.eval_batch_size = 4, False, 8, 8
   spec = rl.resolve(config)
   assert (spec.algorithm.name, spec.sizes.n, spec.sizes.m, spec.guide.logp) == ("luffy", 7, 1,
                                                                                  "one")
@@ -185,19 +186,18 @@ def test_luffy_paper_preset_is_seven_rollouts_plus_one_trace_normalised_together
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"guide_source": "file"}, "config.guide_source='file'"),
-    ({"guide_source": "traces", "traces_path": ""}, "traces_path is empty"),
-    ({"guide_source": "traces", "traces_path": "t.jsonl", "guide_logp": "maybe"}, "guide_logp"),
-    ({"guide_logp": "file"}, "'file' needs config.guide_source='traces'"),
-    ({"guide_source": "traces", "traces_path": "t.jsonl", "guide_logp": "file", "algo": "mix2"},
-     "zero_ratio='old'"),
-    ({"guide_source": "traces", "traces_path": "t.jsonl", "guide_logp": "model", "guide": ""},
-     "needs a guide policy"),
+    ({"guide.source": "file"}, "guide.source='file'"),
+    ({"guide.source": "traces", "guide.traces_path": ""}, "guide.traces_path='': empty"),
+    ({"guide.source": "traces", "guide.traces_path": "t.jsonl", "guide.logp": "maybe"},
+     "guide.logp='maybe'"),
+    ({"guide.logp": "file"}, "'file' needs config.guide.source='traces'"),
+    ({"guide.source": "traces", "guide.traces_path": "t.jsonl", "guide.logp": "file",
+      "algo": "mix2"}, "zero_ratio='old'"),
+    ({"guide.source": "traces", "guide.traces_path": "t.jsonl", "guide.logp": "model",
+      "guide.path": ""}, "needs a guide policy"),
 ])
 def test_trace_config_errors_name_the_field(overrides, match):
-  config = smoke.get_config()
-  for k, v in overrides.items():
-    setattr(config, k, v)
+  config = set_fields(smoke.get_config(), overrides)
   with pytest.raises(ValueError, match=match):
     rl.resolve(config)
 
@@ -222,8 +222,8 @@ def test_readme_two_command_workflow(tmp_path):
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   out = subprocess.run(train + [f"--workdir={tmp_path / 'w1'}", "--config.algo=mix1",
-                                "--config.guide_source=traces",
-                                f"--config.traces_path={traces}", "--config.guide_logp=file"],
+                                "--config.guide.source=traces",
+                                f"--config.guide.traces_path={traces}", "--config.guide.logp=file"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.load(open(tmp_path / "w1" / "summary.json"))
@@ -248,8 +248,8 @@ def test_luffy_trains_from_the_other_trace_formats(tiny, tmp_path, fmt):
              "correctness_math_verify": [True] * len(g.responses)} for g in groups]
   path = str(tmp_path / f"{fmt}.parquet")
   pq.write_table(pa.Table.from_pylist(rows), path)
-  config = traces_config(tiny, algo="luffy", guide_logp="one", traces_path=path)
-  config.traces.format = fmt
+  config = traces_config(tiny, algo="luffy", **{"guide.logp": "one", "guide.traces_path": path})
+  config.guide.traces.format = fmt
   if fmt == "verl":  # chat-list prompts need the policy tokenizer's chat template
     with pytest.raises(ValueError, match="has none.*chat_template=never"):
       loop.setup(config, str(tmp_path / "refused"))

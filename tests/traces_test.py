@@ -288,7 +288,7 @@ def test_bad_trace_rows_raise_naming_file_row_field_or_are_counted(tmp_path, row
 @pytest.mark.parametrize("tokens,logp,match", [
     ([5, 6, 2], [-0.1, -0.2, -0.3], "stores 3 tokens, the policy tokenizer gives 2"),
     ([6, 2], [-0.1, -0.2], "stored token 0 is 6, the policy tokenizer gives 5"),
-    (None, None, "no stored log-probs, but guide_logp='file'"),
+    (None, None, "no stored log-probs, but guide.logp='file'"),
 ])
 def test_file_logp_of_another_tokenization_name_the_row(tmp_path, tokens, logp, match):
   bad = {"prompt": "1+1=", "answer": "2", "responses": ["1"], "tokenizer": FP}

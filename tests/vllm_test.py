@@ -43,14 +43,14 @@ def _default_config():
 # ------------------------------------------------------------------ the flag (default suite too)
 def test_rollout_engine_flag_is_checked():
   c = _default_config()
-  c.rollout_engine = "tensorrt"
-  with pytest.raises(cli.UserError, match=r"^--config.rollout_engine='tensorrt'.*'jax', 'vllm'"):
+  c.rollout.engine = "tensorrt"
+  with pytest.raises(cli.UserError, match=r"^--config.rollout.engine=tensorrt: .*'jax', 'vllm'"):
     cli.check_config(c)
-  c.rollout_engine = "vllm"
+  c.rollout.engine = "vllm"
   if vllm_engine.available():
     assert rl.validate(c).rollout_engine == "vllm"
   else:  # the user without vLLM: one line naming the flag and the install.
-    with pytest.raises(cli.UserError, match=r"^--config.rollout_engine='vllm': vLLM is not "
+    with pytest.raises(cli.UserError, match=r"^--config.rollout.engine=vllm: vLLM is not "
                        r"installed; install the vllm extra"):
       cli.check_config(c)
 
@@ -299,11 +299,11 @@ def test_lora_update_sends_the_adapted_layers_only(checkpoints, engines, tmp_pat
 # ------------------------------------------------------------------ the binary, end to end
 @needs_vllm
 def test_two_mix2_steps_from_the_binary(tmp_path):
-  """experiments/train.py trains mix2 with --config.rollout_engine=vllm: policy and guide rows
+  """experiments/train.py trains mix2 with --config.rollout.engine=vllm: policy and guide rows
   come from the engines, θ_old is synced in place every step, and the run finishes."""
   workdir = tmp_path / "run"
   cmd = [sys.executable, os.path.join(REPO, "experiments", "train.py"), "--config=smoke",
-         f"--workdir={workdir}", "--config.algo=mix2", "--config.rollout_engine=vllm",
+         f"--workdir={workdir}", "--config.algo=mix2", "--config.rollout.engine=vllm",
          "--config.num_steps=2", "--config.builtin.hidden=64"]  # head size 32 for vLLM's CPU kernels
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -51,7 +51,7 @@ def compare_settings(small: bool = False) -> ml_collections.ConfigDict:
   # shaping_grad of the guided variants (one mode: the grid is sized for one).
   g.shaping_grad = "paper_step"
   # Single-stage SFT + RL (an SFT term on the OFF rows, a table entry): CHORD with a constant μ
-  # (config.sft_coef); "" leaves the variant out.
+  # (config.objective.sft_coef); "" leaves the variant out.
   g.sft_mix_algo = "chord"
   return g
 
@@ -63,11 +63,13 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
                      "'small' (--config=experiments/configs/compare_real.py:small).")
   small = mode == "small"
   c = real.get_config()
-  c.policy = c.guide = ""  # the grid sets both to the models it builds.
+  c.policy = c.guide.path = ""  # the grid sets both to the models it builds.
   if small:
     s = smoke.get_config()
-    c.groups, c.n, c.m, c.zero_groups = s.groups, s.n, s.m, s.zero_groups
-    c.model.remat, c.num_micro_batches = False, 1  # memory settings a tiny model does not need.
+    for field in ("groups", "n", "m", "zero_groups"):  # the smoke sizes
+      c.rollout[field] = s.rollout[field]
+    # Memory settings a tiny model does not need.
+    c.model.remat, c.step.num_micro_batches = False, 1
     # The stand-in's byte-level vocabulary spells a solution in ~80 tokens; its random guide
     # ends about a third of its samples within 96 (EOS is one of 263 tokens): the trace file of
     # the smoke grid is not empty.

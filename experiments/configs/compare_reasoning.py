@@ -56,17 +56,18 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
   # Columns-style solutions of 3 digits are at most 46 characters: 64 tokens leave room for
   # the overlong ramp (last 16 tokens) without ever penalising a correct solution.
   b.max_answer_tokens = 64
-  c.max_new_tokens = 64
-  c.overlong_cache = 16
+  c.rollout.max_new_tokens = 64
+  c.rollout.overlong_cache = 16
   b.guide_steps = 600  # greedy eval accuracy 1.00 on 200 held-out problems (BUILD_NOTES)
   if small:
     s = smoke.get_config()
     b.hidden, b.layers, b.heads, b.kv_heads, b.intermediate = 32, 1, 2, 1, 64
     b.batch_size, b.guide_steps = 16, 10
     b.task_kwargs = c.task_kwargs = {"digits": 2, "ops": "+", "style": "columns"}
-    b.max_answer_tokens = c.max_new_tokens = 40
-    c.overlong_cache = 4
-    c.groups, c.n, c.m, c.zero_groups = s.groups, s.n, s.m, s.zero_groups
+    b.max_answer_tokens = c.rollout.max_new_tokens = 40
+    c.rollout.overlong_cache = 4
+    for field in ("groups", "n", "m", "zero_groups"):  # the smoke sizes
+      c.rollout[field] = s.rollout[field]
     c.eval_size = c.eval_batch_size = 8
   c.num_steps = 100_000  # effectively unbounded: every cell stops at max_policy_tokens.
   c.max_policy_tokens = 1 if small else 30_000  # policy tokens per cell (--budget_tokens).

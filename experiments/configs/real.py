@@ -22,23 +22,23 @@ TASK_KWARGS = {"steps": 2, "min_steps": 1, "max_value": 20}
 
 def get_config():
   c = default.get_config()
-  c.policy, c.guide = POLICY_DIR, GUIDE_DIR
+  c.policy, c.guide.path = POLICY_DIR, GUIDE_DIR
   c.task = "word_problems"
   c.task_kwargs = dict(TASK_KWARGS)
   # A worked solution of 1-2 steps is 44 tokens on average, 58 at most (EOS included); the base
   # model's own answers ~50 (some ramble on): 80 leaves both room, the last 16 tokens ramp DAPO's
   # overlong penalty (a solution is never penalised).
-  c.max_new_tokens = 80
-  c.overlong_shaping = True
-  c.overlong_cache = 16
-  c.groups, c.n, c.m, c.zero_groups = 4, 8, 2, 2
-  c.max_num_gen_batches = 2
+  c.rollout.max_new_tokens = 80
+  c.rollout.overlong_shaping = True
+  c.rollout.overlong_cache = 16
+  c.rollout.groups, c.rollout.n, c.rollout.m, c.rollout.zero_groups = 4, 8, 2, 2
+  c.rollout.max_num_gen_batches = 2
   # Full fine-tuning of 134.5 M parameters: AdamW state and gradients take 2.2 GB; per-layer
   # remat and 4 micro-batches keep a step's activations and [rows, T, 49152] logits to ~2 GB.
   c.model.remat = True
-  c.num_micro_batches = 4
-  c.learning_rate = 1e-5
-  c.warmup_steps = 2
+  c.step.num_micro_batches = 4
+  c.optim.learning_rate = 1e-5
+  c.optim.warmup_steps = 2
   c.eval_size = 100
   c.eval_batch_size = 100
   c.eval_every = 5

@@ -27,10 +27,10 @@ def get_config():
   b.learning_rate = 3e-3
   b.guide_steps = 1500
   b.policy_steps = 175  # greedy eval accuracy 0.01 after 150 steps, 0.19 after 200 (see BUILD_NOTES)
-  c.max_new_tokens = 176
-  c.overlong_shaping = True
-  c.overlong_cache = 32  # the penalty ramps over the last 32 tokens of the budget
-  c.groups, c.n, c.m, c.zero_groups = 8, 8, 4, 8
+  c.rollout.max_new_tokens = 176
+  c.rollout.overlong_shaping = True
+  c.rollout.overlong_cache = 32  # the penalty ramps over the last 32 tokens of the budget
+  c.rollout.groups, c.rollout.n, c.rollout.m, c.rollout.zero_groups = 8, 8, 4, 8
   c.eval_size = 200
   c.eval_batch_size = 200
   return c

@@ -11,7 +11,7 @@ def get_config():
   b = c.builtin
   b.hidden, b.layers, b.heads, b.kv_heads, b.intermediate = 32, 1, 2, 1, 64
   b.batch_size, b.guide_steps, b.policy_steps = 32, 20, 5
-  c.groups, c.n, c.m, c.zero_groups = 4, 4, 2, 4
+  c.rollout.groups, c.rollout.n, c.rollout.m, c.rollout.zero_groups = 4, 4, 2, 4
   c.num_steps = 3
   c.eval_every = 2
   c.eval_size = 16

@@ -239,4 +239,4 @@ def render(tokenizer, messages: list, where: str, timeout_s: float | None = None
   raise TemplateLimitError(
       f"{where}: the chat template ({source}) {why} rendering this row. A chat template should "
       "render a prompt in milliseconds; use a tokenizer with a well-behaved template, or turn "
-      "chat rendering off (chat_template=False / --config.traces.chat_template=never).")
+      "chat rendering off (chat_template=False / --config.guide.traces.chat_template=never).")

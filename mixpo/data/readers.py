@@ -35,7 +35,7 @@ from mixpo.rewards.math_answer import (MAX_REFERENCE_DIGITS, ReferenceMisread, R
 # Seconds (whole) allowed to parse one reference answer; past it the row is bad ("answer_unparsable").
 ANSWER_PARSE_TIMEOUT_S = 5
 # Seconds allowed to compare an answer with a reference: the default per-item reward deadline
-# (config.reward_timeout_s); a reference slower than that would time out every completion.
+# (config.reward.timeout_s); a reference slower than that would time out every completion.
 ANSWER_VERIFY_TIMEOUT_S = 5.0
 # DataError reasons of the reference checks, by the ValueError subclass that parse_gold raised.
 _ANSWER_REASONS = ((ReferenceTooLarge, "answer_too_large"), (ReferenceMisread, "answer_misread"),
@@ -332,7 +332,7 @@ def render_prompt(value: Any, field: str, where: str, tokenizer=None, chat_templ
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError(f"{where}: field {field!r} is to be rendered with a chat template, but the "
                      "policy's tokenizer has none (tokenizer_config.json 'chat_template'); use a "
-                     "tokenizer with one, or turn chat rendering off (--config.traces."
+                     "tokenizer with one, or turn chat rendering off (--config.guide.traces."
                      "chat_template=never for traces, chat_template=False for datasets)")
   msgs = value if is_chat else [{"role": "user", "content": as_text(value, field, where)}]
   if not msgs or not any(str(m.get("content", "")).strip() for m in msgs):

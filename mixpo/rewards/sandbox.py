@@ -3,9 +3,9 @@
 Threat model: completions are written by the policy being trained and dataset / trace rows by
 whoever made the file; both are untrusted. Rewards parse them with third-party scorers (sympy's
 `parse_expr`, reasoning-gym scorers that `eval` the answer), on machines that hold credentials
-and checkpoints. Reward code itself (mixpo's scorers, a `--config.rewards` module) is trusted, like
-the config file: the layers contain what the text makes that code do. Three layers, each useful
-without the others:
+and checkpoints. Reward code itself (mixpo's scorers, a `--config.reward.functions` module) is
+trusted, like the config file: the layers contain what the text makes that code do. Three
+layers, each useful without the others:
 
 1. `guarded()`: a Python audit hook, armed per thread around a reward call, refuses to execute
    any code object that does not come from a source file unless it is a pure expression (literals,
