@@ -157,7 +157,9 @@ def get_config() -> ml_collections.ConfigDict:
   # cast from the float32 master weights every step, the guide and reference stored in bf16) or
   # "float32". The update keeps the master weights, AdamW and the objective in float32: its ratios
   # are from float32 log-probs of the trained policy, against the rollout dtype's θ_old log-probs
-  # (float32 numbers of bf16 compute). Eval uses the trained policy as loaded. Not with LoRA.
+  # (float32 numbers of bf16 compute). On a CPU host a bf16 copy holds the bf16-rounded weights
+  # and computes in float32 (XLA:CPU's bf16 arithmetic is slower than its float32; logged).
+  # Eval uses the trained policy as loaded. Not with LoRA.
   c.rollout.dtype = "model"
   # Truncated importance sampling of the sampler / trainer mismatch on the policy's rows (vLLM or
   # rollout.dtype=bfloat16 log-probs vs the trainer's θ_old): "none", "token" or "sequence".
