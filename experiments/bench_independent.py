@@ -56,10 +56,11 @@ _SEPARATE = flags.DEFINE_enum(
     "Time one library alone (the other's model is not built): the single-framework process.")
 _ATTN = flags.DEFINE_string("hf_attn", "sdpa", "transformers attn_implementation.")
 _MIXPO_TRAIN = flags.DEFINE_enum(
-    "mixpo_train", "nnx", ["nnx", "donated"],
+    "mixpo_train", "nnx", ["nnx", "donated", "sft"],
     "mixpo's train step: nnx = `nnx.jit` over model and `nnx.Optimizer`, as Flax's guide writes "
     "it (nothing donated); donated = bench_model.py's step (`bench_common.adamw_stepper`: "
-    "jax.jit over split params + optax state, donated).")
+    "jax.jit over split params + optax state, donated); sft = mixpo's own public step "
+    "(`train.make_sft_step`: chunked token_logp NLL, state donated, non-finite guard).")
 
 
 def load_avg() -> str:
@@ -145,6 +146,20 @@ def train_fns(path: str):
       loss = lambda m, x: optax.softmax_cross_entropy_with_integer_labels(
           m(x[:, :-1]), x[:, 1:]).mean()
       fns["mixpo"] = bench_common.adamw_stepper(model, loss, ids, 1e-4)
+    elif _MIXPO_TRAIN.value == "sft":
+      import numpy as np  # noqa: PLC0415
+      from mixpo import batch as mbatch, train  # noqa: PLC0415
+      policy = train.Policy(model)
+      opt = optax.adamw(1e-4, weight_decay=0.01)
+      holder = [train.init_state(policy, opt, 0)]
+      sft_step = train.make_sft_step(policy, opt)
+      ones = np.ones_like(tokens)
+      batch = mbatch.make_batch(tokens[:, :1], ones[:, :1], tokens[:, 1:], ones[:, 1:])
+
+      def mixpo_sft():
+        holder[0], metrics = sft_step(holder[0], batch)
+        return float(metrics["loss"])
+      fns["mixpo"] = mixpo_sft
     else:
       optimizer = nnx.Optimizer(model, optax.adamw(1e-4, weight_decay=0.01), wrt=nnx.Param)
 
