@@ -131,8 +131,10 @@ def adamw_stepper(model, loss_fn, tokens_BxT, learning_rate: float):
 
 def alternating_medians(fns: dict, repeats: int, log=None) -> dict:
   """{name: median seconds}: one warm-up call each, then `repeats` rounds calling every fn once
-  in turn, so load from other jobs and the heap's state fall on all alike. `log(line)`, when
-  given, gets each call's time as it ends (long runs on a loaded box show progress)."""
+  in turn, so load from other jobs and the heap's state fall on all alike; the order is reversed
+  every other round, so no fn always runs right after the same one (one framework's idle
+  threads or freed memory then weigh on both alike). `log(line)`, when given, gets each call's
+  time as it ends (long runs on a loaded box show progress)."""
   for name, fn in fns.items():
     t0 = time.perf_counter()
     fn()
@@ -140,7 +142,8 @@ def alternating_medians(fns: dict, repeats: int, log=None) -> dict:
       log(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s")
   times = {name: [] for name in fns}
   for i in range(repeats):
-    for name, fn in fns.items():
+    for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+      fn = fns[name]
       t0 = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t0)

@@ -12,9 +12,10 @@ random prompts, after a warm-up call each; figures
 are medians over --repeats. Generation counts exactly B × N new tokens on both sides
 (transformers: do_sample, min_new_tokens = max_new_tokens; mixpo: eos_id=None); scoring
 counts B × (P + N) tokens (transformers: forward + log_softmax + gather; mixpo:
-`sampling.score(model, tokens, mask)`, the call a user makes), timed in alternating rounds.
---keep_freed_memory=false measures a process that has not called
-`mixpo.hostmem.keep_freed_memory()` (a notebook, a user's own script), as the binaries do.
+`sampling.score(model, tokens, mask)`, the call a user makes), timed in alternating rounds
+(the order reversed every other round). By default the process is a user's script: it has not
+called `mixpo.hostmem.keep_freed_memory()`; --keep_freed_memory applies it first, as mixpo's
+binaries do (process-wide: torch's allocations too).
 
   python experiments/bench_rollout.py --repeats=5
   python experiments/bench_rollout.py --arch=qwen2 --batch=64 --repeats=5
@@ -89,9 +90,9 @@ _VARIANTS = flags.DEFINE_multi_string(
     "stream", ["default"], "rl_step: stream variants to time, each 'default' or comma-separated "
     "SampleSpec fields, e.g. 'slots=64,refill_at=8,min_steps=1'.")
 _KEEP_FREED = flags.DEFINE_bool(
-    "keep_freed_memory", True, "Apply mixpo.hostmem.keep_freed_memory() first, as the binaries "
-    "do (process-wide glibc settings, torch's allocations included); False: what a library user "
-    "gets who calls sampling.score without it (glibc's defaults).")
+    "keep_freed_memory", False, "Apply mixpo.hostmem.keep_freed_memory() first, as the binaries "
+    "do (process-wide glibc settings, torch's allocations included); False (default): what a "
+    "library user gets who calls sampling.score without it (glibc's defaults).")
 _DECODE = flags.DEFINE_bool(
     "decode", True, "Also time mixpo's decode steps alone (generate of N tokens minus generate "
     "of 1: prefill cancels) and report bytes/s against the measured copy bandwidth; with "
@@ -427,7 +428,8 @@ def main(argv):
         f"N={n} T={_TEMP.value} {_DTYPE.value} (mixpo computes in "
         f"{compute_dtype((graphdef, state))}); jax {jax.__version__} on {jax.devices()[0].platform}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads); median of {_REPEATS.value} "
-        f"(score: alternating rounds); hostmem: {hostmem.status or 'not applied'}")
+        f"(score: alternating rounds); hostmem: {hostmem.status or 'not applied'}; load average "
+        f"{os.getloadavg()[0]:.2f}")
   print(f"generate  transformers {gen_tokens / t_hf_gen:9.0f} tok/s  ({t_hf_gen:.3f} s)")
   print(f"generate  mixpo        {gen_tokens / t_mx_gen:9.0f} tok/s  ({t_mx_gen:.3f} s)  "
         f"ratio {t_hf_gen / t_mx_gen:.2f}x")

@@ -74,3 +74,22 @@ def test_bench_device_cpu_smoke_run_prints_throughput_and_mfu():
                     re.M)
   assert [r[0] for r in rows] == ["generate", "score", "train"], out.stdout
   assert all(0 < float(mfu) < 100 for _, _, mfu in rows), out.stdout
+
+
+def test_bench_independent_prints_both_libraries_score_and_train_at_toy_size():
+  # The cross-check behind BUILD_NOTES' "Speed figures: the 0.5B disagreement": its result lines
+  # carry both libraries' medians, their ratio and the load they ran under (values not asserted).
+  import json
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "bench_independent.py"), "--layers=1",
+       "--what=score,train", "--batch=2", "--seq=16", "--rounds=1", "--hidden=64",
+       "--intermediate=128", "--heads=4", "--kv_heads=2", "--vocab=512", "--mask=response"],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line[len("result "):]) for line in out.stdout.splitlines()
+          if line.startswith("result ")]
+  assert [r["what"] for r in rows] == ["score", "train"], out.stdout
+  for r in rows:
+    assert set(r["seconds"]) == {"mixpo", "transformers"}
+    assert r["ratio"] > 0 and r["load"] and r["torch_threads"] >= 1
+  assert rows[0]["max_abs_dlogp"] < 1e-3  # both libraries scored the same checkpoint
