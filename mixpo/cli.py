@@ -302,9 +302,8 @@ def check_config(config) -> None:
   """Every check that needs no model: UserError naming `--config.<field>` and the fix. The groups'
   fields are checked by the dataclasses `rl.validate` builds (FieldError names the field)."""
   from mixpo import algorithms, rl
-  from mixpo.rewards import custom, runner
+  from mixpo.rewards import custom
   _enum("--config.algo", config.algo, algorithms.names())
-  _enum("--config.reward.on_error", config.reward.on_error, runner.ON_ERROR)
   for field in ("dtype", "param_dtype"):
     _enum(f"--config.model.{field}", config.model[field], ("float32", "bfloat16", "float16"))
   try:
@@ -315,8 +314,6 @@ def check_config(config) -> None:
                           ("keep_checkpoints", 1), ("eval_size", 1), ("eval_batch_size", 1)):
     if config[field] < positive:
       raise UserError(f"--config.{field}={config[field]}: must be >= {positive}.")
-  if not config.reward.timeout_s > 0:
-    raise UserError(f"--config.reward.timeout_s={config.reward.timeout_s}: must be > 0 seconds.")
   if config.policy != "builtin":
     _checkpoint_dir("--config.policy", config.policy)
   if config.guide.path not in ("builtin", "") and algorithms.get(config.algo).guided:

@@ -29,7 +29,7 @@ from mixpo import logging as mlog
 from mixpo import preflight
 from mixpo.data import task_options
 from mixpo.models import lora
-from mixpo.rewards import RewardRunner, custom
+from mixpo.rewards import RewardConfig, RewardRunner, custom
 
 # Config fields that may change between a run and its resumption (they do not change results
 # of the steps already taken).
@@ -182,7 +182,7 @@ def build_models(config, spec: rl.RunSpec, mesh, policy_path: str, guide_path: s
 def build_reward_runner(config, task) -> RewardRunner:
   """The task's reward, or config.reward.functions, in the sandboxed runner. Every process holds
   the same rollouts (see rl.py); each scores 1/P of them."""
-  r = config.reward
+  r = RewardConfig(**config.reward)
   runner = RewardRunner(custom.reward_fns(r.functions, r.weights, task.reward_fn),
                         timeout_s=r.timeout_s, on_error=r.on_error, split_across_processes=True,
                         batch_timeout_s=r.batch_timeout_s or None)

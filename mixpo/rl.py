@@ -34,6 +34,7 @@ from mixpo.data.traces import tokenizer_fingerprint
 from mixpo.fields import FieldError
 from mixpo.guide_source import TraceOptions, TraceSource, reward_rows
 from mixpo.rewards.overlong import OverlongConfig
+from mixpo.rewards.runner import RewardConfig
 from mixpo.rollout import (Collected, Groups, RewardTally, SampleSpec, concat_groups, empty_rows,
                            sample_groups, stream_groups)
 
@@ -205,6 +206,7 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
                           response_tokens=rollout.max_new_tokens)
   step.check(sizes.rows, batch_shards=mesh_shape[0] * mesh_shape[1])
   train.OptimConfig(**config.optim)  # checked before anything is built
+  RewardConfig(**config.reward)
   return RunSpec(algorithm=algo, scheme=advantage.scheme,
                  std_normalize=bool(advantage.std_normalize), sizes=sizes, step=step,
                  sample=rollout.sample(), guide=guide,

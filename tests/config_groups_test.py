@@ -9,6 +9,7 @@ import pytest
 from experiments.configs import default
 from mixpo import advantages, algorithms, cli, objectives, rl, train
 from mixpo.fields import FieldError
+from mixpo.rewards.runner import RewardConfig
 from mixpo.rollout import SampleSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +123,10 @@ def test_the_binary_refuses_a_config_file_with_an_old_field(tmp_path):
     ("optim.learning_rate", -1.0, "finite"),
     ("guide.source", "file", "'traces'"),
     ("guide.logp", "file", "--config.guide.source='traces'"),
+    ("reward.on_error", "ignore", "('raise', 'zero')"),
+    ("reward.timeout_s", 0.0, "> 0 seconds"),
+    ("reward.batch_timeout_s", -1.0, ">= 0 seconds"),
+    ("reward.failure_warn_ratio", 1.5, "in [0, 1]"),
 ])
 def test_each_group_is_checked_by_its_dataclass_and_named_as_the_flag(field, value, expected):
   config = default.get_config()
@@ -147,6 +152,7 @@ def test_groups_build_their_dataclasses_as_they_are():
   train.OptimConfig(**config.optim)
   advantages.AdvantageConfig(**config.advantage)
   rl.RolloutConfig(**config.rollout)
+  RewardConfig(**config.reward)
   objective = algorithms.get(config.algo).objective_config(**config.objective)
   assert objective.dual_clip == 3.0
   config.objective.dual_clip = 0.0  # 0 = off

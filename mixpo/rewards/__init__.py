@@ -16,7 +16,7 @@ _EXPORTS = {
     "math_answer_reward": "math_answer", "parse_gold": "math_answer",
     "verify_answer": "math_answer", "OverlongConfig": "overlong", "overlong_penalty": "overlong",
     "shape_rewards": "overlong", "truncation_loss_mask": "overlong", "RewardError": "runner",
-    "RewardResult": "runner",
+    "RewardResult": "runner", "RewardConfig": "runner",
     "RewardRunner": "runner", "ScorerError": "runner",
 }
 

@@ -50,6 +50,7 @@ import traceback
 
 import numpy as np
 
+from mixpo.fields import FieldError
 from mixpo.rewards import sandbox
 from mixpo.rewards.combine import fn_name
 from mixpo.rewards.deadline import DeadlineExceeded, deadline
@@ -67,6 +68,31 @@ ON_ERROR = ("raise", "zero")  # what a reward function that raises does to the c
 # `untrusted_input = True` (math-verify failing on a completion; a task's scorer raising on it):
 # the completion's fault, not the reward code's, so it scores 0 and is counted but never raised.
 OK, TIMEOUT, ERROR, BLOCKED, BATCH_TIMEOUT, UNVERIFIABLE, SCORER_ERROR = 0, 1, 2, 3, 4, 5, 6
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """config.reward: what scores a rollout and how its failures count (the one place these fields
+  are checked; `loop.build_reward_runner` builds the runner from it)."""
+
+  functions: str = ""  # "" = the task's verifier; else entries parsed by rewards.custom.
+  weights: str = ""  # comma-separated, one per entry of `functions` ("" = all 1.0).
+  timeout_s: float = 5.0  # per-item deadline; a timeout scores 0 and is counted.
+  batch_timeout_s: float = 300.0  # deadline of one runner call; 0 = none.
+  on_error: str = "raise"  # ON_ERROR: a function that raises stops the run, or scores 0.
+  failure_warn_ratio: float = 0.5  # warn when more than this share of items failed to score.
+
+  def __post_init__(self):
+    if self.on_error not in ON_ERROR:
+      raise FieldError("reward.on_error", self.on_error, f"expected one of {ON_ERROR}.")
+    if not self.timeout_s > 0:
+      raise FieldError("reward.timeout_s", self.timeout_s, "must be > 0 seconds.")
+    if not self.batch_timeout_s >= 0:
+      raise FieldError("reward.batch_timeout_s", self.batch_timeout_s,
+                       "must be >= 0 seconds (0 = no deadline).")
+    if not 0 <= self.failure_warn_ratio <= 1:
+      raise FieldError("reward.failure_warn_ratio", self.failure_warn_ratio,
+                       "a share of the reward items, in [0, 1].")
 
 
 class RewardError(RuntimeError):
