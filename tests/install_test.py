@@ -17,9 +17,15 @@ def _setup_lists() -> tuple[list[str], dict]:
   return values["INSTALL_REQUIRES"], values["EXTRAS"]
 
 
-def _lock(name: str = "constraints.txt") -> dict:
+TRANSITIVE = "# Transitive dependencies"  # the lock's last block: what the packages above need
+
+
+def _lock(name: str = "constraints.txt", direct_only: bool = False) -> dict:
+  """Package → pinned version; direct_only: the packages mixpo names, not their dependencies."""
   pins = {}
   for line in open(os.path.join(ROOT, name)):
+    if direct_only and line.startswith(TRANSITIVE):
+      break
     line = line.split("#")[0].strip()
     if line:
       req = Requirement(line)

