@@ -420,8 +420,10 @@ def cell_state(workdir: str, config, budget: int, overwrite: bool = False) -> st
   if os.path.exists(summary_file):
     with open(summary_file) as f:
       summary = json.load(f)
-    if (summary.get("policy_tokens", 0) >= budget
-        or summary.get("final_step", 0) >= config.num_steps):
+    # A run that stopped on an error counted the tokens of the step it failed in, which was
+    # neither logged nor checkpointed: resume it, never call it finished.
+    if not summary.get("error") and (summary.get("policy_tokens", 0) >= budget
+                                     or summary.get("final_step", 0) >= config.num_steps):
       return "done"
   return "resume" if os.path.exists(os.path.join(workdir, "checkpoints")) else "todo"
 

@@ -92,6 +92,12 @@ def test_compare_small_grid_equal_budget_resume_and_reports(tmp_path):
       str(tmp_path / "work"), budget=1)
   assert grid.cell_state(str(cell), config, budget=1) == "done"
   assert grid.cell_state(str(cell), config, budget=10**6) == "resume"  # a larger budget goes on.
+  # A run that failed (here: as the real grid's did, saving its last checkpoint on a full disk)
+  # counted the tokens of a step it never logged: it is resumed, not reported as finished.
+  failed = {**summary, "error": "CheckpointDirectoryError: disk full", "budget_reached": False}
+  (cell / "summary.json").write_text(json.dumps(failed))
+  assert grid.cell_state(str(cell), config, budget=1) == "resume"
+  (cell / "summary.json").write_text(json.dumps(summary))
   config.optim.learning_rate *= 2
   with pytest.raises(ValueError, match="mix2-dapo-s0.*learning_rate"):
     grid.cell_state(str(cell), config, budget=1)
